@@ -1,0 +1,127 @@
+"""The `glm-serve` command line: make-tiny, generate (and the server, batch, chat and bench commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="checkpoint folder, hub id, or 'demo' (a tiny random model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["none", "nf4", "int8"])
+    p.add_argument("--rope-theta", type=float, default=None, help="override the checkpoint's RoPE base")
+
+
+def cmd_make_tiny(args) -> int:
+    from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415 (keep `--help` fast)
+
+    spec = TinySpec(layout=args.layout, arch=args.arch, layers=args.layers, hidden=args.hidden,
+                    heads=args.heads or max(args.hidden // args.head_dim, args.kv_heads), kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, ffn=args.ffn or 2 * args.hidden, shards=args.shards, seed=args.seed,
+                    rope_ratio=args.rope_ratio, preset=args.preset)
+    out = make_tiny(args.dir, spec, device=args.device or "cpu")
+    print(f"wrote a random-weight {spec.arch} checkpoint ({spec.layout} layout) to {out}")
+    return 0
+
+
+def resolve_model_arg(model: str) -> Path:
+    """'demo' -> the tiny demo checkpoint (made on first use); otherwise a folder or hub id."""
+    from glm_serve.loader import resolve_model_path  # noqa: PLC0415
+
+    if model == "demo":
+        from glm_serve.demo import demo_checkpoint  # noqa: PLC0415
+
+        return demo_checkpoint()
+    return resolve_model_path(model)
+
+
+def cmd_generate(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from glm_serve.chat import encode_chat  # noqa: PLC0415
+    from glm_serve.loader import load_model, parse_dtype  # noqa: PLC0415
+    from glm_serve.model.simple import generate_simple  # noqa: PLC0415
+    from glm_serve.tokenizer import IncrementalDetokenizer, load_tokenizer  # noqa: PLC0415
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_model_arg(args.model)
+    tok = load_tokenizer(path)
+    if args.messages:
+        data = json.loads(Path(args.messages).read_text())
+        messages, tools = (data, None) if isinstance(data, list) else (data["messages"], data.get("tools"))
+    else:
+        messages, tools = [{"role": "user", "content": args.prompt}], None
+    ids = encode_chat(tok, messages, tools=tools, chat_template=tok.chat_template)
+    model = load_model(path, device=device, dtype=parse_dtype(args.dtype, device), quantization=args.quantization,
+                       rope_theta_override=args.rope_theta)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    stop = set(tok.stop_token_ids)
+    first = [True]
+
+    def emit(t: int) -> None:
+        if t in stop:
+            return
+        text = detok.add(t)
+        if first[0]:  # the answer starts with the "\n" separator after <|assistant|>: not part of it
+            text, first[0] = text.removeprefix("\n"), not text
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate_simple(model, ids, args.max_tokens, stop, temperature=args.temperature, seed=args.seed, on_token=emit)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glm-serve", description="Local inference server for GLM-4 checkpoints")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("make-tiny", help="write a small random-weight GLM-4 checkpoint in a real layout")
+    t.add_argument("dir")
+    t.add_argument("--layout", choices=["hf", "chatglm"], default="hf")
+    t.add_argument("--arch", choices=["glm", "glm4"], default="glm", help="glm = GLM-4, glm4 = GLM-4-0414")
+    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--heads", type=int, default=None, help="default: hidden / head-dim")
+    t.add_argument("--head-dim", type=int, default=32)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--ffn", type=int, default=None, help="default: 2 * hidden")
+    t.add_argument("--shards", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rope-ratio", type=float, default=500.0)
+    t.add_argument("--preset", choices=["glm-4-9b"], default=None, help="real GLM-4-9B dimensions (18.8 GB)")
+    t.add_argument("--device", default=None, help="where to draw the random weights (cuda is much faster)")
+    t.set_defaults(fn=cmd_make_tiny)
+
+    g = sub.add_parser("generate", help="answer one prompt (or a messages JSON file) and print it")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--messages", help="JSON file: a list of messages, or {messages, tools}")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from glm_serve.config import CheckpointError  # noqa: PLC0415
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"glm-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Loader: find a checkpoint (folder or hub id), build the model without materialising it, and stream the
+safetensors in tensor by tensor onto the target device and dtype (optionally quantizing as it goes).
+
+Peak host memory stays at about one tensor: files are memory-mapped, each tensor is converted and copied to
+its place, then dropped. Every failure (missing shard, unknown tensor, wrong shape, truncated file) raises one
+CheckpointError whose message names the file or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from glm_serve.config import CheckpointError, ModelConfig, load_config
+from glm_serve.model.attention import AttentionBackend
+from glm_serve.model.glm import GlmForCausalLM
+from glm_serve.quant import QUANT_METHODS, QuantizedLoader
+from glm_serve.weights import map_name
+
+log = logging.getLogger(__name__)
+
+# Files a checkpoint folder needs besides the weights; used to fetch from the hub and to explain what is missing.
+_META_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as is; otherwise a hub id (`THUDM/glm-4-9b-chat-hf`) through the HF cache, downloading
+    when online. Offline and not cached -> a CheckpointError that says which files are missing."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CheckpointError(f"{model}: not a checkpoint folder (and not a hub id like 'THUDM/glm-4-9b-chat')")
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 (only for hub ids)
+    except ImportError:
+        raise CheckpointError(f"{model}: not a local folder, and huggingface_hub is not installed") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    patterns = _META_PATTERNS + ["*.safetensors"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 (any hub failure: fall back to whatever the cache holds)
+        try:
+            return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise CheckpointError(
+                f"{model}: not in the local HF cache and could not be downloaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Needed: config.json, *.safetensors (+ index), tokenizer files. "
+                f"Download it where online (huggingface-cli download {model}) or pass a local folder."
+            ) from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, checking that every shard named by the index exists."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: missing shard(s) named by the index: {', '.join(missing)}")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def load_model(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    backend: AttentionBackend | None = None,
+    rope_theta_override: float | None = None,
+) -> GlmForCausalLM:
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir, rope_theta_override)
+    if cfg.vision:
+        raise CheckpointError(f"{model_dir}: GLM-4V checkpoints (vision_config) are not supported by this loader yet")
+    if quantization not in (None, "none", *QUANT_METHODS):
+        raise CheckpointError(f"unknown quantization {quantization!r} (choose from none, {', '.join(QUANT_METHODS)})")
+    device = torch.device(device)
+    files = safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = GlmForCausalLM(cfg, backend)
+    quant = QuantizedLoader(model, quantization, device, dtype) if quantization not in (None, "none") else None
+    # Materialise every non-quantized parameter on the target device, uninitialised; the checkpoint fills it.
+    filled: dict[str, int] = {}  # our param name -> rows filled so far
+    params = _materialise(model, device, dtype, skip=quant.module_names if quant else set())
+    for path in files:
+        for name, tensor in _iter_tensors(path):
+            _place(cfg, model_dir, name, tensor, params, quant, filled)
+    expected = {n: p.shape[0] for n, p in params.items()} | (quant.expected_rows() if quant else {})
+    missing = sorted(n for n, rows in expected.items() if filled.get(n, 0) != rows)
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing tensor(s) for {', '.join(missing[:8])}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if quant:
+        quant.finish()
+    model.eval()
+    return model
+
+
+def _materialise(model: GlmForCausalLM, device, dtype, skip: set[str]) -> dict[str, torch.Tensor]:
+    params: dict[str, torch.Tensor] = {}
+    for mod_name, mod in model.named_modules():
+        if mod_name in skip:
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            t = torch.nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+            setattr(mod, pname, t)
+            params[f"{mod_name}.{pname}" if mod_name else pname] = t
+    return params
+
+
+def _iter_tensors(path: Path):
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")  # memory-mapped
+        names = list(f.keys())
+    except Exception as e:  # noqa: BLE001 (safetensors raises several types for damaged files)
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
+    for name in names:
+        try:
+            tensor = f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path.name}: tensor {name} is unreadable, the file may be truncated ({e})") from None
+        yield name, tensor
+
+
+def _place(cfg: ModelConfig, model_dir: Path, name: str, tensor: torch.Tensor, params, quant, filled) -> None:
+    try:
+        target = map_name(cfg, name)
+    except KeyError:
+        raise CheckpointError(f"{model_dir}: unexpected tensor {name} for a {cfg.model_type} checkpoint") from None
+    if target is None:
+        return
+    if quant and quant.owns(target.param):
+        full_shape = quant.shape(target.param)
+    elif target.param in params:
+        full_shape = tuple(params[target.param].shape)
+    else:
+        raise CheckpointError(f"{model_dir}: unexpected tensor {name} (no {target.param} in this configuration)")
+    lo, hi = target.rows or (0, full_shape[0])
+    want = (hi - lo, *full_shape[1:])
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{model_dir}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
+    if quant and quant.owns(target.param):
+        quant.fill(target.param, lo, hi, tensor)
+    else:
+        params[target.param][lo:hi].copy_(tensor)
+    filled[target.param] = filled.get(target.param, 0) + (hi - lo)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None, device) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]

@@ -1,0 +1,1 @@
+"""GLM model implementation: the decoder and its attention backends."""

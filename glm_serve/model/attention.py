@@ -1,0 +1,148 @@
+"""Attention over a paged KV cache: the batch descriptor the runner fills and the exact PyTorch backend.
+
+The model's forward takes one flat batch of tokens from many sequences. Each sequence contributes its
+*new* tokens (a prefill chunk, or one decode token); their keys and values are written into the paged cache
+first, then every new query attends causally over the sequence's whole context, read back from the cache.
+
+Paged cache layout, per layer (K and V alike):
+
+    k_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    block_tables[b] = [7, 2, 9, ...]          physical blocks of sequence b, in logical order
+    token j of sequence b lives at  block_tables[b, j // block_size], offset j % block_size
+    slot = physical_block * block_size + offset      (what slot_mapping holds for each new token)
+
+    sequence b:   |<------------- seq_lens[b] keys ------------->|
+                  |<-- context already cached -->|<- q_lens[b] ->|   new tokens: queries of this step
+    query i of b (0-based among the new ones) sits at absolute position seq_lens[b] - q_lens[b] + i and
+    sees keys 0 ..= that position.
+
+Backends implement `AttentionBackend.forward`; the Triton one (glm_serve.kernels) plugs in the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnMetadata:
+    """What one model step needs to know about the flat batch. Filled by the runner; read by backends."""
+
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: new tokens of sequence b are flat rows cu[b]:cu[b+1]
+    seq_lens: torch.Tensor  # [B] int32: keys each sequence attends to (cached context + its new tokens)
+    slot_mapping: torch.Tensor  # [T] int64: cache slot for each new token's K/V; -1 = padding, not stored
+    block_tables: torch.Tensor  # [B, max_blocks] int32: physical block ids, padded with 0 past the end
+    max_seqlen_q: int  # host int: max of q_lens (grid sizing; bucketed for CUDA graphs)
+    max_seqlen_k: int  # host int: max of seq_lens
+    # [T] int64: which sequence each flat token belongs to (torch backend: pad/unpad without a loop)
+    token_to_seq: torch.Tensor | None = None
+    # [T] int64: index of each token among its sequence's new tokens
+    token_q_offset: torch.Tensor | None = None
+    # Extra per-step inputs the backend may precompute once per step and share across layers.
+    cache: dict | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class AttentionBackend(abc.ABC):
+    """Interface: store the new K/V in the cache, then attend. One instance per model, shared by layers."""
+
+    name = "base"
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttnMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Write k/v at meta.slot_mapping, then return softmax(q.K^T * scale) V over each sequence's context."""
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+) -> None:
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    flat_k = k_cache.view(-1, kv_heads, head_dim)
+    flat_v = v_cache.view(-1, kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    # Padding rows (CUDA-graph buckets) carry -1; index_copy with a mask keeps this free of host syncs.
+    slots = torch.where(valid, slot_mapping, torch.zeros_like(slot_mapping))
+    keep = valid.view(-1, 1, 1)
+    flat_k.index_copy_(0, slots, torch.where(keep, k.to(flat_k.dtype), flat_k.index_select(0, slots)))
+    flat_v.index_copy_(0, slots, torch.where(keep, v.to(flat_v.dtype), flat_v.index_select(0, slots)))
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Exact attention in plain PyTorch: gather each sequence's keys through its block table, pad the batch to
+    [B, max_q] queries x [B, max_k] keys, mask, and call SDPA once for the whole batch (no per-sequence loop).
+    GQA without repeating K/V: the `group` query heads that share a KV head are folded into the query rows."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        T, H, D = q.shape
+        B = meta.num_seqs
+        block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+        group = H // kvh
+        max_q = meta.max_seqlen_q
+        nblk = (meta.max_seqlen_k + block_size - 1) // block_size
+        max_k = nblk * block_size
+        mask = _get_mask(meta, max_q, max_k, q.device)  # [B, 1, max_q, max_k]
+
+        tables = meta.block_tables[:, :nblk].long()  # [B, nblk]
+        keys = k_cache[tables].reshape(B, max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
+        vals = v_cache[tables].reshape(B, max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
+
+        seq_idx, q_off = meta.token_to_seq, meta.token_q_offset
+        qp = q.new_zeros(B, max_q, H, D)
+        qp[seq_idx, q_off] = q  # [B, max_q, H, D]
+        # [B, max_q, kvh, group, D] -> [B, kvh, group * max_q, D]; row r is (g = r // max_q, i = r % max_q)
+        qp = qp.view(B, max_q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * max_q, D)
+        full_mask = mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, max_k]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=full_mask, scale=scale
+        )  # [B, kvh, group * max_q, D]
+        out = out.view(B, kvh, group, max_q, D).permute(0, 3, 1, 2, 4).reshape(B, max_q, H, D)
+        return out[seq_idx, q_off]  # [T, H, D]
+
+
+def _get_mask(meta: AttnMetadata, max_q: int, max_k: int, device) -> torch.Tensor:
+    """[B, 1, max_q, max_k] bool: query i of b sees key j iff j <= seq_len - q_len + i (padding rows see key 0
+    so that softmax stays finite; their outputs are dropped). Built once per step, shared by all layers."""
+    if meta.cache is None:
+        meta.cache = {}
+    key = ("torch_mask", max_q, max_k)
+    if key not in meta.cache:
+        q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()  # [B]
+        start = (meta.seq_lens.long() - q_lens).view(-1, 1, 1)  # [B, 1, 1]
+        i = torch.arange(max_q, device=device).view(1, -1, 1)
+        j = torch.arange(max_k, device=device).view(1, 1, -1)
+        mask = (j <= start + i) | (j == 0)
+        meta.cache[key] = mask.unsqueeze(1)
+    return meta.cache[key]
+
+
+def make_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        return TorchPagedAttention()
+    if name == "triton":
+        from glm_serve.model.triton_backend import TritonPagedAttention  # noqa: PLC0415 (needs triton)
+
+        return TritonPagedAttention()
+    raise ValueError(f"unknown attention backend {name!r} (choose 'torch' or 'triton')")
