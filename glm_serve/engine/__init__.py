@@ -1,0 +1,1 @@
+"""The engine: sequences, block accounting, scheduler, sampler, runner and the step loop."""
