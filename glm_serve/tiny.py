@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from glm_serve.config import ModelConfig
+from glm_serve.tokenizer import STOP_TOKENS
 from glm_serve.weights import checkpoint_names
-
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 @dataclass
