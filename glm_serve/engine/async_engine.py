@@ -1,0 +1,160 @@
+"""AsyncEngine: the engine loop on its own thread, requests as async iterators of incremental outputs.
+
+The loop thread owns the LLMEngine; callers on the event loop talk to it through a command queue (add, abort)
+and get their outputs through per-request asyncio queues. The model's kernels release the GIL, so the event
+loop keeps serving HTTP while a step runs. An exception in one request ends that request alone; an exception
+in the loop itself is logged, the step's requests fail, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from glm_serve.engine.engine import LLMEngine
+from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenConstraint
+from glm_serve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraints: list[TokenConstraint | None] | None
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
+        self.step_count = 0
+        self.last_step_at = time.monotonic()
+        self._thread.start()
+
+    # ---- caller side (event loop) -------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       constraints: list[TokenConstraint | None] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutputs (deltas) until the request finishes. Raises ValueError at once for a request
+        that can never run. Leaving the iterator early (client gone, cancel) aborts the request."""
+        self.engine.validate(prompt_ids, params)
+        sink: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt_ids, params, constraints, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- loop side (engine thread) ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            # Block when idle; otherwise drain whatever arrived since the last step and run one more.
+            self._drain(block=not eng.has_unfinished())
+            if not eng.has_unfinished():
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # noqa: BLE001 (a bug in one step must not kill the server)
+                log.exception("engine step failed; failing the running requests")
+                outputs = self._fail_all(f"{type(e).__name__}: {e}")
+            self.step_count += 1
+            self.last_step_at = time.monotonic()
+            for out in outputs:
+                self._send(out.request_id, out, final=out.finished)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd) -> None:
+        if isinstance(cmd, _Add):
+            self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints)
+            except Exception as e:  # noqa: BLE001 (reported to that caller only)
+                self._send(cmd.request_id, e if isinstance(e, ValueError) else RuntimeError(str(e)), final=True)
+        elif cmd[0] == "abort":
+            out = self.engine.abort_request(cmd[1])
+            if out is not None:
+                self._send(cmd[1], out, final=True)
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        outs = []
+        for rid in list(self.engine.requests):
+            req = self.engine.requests[rid]
+            req.error = message
+            self.engine._fail(req)
+            outs.append(self.engine._collect(req, {}))
+        return outs
+
+    def _send(self, request_id: str, item, final: bool) -> None:
+        entry = self._sinks.get(request_id)
+        if entry is None:
+            return
+        if final:
+            self._sinks.pop(request_id, None)
+        sink, loop = entry
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+def merge_final(outputs: list[RequestOutput]) -> list[CompletionOutput]:
+    """Concatenate a request's deltas into one CompletionOutput per choice (non-streaming callers)."""
+    merged: dict[int, CompletionOutput] = {}
+    for out in outputs:
+        for o in out.outputs:
+            m = merged.setdefault(o.index, CompletionOutput(o.index, "", [], [] if o.logprobs is not None else None))
+            m.text += o.text
+            m.token_ids += o.token_ids
+            if o.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + o.logprobs
+            m.finish_reason = o.finish_reason or m.finish_reason
+            m.stop_reason = o.stop_reason if o.stop_reason is not None else m.stop_reason
+            m.error = o.error or m.error
+    return [merged[i] for i in sorted(merged)]

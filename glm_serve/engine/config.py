@@ -1,0 +1,78 @@
+"""EngineConfig: every engine setting in one place, validated once; KV-cache sizing is derived here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Without --kv-cache-tokens the CPU gets a cache of this many bytes (it shares RAM with everything else).
+_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"  # folder, hub id, or "demo"
+    device: str | None = None  # cpu | cuda; None = cuda when available
+    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16 | float16
+    quantization: str | None = None  # None | nf4 | int8
+    rope_theta: float | None = None  # override the checkpoint's RoPE base
+    block_size: int = 16
+    kv_cache_tokens: int | None = None  # KV capacity in tokens; None = from memory
+    gpu_memory_utilization: float = 0.9  # CUDA: share of total memory the process may use
+    max_model_len: int | None = None  # None = the checkpoint's context, capped by the cache
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
+    seed: int = 0  # default generator (unseeded requests)
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError("max_batch_tokens must be >= max_num_seqs >= 1")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        return dev
+
+    def resolved_backend(self, device: torch.device) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if device.type == "cuda" else "torch"
+
+
+def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+    """Blocks of KV cache: --kv-cache-tokens when given; on CUDA what fits in gpu_memory_utilization of the
+    device after the weights (minus an activation reserve); on the CPU a fixed budget."""
+    if cfg.kv_cache_tokens is not None:
+        tokens = cfg.kv_cache_tokens
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        reserve = 2 << 30  # activations of a max_batch_tokens step, logits, sampler buffers
+        budget = int(total * cfg.gpu_memory_utilization) - used - reserve
+        if budget <= 0:
+            raise ValueError(f"no memory left for the KV cache: {used / 2**30:.1f} GiB in use of "
+                             f"{total / 2**30:.1f} GiB; raise --gpu-memory-utilization or quantize")
+        tokens = budget // bytes_per_token
+    else:
+        tokens = _CPU_KV_BYTES // bytes_per_token
+    blocks = tokens // cfg.block_size
+    if blocks < 1:
+        raise ValueError("the KV cache would hold less than one block")
+    return blocks

@@ -1,0 +1,280 @@
+"""LLMEngine: the synchronous core. Requests in (token ids + SamplingParams), incremental outputs out; the step
+loop reads in three lines:
+
+    out = self.scheduler.schedule()        # who computes how many tokens
+    sampled = self._execute(out)           # one flat batch through the model, sample the rows that finish
+    return self._process(out, sampled)     # advance sequences, detokenize, stop, finish, report
+
+Not thread-safe: the async engine drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from glm_serve.config import ModelConfig
+from glm_serve.engine.block_manager import BlockManager
+from glm_serve.engine.config import EngineConfig, kv_cache_blocks
+from glm_serve.engine.outputs import (
+    CompletionOutput,
+    RequestOutput,
+    RequestState,
+    TokenConstraint,
+    TokenLogprob,
+    make_choice,
+)
+from glm_serve.engine.runner import ModelRunner
+from glm_serve.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+from glm_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from glm_serve.engine.sequence import Sequence, SeqStatus
+from glm_serve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from glm_serve.cli import resolve_model_arg  # noqa: PLC0415 (demo checkpoint lives with the CLI)
+        from glm_serve.loader import load_model, parse_dtype  # noqa: PLC0415
+        from glm_serve.model.attention import make_backend  # noqa: PLC0415
+        from glm_serve.tokenizer import load_tokenizer  # noqa: PLC0415
+
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = parse_dtype(config.dtype, self.device)
+        self.model_path = resolve_model_arg(config.model)
+        self.tokenizer = load_tokenizer(self.model_path)
+        backend = make_backend(config.resolved_backend(self.device))
+        t0 = time.monotonic()
+        self.model = load_model(self.model_path, self.device, self.dtype, config.quantization, backend,
+                                config.rope_theta)
+        self.model_config: ModelConfig = self.model.config
+        self.load_seconds = time.monotonic() - t0
+        kv_dtype = self.dtype
+        bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8)
+        num_blocks = kv_cache_blocks(config, bytes_per_token, self.device)
+        max_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
+        self.sched_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens, max_model_len=max_len,
+            block_size=config.block_size, num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching)
+        self.max_model_len = self.sched_config.max_seq_len
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.sched_config, self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.max_num_seqs,
+                                  self.max_model_len, self.device, kv_dtype)
+        self.sampler = Sampler()
+        torch.manual_seed(config.seed)
+        self.requests: dict[str, RequestState] = {}
+        self.seq_owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, choice index)
+        self._ids = itertools.count()
+        self.stop_ids = list(self.tokenizer.stop_token_ids)
+        self.vocab_limit = self.model_config.vocab_size
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.sched_config.kv_capacity_tokens
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that can never run (thread-safe: reads config only)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_limit), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_limit})")
+        if len(prompt_ids) + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; with at least one generated token that exceeds "
+                f"the context window of {self.max_model_len} tokens")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    constraints: list[TokenConstraint | None] | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_ids, params)
+        req = RequestState(request_id, params, len(prompt_ids))
+        first: Sequence | None = None
+        for i in range(params.n):
+            seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, wait_for=first)
+            first = first or seq
+            gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
+            constraint = constraints[i] if constraints else None
+            req.choices.append(make_choice(i, seq, self.tokenizer, params, self.stop_ids, gen, constraint))
+            self.seq_owner[seq.seq_id] = (req, i)
+        for c in req.choices:
+            self.scheduler.add(c.seq)
+        self.requests[request_id] = req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for c in req.choices:
+            if c.finish_reason is None:
+                self._finish(c, "abort")
+        return self._collect(req, {})
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self._execute(out)
+        return self._process(out, sampled)
+
+    def _execute(self, out: SchedulerOutput) -> dict[int, tuple[int, TokenLogprob | None]]:
+        for seq in out.preempted:
+            self.runner.release(seq.seq_id)
+        if out.is_empty:
+            return {}
+        try:
+            return self._run(out)
+        except Exception:  # noqa: BLE001 (isolate: retry each sequence alone, fail only those that fail)
+            if len(out.scheduled) == 1:
+                raise
+            log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
+        sampled: dict = {}
+        for s in out.scheduled:
+            try:
+                sampled.update(self._run(SchedulerOutput(scheduled=[s])))
+            except Exception as e:  # noqa: BLE001
+                log.exception("request %s failed", s.seq.request_id)
+                req, _ = self.seq_owner[s.seq.seq_id]
+                req.error = f"{type(e).__name__}: {e}"
+                self._fail(req)  # out of the scheduler now, so update() skips its sequences
+        return sampled
+
+    @torch.inference_mode()
+    def _run(self, out: SchedulerOutput) -> dict[int, tuple[int, TokenLogprob | None]]:
+        batch = self.runner.prepare(out)
+        if not batch.sample_seq_ids:
+            self.runner.execute(batch)
+            return {}
+        logits = self.runner.execute(batch)  # [S, V]
+        rows, bitmask = [], None
+        for r, seq_id in enumerate(batch.sample_seq_ids):
+            req, i = self.seq_owner[seq_id]
+            c = req.choices[i]
+            rows.append(SamplingRow(req.params, c.seq.prompt_token_ids, c.seq.output_token_ids, c.stop_ids,
+                                    c.generator))
+            if c.constraint is not None:
+                if bitmask is None:
+                    bitmask = torch.full((len(batch.sample_seq_ids), (logits.shape[1] + 31) // 32), -1,
+                                         dtype=torch.int32)
+                c.constraint.fill_bitmask(bitmask, r)
+        sb = SamplingBatch.build(rows, logits.shape[1], self.device, bitmask)
+        res = self.sampler(logits, sb)
+        ids = res.token_ids.tolist()  # the one host sync of the step
+        lps = [None] * len(ids)
+        if res.logprobs is not None:
+            lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
+            for r, seq_id in enumerate(batch.sample_seq_ids):
+                k = self.seq_owner[seq_id][0].params.logprobs
+                if k is not None:
+                    lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
+        return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(batch.sample_seq_ids)}
+
+    def _process(self, out: SchedulerOutput, sampled: dict) -> list[RequestOutput]:
+        self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
+        deltas: dict[str, dict[int, tuple[list[int], str, list]]] = {}
+        for seq in out.finished:  # finished by the scheduler itself (length safety net)
+            req, i = self.seq_owner[seq.seq_id]
+            self._finish(req.choices[i], "length")
+            deltas.setdefault(req.request_id, {}).setdefault(i, ([], "", []))
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.seq_id not in self.seq_owner:
+                continue
+            req, i = self.seq_owner[seq.seq_id]
+            if req.error is not None:
+                deltas.setdefault(req.request_id, {})
+                continue
+            if seq.seq_id not in sampled or seq.status is not SeqStatus.RUNNING:
+                continue
+            token, lp = sampled[seq.seq_id]
+            try:
+                text = self._advance(req.choices[i], token)
+            except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
+                log.exception("request %s failed while processing its output", req.request_id)
+                req.error = f"{type(e).__name__}: {e}"
+                self._fail(req)
+                deltas.setdefault(req.request_id, {})
+                continue
+            deltas.setdefault(req.request_id, {})[i] = ([token], text, [lp] if lp else [])
+        return [self._collect(self.requests[rid], d) for rid, d in deltas.items() if rid in self.requests]
+
+    def _advance(self, c, token: int) -> str:
+        """One sampled token for one choice: constraint, stop ids, text and stop strings, length."""
+        seq, params = c.seq, c.seq.params
+        if c.constraint is not None:
+            c.constraint.accept(token)
+        if token in c.stop_ids and seq.num_output_tokens >= params.min_tokens:
+            text = c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+            self._finish(c, "stop", stop_reason=token)
+            return text
+        text, stopped = c.stopper.feed(c.detok.add(token))
+        if stopped:
+            self._finish(c, "stop", stop_reason=c.stopper.matched)
+        elif c.constraint is not None and c.constraint.is_terminated():
+            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+            self._finish(c, "stop")
+        elif self.scheduler.hit_length_limit(seq):
+            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+            self._finish(c, "length")
+        return text
+
+    def _finish(self, c, reason: str, stop_reason=None) -> None:
+        if c.finish_reason is not None:
+            return
+        c.finish_reason, c.stop_reason = reason, stop_reason
+        if c.seq.status is not SeqStatus.FINISHED:
+            self.scheduler.finish(c.seq, reason)
+        self.runner.release(c.seq.seq_id)
+
+    def _fail(self, req: RequestState) -> None:
+        for c in req.choices:
+            self._finish(c, "error")
+
+    def _collect(self, req: RequestState, deltas: dict) -> RequestOutput:
+        outs = []
+        for i, c in enumerate(req.choices):
+            if i not in deltas and not (c.finish_reason and not c.reported):
+                continue
+            tokens, text, lps = deltas.get(i, ([], "", []))
+            outs.append(CompletionOutput(
+                index=c.index, text=text, token_ids=tokens, logprobs=lps if req.params.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                error=req.error if c.finish_reason == "error" else None))
+            if c.finish_reason:
+                c.reported = True
+        prompt, completion, cached = req.usage()
+        finished = req.finished
+        if finished:
+            self.requests.pop(req.request_id, None)
+            for c in req.choices:
+                self.seq_owner.pop(c.seq.seq_id, None)
+        return RequestOutput(req.request_id, outs, finished, prompt, completion, cached)
+
+    # ---- introspection (metrics, health) ---------------------------------------------------------------
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_hit_rate": bm.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+        }
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the context window (API code 1261)."""

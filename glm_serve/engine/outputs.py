@@ -1,0 +1,109 @@
+"""What the engine hands back: incremental outputs per request, and the per-choice state that produces them
+(detokenizer, stop strings, stop ids, constraint, seeded generator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from glm_serve.engine.sequence import Sequence
+from glm_serve.engine.stop import StopChecker
+from glm_serve.sampling_params import SamplingParams
+from glm_serve.tokenizer import GlmTokenizer, IncrementalDetokenizer
+
+
+class TokenConstraint(Protocol):
+    """Constrained decoding for one choice (JSON, forced tool calls): the engine asks for the allowed tokens
+    before each sample and reports the token it picked. Implemented with xgrammar in the API layer."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write row `row` of an int32 [N, ceil(V/32)] xgrammar-layout bitmask (host tensor)."""
+
+    def accept(self, token_id: int) -> None:
+        """The sampled token; raises ValueError if the constraint cannot accept it."""
+
+    def is_terminated(self) -> bool:
+        """The grammar is complete: the choice ends with finish_reason 'stop'."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), descending
+
+
+@dataclass
+class CompletionOutput:
+    """One choice's progress in one step (a delta), or in total for `LLM.generate`."""
+
+    index: int
+    text: str  # new text since the last output (the whole text in final results)
+    token_ids: list[int]  # new token ids since the last output
+    logprobs: list[TokenLogprob] | None = None  # per new token, when requested
+    finish_reason: str | None = None  # stop | length | abort | error | None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    error: str | None = None  # set with finish_reason "error": this choice alone failed
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionOutput]  # choices that changed in this step
+    finished: bool  # every choice is done
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # all choices, so far
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class ChoiceState:
+    """Engine-side state of one choice (one Sequence)."""
+
+    index: int
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stopper: StopChecker
+    stop_ids: frozenset[int]  # the checkpoint's stop ids (unless ignore_eos) plus params.stop_token_ids
+    generator: torch.Generator | None
+    constraint: TokenConstraint | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    reported: bool = False  # the final output for this choice was sent
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    params: SamplingParams
+    prompt_len: int
+    choices: list[ChoiceState] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> tuple[int, int, int]:
+        completion = sum(c.seq.num_output_tokens for c in self.choices)
+        cached = self.choices[0].seq.num_cached_tokens if self.choices else 0
+        return self.prompt_len, completion, cached
+
+
+def make_choice(index: int, seq: Sequence, tokenizer: GlmTokenizer, params: SamplingParams,
+                checkpoint_stop_ids: list[int], generator: torch.Generator | None,
+                constraint: TokenConstraint | None) -> ChoiceState:
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids.update(checkpoint_stop_ids)
+    return ChoiceState(
+        index=index,
+        seq=seq,
+        detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
+        stopper=StopChecker(params.stop, params.include_stop_str),
+        stop_ids=frozenset(stop_ids),
+        generator=generator,
+        constraint=constraint,
+    )

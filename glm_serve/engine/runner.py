@@ -1,0 +1,131 @@
+"""ModelRunner: owns the model, the paged KV cache and the step's device buffers; turns one SchedulerOutput into
+one flat batch, runs the model and returns the logits of the rows to sample.
+
+Per-sequence block tables live in a persistent host array (one row per running sequence) that is only
+appended to as sequences grow, so a step copies O(new blocks), not O(context); positions and slot mapping are
+computed with vectorised numpy, never a Python loop over tokens.
+
+    row r of block_table_host:  [b0 b1 b2 ... b_{n-1} 0 0 0 ...]   n = blocks known for the sequence in row r
+    step batch (B sequences) :  block_tables = block_table_host[rows_of_step, :width]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glm_serve.engine.scheduler import SchedulerOutput
+from glm_serve.model.attention import AttnMetadata
+from glm_serve.model.glm import GlmForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    """The flat batch of one step, as the model sees it (everything on the model's device)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttnMetadata
+    logits_indices: torch.Tensor  # [S] int64: flat rows whose logits are sampled (last new token of a seq)
+    sample_seq_ids: list[int]  # [S]: which sequence each sampled row belongs to
+
+
+class ModelRunner:
+    def __init__(self, model: GlmForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, device: torch.device, kv_dtype: torch.dtype):
+        self.model, self.device = model, device
+        self.block_size, self.num_blocks = block_size, num_blocks
+        cfg = model.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Per layer K and V: [num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
+                           torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_layers)]
+        self.max_blocks_per_seq = (max_model_len + block_size - 1) // block_size
+        # Rows are handed out to sequences while they hold blocks. [max_num_seqs, max_blocks_per_seq] int32
+        self.block_table_host = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.row_len = np.zeros(max_num_seqs, dtype=np.int64)  # blocks written into each row
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.pin = device.type == "cuda"
+
+    def release(self, seq_id: int) -> None:
+        """The sequence gave its blocks back (finished, aborted or preempted): free its table row."""
+        row = self.row_of.pop(seq_id, None)
+        if row is not None:
+            self.row_len[row] = 0
+            self.free_rows.append(row)
+
+    def _row(self, seq) -> int:
+        row = self.row_of.get(seq.seq_id)
+        if row is None:
+            row = self.row_of[seq.seq_id] = self.free_rows.pop()
+            self.row_len[row] = 0
+        n, have = len(seq.block_ids), self.row_len[row]
+        if n < have:  # blocks were taken back (preemption reused the row): rewrite it
+            have = 0
+        if n > have:
+            self.block_table_host[row, have:n] = seq.block_ids[have:n]
+            self.row_len[row] = n
+        return row
+
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        sched = out.scheduled
+        B = len(sched)
+        starts = np.fromiter((s.start for s in sched), dtype=np.int64, count=B)  # [B]
+        n_new = np.fromiter((s.num_new_tokens for s in sched), dtype=np.int64, count=B)  # [B]
+        rows = np.fromiter((self._row(s.seq) for s in sched), dtype=np.int64, count=B)  # [B]
+        ids: list[int] = []
+        for s in sched:
+            if s.num_new_tokens == 1:  # decode: the one new token is the last one
+                ids.append(s.seq.token_at(s.start))
+            else:
+                ids.extend(s.seq.token_slice(s.start, s.start + s.num_new_tokens))
+        cu = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(n_new, out=cu[1:])
+        T = int(cu[-1])
+        token_to_seq = np.repeat(np.arange(B), n_new)  # [T]
+        q_off = np.arange(T) - cu[:-1][token_to_seq]  # [T]
+        positions = starts[token_to_seq] + q_off  # [T]
+        seq_lens = starts + n_new  # [B]
+        width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
+        tables = self.block_table_host[rows, :width]  # [B, width]
+        blk = tables[token_to_seq, positions // self.block_size].astype(np.int64)
+        slots = blk * self.block_size + positions % self.block_size  # [T]
+        sample_mask = np.fromiter((s.sample for s in sched), dtype=bool, count=B)
+        logits_idx = cu[1:][sample_mask] - 1  # [S]
+
+        dev = self.device
+        meta = AttnMetadata(
+            cu_seqlens_q=self._to(cu.astype(np.int32)),
+            seq_lens=self._to(seq_lens.astype(np.int32)),
+            slot_mapping=self._to(slots),
+            block_tables=self._to(np.ascontiguousarray(tables)),
+            max_seqlen_q=int(n_new.max()),
+            max_seqlen_k=int(seq_lens.max()),
+            token_to_seq=self._to(token_to_seq),
+            token_q_offset=self._to(q_off),
+        )
+        return StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=self._to(positions),
+            meta=meta,
+            logits_indices=self._to(logits_idx),
+            sample_seq_ids=[s.seq.seq_id for s in sched if s.sample],
+        )
+
+    def _to(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order."""
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, inputs_embeds)
+        return self.model.compute_logits(hidden[batch.logits_indices])

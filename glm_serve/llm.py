@@ -1,0 +1,117 @@
+"""`LLM`: offline generation in-process. Prompts (strings, token id lists, or chat conversations) go into
+the engine all at once; results come back in input order, with a progress bar.
+
+    llm = LLM(model="THUDM/glm-4-9b-chat-hf")
+    results = llm.generate([[{"role": "user", "content": "你好"}]], SamplingParams(temperature=0, max_tokens=64))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glm_serve.engine.config import EngineConfig
+from glm_serve.engine.engine import LLMEngine
+from glm_serve.engine.outputs import TokenLogprob
+from glm_serve.sampling_params import SamplingParams
+
+Prompt = str | list[int] | list[dict]  # raw text | token ids | a conversation (list of messages)
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str  # the generated text (for conversations: the raw text, tool call syntax included)
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    content: str | None = None  # conversations: the parsed answer (leading "\n" separator removed)
+    tool_calls: list = field(default_factory=list)  # conversations: parsed tool calls
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+    usage: dict  # prompt_tokens, completion_tokens, cached_tokens
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+
+class LLM:
+    def __init__(self, model: str = "demo", **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._n = 0
+
+    def encode(self, prompt: Prompt, tools: list | None = None) -> list[int]:
+        from glm_serve.chat import encode_chat  # noqa: PLC0415
+
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return encode_chat(self.tokenizer, prompt, tools=tools, chat_template=self.tokenizer.chat_template)
+        raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 tools: list | None = None, use_tqdm: bool = True) -> list[GenerationResult]:
+        from glm_serve.chat import parse_assistant_output  # noqa: PLC0415
+
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        engine, order, states = self.engine, [], {}
+        for prompt, p in zip(prompts, plist):
+            rid = f"offline-{self._n}"
+            self._n += 1
+            ids = self.encode(prompt, tools)
+            engine.add_request(rid, ids, p)
+            is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+            states[rid] = (ids, is_chat, [Choice(i, "", [], None) for i in range(p.n)], {})
+            order.append(rid)
+        bar = _progress(len(order), use_tqdm)
+        while engine.has_unfinished():
+            for out in engine.step():
+                _, _, choices, usage = states[out.request_id]
+                for o in out.outputs:
+                    ch = choices[o.index]
+                    ch.text += o.text
+                    ch.token_ids += o.token_ids
+                    if o.logprobs is not None:
+                        ch.logprobs = (ch.logprobs or []) + o.logprobs
+                    ch.finish_reason, ch.error = o.finish_reason or ch.finish_reason, o.error or ch.error
+                usage.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                             cached_tokens=out.cached_tokens)
+                if out.finished and bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        results = []
+        for rid in order:
+            ids, is_chat, choices, usage = states[rid]
+            if is_chat:
+                for ch in choices:
+                    parsed = parse_assistant_output(ch.text)
+                    ch.content, ch.tool_calls = parsed.content, parsed.tool_calls
+            results.append(GenerationResult(rid, ids, choices, usage))
+        return results
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)

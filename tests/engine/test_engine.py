@@ -1,0 +1,227 @@
+"""The engine end to end on a tiny float32 checkpoint: batch invariance, preemption, prefix caching, block
+accounting after many requests, seeds, stop strings, streaming text, constraints, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from glm_serve.engine.async_engine import AsyncEngine, merge_final
+from glm_serve.llm import LLM
+from glm_serve.model.simple import generate_simple
+from glm_serve.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf):
+    return LLM(str(tiny_hf), kv_cache_tokens=16384, max_batch_tokens=512)
+
+
+def _solo(llm, ids, n):
+    return generate_simple(llm.engine.model, ids, n)
+
+
+def _prompts(k, seed, lo=1, hi=90):
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 2000) for _ in range(rng.randrange(lo, hi))] for _ in range(k)]
+
+
+def _all_blocks_free(engine):
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not engine.requests and not engine.seq_owner
+    assert not engine.runner.row_of
+
+
+def test_batch_invariance_32_mixed(llm):
+    prompts = _prompts(32, seed=1)
+    lens = [random.Random(i).randrange(1, 24) for i in range(32)]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in lens]
+    results = llm.generate(prompts, params, use_tqdm=False)
+    for p, n, r in zip(prompts, lens, results):
+        assert r.token_ids == _solo(llm, p, n)
+        assert r.choices[0].finish_reason == "length"
+    _all_blocks_free(llm.engine)
+
+
+def test_preemption_loses_nothing(tiny_hf):
+    small = LLM(str(tiny_hf), kv_cache_tokens=256, max_batch_tokens=256, block_size=16)
+    prompts = _prompts(8, seed=2, lo=20, hi=60)
+    results = small.generate(prompts, SamplingParams(max_tokens=60, **GREEDY), use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0  # the cache really was too small
+    for p, r in zip(prompts, results):
+        assert r.choices[0].error is None
+        assert r.token_ids == _solo(small, p, 60)
+    _all_blocks_free(small.engine)
+
+
+def test_prefix_cache_hits_and_same_output(llm):
+    bm = llm.engine.block_manager
+    prompt = _prompts(1, seed=3, lo=100, hi=101)[0]
+    first = llm.generate([prompt], SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0]
+    hits_before = bm.num_hit_tokens
+    second = llm.generate([prompt], SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0]
+    assert second.usage["cached_tokens"] >= 96  # 6 full blocks of 16 out of 100 prompt tokens
+    assert second.token_ids == first.token_ids
+    assert bm.num_hit_tokens - hits_before == second.usage["cached_tokens"]
+
+
+def test_no_prefix_caching_flag(tiny_hf):
+    plain = LLM(str(tiny_hf), kv_cache_tokens=4096, enable_prefix_caching=False)
+    prompt = _prompts(1, seed=4, lo=70, hi=71)[0]
+    a = plain.generate([prompt], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)[0]
+    b = plain.generate([prompt], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)[0]
+    assert b.usage["cached_tokens"] == 0 and a.token_ids == b.token_ids
+
+
+def test_thousand_requests_with_aborts_free_every_block(llm):
+    eng = llm.engine
+    rng = random.Random(5)
+    prompts = _prompts(1000, seed=5, lo=1, hi=40)
+    live = set()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=rng.randrange(1, 8), **GREEDY))
+        live.add(f"r{i}")
+    steps = 0
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                live.discard(out.request_id)
+        steps += 1
+        if steps % 3 == 0 and live:
+            victim = rng.choice(sorted(live))
+            out = eng.abort_request(victim)
+            assert out is not None and out.finished
+            live.discard(victim)
+    _all_blocks_free(eng)
+
+
+def test_seed_reproduces_whatever_the_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True)
+    prompt = _prompts(1, seed=6)[0]
+    alone = llm.generate([prompt], p, use_tqdm=False)[0].token_ids
+    noisy = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 5
+    mixed = llm.generate(_prompts(5, seed=7) + [prompt], noisy + [p], use_tqdm=False)[-1].token_ids
+    assert alone == mixed
+    other = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=99,
+                                                  ignore_eos=True), use_tqdm=False)[0].token_ids
+    assert other != alone
+
+
+def test_stop_string_split_across_tokens(llm):
+    tok = llm.tokenizer
+    prompt = _prompts(1, seed=8)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0]
+    # Pick a stop string that starts inside one token and ends inside a later one.
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    text = "".join(pieces)
+    assert text == full.text
+    k = next(i for i in range(3, len(pieces) - 2) if len(pieces[i]) >= 2 and pieces[i + 1])
+    start = len("".join(pieces[:k])) + 1
+    stop = text[start:start + len(pieces[k]) - 1 + 1 + len(pieces[k + 1])]
+    got = llm.generate([prompt], SamplingParams(max_tokens=30, stop=[stop], **GREEDY), use_tqdm=False)[0]
+    assert got.choices[0].finish_reason == "stop"
+    assert got.text == text[: text.index(stop)]
+    assert stop not in got.text
+
+
+class ForcedText:
+    """A TokenConstraint that allows exactly the next token of a fixed sequence (tests the mask hook)."""
+
+    def __init__(self, ids, vocab_size):
+        self.ids, self.pos, self.vocab = ids, 0, vocab_size
+
+    def fill_bitmask(self, bitmask, row):
+        bitmask[row].zero_()
+        t = self.ids[self.pos]
+        bitmask[row, t // 32] = torch.tensor(1 << (t % 32), dtype=torch.int64).to(torch.int32)
+
+    def accept(self, token_id):
+        if token_id != self.ids[self.pos]:
+            raise ValueError(f"constraint expected {self.ids[self.pos]}, got {token_id}")
+        self.pos += 1
+
+    def is_terminated(self):
+        return self.pos == len(self.ids)
+
+
+def _collect_stream(engine, request_id, prompt, params, constraints=None):
+    async def run():
+        aeng = AsyncEngine(engine)
+        try:
+            return [o async for o in aeng.generate(request_id, prompt, params, constraints)]
+        finally:
+            aeng.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_chinese_streams_cleanly_through_a_constraint(llm):
+    text = "你好，世界！今天天气很好。🙂 GLM-4 流式输出"
+    ids = llm.tokenizer.encode(text, allow_special=False)
+    params = SamplingParams(temperature=1.0, max_tokens=100)
+    outs = _collect_stream(llm.engine, "zh", [1, 2, 3], params, [ForcedText(ids, 2048)])
+    deltas = [o.text for out in outs for o in out.outputs]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "stop"
+    assert len([d for d in deltas if d]) > 5  # it really streamed
+
+
+def test_async_concurrent_abort_and_failure_isolation(llm):
+    engine = llm.engine
+    prompts = _prompts(6, seed=9)
+
+    class Exploding(ForcedText):
+        def accept(self, token_id):
+            raise RuntimeError("boom")
+
+    async def run():
+        aeng = AsyncEngine(engine)
+
+        async def whole(i):
+            outs = [o async for o in aeng.generate(f"a{i}", prompts[i], SamplingParams(max_tokens=20, **GREEDY))]
+            return merge_final(outs)[0]
+
+        async def aborted():
+            n = 0
+            async for _ in aeng.generate("ab", prompts[4], SamplingParams(max_tokens=200, **GREEDY)):
+                n += 1
+                if n == 3:
+                    break  # leaving the iterator aborts the request
+            return n
+
+        async def failing():
+            outs = [o async for o in aeng.generate("bad", prompts[5], SamplingParams(max_tokens=20, **GREEDY),
+                                                   [Exploding([1], 2048)])]
+            return merge_final(outs)[0]
+
+        try:
+            res = await asyncio.gather(*(whole(i) for i in range(4)), aborted(), failing())
+            for _ in range(50):  # the abort is applied by the loop thread
+                if not engine.requests:
+                    break
+                await asyncio.sleep(0.02)
+            return res
+        finally:
+            aeng.shutdown()
+
+    res = asyncio.run(run())
+    for i in range(4):
+        assert res[i].token_ids == _solo(llm, prompts[i], 20)
+    assert res[4] == 3
+    assert res[5].finish_reason == "error" and "boom" in res[5].error
+    _all_blocks_free(engine)
+
+
+def test_prompt_too_long_rejected_up_front(tiny_hf):
+    small = LLM(str(tiny_hf), kv_cache_tokens=256, max_model_len=128)
+    with pytest.raises(ValueError, match="context window"):
+        small.engine.add_request("x", list(range(200)), SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        small.engine.add_request("y", [10**7], SamplingParams())
