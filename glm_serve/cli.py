@@ -60,18 +60,18 @@ def cmd_generate(args) -> int:
                        rope_theta_override=args.rope_theta)
     detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
     stop = set(tok.stop_token_ids)
-    first = [True]
+    started = False  # the answer starts with the "\n" separator after <|assistant|>: not part of it
 
-    def emit(t: int) -> None:
-        if t in stop:
-            return
-        text = detok.add(t)
-        if first[0]:  # the answer starts with the "\n" separator after <|assistant|>: not part of it
-            text, first[0] = text.removeprefix("\n"), not text
+    def emit(text: str) -> None:
+        nonlocal started
+        if not started and text:
+            text, started = text.removeprefix("\n"), True
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    generate_simple(model, ids, args.max_tokens, stop, temperature=args.temperature, seed=args.seed, on_token=emit)
+    generate_simple(model, ids, args.max_tokens, stop, temperature=args.temperature, seed=args.seed,
+                    on_token=lambda t: emit(detok.add(t)) if t not in stop else None)
+    emit(detok.flush())
     sys.stdout.write("\n")
     return 0
 

@@ -1,0 +1,53 @@
+"""The command line: make-tiny writes real-format checkpoints; generate answers a prompt or a messages file."""
+
+from __future__ import annotations
+
+import json
+
+from glm_serve.cli import main
+from glm_serve.config import load_config
+from glm_serve.llm import LLM
+from glm_serve.sampling_params import SamplingParams
+
+
+def test_make_tiny_layouts(tmp_path):
+    hf, cg = tmp_path / "hf", tmp_path / "cg"
+    assert main(["make-tiny", str(hf), "--layout", "hf", "--shards", "3", "--kv-heads", "4", "--heads", "8"]) == 0
+    assert main(["make-tiny", str(cg), "--layout", "chatglm", "--rope-ratio", "10000"]) == 0
+    assert len(list(hf.glob("model-0000?-of-00003.safetensors"))) == 3
+    assert (hf / "model.safetensors.index.json").is_file() and (hf / "tokenizer.json").is_file()
+    assert (cg / "tokenizer.model").is_file() and (cg / "model.safetensors").is_file()
+    assert load_config(hf).num_kv_heads == 4
+    cfg = load_config(cg)
+    assert cfg.model_type == "chatglm" and cfg.rope_theta == 10000.0 * 10000
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert len(gen["eos_token_id"]) == 3
+    assert "chat_template" in json.loads((hf / "tokenizer_config.json").read_text())
+
+
+def test_make_tiny_rejects_bad_options(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "x"), "--kv-heads", "3"]) == 2
+    assert "kv-heads" in capsys.readouterr().err
+
+
+def test_generate_prompt_matches_engine(tiny_hf, capsys):
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "你好", "--max-tokens", "24", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    llm = LLM(str(tiny_hf), kv_cache_tokens=1024)
+    res = llm.generate([[{"role": "user", "content": "你好"}]], SamplingParams(temperature=0, max_tokens=24),
+                       use_tqdm=False)[0]
+    assert printed == res.text.removeprefix("\n") + "\n"
+
+
+def test_generate_messages_file(tiny_chatglm, tmp_path, capsys):
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "What is 2+2?"}]}))
+    assert main(["generate", "--model", str(tiny_chatglm), "--messages", str(msgs), "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generate_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("glm-serve: error:") and "\n" not in err
