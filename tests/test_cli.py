@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from glm_serve.cli import main
 from glm_serve.config import load_config
@@ -51,3 +52,16 @@ def test_generate_bad_model_is_one_line(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("glm-serve: error:") and "\n" not in err
+
+
+def test_preset_has_the_real_glm4_9b_shapes():
+    from glm_serve.config import ModelConfig
+    from glm_serve.tiny import TinySpec, _config_json, _our_shapes
+
+    for layout in ("hf", "chatglm"):
+        cfg = ModelConfig.from_dict(_config_json(TinySpec(layout=layout, preset="glm-4-9b"), 151552, [1, 2, 3]))
+        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4096, 40, 32, 2, 128)
+        assert cfg.intermediate_size == 13696 and cfg.vocab_size == 151552
+        assert cfg.kv_bytes_per_token(2) == 40 * 1024  # 40 KiB per token in bf16 (glm4.md)
+        params = sum(math.prod(shape) for _, shape in _our_shapes(cfg))
+        assert abs(params / 1e9 - 9.40) < 0.01  # 9.40 B parameters

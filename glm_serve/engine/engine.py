@@ -158,18 +158,7 @@ class LLMEngine:
             self.runner.execute(batch)
             return {}
         logits = self.runner.execute(batch)  # [S, V]
-        rows, bitmask = [], None
-        for r, seq_id in enumerate(batch.sample_seq_ids):
-            req, i = self.seq_owner[seq_id]
-            c = req.choices[i]
-            rows.append(SamplingRow(req.params, c.seq.prompt_token_ids, c.seq.output_token_ids, c.stop_ids,
-                                    c.generator))
-            if c.constraint is not None:
-                if bitmask is None:
-                    bitmask = torch.full((len(batch.sample_seq_ids), (logits.shape[1] + 31) // 32), -1,
-                                         dtype=torch.int32)
-                c.constraint.fill_bitmask(bitmask, r)
-        sb = SamplingBatch.build(rows, logits.shape[1], self.device, bitmask)
+        sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
         res = self.sampler(logits, sb)
         ids = res.token_ids.tolist()  # the one host sync of the step
         lps = [None] * len(ids)
@@ -180,6 +169,20 @@ class LLMEngine:
                 if k is not None:
                     lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
         return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(batch.sample_seq_ids)}
+
+    def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
+        """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
+        rows, bitmask, owner = [], None, self.seq_owner
+        for r, seq_id in enumerate(seq_ids):
+            req, i = owner[seq_id]
+            c = req.choices[i]
+            seq = c.seq
+            rows.append(SamplingRow(req.params, seq.prompt_token_ids, seq.output_token_ids, c.stop_ids, c.generator))
+            if c.constraint is not None:
+                if bitmask is None:
+                    bitmask = torch.full((len(seq_ids), (vocab + 31) // 32), -1, dtype=torch.int32)
+                c.constraint.fill_bitmask(bitmask, r)
+        return SamplingBatch.build(rows, vocab, self.device, bitmask)
 
     def _process(self, out: SchedulerOutput, sampled: dict) -> list[RequestOutput]:
         self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
