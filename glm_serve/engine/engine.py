@@ -104,7 +104,9 @@ class LLMEngine:
             first = first or seq
             gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
             constraint = constraints[i] if constraints else None
-            req.choices.append(make_choice(i, seq, self.tokenizer, params, self.stop_ids, gen, constraint))
+            c = make_choice(i, seq, self.tokenizer, params, self.stop_ids, gen, constraint)
+            c.max_output = min(params.max_tokens or self.max_model_len, self.max_model_len - len(prompt_ids))
+            req.choices.append(c)
             self.seq_owner[seq.seq_id] = (req, i)
         for c in req.choices:
             self.scheduler.add(c.seq)
@@ -186,32 +188,37 @@ class LLMEngine:
 
     def _process(self, out: SchedulerOutput, sampled: dict) -> list[RequestOutput]:
         self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
-        deltas: dict[str, dict[int, tuple[list[int], str, list]]] = {}
+        owner = self.seq_owner
+        # request id -> (request, {choice index: (new token ids, new text, new logprobs)})
+        touched: dict[str, tuple[RequestState, dict]] = {}
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
-            req, i = self.seq_owner[seq.seq_id]
+            req, i = owner[seq.seq_id]
             self._finish(req.choices[i], "length")
-            deltas.setdefault(req.request_id, {}).setdefault(i, ([], "", []))
+            touched.setdefault(req.request_id, (req, {}))
+        running = SeqStatus.RUNNING
         for s in out.scheduled:
             seq = s.seq
-            if seq.seq_id not in self.seq_owner:
+            entry = owner.get(seq.seq_id)
+            if entry is None:
                 continue
-            req, i = self.seq_owner[seq.seq_id]
+            req, i = entry
             if req.error is not None:
-                deltas.setdefault(req.request_id, {})
+                touched.setdefault(req.request_id, (req, {}))
                 continue
-            if seq.seq_id not in sampled or seq.status is not SeqStatus.RUNNING:
+            got = sampled.get(seq.seq_id)
+            if got is None or seq.status is not running:
                 continue
-            token, lp = sampled[seq.seq_id]
+            token, lp = got
             try:
                 text = self._advance(req.choices[i], token)
             except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
                 log.exception("request %s failed while processing its output", req.request_id)
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)
-                deltas.setdefault(req.request_id, {})
+                touched.setdefault(req.request_id, (req, {}))
                 continue
-            deltas.setdefault(req.request_id, {})[i] = ([token], text, [lp] if lp else [])
-        return [self._collect(self.requests[rid], d) for rid, d in deltas.items() if rid in self.requests]
+            touched.setdefault(req.request_id, (req, {}))[1][i] = ([token], text, [lp] if lp else [])
+        return [self._collect(req, d) for req, d in touched.values()]
 
     def _advance(self, c, token: int) -> str:
         """One sampled token for one choice: constraint, stop ids, text and stop strings, length."""
@@ -228,7 +235,7 @@ class LLMEngine:
         elif c.constraint is not None and c.constraint.is_terminated():
             text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
             self._finish(c, "stop")
-        elif self.scheduler.hit_length_limit(seq):
+        elif len(seq.output_token_ids) >= c.max_output:  # max_tokens, or the context window is full
             text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
             self._finish(c, "length")
         return text
