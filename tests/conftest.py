@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. This must be set before any
+# @triton.jit function is defined, i.e. before glm_serve.kernels is first imported by any test module.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from glm_serve.tiny import TinySpec, make_tiny
 

@@ -225,3 +225,18 @@ def test_prompt_too_long_rejected_up_front(tiny_hf):
         small.engine.add_request("x", list(range(200)), SamplingParams())
     with pytest.raises(ValueError, match="vocabulary"):
         small.engine.add_request("y", [10**7], SamplingParams())
+
+
+def test_triton_backend_serves_the_torch_backends_tokens(tiny_hf):
+    """Greedy requests through the whole engine with the Triton kernels (interpreted on the CPU) equal the
+    torch backend's: chunked prefill (small token budget), decode, and a prefix-cache hit."""
+    pytest.importorskip("triton")
+    prompts = _prompts(5, seed=11, lo=20, hi=70)
+    prompts.append(prompts[0][:40] + [5, 6, 7])  # shares full blocks with prompts[0]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    want = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=64, max_num_seqs=8, attention_backend="torch")
+    got = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=64, max_num_seqs=8, attention_backend="triton")
+    assert type(got.engine.model.backend).__name__ == "TritonPagedAttention"
+    a = [r.token_ids for r in want.generate(prompts, params, use_tqdm=False)]
+    b = [r.token_ids for r in got.generate(prompts, params, use_tqdm=False)]
+    assert a == b

@@ -1,0 +1,276 @@
+"""Kernel benchmark: times the Triton paged-attention kernels at GLM-4 shapes against the GPU's measured
+ceilings and torch SDPA (and flex attention when available) on the same data, and records a results JSON.
+
+    python benchmarks/kernels.py            full sweep (decode batch 1..256 x context 1K..128K, prefill 1K..32K)
+    python benchmarks/kernels.py --quick    a few points, for a smoke run
+
+Shapes: 32 query heads, 2 KV heads, head_dim 128, block size 16, bf16. Every figure is the median of many
+CUDA-event timings after warm-up, with L2 flushed before each timed call (so small inputs are not served from
+L2). Ratios are against ceilings measured in the same run: device-to-device copy bandwidth (bytes read +
+written) for decode and kv_store, a bf16 8192^3 matmul for prefill. The baselines read dense contiguous K/V
+(they cannot read a paged cache); the Triton kernels read K/V scattered over shuffled 16-token blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM**-0.5
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Median milliseconds of fn() over `reps` CUDA-event timings, L2 flushed before each."""
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_ceilings() -> dict:
+    src = torch.randn(1024 * 1024 * 1024 // 2, dtype=DTYPE, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    copy_gbs = 2 * src.numel() * src.element_size() / ms / 1e6
+    a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
+    b = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
+    ms = bench(lambda: a @ b, reps=20)
+    matmul_tflops = 2 * 8192**3 / ms / 1e9
+    return {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(matmul_tflops, 1)}
+
+
+def paged_cache(batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches holding `batch` sequences of `context` tokens in shuffled blocks, and their tables."""
+    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+def dense_kv(k_cache, v_cache, tables, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same keys, gathered into contiguous [B, KVH, context, D] tensors for the baselines."""
+    batch = tables.shape[0]
+    k = k_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
+    return k, v
+
+
+def flex_attention_fn():
+    """Compiled flex attention and create_block_mask, or (None, reason) when this torch lacks them."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
+
+        return (torch.compile(flex_attention), create_block_mask), None
+    except Exception as exc:  # any import/compile problem only removes the optional baseline
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dict:
+    from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode  # noqa: PLC0415
+
+    k_cache, v_cache, tables = paged_cache(batch, context)
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    splits = choose_num_splits(batch, KV_HEADS, context, num_sms)
+    partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, splits, "cuda") if splits > 1 else None
+    out = torch.empty_like(q)
+    ms = bench(lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, splits, out=out, partials=partials))
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    gbs = (kv_bytes + 2 * q.numel() * q.element_size()) / ms / 1e6
+    row = {"batch": batch, "context": context, "splits": splits, "triton_ms": round(ms, 4),
+           "triton_GBps": round(gbs, 1), "triton_frac_of_copy": round(gbs / copy_gbs, 3)}  # fmt: skip
+
+    # SDPA over dense K/V; the group's query heads are folded into query rows (no K/V repeat), like ours.
+    k, v = dense_kv(k_cache, v_cache, tables, context)
+    del k_cache, v_cache
+    qs = q.view(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ms = bench(lambda: sdpa(qs, k, v, scale=SCALE))
+    row.update(sdpa_ms=round(ms, 4), sdpa_GBps=round((kv_bytes + 2 * q.numel() * 2) / ms / 1e6, 1))
+    return row
+
+
+def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
+    from glm_serve.kernels import paged_prefill  # noqa: PLC0415
+
+    context = prefix + chunk
+    k_cache, v_cache, tables = paged_cache(1, context)
+    q = torch.randn(chunk, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([context], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    ms = bench(lambda: paged_prefill(q, k_cache, v_cache, cu, seq_lens, tables, chunk, SCALE, out=out), reps=20)
+    # Causal: query i sees prefix + i + 1 keys; 2 dots of 2 * D flops per (query, key, head).
+    flops = 4 * HEADS * HEAD_DIM * (chunk * prefix + chunk * (chunk + 1) / 2)
+    tflops = flops / ms / 1e9
+    row = {"prefix": prefix, "chunk": chunk, "triton_ms": round(ms, 4), "triton_TFLOPs": round(tflops, 1),
+           "triton_frac_of_matmul": round(tflops / matmul_tflops, 3)}  # fmt: skip
+
+    k, v = dense_kv(k_cache, v_cache, tables, context)  # [1, KVH, context, D]
+    del k_cache, v_cache
+    group = HEADS // KV_HEADS
+    kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # SDPA's fast paths want MHA
+    qd = q.transpose(0, 1).unsqueeze(0)  # [1, H, chunk, D]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if prefix == 0:
+        run_sdpa = lambda: sdpa(qd, kr, vr, is_causal=True, scale=SCALE)  # noqa: E731
+    else:  # is_causal aligns top-left; a chunk after a prefix needs the explicit bottom-right mask
+        pos = torch.arange(prefix, context, device="cuda").view(-1, 1)
+        mask = torch.arange(context, device="cuda").view(1, -1) <= pos
+        run_sdpa = lambda: sdpa(qd, kr, vr, attn_mask=mask, scale=SCALE)  # noqa: E731
+    row.update(_baseline("sdpa", run_sdpa, flops))
+    if flex is not None:
+        flex_fn, create_block_mask = flex
+
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + prefix
+
+        def run_flex():
+            block_mask = create_block_mask(causal, None, None, chunk, context, device="cuda")
+            return lambda: flex_fn(qd, kr, vr, block_mask=block_mask, scale=SCALE)
+
+        row.update(_baseline("flex", run_flex, flops, build=True))
+    return row
+
+
+def _baseline(name: str, fn, flops: float, build: bool = False) -> dict:
+    """Time one baseline; a baseline that fails (out of memory, no kernel for this shape, compile error)
+    is recorded as its error instead of ending the run."""
+    try:
+        ms = bench(fn() if build else fn, reps=20)
+    except Exception as exc:  # noqa: BLE001 (optional comparison only)
+        torch.cuda.empty_cache()
+        return {f"{name}_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {f"{name}_ms": round(ms, 4), f"{name}_TFLOPs": round(flops / ms / 1e9, 1)}
+
+
+def bench_store(tokens: int, copy_gbs: float) -> dict:
+    from glm_serve.kernels import store_kv  # noqa: PLC0415
+
+    k_cache, v_cache, _ = paged_cache(1, max(tokens, 65536))
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device="cuda")[:tokens]
+    ms = bench(lambda: store_kv(k, v, k_cache, v_cache, slots))
+    moved = 2 * 2 * k.numel() * k.element_size() + slots.numel() * 8  # K and V read and written, slots read
+    gbs = moved / ms / 1e6
+    return {"tokens": tokens, "triton_ms": round(ms, 4), "triton_GBps": round(gbs, 1),
+            "triton_frac_of_copy": round(gbs / copy_gbs, 3)}  # fmt: skip
+
+
+def _ensure_kernels_importable() -> None:
+    """Let the script run from a bare checkout (the GPU box has no install): map kernels/ to glm_serve.kernels
+    the way pyproject's package-dir does."""
+    sys.path.insert(0, str(REPO))  # glm_serve itself, when not installed
+    try:
+        import glm_serve.kernels  # noqa: F401, PLC0415
+    except ImportError:
+        import importlib.util  # noqa: PLC0415
+
+        spec = importlib.util.spec_from_file_location(
+            "glm_serve.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["glm_serve.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    if done.returncode != 0:
+        return "unknown"
+    return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--max-decode-tokens", type=int, default=8 << 20,
+                        help="skip decode points with batch * context above this (memory)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/...)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU and none is visible; nothing was measured.")
+    import triton  # noqa: PLC0415
+
+    _ensure_kernels_importable()
+    device = torch.cuda.get_device_name()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{device}, {num_sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    ceilings = measure_ceilings()
+    print(f"ceilings: {ceilings}", flush=True)
+    flex, flex_error = flex_attention_fn()
+
+    batches = [1, 16, 64] if args.quick else [1, 4, 16, 32, 64, 128, 256]
+    contexts = [1024, 16384] if args.quick else [1024, 4096, 16384, 32768, 65536, 131072]
+    prefills = [(0, 1024), (0, 8192)] if args.quick else [(0, n) for n in (1024, 2048, 4096, 8192, 16384, 32768)]
+    prefills += [(30720, 2048)] if args.quick else [(8192, 2048), (30720, 2048), (129024, 2048)]
+    results = {"decode": [], "prefill": [], "kv_store": []}
+    for batch in batches:
+        for context in contexts:
+            if batch * context > args.max_decode_tokens:
+                continue
+            results["decode"].append(bench_decode(batch, context, num_sms, ceilings["copy_GBps"]))
+            print("decode", results["decode"][-1], flush=True)
+            torch.cuda.empty_cache()
+    for prefix, chunk in prefills:
+        results["prefill"].append(bench_prefill(prefix, chunk, ceilings["matmul_bf16_TFLOPs"], flex))
+        print("prefill", results["prefill"][-1], flush=True)
+        torch.cuda.empty_cache()
+    for tokens in [1, 64, 256, 8192] if not args.quick else [1, 8192]:
+        results["kv_store"].append(bench_store(tokens, ceilings["copy_GBps"]))
+        print("kv_store", results["kv_store"][-1], flush=True)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "kernels",
+        "date": now.isoformat(timespec="seconds"),
+        "device": device,
+        "num_sms": num_sms,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "command": " ".join(["python"] + sys.argv),
+        "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+                   "dtype": str(DTYPE)},  # fmt: skip
+        "ceilings": ceilings,
+        "flex_attention": "compiled" if flex is not None else f"unavailable ({flex_error})",
+        "figures": results,
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    path = args.out or REPO / "benchmarks" / "results" / f"kernels-{slug}-{now:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The Triton attention backend: stores K/V and attends over the paged cache with glm_serve.kernels.
+
+Same contract as `TorchPagedAttention` (see attention.py). A step where every sequence brings exactly one new
+token runs the split-K decode kernel; any other step (prefill, chunked prefill, prefix hits, decode tokens
+mixed with prefill chunks) runs the causal prefill kernel, which reads prefix and chunk alike from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode, paged_prefill, store_kv
+from glm_serve.model.attention import AttentionBackend, AttnMetadata
+
+
+class TritonPagedAttention(AttentionBackend):
+    """Paged attention with our Triton kernels. `decode_splits` fixes the number of context splits of the
+    decode kernel (a CUDA-graph runner may want one value per captured graph); None chooses it per step from
+    the batch size, meta.max_seqlen_k (rounded up to a power of two) and the GPU's SM count."""
+
+    name = "triton"
+
+    def __init__(self, decode_splits: int | None = None):
+        if decode_splits is not None and decode_splits < 1:
+            raise ValueError(f"decode_splits must be >= 1 or None, got {decode_splits}")
+        self.decode_splits = decode_splits
+        self._num_sms: dict[int, int] = {}  # CUDA device index -> SM count
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_seqlen_q == 1 and q.shape[0] == meta.num_seqs:
+            num_splits, partials = self._decode_plan(q, k_cache, meta)
+            return paged_decode(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, num_splits, partials=partials
+            )  # [B, H, D]
+        return paged_prefill(
+            q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_seqlen_q, scale
+        )  # [T, H, D]
+
+    def _decode_plan(self, q, k_cache, meta: AttnMetadata) -> tuple[int, DecodePartials | None]:
+        """Split count and partials scratch, computed once per step and shared by all layers through
+        meta.cache (layers run one after another on one stream, so one scratch buffer serves them all)."""
+        if meta.cache is None:
+            meta.cache = {}
+        batch, num_heads, head_dim = q.shape
+        key = ("triton_decode", batch, num_heads, head_dim)
+        if key not in meta.cache:
+            splits = self.decode_splits
+            if splits is None:
+                splits = choose_num_splits(batch, k_cache.shape[2], meta.max_seqlen_k, self._sm_count(q.device))
+            partials = DecodePartials.empty(batch, num_heads, head_dim, splits, q.device) if splits > 1 else None
+            meta.cache[key] = (splits, partials)
+        return meta.cache[key]
+
+    def _sm_count(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return 1  # Triton interpreter on the CPU: one program at a time, splitting only adds work
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._num_sms:
+            self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return self._num_sms[index]

@@ -1,0 +1,15 @@
+"""Triton kernels for paged attention (installed as `glm_serve.kernels`); imports nothing from glm_serve.
+
+    store_kv        write one step's K/V rows into the paged cache by slot mapping     (kv_store.py)
+    paged_prefill   causal attention of variable-length chunks over the paged cache    (prefill.py)
+    paged_decode    one query per sequence over the paged cache, split-K + reduce      (decode.py)
+
+Both attention kernels share their inner key-tile step (paged_tile.py); the PyTorch references of every
+kernel live in reference.py.
+"""
+
+from .decode import DecodePartials, choose_num_splits, paged_decode
+from .kv_store import store_kv
+from .prefill import paged_prefill
+
+__all__ = ["DecodePartials", "choose_num_splits", "paged_decode", "paged_prefill", "store_kv"]

@@ -1,0 +1,85 @@
+"""Slow, obviously-correct PyTorch references for every kernel in this package (the tests compare against them).
+
+They loop over tokens and sequences in Python and compute attention in float64 from an explicit gather of
+each sequence's keys, sharing no code or tiling with the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv_ref(
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+) -> None:
+    """Reference for kv_store.store_kv: one token at a time."""
+    block_size = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        k_cache[slot // block_size, slot % block_size] = k[t].to(k_cache.dtype)
+        v_cache[slot // block_size, slot % block_size] = v[t].to(v_cache.dtype)
+
+
+def gather_keys_ref(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [max_blocks] physical block ids of one sequence
+    seq_len: int,
+) -> torch.Tensor:  # [seq_len, num_kv_heads, head_dim]
+    """The first seq_len cached rows of one sequence, token by token through its block table."""
+    block_size = cache.shape[1]
+    table = block_table.tolist()
+    rows = [cache[table[j // block_size], j % block_size] for j in range(seq_len)]
+    if not rows:
+        return cache.new_zeros(0, cache.shape[2], cache.shape[3])
+    return torch.stack(rows)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    cu_seqlens_q: torch.Tensor,  # [B + 1]
+    seq_lens: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    scale: float,
+) -> torch.Tensor:  # [T, H, D] in q's dtype; rows outside every sequence are 0
+    """Reference for prefill.paged_prefill (and decode.paged_decode, where every chunk has one token): query t
+    of sequence b sits at position seq_len - q_len + t and attends to keys 0 ..= that position. Sequences with
+    no keys give zeros."""
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 0 or seq_len == 0:
+            continue
+        keys = gather_keys_ref(k_cache, block_tables[b], seq_len).double()  # [S, KVH, D]
+        vals = gather_keys_ref(v_cache, block_tables[b], seq_len).double()
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]: head h reads KV head h // group
+        vals = vals.repeat_interleave(group, dim=1).transpose(0, 1)
+        qb = q[cu[b] : cu[b + 1]].double().transpose(0, 1)  # [H, q_len, D]
+        scores = qb @ keys.transpose(1, 2) * scale  # [H, q_len, S]
+        pos = torch.arange(seq_len - q_len, seq_len, device=q.device).view(-1, 1)
+        visible = torch.arange(seq_len, device=q.device).view(1, -1) <= pos  # [q_len, S]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[cu[b] : cu[b + 1]] = (scores.softmax(-1) @ vals).transpose(0, 1)
+    return out.to(q.dtype)
+
+
+def paged_decode_ref(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    seq_lens: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    """Reference for decode.paged_decode: each sequence's one query sees all its seq_lens[b] keys."""
+    cu = torch.arange(q.shape[0] + 1)
+    return paged_attention_ref(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
