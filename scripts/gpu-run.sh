@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
+# writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along.
+#   bash scripts/gpu-run.sh [tests|kernels|offline|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-all}"
+results="${OUT:-benchmarks/results}"
+mkdir -p "$results"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+nvidia-smi -L
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -m gpu tests/ 2>&1 | tail -20
+  python3 -m pytest -q tests/kernels 2>&1 | tail -5
+fi
+if [ "$what" = kernels ] || [ "$what" = all ]; then
+  python3 benchmarks/kernels.py --out "$results/kernels_$(date +%F).json"
+fi
+if [ "$what" = offline ] || [ "$what" = all ]; then
+  ckpt=/tmp/glm-4-9b-random
+  [ -f "$ckpt/config.json" ] || glm-serve make-tiny "$ckpt" --preset glm-4-9b --device cuda --shards 4
+  python3 benchmarks/offline_throughput.py --model "$ckpt" --device cuda --num-prompts 256 \
+    --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 --out "$results/offline_cuda_$(date +%F).json"
+fi
