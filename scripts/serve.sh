@@ -4,5 +4,5 @@
 # Real weights: bash scripts/serve.sh --model /path/to/glm-4-9b-chat-hf   (or a hub id, e.g. THUDM/glm-4-9b-chat)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup-venv.sh "[quant]"
+source scripts/setup-venv.sh "[quant,structured]"
 exec glm-serve serve "$@"
