@@ -277,3 +277,16 @@ def parse_assistant_output(text: str, tool_names=None) -> ParsedOutput:
     if not isinstance(parsed, dict):
         return ParsedOutput(text, [])
     return ParsedOutput(None, [ToolCall(name, args)])
+
+
+def image_urls(messages) -> list[str]:
+    """The `image_url` urls of API messages, in order (GLM-4V takes one per conversation)."""
+    urls = []
+    for msg in messages or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    urls.append(url.get("url") if isinstance(url, dict) else url)
+    return urls

@@ -51,15 +51,27 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._n = 0
 
-    def encode(self, prompt: Prompt, tools: list | None = None) -> list[int]:
-        from glm_serve.chat import encode_chat  # noqa: PLC0415
+    def encode(self, prompt: Prompt, tools: list | None = None) -> tuple[list[int], bytes | None]:
+        """Prompt -> (token ids, image bytes or None). Conversations may carry one image (GLM-4V) as an
+        `image_url` part: bare base64 or a data URL (no downloads offline)."""
+        from glm_serve.chat import encode_chat, image_urls  # noqa: PLC0415
 
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt), None
         if prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
+            return list(prompt), None
         if prompt and all(isinstance(m, dict) for m in prompt):
-            return encode_chat(self.tokenizer, prompt, tools=tools, chat_template=self.tokenizer.chat_template)
+            urls = image_urls(prompt)
+            if len(urls) > 1:
+                raise ValueError(f"{len(urls)} images in one conversation: GLM-4V takes exactly one")
+            image = None
+            if urls:
+                from glm_serve.image import parse_image_url  # noqa: PLC0415
+
+                image = parse_image_url(urls[0], allow_http=False)
+            ids = encode_chat(self.tokenizer, prompt, tools=tools, chat_template=self.tokenizer.chat_template,
+                              allow_images=bool(urls))
+            return ids, image
         raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
@@ -76,8 +88,8 @@ class LLM:
         for prompt, p in zip(prompts, plist):
             rid = f"offline-{self._n}"
             self._n += 1
-            ids = self.encode(prompt, tools)
-            engine.add_request(rid, ids, p)
+            ids, image = self.encode(prompt, tools)
+            engine.add_request(rid, ids, p, image=image)
             is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
             states[rid] = (ids, is_chat, [Choice(i, "", [], None) for i in range(p.n)], {})
             order.append(rid)

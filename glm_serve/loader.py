@@ -19,6 +19,7 @@ from safetensors import safe_open
 from glm_serve.config import CheckpointError, ModelConfig, load_config
 from glm_serve.model.attention import AttentionBackend
 from glm_serve.model.glm import GlmForCausalLM
+from glm_serve.model.vision import is_vision_name
 from glm_serve.quant import QUANT_METHODS, QuantizedLoader
 from glm_serve.weights import map_name
 
@@ -84,8 +85,6 @@ def load_model(
 ) -> GlmForCausalLM:
     model_dir = Path(model_dir)
     cfg = load_config(model_dir, rope_theta_override)
-    if cfg.vision:
-        raise CheckpointError(f"{model_dir}: GLM-4V checkpoints (vision_config) are not supported by this loader yet")
     if quantization not in (None, "none", *QUANT_METHODS):
         raise CheckpointError(f"unknown quantization {quantization!r} (choose from none, {', '.join(QUANT_METHODS)})")
     device = torch.device(device)
@@ -96,9 +95,13 @@ def load_model(
     # Materialise every non-quantized parameter on the target device, uninitialised; the checkpoint fills it.
     filled: dict[str, int] = {}  # our param name -> rows filled so far
     params = _materialise(model, device, dtype, skip=quant.module_names if quant else set())
+    vision = _vision_loader(cfg, device, dtype)  # GLM-4V: the tower streams in beside the LM, never quantized
     for path in files:
         for name, tensor in _iter_tensors(path):
-            _place(cfg, model_dir, name, tensor, params, quant, filled)
+            if vision is not None and is_vision_name(name):
+                _with_dir(model_dir, vision.place, name, tensor)
+            else:
+                _place(cfg, model_dir, name, tensor, params, quant, filled)
     expected = {n: p.shape[0] for n, p in params.items()} | (quant.expected_rows() if quant else {})
     missing = sorted(n for n, rows in expected.items() if filled.get(n, 0) != rows)
     if missing:
@@ -106,8 +109,28 @@ def load_model(
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     if quant:
         quant.finish()
+    if vision is not None:
+        model.vision = _with_dir(model_dir, vision.finish)
     model.eval()
     return model
+
+
+def _vision_loader(cfg: ModelConfig, device, dtype):
+    if not cfg.vision:
+        return None
+    from glm_serve.model.vision import VisionTower, VisionWeightLoader  # noqa: PLC0415 (GLM-4V only)
+    from glm_serve.vision_config import VisionConfig  # noqa: PLC0415
+
+    with torch.device("meta"):
+        tower = VisionTower(VisionConfig.from_dict(cfg.vision), cfg.hidden_size, cfg.intermediate_size)
+    return VisionWeightLoader(tower, device, dtype)
+
+
+def _with_dir(model_dir: Path, fn, *args):
+    try:
+        return fn(*args)
+    except CheckpointError as e:  # name the checkpoint folder like every other loader error
+        raise CheckpointError(f"{model_dir}: {e}") from None
 
 
 def _materialise(model: GlmForCausalLM, device, dtype, skip: set[str]) -> dict[str, torch.Tensor]:

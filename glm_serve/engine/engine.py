@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -92,15 +93,47 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; with at least one generated token that exceeds "
                 f"the context window of {self.max_model_len} tokens")
 
+    def prepare_image(self, prompt_ids: list[int], image: bytes | torch.Tensor | None) -> MultiModalPrompt:
+        """GLM-4V: expand the prompt's image placeholder to the tower's slots and preprocess the image.
+        ValueError for an image sent to a text-only model, or a placeholder/image mismatch (thread-safe)."""
+        vision = self.model.vision
+        if vision is None:
+            if image is not None:
+                raise ImageNotSupportedError("this model is text-only: it takes no images")
+            return MultiModalPrompt(list(prompt_ids))
+        from glm_serve.image import image_hash, load_pixels  # noqa: PLC0415 (GLM-4V only)
+        from glm_serve.vision_config import expand_image_tokens  # noqa: PLC0415
+
+        sp = self.tokenizer.special_ids
+        expanded = expand_image_tokens(prompt_ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"],
+                                       vision.config.num_image_vectors, image_id=sp["<|endoftext|>"])
+        if (expanded.image_span is None) != (image is None):
+            raise ValueError("the prompt's image placeholder and the image must come together" if image is None
+                             else "an image was given but the prompt has no image placeholder")
+        if image is None:
+            return MultiModalPrompt(expanded.ids)
+        size = vision.config.image_size
+        pixels = load_pixels(image, size) if isinstance(image, (bytes, bytearray)) else image
+        if tuple(pixels.shape) != (3, size, size):
+            raise ValueError(f"image pixels must be [3, {size}, {size}], got {list(pixels.shape)}")
+        return MultiModalPrompt(expanded.ids, pixels, image_hash(pixels), expanded.image_span)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    constraints: list[TokenConstraint | None] | None = None) -> None:
+                    constraints: list[TokenConstraint | None] | None = None,
+                    image: bytes | torch.Tensor | MultiModalPrompt | None = None) -> None:
+        """Queue a request. `image` (GLM-4V): encoded image bytes or [3, S, S] pixels, with the prompt holding
+        the `<|begin_of_image|><|endoftext|><|end_of_image|>` placeholder; or an already prepared prompt."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
+        mm = image if isinstance(image, MultiModalPrompt) else self.prepare_image(prompt_ids, image)
+        prompt_ids = mm.ids
         self.validate(prompt_ids, params)
         req = RequestState(request_id, params, len(prompt_ids))
+        req.mm = mm if mm.pixels is not None else None
         first: Sequence | None = None
         for i in range(params.n):
-            seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, wait_for=first)
+            seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, wait_for=first,
+                           extra_hash=mm.hash, mm_span=mm.span)
             first = first or seq
             gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
             constraint = constraints[i] if constraints else None
@@ -156,10 +189,9 @@ class LLMEngine:
     @torch.inference_mode()
     def _run(self, out: SchedulerOutput) -> dict[int, tuple[int, TokenLogprob | None]]:
         batch = self.runner.prepare(out)
+        logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
         if not batch.sample_seq_ids:
-            self.runner.execute(batch)
             return {}
-        logits = self.runner.execute(batch)  # [S, V]
         sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
         res = self.sampler(logits, sb)
         ids = res.token_ids.tolist()  # the one host sync of the step
@@ -171,6 +203,26 @@ class LLMEngine:
                 if k is not None:
                     lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
         return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(batch.sample_seq_ids)}
+
+    def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
+        """GLM-4V: (flat row, vectors) for every image slot in this step's chunks. The tower runs once per
+        request, when its first chunk reaches the image, and its output is kept until the request ends
+        (a preempted request recomputes its prefill, image included)."""
+        from glm_serve.vision_config import span_in_chunk  # noqa: PLC0415
+
+        mm, row = None, 0
+        for s in out.scheduled:
+            span = s.seq.mm_span
+            if span is not None:
+                hit = span_in_chunk(span, s.start, s.start + s.num_new_tokens)
+                if hit is not None:
+                    req = self.seq_owner[s.seq.seq_id][0]
+                    if req.mm.embeds is None:
+                        req.mm.embeds = self.model.vision(req.mm.pixels[None])[0]  # [n + 2, hidden]
+                    mm = mm or []
+                    mm.append((row + hit[1].start, req.mm.embeds[hit[0]]))
+            row += s.num_new_tokens
+        return mm
 
     def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
         """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
@@ -288,3 +340,18 @@ class LLMEngine:
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the context window (API code 1261)."""
+
+
+class ImageNotSupportedError(ValueError):
+    """An image was sent to a text-only model."""
+
+
+@dataclass
+class MultiModalPrompt:
+    """A prompt after GLM-4V expansion: token ids with one slot per image embedding, and the image."""
+
+    ids: list[int]  # [num_slots] token ids; image slots hold the placeholder id
+    pixels: torch.Tensor | None = None  # [3, S, S] float32, preprocessed
+    hash: int | None = None  # content hash mixed into prefix-cache keys
+    span: tuple[int, int] | None = None  # [start, end) slots of boi, the image vectors and eoi
+    embeds: torch.Tensor | None = None  # [end - start, hidden] the tower's output, computed once

@@ -82,6 +82,7 @@ class RequestState:
     prompt_len: int
     choices: list[ChoiceState] = field(default_factory=list)
     error: str | None = None
+    mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt (pixels, span, cached embeddings)
 
     @property
     def finished(self) -> bool:

@@ -90,12 +90,13 @@ class ModelRunner:
         T = int(cu[-1])
         token_to_seq = np.repeat(np.arange(B), n_new)  # [T]
         q_off = np.arange(T) - cu[:-1][token_to_seq]  # [T]
-        positions = starts[token_to_seq] + q_off  # [T]
+        index = starts[token_to_seq] + q_off  # [T] slot index of each token in its sequence
+        positions = self._positions(sched, index, token_to_seq)  # [T]
         seq_lens = starts + n_new  # [B]
         width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
         tables = self.block_table_host[rows, :width]  # [B, width]
-        blk = tables[token_to_seq, positions // self.block_size].astype(np.int64)
-        slots = blk * self.block_size + positions % self.block_size  # [T]
+        blk = tables[token_to_seq, index // self.block_size].astype(np.int64)
+        slots = blk * self.block_size + index % self.block_size  # [T]
         sample_mask = np.fromiter((s.sample for s in sched), dtype=bool, count=B)
         logits_idx = cu[1:][sample_mask] - 1  # [S]
 
@@ -118,6 +119,21 @@ class ModelRunner:
             sample_seq_ids=[s.seq.seq_id for s in sched if s.sample],
         )
 
+    @staticmethod
+    def _positions(sched, index: np.ndarray, token_to_seq: np.ndarray) -> np.ndarray:
+        """RoPE positions: the slot index, except in GLM-4V prompts, whose image vectors all share one position
+        and whose later tokens follow the un-expanded prompt (see Sequence.mm_span)."""
+        spans = [(b, s.seq.mm_span) for b, s in enumerate(sched) if s.seq.mm_span is not None]
+        if not spans:
+            return index
+        lo = np.full(len(sched), np.iinfo(np.int64).max // 2, dtype=np.int64)
+        hi = lo.copy()
+        for b, (start, end) in spans:
+            lo[b], hi[b] = start, end
+        s, e = lo[token_to_seq], hi[token_to_seq]
+        shift = e - s - 3  # n - 1 for n image vectors
+        return np.where(index <= s, index, np.where(index < e - 1, s + 1, index - shift))
+
     def _to(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
         if self.pin:
@@ -125,7 +141,13 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order."""
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, inputs_embeds)
+    def execute(self, batch: StepBatch, mm: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+        """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order.
+        mm: GLM-4V image embeddings to put in place of token embeddings: (first flat row, [k, hidden])."""
+        embeds = None
+        if mm:
+            embeds = self.model.embed(batch.input_ids)  # [T, hidden]
+            for row, vectors in mm:
+                embeds[row:row + vectors.shape[0]] = vectors.to(embeds.dtype)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, embeds)
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -43,6 +43,10 @@ class Sequence:
     # n > 1: this sibling stays WAITING until `wait_for`'s prompt is fully computed, so its own prompt blocks
     # come from the prefix cache instead of being recomputed. Engine sets it; the scheduler clears it.
     wait_for: Sequence | None = field(default=None, repr=False)
+    # GLM-4V: the [start, end) slots of prompt_token_ids that hold the image's boi, vectors and eoi. Positions
+    # follow the UN-expanded prompt: slot start -> start, the vectors -> start + 1, then index - (end - start - 3).
+    # The runner computes positions and scatters the image embeddings from this. Engine.
+    mm_span: tuple[int, int] | None = None
     num_preemptions: int = 0  # times this sequence lost its blocks and went back to WAITING (scheduler)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | ..., set by Scheduler.finish
     # Prefix-cache bookkeeping, owned by the block manager: how many leading blocks have known cache keys,

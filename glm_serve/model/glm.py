@@ -123,6 +123,7 @@ class GlmForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, self.backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.vision = None  # GLM-4V: the VisionTower, attached by the loader (glm_serve/model/vision.py)
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
