@@ -19,6 +19,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_make_tiny(args) -> int:
     from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415 (keep `--help` fast)
 
+    if args.vision:  # GLM-4V: remote-code layout, tiny ViT + tiny LM (or the real shapes with --preset)
+        from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision  # noqa: PLC0415
+
+        if args.layout != "chatglm" and "--layout" in sys.argv:
+            raise ValueError("--vision checkpoints exist only in the chatglm layout (as glm-4v-9b)")
+        preset = "glm-4v-9b" if args.preset else None
+        out = make_tiny_vision(args.dir, spec=TinyVisionSpec(seed=args.seed, preset=preset), device=args.device or "cpu")
+        print(f"wrote a random-weight GLM-4V checkpoint (chatglm layout) to {out}")
+        return 0
     spec = TinySpec(layout=args.layout, arch=args.arch, layers=args.layers, hidden=args.hidden,
                     heads=args.heads or max(args.hidden // args.head_dim, args.kv_heads), kv_heads=args.kv_heads,
                     head_dim=args.head_dim, ffn=args.ffn or 2 * args.hidden, shards=args.shards, seed=args.seed,
@@ -93,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--rope-ratio", type=float, default=500.0)
-    t.add_argument("--preset", choices=["glm-4-9b"], default=None, help="real GLM-4-9B dimensions (18.8 GB)")
+    t.add_argument("--preset", choices=["glm-4-9b"], default=None,
+                   help="real GLM-4-9B dimensions (18.8 GB; with --vision: GLM-4V-9B, 27.8 GB)")
+    t.add_argument("--vision", action="store_true", help="a GLM-4V checkpoint (tiny ViT + LM, chatglm layout)")
     t.add_argument("--device", default=None, help="where to draw the random weights (cuda is much faster)")
     t.set_defaults(fn=cmd_make_tiny)
 

@@ -65,3 +65,10 @@ def test_preset_has_the_real_glm4_9b_shapes():
         assert cfg.kv_bytes_per_token(2) == 40 * 1024  # 40 KiB per token in bf16 (glm4.md)
         params = sum(math.prod(shape) for _, shape in _our_shapes(cfg))
         assert abs(params / 1e9 - 9.40) < 0.01  # 9.40 B parameters
+
+
+def test_make_tiny_vision(tmp_path):
+    out = tmp_path / "v"
+    assert main(["make-tiny", str(out), "--vision", "--seed", "2"]) == 0
+    cfg = load_config(out)
+    assert cfg.model_type == "chatglm" and cfg.vision["image_size"] == 56
