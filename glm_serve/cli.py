@@ -22,13 +22,13 @@ def cmd_make_tiny(args) -> int:
     if args.vision:  # GLM-4V: remote-code layout, tiny ViT + tiny LM (or the real shapes with --preset)
         from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision  # noqa: PLC0415
 
-        if args.layout != "chatglm" and "--layout" in sys.argv:
+        if args.layout == "hf":
             raise ValueError("--vision checkpoints exist only in the chatglm layout (as glm-4v-9b)")
         preset = "glm-4v-9b" if args.preset else None
         out = make_tiny_vision(args.dir, spec=TinyVisionSpec(seed=args.seed, preset=preset), device=args.device or "cpu")
         print(f"wrote a random-weight GLM-4V checkpoint (chatglm layout) to {out}")
         return 0
-    spec = TinySpec(layout=args.layout, arch=args.arch, layers=args.layers, hidden=args.hidden,
+    spec = TinySpec(layout=args.layout or "hf", arch=args.arch, layers=args.layers, hidden=args.hidden,
                     heads=args.heads or max(args.hidden // args.head_dim, args.kv_heads), kv_heads=args.kv_heads,
                     head_dim=args.head_dim, ffn=args.ffn or 2 * args.hidden, shards=args.shards, seed=args.seed,
                     rope_ratio=args.rope_ratio, preset=args.preset)
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny", help="write a small random-weight GLM-4 checkpoint in a real layout")
     t.add_argument("dir")
-    t.add_argument("--layout", choices=["hf", "chatglm"], default="hf")
+    t.add_argument("--layout", choices=["hf", "chatglm"], default=None, help="default hf (chatglm with --vision)")
     t.add_argument("--arch", choices=["glm", "glm4"], default="glm", help="glm = GLM-4, glm4 = GLM-4-0414")
     t.add_argument("--kv-heads", type=int, default=2)
     t.add_argument("--heads", type=int, default=None, help="default: hidden / head-dim")
