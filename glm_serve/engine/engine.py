@@ -305,24 +305,31 @@ class LLMEngine:
             self._finish(c, "error")
 
     def _collect(self, req: RequestState, deltas: dict) -> RequestOutput:
+        """The step's RequestOutput for one request: its choices that changed, or finished unreported."""
         outs = []
+        want_lp = req.params.logprobs is not None
+        finished = True
+        completion = 0
         for i, c in enumerate(req.choices):
-            if i not in deltas and not (c.finish_reason and not c.reported):
-                continue
-            tokens, text, lps = deltas.get(i, ([], "", []))
-            outs.append(CompletionOutput(
-                index=c.index, text=text, token_ids=tokens, logprobs=lps if req.params.logprobs is not None else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                error=req.error if c.finish_reason == "error" else None))
-            if c.finish_reason:
+            completion += len(c.seq.output_token_ids)
+            reason = c.finish_reason
+            if reason is None:
+                finished = False
+            d = deltas.get(i)
+            if d is None:
+                if reason is None or c.reported:
+                    continue
+                d = ([], "", [])
+            outs.append(CompletionOutput(c.index, d[1], d[0], d[2] if want_lp else None, reason, c.stop_reason,
+                                         req.error if reason == "error" else None))
+            if reason is not None:
                 c.reported = True
-        prompt, completion, cached = req.usage()
-        finished = req.finished
         if finished:
             self.requests.pop(req.request_id, None)
             for c in req.choices:
                 self.seq_owner.pop(c.seq.seq_id, None)
-        return RequestOutput(req.request_id, outs, finished, prompt, completion, cached)
+        cached = req.choices[0].seq.num_cached_tokens
+        return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
 
     # ---- introspection (metrics, health) ---------------------------------------------------------------
 

@@ -28,14 +28,14 @@ class TokenConstraint(Protocol):
         """The grammar is complete: the choice ends with finish_reason 'stop'."""
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the k most likely (token id, logprob), descending
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One choice's progress in one step (a delta), or in total for `LLM.generate`."""
 
@@ -48,7 +48,7 @@ class CompletionOutput:
     error: str | None = None  # set with finish_reason "error": this choice alone failed
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     outputs: list[CompletionOutput]  # choices that changed in this step
@@ -58,7 +58,7 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-@dataclass
+@dataclass(slots=True)
 class ChoiceState:
     """Engine-side state of one choice (one Sequence)."""
 
@@ -75,7 +75,7 @@ class ChoiceState:
     max_output: int = 1 << 62  # output tokens allowed: max_tokens, capped by the context window
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     request_id: str
     params: SamplingParams

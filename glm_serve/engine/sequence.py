@@ -23,7 +23,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"  # done (stop, length or abort); blocks returned
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """One generation stream. Identity semantics (eq=False): two sequences are never "equal"."""
 

@@ -28,6 +28,7 @@ class StopChecker:
         self.include_stop_str = include_stop_str
         # Proper prefixes of every stop string: a text tail in this set might still grow into a match.
         self._prefixes = {s[:n] for s in self.stop_strings for n in range(1, len(s))}
+        self._first_chars = frozenset(s[0] for s in self.stop_strings)  # a match or a partial one starts here
         self._max_held = max((len(s) for s in self.stop_strings), default=1) - 1
         self._held = ""  # text received but not emitted: a possible start of a stop string
         self.stopped = False
@@ -39,6 +40,8 @@ class StopChecker:
             return "", True
         if not self.stop_strings:
             return delta, False
+        if not self._held and not any(ch in delta for ch in self._first_chars):
+            return delta, False  # fast path: no stop string can start (or end) in this delta
         text = self._held + delta
         hit = self._first_match(text, len(self._held))
         if hit is not None:
@@ -70,7 +73,8 @@ class StopChecker:
 
     def _partial_start(self, text: str) -> int:
         """Earliest index whose tail is a proper prefix of a stop string (len(text) when none)."""
+        first = self._first_chars
         for i in range(max(0, len(text) - self._max_held), len(text)):
-            if text[i:] in self._prefixes:
+            if text[i] in first and text[i:] in self._prefixes:
                 return i
         return len(text)
