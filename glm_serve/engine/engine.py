@@ -130,6 +130,9 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         req = RequestState(request_id, params, len(prompt_ids))
         req.mm = mm if mm.pixels is not None else None
+        # Rows of this request need nothing but an argmax: no temperature, penalties, min_tokens, logprobs, masks.
+        req.plain_greedy = (params.greedy and not params.uses_penalties and params.min_tokens == 0
+                            and params.logprobs is None and not any(constraints or ()))
         first: Sequence | None = None
         for i in range(params.n):
             seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, wait_for=first,
@@ -226,7 +229,10 @@ class LLMEngine:
 
     def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
         """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
-        rows, bitmask, owner = [], None, self.seq_owner
+        owner = self.seq_owner
+        if all(owner[sid][0].plain_greedy for sid in seq_ids):  # the common case: nothing but argmax
+            return SamplingBatch(num_rows=len(seq_ids), vocab_size=vocab, all_greedy=True)
+        rows, bitmask = [], None
         for r, seq_id in enumerate(seq_ids):
             req, i = owner[seq_id]
             c = req.choices[i]
@@ -241,7 +247,9 @@ class LLMEngine:
     def _process(self, out: SchedulerOutput, sampled: dict) -> list[RequestOutput]:
         self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
         owner = self.seq_owner
-        # request id -> (request, {choice index: (new token ids, new text, new logprobs)})
+        outputs: list[RequestOutput] = []
+        # Requests with n > 1 or a failure: request id -> (request, {choice: (token ids, text, logprobs)}),
+        # collected once at the end. Single-choice requests (the common case) are emitted directly.
         touched: dict[str, tuple[RequestState, dict]] = {}
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
             req, i = owner[seq.seq_id]
@@ -261,16 +269,36 @@ class LLMEngine:
             if got is None or seq.status is not running:
                 continue
             token, lp = got
+            c = req.choices[i]
             try:
-                text = self._advance(req.choices[i], token)
+                text = self._advance(c, token)
             except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
                 log.exception("request %s failed while processing its output", req.request_id)
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
                 continue
-            touched.setdefault(req.request_id, (req, {}))[1][i] = ([token], text, [lp] if lp else [])
-        return [self._collect(req, d) for req, d in touched.values()]
+            lps = ([lp] if lp else []) if req.params.logprobs is not None else None
+            if len(req.choices) == 1 and req.request_id not in touched:
+                reason = c.finish_reason
+                outputs.append(RequestOutput(
+                    req.request_id, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
+                    reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens))
+                if reason is not None:
+                    c.reported = True
+                    self._forget(req)
+                continue
+            entry = touched.get(req.request_id)
+            if entry is None:
+                entry = touched[req.request_id] = (req, {})
+            entry[1][i] = ([token], text, lps or [])
+        outputs.extend(self._collect(req, d) for req, d in touched.values())
+        return outputs
+
+    def _forget(self, req: RequestState) -> None:
+        self.requests.pop(req.request_id, None)
+        for c in req.choices:
+            self.seq_owner.pop(c.seq.seq_id, None)
 
     def _advance(self, c, token: int) -> str:
         """One sampled token for one choice: constraint, stop ids, text and stop strings, length."""
@@ -325,9 +353,7 @@ class LLMEngine:
             if reason is not None:
                 c.reported = True
         if finished:
-            self.requests.pop(req.request_id, None)
-            for c in req.choices:
-                self.seq_owner.pop(c.seq.seq_id, None)
+            self._forget(req)
         cached = req.choices[0].seq.num_cached_tokens
         return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
 

@@ -83,6 +83,7 @@ class RequestState:
     choices: list[ChoiceState] = field(default_factory=list)
     error: str | None = None
     mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt (pixels, span, cached embeddings)
+    plain_greedy: bool = False  # sampling is a bare argmax (the sampler's fast path)
 
     @property
     def finished(self) -> bool:

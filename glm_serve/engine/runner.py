@@ -76,15 +76,24 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         sched = out.scheduled
         B = len(sched)
-        starts = np.fromiter((s.start for s in sched), dtype=np.int64, count=B)  # [B]
-        n_new = np.fromiter((s.num_new_tokens for s in sched), dtype=np.int64, count=B)  # [B]
-        rows = np.fromiter((self._row(s.seq) for s in sched), dtype=np.int64, count=B)  # [B]
-        ids: list[int] = []
-        for s in sched:
-            if s.num_new_tokens == 1:  # decode: the one new token is the last one
-                ids.append(s.seq.token_at(s.start))
+        starts_l, n_l, rows_l, ids, sample_l, sample_ids = [], [], [], [], [], []
+        row_of = self.row_of
+        for s in sched:  # the one pass over sequences; everything per token below is numpy
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            starts_l.append(start)
+            n_l.append(n)
+            row = row_of.get(seq.seq_id)
+            rows_l.append(row if row is not None and self.row_len[row] == len(seq.block_ids) else self._row(seq))
+            if n == 1:  # decode: the one new token
+                ids.append(seq.token_at(start))
             else:
-                ids.extend(s.seq.token_slice(s.start, s.start + s.num_new_tokens))
+                ids.extend(seq.token_slice(start, start + n))
+            sample_l.append(s.sample)
+            if s.sample:
+                sample_ids.append(seq.seq_id)
+        starts = np.array(starts_l, dtype=np.int64)  # [B]
+        n_new = np.array(n_l, dtype=np.int64)  # [B]
+        rows = np.array(rows_l, dtype=np.int64)  # [B]
         cu = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(n_new, out=cu[1:])
         T = int(cu[-1])
@@ -97,8 +106,7 @@ class ModelRunner:
         tables = self.block_table_host[rows, :width]  # [B, width]
         blk = tables[token_to_seq, index // self.block_size].astype(np.int64)
         slots = blk * self.block_size + index % self.block_size  # [T]
-        sample_mask = np.fromiter((s.sample for s in sched), dtype=bool, count=B)
-        logits_idx = cu[1:][sample_mask] - 1  # [S]
+        logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
 
         dev = self.device
         meta = AttnMetadata(
@@ -116,7 +124,7 @@ class ModelRunner:
             positions=self._to(positions),
             meta=meta,
             logits_indices=self._to(logits_idx),
-            sample_seq_ids=[s.seq.seq_id for s in sched if s.sample],
+            sample_seq_ids=sample_ids,
         )
 
     @staticmethod
