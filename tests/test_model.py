@@ -125,3 +125,36 @@ def test_glm4_greedy_matches_reference(tiny_glm4):
     want = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                         pad_token_id=0)[0, len(ids):].tolist()
     assert generate_simple(ours, ids, 32) == want
+
+
+def test_torch_backend_groups_decode_and_prefill_rows_exactly():
+    """With host lengths the torch backend attends decode rows and prefill rows as two groups; the result must
+    equal the single padded group (no host lengths)."""
+    import numpy as np
+
+    from glm_serve.model.attention import TorchPagedAttention
+
+    gen = torch.Generator().manual_seed(7)
+    block, kvh, H, D = 4, 2, 8, 16
+    starts, n_new = [5, 0, 9, 3, 12], [1, 13, 1, 6, 1]  # decodes and prefill chunks mixed
+    total = [s + n for s, n in zip(starts, n_new)]
+    nblocks = [(t + block - 1) // block for t in total]
+    perm = torch.randperm(sum(nblocks), generator=gen).tolist()
+    tables, k = [], 0
+    for n in nblocks:
+        tables.append(perm[k:k + n])
+        k += n
+    kc = torch.randn(sum(nblocks), block, kvh, D, generator=gen)
+    vc = torch.randn(sum(nblocks), block, kvh, D, generator=gen)
+    T = sum(n_new)
+    q, kk, vv = (torch.randn(T, h, D, generator=gen) for h in (H, kvh, kvh))
+    outs = []
+    for host in (False, True):
+        meta = _flat_batch_meta(starts, n_new, block, tables)
+        if host:
+            meta.host_q_lens = np.array(n_new)
+            meta.host_seq_lens = np.array(total)
+            meta.host_cu_seqlens_q = np.concatenate([[0], np.cumsum(n_new)])
+        outs.append(TorchPagedAttention().forward(q, kk, vv, kc.clone(), vc.clone(), meta, D**-0.5))
+        assert len(meta.cache["torch_groups"]) == (2 if host else 1)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)

@@ -108,7 +108,6 @@ class ModelRunner:
         slots = blk * self.block_size + index % self.block_size  # [T]
         logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
 
-        dev = self.device
         meta = AttnMetadata(
             cu_seqlens_q=self._to(cu.astype(np.int32)),
             seq_lens=self._to(seq_lens.astype(np.int32)),
@@ -118,6 +117,9 @@ class ModelRunner:
             max_seqlen_k=int(seq_lens.max()),
             token_to_seq=self._to(token_to_seq),
             token_q_offset=self._to(q_off),
+            host_q_lens=n_new,
+            host_seq_lens=seq_lens,
+            host_cu_seqlens_q=cu,
         )
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),

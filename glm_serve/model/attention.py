@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,6 +43,10 @@ class AttnMetadata:
     token_to_seq: torch.Tensor | None = None
     # [T] int64: index of each token among its sequence's new tokens
     token_q_offset: torch.Tensor | None = None
+    # Host copies (numpy) the torch backend uses to group decode and prefill rows; None = one group.
+    host_q_lens: object | None = None  # [B] int64 numpy: new tokens per sequence
+    host_seq_lens: object | None = None  # [B] int64 numpy
+    host_cu_seqlens_q: object | None = None  # [B + 1] int64 numpy
     # Extra per-step inputs the backend may precompute once per step and share across layers.
     cache: dict | None = None
 
@@ -88,54 +93,97 @@ def store_kv(
 
 
 class TorchPagedAttention(AttentionBackend):
-    """Exact attention in plain PyTorch: gather each sequence's keys through its block table, pad the batch to
-    [B, max_q] queries x [B, max_k] keys, mask, and call SDPA once for the whole batch (no per-sequence loop).
-    GQA without repeating K/V: the `group` query heads that share a KV head are folded into the query rows."""
+    """Exact attention in plain PyTorch: gather each sequence's keys through its block table, pad to
+    [b, max_q] queries x [b, max_k] keys, mask, and call SDPA once per group (no per-sequence loop).
+    Decode rows (one query) and prefill rows are separate groups, so a long prefill chunk in the step does not
+    pad every decode to its length. GQA without repeating K/V: the `group` query heads that share a KV head are
+    folded into the query rows."""
 
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        T, H, D = q.shape
-        B = meta.num_seqs
-        block_size, kvh = k_cache.shape[1], k_cache.shape[2]
-        group = H // kvh
-        max_q = meta.max_seqlen_q
-        nblk = (meta.max_seqlen_k + block_size - 1) // block_size
-        max_k = nblk * block_size
-        mask = _get_mask(meta, max_q, max_k, q.device)  # [B, 1, max_q, max_k]
-
-        tables = meta.block_tables[:, :nblk].long()  # [B, nblk]
-        keys = k_cache[tables].reshape(B, max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
-        vals = v_cache[tables].reshape(B, max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
-
-        seq_idx, q_off = meta.token_to_seq, meta.token_q_offset
-        qp = q.new_zeros(B, max_q, H, D)
-        qp[seq_idx, q_off] = q  # [B, max_q, H, D]
-        # [B, max_q, kvh, group, D] -> [B, kvh, group * max_q, D]; row r is (g = r // max_q, i = r % max_q)
-        qp = qp.view(B, max_q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * max_q, D)
-        full_mask = mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, max_k]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=full_mask, scale=scale
-        )  # [B, kvh, group * max_q, D]
-        out = out.view(B, kvh, group, max_q, D).permute(0, 3, 1, 2, 4).reshape(B, max_q, H, D)
-        return out[seq_idx, q_off]  # [T, H, D]
+        groups = _groups(meta, k_cache.shape[1], q.device)
+        if len(groups) == 1:
+            return _attend(q, k_cache, v_cache, groups[0], scale)
+        out = torch.empty_like(q)
+        for g in groups:
+            out[g.tokens] = _attend(q[g.tokens], k_cache, v_cache, g, scale)
+        return out
 
 
-def _get_mask(meta: AttnMetadata, max_q: int, max_k: int, device) -> torch.Tensor:
-    """[B, 1, max_q, max_k] bool: query i of b sees key j iff j <= seq_len - q_len + i (padding rows see key 0
-    so that softmax stays finite; their outputs are dropped). Built once per step, shared by all layers."""
+@dataclass
+class _Group:
+    """Sequences attended together by the torch backend (built once per step, shared by all layers)."""
+
+    tokens: torch.Tensor | None  # [t] int64 flat rows of this group's tokens; None = the whole batch
+    block_tables: torch.Tensor  # [b, nblk] int64
+    token_to_seq: torch.Tensor  # [t] int64, local to the group
+    q_off: torch.Tensor  # [t] int64
+    mask: torch.Tensor  # [b, 1, max_q, max_k] bool
+    max_q: int
+    max_k: int
+
+
+def _attend(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:
+    T, H, D = q.shape  # [t, H, D]
+    B = g.block_tables.shape[0]
+    kvh = k_cache.shape[2]
+    group = H // kvh
+    keys = k_cache[g.block_tables].reshape(B, g.max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
+    vals = v_cache[g.block_tables].reshape(B, g.max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
+    qp = q.new_zeros(B, g.max_q, H, D)
+    qp[g.token_to_seq, g.q_off] = q  # [B, max_q, H, D]
+    # [B, max_q, kvh, group, D] -> [B, kvh, group * max_q, D]; row r is (g = r // max_q, i = r % max_q)
+    qp = qp.view(B, g.max_q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * g.max_q, D)
+    mask = g.mask if group == 1 else g.mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, max_k]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale
+    )  # [B, kvh, group * max_q, D]
+    out = out.view(B, kvh, group, g.max_q, D).permute(0, 3, 1, 2, 4).reshape(B, g.max_q, H, D)
+    return out[g.token_to_seq, g.q_off]  # [t, H, D]
+
+
+def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
+    """Decode rows and prefill rows as two groups when the runner gave host copies of the lengths, else one."""
     if meta.cache is None:
         meta.cache = {}
-    key = ("torch_mask", max_q, max_k)
-    if key not in meta.cache:
-        q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()  # [B]
-        start = (meta.seq_lens.long() - q_lens).view(-1, 1, 1)  # [B, 1, 1]
-        i = torch.arange(max_q, device=device).view(1, -1, 1)
-        j = torch.arange(max_k, device=device).view(1, 1, -1)
-        mask = (j <= start + i) | (j == 0)
-        meta.cache[key] = mask.unsqueeze(1)
-    return meta.cache[key]
+    if "torch_groups" in meta.cache:
+        return meta.cache["torch_groups"]
+    q_lens = meta.host_q_lens
+    if q_lens is None or q_lens.min() > 1 or q_lens.max() == 1:
+        groups = [_make_group(None, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.token_to_seq,
+                              meta.token_q_offset, meta.max_seqlen_q, meta.max_seqlen_k, block_size, device)]
+    else:
+        groups = []
+        for seqs in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):
+            lens = q_lens[seqs]  # [b]
+            first = meta.host_cu_seqlens_q[seqs]  # [b] flat row of each sequence's first new token
+            local = np.repeat(np.arange(len(seqs)), lens)  # [t] group-local sequence of each token
+            q_off = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # [t]
+            cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+            np.cumsum(lens, out=cu[1:])
+            sel = torch.from_numpy(seqs).to(device)
+            groups.append(_make_group(
+                torch.from_numpy(first[local] + q_off).to(device), meta.block_tables[sel], meta.seq_lens[sel],
+                torch.from_numpy(cu).to(device), torch.from_numpy(local).to(device),
+                torch.from_numpy(q_off).to(device), int(lens.max()), int(meta.host_seq_lens[seqs].max()),
+                block_size, device))
+    meta.cache["torch_groups"] = groups
+    return groups
+
+
+def _make_group(tokens, tables, seq_lens, cu, t2s, q_off, max_q, max_k, block_size, device) -> _Group:
+    """Mask [b, 1, max_q, max_k]: query i of b sees key j iff j <= seq_len - q_len + i (padding rows see key 0
+    so that softmax stays finite; their outputs are dropped)."""
+    nblk = (max_k + block_size - 1) // block_size
+    k_width = nblk * block_size
+    q_lens = (cu[1:] - cu[:-1]).long()  # [b]
+    start = (seq_lens.long() - q_lens).view(-1, 1, 1)  # [b, 1, 1]
+    i = torch.arange(max_q, device=device).view(1, -1, 1)
+    j = torch.arange(k_width, device=device).view(1, 1, -1)
+    mask = ((j <= start + i) | (j == 0)).unsqueeze(1)
+    return _Group(tokens, tables[:, :nblk].long(), t2s, q_off, mask, max_q, k_width)
 
 
 def make_backend(name: str) -> AttentionBackend:
