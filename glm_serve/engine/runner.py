@@ -122,7 +122,7 @@ class ModelRunner:
             host_cu_seqlens_q=cu,
         )
         return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
             positions=self._to(positions),
             meta=meta,
             logits_indices=self._to(logits_idx),
