@@ -1,4 +1,4 @@
-"""The `glm-serve` command line: make-tiny, generate (and the server, batch, chat and bench commands)."""
+"""The `glm-serve` command line: make-tiny, generate, serve (glm_serve/api/serve.py), chat (glm_serve/chat_cli.py)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
+
+    from glm_serve.api.serve import add_serve_parser  # noqa: PLC0415 (argparse only; FastAPI loads on use)
+    from glm_serve.chat_cli import add_chat_parser  # noqa: PLC0415
+
+    add_serve_parser(sub, _add_model_args)
+    add_chat_parser(sub, _add_model_args)
     return p
 
 

@@ -1,0 +1,85 @@
+"""The FastAPI app factory: routes (vendor v4, OpenAI /v1, /health, /metrics), error handlers, request
+counting. It takes an already-built AsyncEngine, so the slow model load happens before uvicorn starts and
+tests can share one engine across servers. The app never shuts the engine down; its owner does."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from glm_serve.api.common import authenticate, ctx_of
+from glm_serve.api.context import ServerSettings, ServingContext
+from glm_serve.api.errors import install_handlers
+from glm_serve.api.routes_openai import router as openai_router
+from glm_serve.api.routes_vendor import router as vendor_router
+from glm_serve.api.tasks import TaskStore
+from glm_serve.engine.async_engine import AsyncEngine
+
+_KNOWN_ROUTES = ("/api/paas/v4/chat/completions", "/api/paas/v4/async/chat/completions",
+                 "/api/paas/v4/tokenizer", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                 "/metrics")
+
+
+class _CountRequests:
+    """ASGI middleware: counts every answered request by route and HTTP status (streams count as they start).
+    Unknown paths share one label so a scanner cannot blow up the metric's cardinality."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in _KNOWN_ROUTES else (
+            "/api/paas/v4/async-result/{id}" if path.startswith("/api/paas/v4/async-result/") else "other")
+
+        started = False
+
+        async def counted_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.request_done(route, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception:
+            if not started:  # the outer error middleware answers 500 for it
+                self.metrics.request_done(route, 500)
+            raise
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    ctx = ServingContext(engine, settings or ServerSettings())
+    tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        tasks.cancel_all()  # their engine requests abort; the engine itself belongs to the caller
+
+    app = FastAPI(title="glm-serve", description="GLM-4 inference server: the vendor's v4 API and OpenAI's /v1",
+                  lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.tasks = tasks
+    install_handlers(app)
+    app.include_router(vendor_router)
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok", "models": ctx.model_names}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        authenticate(request)
+        return Response(ctx_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(_CountRequests, metrics=ctx.metrics)
+    return app

@@ -1,0 +1,148 @@
+"""API keys and admission: raw keys and the vendor SDKs' HS256 JWTs (exp in milliseconds), checked in constant
+time; per-key in-flight limits (429 / 1302) and the server-wide queue limit (429 / 1305).
+
+A key is `id.secret` (the vendor's format) or any other string (raw use only: a JWT needs the secret). Keys and
+tokens never reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+from glm_serve.api.errors import APIError
+
+# An `exp` below this is in seconds (a stock JWT library's habit); the vendor SDKs write milliseconds.
+_MS_THRESHOLD = 10**11
+
+
+@dataclass(frozen=True)
+class _Key:
+    key_id: str  # the part before the dot; the whole key when it has none
+    secret: str  # the part after the dot; "" when there is none
+    raw: bytes  # the whole key, utf-8
+
+
+class KeyStore:
+    """Configured keys. `authenticate(header)` returns the caller's key id, or raises APIError 1000-1004."""
+
+    def __init__(self, keys: list[str]):
+        self._keys: list[_Key] = []
+        for k in keys:
+            if not isinstance(k, str) or not k.strip():
+                raise ValueError("api keys must be non-empty strings")
+            k = k.strip()
+            kid, dot, secret = k.partition(".")
+            self._keys.append(_Key(kid if dot else k, secret if dot else "", k.encode()))
+        self._by_id = {k.key_id: k for k in self._keys if k.secret}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, authorization: str | None) -> str:
+        if not authorization or not authorization.strip():
+            raise APIError("1001", "no Authorization header: send 'Authorization: Bearer <api key>'")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else authorization.strip()
+        if not token:
+            raise APIError("1001", "the Authorization header carries no token")
+        # Compare against every key, without stopping at a match, so timing says nothing about which key.
+        token_bytes, match = token.encode(), None
+        for k in self._keys:
+            if hmac.compare_digest(token_bytes, k.raw):
+                match = k
+        if match is not None:
+            return match.key_id
+        if token.count(".") == 2:
+            return self._verify_jwt(token)
+        raise APIError("1000", "authentication failed: unknown api key")
+
+    def _verify_jwt(self, token: str) -> str:
+        head_b64, payload_b64, sig_b64 = token.split(".")
+        try:
+            header = json.loads(_b64decode(head_b64))
+            payload = json.loads(_b64decode(payload_b64))
+            signature = _b64decode(sig_b64)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise APIError("1002", "invalid token: not a well-formed JWT") from None
+        if not isinstance(header, dict) or not isinstance(payload, dict):
+            raise APIError("1002", "invalid token: not a well-formed JWT")
+        if header.get("alg") != "HS256":
+            raise APIError("1002", "invalid token: only HS256 tokens are accepted")
+        key = self._by_id.get(payload.get("api_key")) if isinstance(payload.get("api_key"), str) else None
+        if key is None:
+            raise APIError("1002", "invalid token: unknown api_key")
+        expected = hmac.new(key.secret.encode(), f"{head_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, signature):
+            raise APIError("1004", "token verification failed: bad signature")
+        exp = payload.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            raise APIError("1002", "invalid token: exp must be a number (milliseconds since the epoch)")
+        exp_ms = exp if exp >= _MS_THRESHOLD else exp * 1000
+        if exp_ms <= time.time() * 1000:
+            raise APIError("1003", "token expired")
+        return key.key_id
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class Slot:
+    """One admitted request. `release()` is idempotent, so every exit path may call it."""
+
+    def __init__(self, limits: Admission, key_id: str | None):
+        self._limits, self.key_id, self._held = limits, key_id, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limits._release(self.key_id)
+
+
+class Admission:
+    """In-flight accounting at the API edge (not in the engine): a request holds a Slot from admission until
+    its last byte (or its async task) is done.
+
+    max_concurrency_per_key: in-flight requests one key may have (None = unlimited) -> 429 / 1302.
+    max_in_flight: requests the server holds at once, running plus queued (None = unlimited) -> 429 / 1305.
+    """
+
+    def __init__(self, max_concurrency_per_key: int | None, max_in_flight: int | None):
+        for name, v in (("max_concurrency_per_key", max_concurrency_per_key), ("max_in_flight", max_in_flight)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        self.max_per_key = max_concurrency_per_key
+        self.max_in_flight = max_in_flight
+        self._lock = threading.Lock()
+        self._per_key: dict[str | None, int] = {}
+        self.in_flight = 0
+
+    def acquire(self, key_id: str | None) -> Slot:
+        with self._lock:
+            if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+                raise APIError("1305", f"server overloaded: {self.in_flight} requests in flight and the queue is "
+                                       "full; retry later")
+            held = self._per_key.get(key_id, 0)
+            if key_id is not None and self.max_per_key is not None and held >= self.max_per_key:
+                raise APIError("1302", f"too many concurrent requests for this api key (limit "
+                                       f"{self.max_per_key}); wait for one to finish")
+            self._per_key[key_id] = held + 1
+            self.in_flight += 1
+        return Slot(self, key_id)
+
+    def _release(self, key_id: str | None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            left = self._per_key.get(key_id, 1) - 1
+            if left:
+                self._per_key[key_id] = left
+            else:
+                self._per_key.pop(key_id, None)

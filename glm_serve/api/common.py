@@ -1,0 +1,100 @@
+"""Request plumbing shared by the vendor and OpenAI routes: the context, authentication, reading a size-limited
+JSON body, admission, and the chat handler both schemas use."""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_disconnect
+from glm_serve.api.context import ServingContext
+from glm_serve.api.errors import APIError
+from glm_serve.api.params import VENDOR, prepare_chat
+
+
+def ctx_of(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+def authenticate(request: Request) -> str | None:
+    """The caller's key id, or None when the server has no keys. Raises APIError 1000-1004."""
+    keys = ctx_of(request).keys
+    if not keys.enabled:
+        return None
+    return keys.authenticate(request.headers.get("authorization"))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object; 413 beyond max_body_bytes, 1210 for anything that is not a JSON object."""
+    limit = ctx_of(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError("1210", f"request body too large ({declared} bytes; the limit is {limit})", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError("1210", f"request body too large (the limit is {limit} bytes)", status=413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise APIError("1210", f"the request body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise APIError("1210", f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+class Admitted:
+    """A request's admission slot plus its client request_id reservation; `release()` is idempotent."""
+
+    def __init__(self, ctx: ServingContext, key_id: str | None, client_request_id: str | None):
+        if client_request_id is not None and client_request_id in ctx.active_request_ids:
+            raise APIError("1231", f"request_id {client_request_id!r} is already in flight", "request_id")
+        self._slot = ctx.admission.acquire(key_id)
+        self._ctx, self._rid = ctx, client_request_id
+        if client_request_id is not None:
+            ctx.active_request_ids.add(client_request_id)
+
+    def release(self) -> None:
+        self._slot.release()
+        if self._rid is not None:
+            self._ctx.active_request_ids.discard(self._rid)
+            self._rid = None
+
+
+def new_meta(ctx: ServingContext, flavor: str, model: str, client_request_id: str | None) -> Meta:
+    rid = ctx.new_id("chatcmpl")
+    return Meta(flavor, rid, client_request_id or rid, int(time.time()), model)
+
+
+async def handle_chat(request: Request, flavor: str, model_cls, route: str):
+    """Both chat routes: authenticate, parse, validate, admit, then answer in JSON or as an SSE stream."""
+    ctx = ctx_of(request)
+    key_id = authenticate(request)
+    req = model_cls.model_validate(await read_json(request))
+    req.log_unknown(route)
+    prep = prepare_chat(req, flavor, ctx)
+    client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
+    meta = new_meta(ctx, flavor, req.model, client_rid)
+    admitted = Admitted(ctx, key_id, client_rid)
+    engine_rid = meta.response_id
+    if prep.stream:
+        stream = chat_stream(ctx, prep, meta, engine_rid, admitted.release)
+        weakref.finalize(stream, admitted.release)  # a stream never started (client left at once) still frees
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        body = await until_disconnect(request, chat_result(ctx, prep, meta, engine_rid))
+    finally:
+        admitted.release()
+    return JSONResponse(body)

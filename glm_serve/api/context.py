@@ -1,0 +1,115 @@
+"""ServerSettings (the server's own flags) and ServingContext: what every route needs (engine, tokenizer,
+model names, generation defaults, keys, admission, metrics, the constraint factory), built once per app."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glm_serve.api.auth import Admission, KeyStore
+from glm_serve.api.errors import APIError
+from glm_serve.api.metrics import Metrics
+from glm_serve.engine.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+MAX_N = 128  # choices per request; OpenAI's own ceiling
+MAX_TOOLS = 128  # the vendor's limit
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str] = field(default_factory=list)  # empty = derived from the model argument
+    api_keys: list[str] = field(default_factory=list)  # empty = no authentication
+    max_concurrency_per_key: int | None = None  # in-flight requests per key (429 / 1302)
+    max_queue: int | None = None  # requests waiting beyond the engine's max_num_seqs (429 / 1305)
+    max_body_bytes: int = 32 << 20  # request bodies above this are refused with 413
+    task_ttl_s: float = 3600.0  # how long finished async-task results are kept
+    max_tasks: int = 10000  # async-task records kept at most (oldest finished ones dropped first)
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+@dataclass
+class GenerationDefaults:
+    """The checkpoint's generation_config.json sampling defaults, used when a request omits a value."""
+
+    do_sample: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: Path) -> GenerationDefaults:
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", path, e)
+            return cls()
+
+        def num(key, kind):
+            v = cfg.get(key)
+            return kind(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        return cls(do_sample=cfg.get("do_sample", True) is not False, temperature=num("temperature", float),
+                   top_p=num("top_p", float), top_k=num("top_k", int))
+
+
+def default_model_names(model_arg: str, model_path: Path) -> list[str]:
+    names = [model_arg, Path(model_path).name]
+    if "/" in model_arg:  # a hub id: also answer to its bare name
+        names.append(model_arg.rsplit("/", 1)[1])
+    return list(dict.fromkeys(n for n in names if n))
+
+
+class ServingContext:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+        core = engine.engine
+        self.engine = engine
+        self.core = core  # the LLMEngine: config, tokenizer, validate(), stats()
+        self.tokenizer = core.tokenizer
+        self.settings = settings
+        self.model_names = list(settings.served_model_names) or default_model_names(core.config.model,
+                                                                                    core.model_path)
+        self.max_model_len: int = core.max_model_len
+        self.max_n = min(MAX_N, core.config.max_num_seqs)
+        self.defaults = GenerationDefaults.from_checkpoint(core.model_path)
+        self.keys = KeyStore(settings.api_keys)
+        in_flight = None if settings.max_queue is None else core.config.max_num_seqs + settings.max_queue
+        self.admission = Admission(settings.max_concurrency_per_key, in_flight)
+        self.metrics = Metrics(core)
+        self.created = int(time.time())
+        self.active_request_ids: set[str] = set()  # client request_ids in flight (duplicates -> 1231)
+        self._factory = None
+        self._factory_lock = threading.Lock()
+
+    def check_model(self, name: str) -> str:
+        if name not in self.model_names:
+            raise APIError("1211", f"model {name!r} does not exist; this server serves "
+                                   f"{', '.join(repr(n) for n in self.model_names)}", "model")
+        return name
+
+    def constraint_factory(self):
+        """The xgrammar constraint factory, built on first use (compiling the vocabulary takes a moment)."""
+        with self._factory_lock:
+            if self._factory is None:
+                from glm_serve.constrain import ConstraintFactory  # noqa: PLC0415
+
+                self._factory = ConstraintFactory(self.tokenizer, self.core.model_config.vocab_size)
+            return self._factory
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"

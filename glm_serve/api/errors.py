@@ -1,0 +1,128 @@
+"""API errors: one typed error carrying the vendor code, rendered as the vendor body on /api/paas/v4 and in
+OpenAI's shape on /v1, plus the exception handlers that guarantee bad input never becomes a 500.
+
+Codes and HTTP statuses follow the table in /work/shared/docs/api.md ("Errors").
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+# vendor code -> (HTTP status, OpenAI error type)
+CODES: dict[str, tuple[int, str]] = {
+    "1000": (401, "authentication_error"),  # authentication failed
+    "1001": (401, "authentication_error"),  # no Authorization header
+    "1002": (401, "authentication_error"),  # invalid token
+    "1003": (401, "authentication_error"),  # token expired
+    "1004": (401, "authentication_error"),  # token verification failed
+    "1210": (400, "invalid_request_error"),  # bad parameters (wrong type, out of range)
+    "1211": (400, "invalid_request_error"),  # model does not exist
+    "1212": (400, "invalid_request_error"),  # method not supported
+    "1213": (400, "invalid_request_error"),  # required field missing
+    "1214": (400, "invalid_request_error"),  # invalid field value
+    "1215": (400, "invalid_request_error"),  # mutually exclusive fields
+    "1231": (400, "invalid_request_error"),  # duplicate request_id
+    "1261": (400, "invalid_request_error"),  # prompt too long
+    "1302": (429, "rate_limit_error"),  # too many concurrent requests for this key
+    "1305": (429, "rate_limit_error"),  # server overloaded (queue full)
+    "500": (500, "server_error"),
+}
+# OpenAI clients switch on these `code` strings; the rest keep the vendor's number.
+_OPENAI_CODES = {"1211": "model_not_found", "1261": "context_length_exceeded", "1001": "invalid_api_key",
+                 "1000": "invalid_api_key", "1002": "invalid_api_key", "1003": "invalid_api_key",
+                 "1004": "invalid_api_key"}
+
+
+class APIError(Exception):
+    """A request the API refuses, with its vendor code. `param` names the offending field when there is one."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None):
+        super().__init__(message)
+        if code not in CODES:
+            raise ValueError(f"unknown API error code {code!r}")
+        self.code = code
+        self.message = message
+        self.param = param
+        self.status = status or CODES[code][0]
+
+    @property
+    def should_retry(self) -> bool:
+        # 400/401/404/413 repeat the same failure; 429 and 5xx may pass later, so the SDKs keep their retries.
+        return self.status == 429 or self.status >= 500
+
+
+def bad_param(param: str, message: str) -> APIError:
+    return APIError("1210", f"{param}: {message}", param)
+
+
+def invalid_value(param: str, message: str) -> APIError:
+    return APIError("1214", f"{param}: {message}", param)
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_body(err: APIError, openai: bool) -> dict:
+    if openai:
+        return {"error": {"message": err.message, "type": CODES[err.code][1], "param": err.param,
+                          "code": _OPENAI_CODES.get(err.code, err.code)}}
+    return {"error": {"code": err.code, "message": err.message}}
+
+
+def error_response(err: APIError, path: str) -> JSONResponse:
+    headers = {} if err.should_retry else {"x-should-retry": "false"}
+    return JSONResponse(error_body(err, is_openai_path(path)), status_code=err.status, headers=headers)
+
+
+def from_validation_errors(errors: list[dict]) -> APIError:
+    """Pydantic / FastAPI validation errors -> 1213 (a required field is missing) or 1210 (wrong type)."""
+    first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = _dotted(loc) or "body"
+    if first.get("type") == "missing":
+        return APIError("1213", f"{where}: required field missing", where)
+    if first.get("type") in ("json_invalid", "model_attributes_type", "dict_type", "model_type") and not loc:
+        return APIError("1210", "the request body must be a JSON object", None)
+    return APIError("1210", f"{where}: {first.get('msg', 'invalid value')}", where)
+
+
+def _dotted(loc: list[str]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        return error_response(from_validation_errors(list(exc.errors())), request.url.path)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(request: Request, exc: ValidationError):
+        return error_response(from_validation_errors(exc.errors()), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = "1212" if exc.status_code == 405 else "1214"
+        err = APIError(code, str(exc.detail), status=exc.status_code)
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not bad input: log it with its traceback, answer 500, keep serving.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(APIError("500", f"internal error: {type(exc).__name__}"), request.url.path)

@@ -1,0 +1,82 @@
+"""Prometheus metrics: requests by route and status, prompt/generation token counters, time-to-first-token,
+inter-token and end-to-end latency histograms, and engine gauges (running/waiting requests, KV-cache use,
+prefix-cache hit rate) read from `LLMEngine.stats()` at scrape time.
+
+Each app has its own registry, so several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
+
+
+class _EngineCollector:
+    def __init__(self, engine):
+        self._engine = engine  # LLMEngine; its stats() reads plain counters, safe from the event loop thread
+
+    def collect(self):
+        s = self._engine.stats()
+        for name, key, doc in (
+            ("glm_serve_num_requests_running", "num_running", "Sequences in the running batch"),
+            ("glm_serve_num_requests_waiting", "num_waiting", "Sequences waiting for admission"),
+            ("glm_serve_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)"),
+            ("glm_serve_prefix_cache_hit_rate", "prefix_cache_hit_rate",
+             "Prompt tokens served from the prefix cache / prompt tokens looked up"),
+            ("glm_serve_kv_cache_capacity_tokens", "kv_capacity_tokens", "KV-cache capacity in tokens"),
+            ("glm_serve_num_preemptions", "num_preemptions", "Sequences preempted so far"),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s.get(key, 0)))
+            yield g
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("glm_serve_requests", "Finished HTTP requests", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("glm_serve_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("glm_serve_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("glm_serve_inter_token_latency_seconds", "Time between consecutive tokens of a "
+                             "request", buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("glm_serve_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def request_done(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+
+
+class RequestTimer:
+    """Latency bookkeeping of one generation request (all its choices)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self._last: float | None = None
+
+    def on_tokens(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:  # one engine step adds one token per running choice: the gap is the inter-token latency
+            self.metrics.itl.observe(now - self._last)
+        self._last = now
+        self.metrics.generation_tokens.inc(num_tokens)
+
+    def on_finish(self, prompt_tokens: int) -> None:
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.e2e.observe(time.monotonic() - self.start)

@@ -1,0 +1,201 @@
+"""Requests -> what the engine runs: prompt ids, SamplingParams (one function for both schemas), and the
+per-choice constraints for JSON output and forced tool calls. Every bad value becomes an APIError naming it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from glm_serve.api.context import MAX_TOOLS, ServingContext
+from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.chat import ChatFormatError, encode_chat
+from glm_serve.engine.engine import PromptTooLongError
+from glm_serve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+VENDOR, OPENAI = "vendor", "openai"
+
+
+@dataclass
+class PreparedChat:
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraints: list | None  # one TokenConstraint per choice, or None
+    tool_names: frozenset[str]  # function names whose calls are parsed out of the answer; empty = never
+    json_mode: bool  # response_format asked for JSON
+    stream: bool
+    include_usage: bool  # OpenAI stream_options.include_usage
+    extra: dict = field(default_factory=dict)
+
+
+def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
+    if value is None:
+        return
+    if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise bad_param(name, f"must be in {interval}, got {value}")
+
+
+def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: int | None = None) -> SamplingParams:
+    """The one translation of a request's decoding fields (either schema) into SamplingParams.
+
+    Vendor: temperature in [0, 1] (0 = greedy), top_p in (0, 1], do_sample=false = greedy. OpenAI: temperature
+    in [0, 2], top_p in [0, 1] (0 = greedy). Omitted temperature/top_p come from the checkpoint's
+    generation_config.json; a checkpoint with do_sample=false decodes greedily unless the request samples."""
+    d = ctx.defaults
+    declared = getattr(type(req), "model_fields", None)
+
+    def get(name: str):  # fields a schema does not declare read as None (unknown extras are ignored, not used)
+        return getattr(req, name, None) if declared is None or name in declared else None
+
+    temperature, top_p = get("temperature"), get("top_p")
+    if flavor == VENDOR:
+        _in_range("temperature", temperature, 0.0, 1.0)
+        _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    else:
+        _in_range("temperature", temperature, 0.0, 2.0)
+        _in_range("top_p", top_p, 0.0, 1.0)
+    greedy = get("do_sample") is False or temperature == 0 or top_p == 0
+    if temperature is None and top_p is None and get("do_sample") is None and not d.do_sample:
+        greedy = True
+    n = get("n")
+    if n is not None and not 1 <= n <= ctx.max_n:
+        raise bad_param("n", f"must be in [1, {ctx.max_n}], got {n}")
+    max_tokens = get("max_completion_tokens")
+    max_tokens = get("max_tokens") if max_tokens is None else max_tokens
+    if max_tokens is not None and not 1 <= max_tokens <= ctx.max_model_len:
+        raise bad_param("max_tokens", f"must be in [1, {ctx.max_model_len}] (the context window), got {max_tokens}")
+    logprobs = get("logprobs")
+    top = get("top_logprobs")
+    if flavor == OPENAI and (isinstance(logprobs, bool) or top is not None):  # chat: a flag + a count
+        if top is not None and not logprobs:
+            raise APIError("1215", "top_logprobs needs logprobs: true", "top_logprobs")
+        _in_range("top_logprobs", top, 0, MAX_LOGPROBS)
+        logprobs = (top or 0) if logprobs else None
+    else:
+        _in_range("logprobs", logprobs, 0, MAX_LOGPROBS)
+    if get("logit_bias"):
+        raise invalid_value("logit_bias", "is not supported by this server; send null or {}")
+    top_k = get("top_k")
+    kwargs = dict(
+        n=n or 1,
+        temperature=0.0 if greedy else (temperature if temperature is not None else
+                                        (d.temperature if d.temperature is not None else 1.0)),
+        top_p=1.0 if greedy else (top_p if top_p is not None else (d.top_p if d.top_p is not None else 1.0)),
+        top_k=top_k if top_k is not None else (d.top_k if d.top_k is not None and not greedy else 0),
+        min_p=get("min_p") or 0.0,
+        repetition_penalty=get("repetition_penalty") if get("repetition_penalty") is not None else 1.0,
+        presence_penalty=get("presence_penalty") or 0.0,
+        frequency_penalty=get("frequency_penalty") or 0.0,
+        seed=get("seed"),
+        stop=get("stop"),
+        stop_token_ids=get("stop_token_ids"),
+        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        min_tokens=get("min_tokens") or 0,
+        ignore_eos=bool(get("ignore_eos")),
+        logprobs=logprobs,
+        skip_special_tokens=get("skip_special_tokens") is not False,
+        include_stop_str=bool(get("include_stop_str_in_output")),
+    )
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:  # SamplingParams names the field first: "top_k must be >= -1, got -5"
+        message = str(e)
+        raise bad_param(message.split(" ", 1)[0], message.split(" ", 1)[1] if " " in message else message) from None
+
+
+def check_tools(tools) -> list[dict]:
+    if len(tools) > MAX_TOOLS:
+        raise invalid_value("tools", f"at most {MAX_TOOLS} tools, got {len(tools)}")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise invalid_value(f"tools[{i}].type", f"only 'function' tools are served here, got {kind!r} "
+                                "(web_search and retrieval are services of the vendor's cloud)")
+    return tools
+
+
+def _tool_choice(choice, tools: list[dict]) -> tuple[str, str | None]:
+    """('auto' | 'none' | 'required' | 'named', function name for 'named')."""
+    if choice is None:
+        return ("auto" if tools else "none"), None
+    names = [t["function"].get("name") for t in tools if isinstance(t.get("function"), dict)]
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise invalid_value("tool_choice", f"must be auto, none, required or a function, got {choice!r}")
+        if choice == "required" and not tools:
+            raise invalid_value("tool_choice", "'required' needs a non-empty tools list")
+        return choice, None
+    fn = choice.get("function") if choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise invalid_value("tool_choice", "must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+    if name not in names:
+        raise invalid_value("tool_choice.function.name", f"{name!r} is not one of the request's tools")
+    return "named", name
+
+
+def _response_format(fmt) -> tuple[str, dict | None]:
+    if fmt is None:
+        return "text", None
+    kind = fmt.get("type")
+    if kind in ("text", "json_object"):
+        return kind, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid_value("response_format.json_schema.schema", "must be a JSON schema object")
+        return kind, schema
+    raise invalid_value("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+
+
+def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, name, tools):
+    if fmt != "text" and choice in ("required", "named"):
+        raise APIError("1215", "response_format JSON and a forced tool_choice are mutually exclusive",
+                       "response_format")
+    if fmt == "text" and (choice == "auto" or not tools):
+        return None
+    factory = ctx.constraint_factory()
+    try:
+        if fmt == "json_object":
+            make = factory.json_object
+        elif fmt == "json_schema":
+            make = lambda: factory.json_schema(schema)  # noqa: E731
+        elif choice == "none":
+            make = factory.content_only
+        else:
+            make = lambda: factory.tool_call(tools, name=name)  # noqa: E731
+        return [make() for _ in range(n)]
+    except ValueError as e:
+        where = "response_format" if fmt != "text" else ("tools" if choice != "none" else "tool_choice")
+        raise invalid_value(where, str(e)) from None
+
+
+def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
+    """Validate a chat request (either schema) and build everything the engine needs."""
+    ctx.check_model(req.model)
+    tools = check_tools(req.tools) if req.tools else []
+    choice, name = _tool_choice(req.tool_choice, tools)
+    fmt, schema = _response_format(req.response_format)
+    params = sampling_params(req, flavor, ctx)
+    try:
+        ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
+                          allow_images=False)
+    except ChatFormatError as e:
+        raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
+    check_prompt(ctx, ids, params)
+    constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
+    parse = fmt == "text" and choice != "none"
+    names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
+    options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
+    return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
+                        bool(options.get("include_usage")))
+
+
+def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams) -> None:
+    try:
+        ctx.core.validate(ids, params)
+    except PromptTooLongError as e:
+        raise APIError("1261", str(e), "messages") from None
+    except ValueError as e:
+        raise invalid_value("prompt", str(e)) from None

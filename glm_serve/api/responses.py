@@ -1,0 +1,166 @@
+"""Response shapes of both schemas: chat bodies, stream chunks, usage, logprobs, completions; pure functions.
+
+Vendor: /work/shared/docs/api.md ("Chat response"). OpenAI: https://platform.openai.com/docs/api-reference/chat/object
+and .../chat/streaming, .../completions/object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from glm_serve.api.parser import Delta
+from glm_serve.engine.outputs import TokenLogprob
+
+VENDOR = "vendor"
+
+
+@dataclass
+class ChoiceResult:
+    """A finished chat choice."""
+
+    index: int
+    finish_reason: str
+    content: str | None
+    tool_calls: list[dict]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+def sse(data: dict | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    raw = tokenizer.id_to_token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tokenizer, lps: list[TokenLogprob] | None) -> dict | None:
+    if lps is None:
+        return None
+    content = []
+    for lp in lps:
+        text, raw = token_text(tokenizer, lp.token_id)
+        top = []
+        for tid, value in lp.top:
+            t, b = token_text(tokenizer, tid)
+            top.append({"token": t, "logprob": value, "bytes": b})
+        content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def chat_body(flavor: str, response_id: str, request_id: str, created: int, model: str,
+              choices: list[ChoiceResult], usage: Usage, tokenizer) -> dict:
+    out = []
+    for c in choices:
+        message = {"role": "assistant", "content": c.content}
+        if flavor == VENDOR:
+            message["tool_calls"] = c.tool_calls or None
+            out.append({"index": c.index, "finish_reason": c.finish_reason, "message": message})
+        else:
+            if c.tool_calls:
+                message["tool_calls"] = c.tool_calls
+            message["refusal"] = None
+            out.append({"index": c.index, "message": message, "logprobs": chat_logprobs(tokenizer, c.logprobs),
+                        "finish_reason": c.finish_reason})
+    if flavor == VENDOR:
+        return {"id": response_id, "request_id": request_id, "created": created, "model": model, "choices": out,
+                "usage": usage.to_dict()}
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": model, "choices": out,
+            "usage": usage.to_dict(), "system_fingerprint": None}
+
+
+def delta_dict(flavor: str, deltas: list[Delta], first: bool) -> dict:
+    """One choice's deltas of one step merged into a stream `delta` object."""
+    delta: dict = {}
+    if flavor == VENDOR or first:
+        delta["role"] = "assistant"
+    content = [d.content for d in deltas if d.content is not None]
+    if content:
+        delta["content"] = "".join(content)
+    elif first and flavor != VENDOR:
+        delta["content"] = ""
+    call = None
+    for d in deltas:
+        if d.call_id is not None:
+            call = {"index": 0, "id": d.call_id, "type": "function", "function": {"name": d.name, "arguments": ""}}
+        if d.arguments is not None:
+            if call is None:
+                call = {"index": 0, "function": {"arguments": ""}}
+            call["function"]["arguments"] += d.arguments
+    if call is not None:
+        delta["tool_calls"] = [call]
+    return delta
+
+
+def chat_chunk(flavor: str, response_id: str, created: int, model: str, index: int, delta: dict,
+               finish_reason: str | None, logprobs: dict | None = None, usage: Usage | None = None,
+               include_usage: bool = False) -> dict:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+    if flavor == VENDOR:
+        chunk = {"id": response_id, "created": created, "model": model, "choices": [choice]}
+        if usage is not None:
+            chunk["usage"] = usage.to_dict()
+        return chunk
+    choice["logprobs"] = logprobs
+    chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": None, "choices": [choice]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(response_id: str, created: int, model: str, usage: Usage, obj: str) -> dict:
+    """OpenAI's last chunk with stream_options.include_usage: no choices, the usage."""
+    return {"id": response_id, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [], "usage": usage.to_dict()}
+
+
+def stream_error(flavor: str, message: str) -> dict:
+    if flavor == VENDOR:
+        return {"error": {"code": "500", "message": message}}
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": "500"}}
+
+
+def completion_logprobs(tokenizer, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
+    """OpenAI legacy completions logprobs; `offset` = length of the text before these tokens."""
+    if lps is None:
+        return None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        text, _ = token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({token_text(tokenizer, t)[0]: v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_body(response_id: str, created: int, model: str, choices: list[dict], usage: Usage) -> dict:
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage.to_dict(), "system_fingerprint": None}
+
+
+def completion_chunk(response_id: str, created: int, model: str, index: int, text: str,
+                     finish_reason: str | None, logprobs: dict | None, include_usage: bool) -> dict:
+    chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model,
+             "system_fingerprint": None,
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk

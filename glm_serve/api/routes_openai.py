@@ -1,0 +1,194 @@
+"""OpenAI-compatible routes under /v1: chat completions, legacy completions (prompt strings or token ids, one
+prompt or a list of them), and the model list. Errors answer in OpenAI's shape (errors.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from glm_serve.api.chat_service import until_disconnect
+from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, read_json
+from glm_serve.api.context import ServingContext
+from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.api.metrics import RequestTimer
+from glm_serve.api.params import OPENAI, check_prompt, sampling_params
+from glm_serve.api.responses import (
+    Usage,
+    completion_body,
+    completion_chunk,
+    completion_logprobs,
+    sse,
+    stream_error,
+    usage_chunk,
+)
+from glm_serve.api.schemas import OpenAIChatRequest, OpenAICompletionRequest
+from glm_serve.sampling_params import SamplingParams
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request):
+    return await handle_chat(request, OPENAI, OpenAIChatRequest, "openai chat")
+
+
+@router.get("/models")
+async def models(request: Request):
+    ctx = ctx_of(request)
+    authenticate(request)
+    data = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "glm-serve",
+             "max_model_len": ctx.max_model_len} for name in ctx.model_names]
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of those -> one id list per prompt."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise invalid_value("prompt", "must not be empty")
+    if all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    # Special-token text ("[gMASK]<sop><|user|>") becomes its ids, so hand-written GLM prompts work.
+    out = [tokenizer.encode(p, allow_special=True) if isinstance(p, str) else list(p) for p in prompt]
+    for i, ids in enumerate(out):
+        if not ids:
+            raise invalid_value(f"prompt[{i}]", "must not be empty")
+    return out
+
+
+@router.post("/completions")
+async def completions(request: Request):
+    ctx = ctx_of(request)
+    key_id = authenticate(request)
+    req = OpenAICompletionRequest.model_validate(await read_json(request))
+    req.log_unknown("openai completions")
+    ctx.check_model(req.model)
+    if req.suffix:
+        raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise invalid_value("best_of", "only best_of == n is supported")
+    if req.echo and req.logprobs is not None:
+        raise APIError("1215", "echo with logprobs is not supported (no prompt logprobs)", "echo")
+    params = sampling_params(req, OPENAI, ctx, default_max_tokens=16)  # 16: OpenAI's default
+    prompts = _prompt_ids(req.prompt, ctx.tokenizer)
+    if len(prompts) * params.n > ctx.max_n:
+        raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
+    for ids in prompts:
+        check_prompt(ctx, ids, params)
+    admitted = Admitted(ctx, key_id, None)
+    run = _Completion(ctx, req, params, prompts)
+    if req.stream:
+        stream = run.stream(admitted.release)
+        weakref.finalize(stream, admitted.release)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        return JSONResponse(await until_disconnect(request, run.body()))
+    finally:
+        admitted.release()
+
+
+class _Completion:
+    """One /v1/completions request: every prompt x n choices, merged into one response or stream."""
+
+    def __init__(self, ctx: ServingContext, req: OpenAICompletionRequest, params: SamplingParams,
+                 prompts: list[list[int]]):
+        self.ctx, self.params, self.prompts = ctx, params, prompts
+        self.model, self.id, self.created = req.model, ctx.new_id("cmpl"), int(time.time())
+        self.echo = bool(req.echo)
+        self.include_usage = bool((req.stream_options or {}).get("include_usage"))
+        self.usage = [Usage() for _ in prompts]
+        n = len(prompts) * params.n
+        self.started = [False] * n  # echo prefix sent
+        self.offsets = [0] * n  # text length so far (logprobs text_offset)
+
+    async def _events(self) -> AsyncIterator[tuple[int, object]]:
+        """(global choice index, CompletionOutput) for every prompt, merged as they arrive."""
+        queue: asyncio.Queue = asyncio.Queue()
+        timer = RequestTimer(self.ctx.metrics)
+
+        async def pump(k: int, ids: list[int]):
+            try:
+                async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params):
+                    u = self.usage[k]
+                    u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
+                    u.cached_tokens = out.cached_tokens
+                    await queue.put((k, out.outputs))
+                await queue.put((k, None))
+            except Exception as e:  # noqa: BLE001 (handed to the consumer)
+                await queue.put((k, e))
+
+        pumps = [asyncio.ensure_future(pump(k, ids)) for k, ids in enumerate(self.prompts)]
+        try:
+            done = 0
+            while done < len(pumps):
+                k, item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    for o in item:
+                        timer.on_tokens(len(o.token_ids))
+                        yield k * self.params.n + o.index, o
+            timer.on_finish(sum(u.prompt_tokens for u in self.usage))
+        finally:
+            for p in pumps:
+                p.cancel()  # a pump still running aborts its engine request
+
+    def _piece(self, index: int, o) -> tuple[str, dict | None]:
+        """This output's text (with the echoed prompt first) and its logprobs."""
+        text = o.text
+        if not self.started[index]:
+            self.started[index] = True
+            if self.echo:
+                text = self.ctx.tokenizer.decode(self.prompts[index // self.params.n]) + text
+        lps = completion_logprobs(self.ctx.tokenizer, o.logprobs, self.offsets[index]) \
+            if self.params.logprobs is not None else None
+        self.offsets[index] += len(text)
+        return text, lps
+
+    def _total(self) -> Usage:
+        return Usage(sum(u.prompt_tokens for u in self.usage), sum(u.completion_tokens for u in self.usage),
+                     sum(u.cached_tokens for u in self.usage))
+
+    async def body(self) -> dict:
+        n = len(self.prompts) * self.params.n
+        texts, lps, reasons = [""] * n, [None] * n, [None] * n
+        async for i, o in self._events():
+            if o.finish_reason in ("error", "abort"):
+                raise APIError("500", f"generation failed: {o.error or o.finish_reason}")
+            text, lp = self._piece(i, o)
+            texts[i] += text
+            if lp is not None:
+                lps[i] = lp if lps[i] is None else {key: lps[i][key] + lp[key] for key in lp}
+            reasons[i] = o.finish_reason or reasons[i]
+        choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": reasons[i] or "stop"}
+                   for i in range(n)]
+        return completion_body(self.id, self.created, self.model, choices, self._total())
+
+    async def stream(self, release) -> AsyncIterator[str]:
+        events = self._events()
+        try:
+            async for i, o in events:
+                if o.finish_reason in ("error", "abort"):
+                    yield sse(stream_error(OPENAI, f"generation failed: {o.error or o.finish_reason}"))
+                    return
+                text, lp = self._piece(i, o)
+                if text or o.finish_reason or lp:
+                    yield sse(completion_chunk(self.id, self.created, self.model, i, text, o.finish_reason, lp,
+                                               self.include_usage))
+            if self.include_usage:
+                yield sse(usage_chunk(self.id, self.created, self.model, self._total(), "text_completion"))
+            yield sse("[DONE]")
+        except Exception as e:  # noqa: BLE001 (headers are sent: report in-band)
+            yield sse(stream_error(OPENAI, f"internal error: {type(e).__name__}"))
+            yield sse("[DONE]")
+        finally:
+            await events.aclose()
+            release()

@@ -1,0 +1,63 @@
+"""The vendor's v4 routes under /api/paas/v4: chat (JSON and SSE), async chat tasks, tokenizer.
+Contract: /work/shared/docs/api.md ("Routes")."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from glm_serve.api.chat_service import chat_result
+from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, read_json
+from glm_serve.api.errors import invalid_value
+from glm_serve.api.params import VENDOR, check_tools, prepare_chat
+from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
+from glm_serve.api.tasks import Task
+from glm_serve.chat import ChatFormatError, encode_chat
+
+PREFIX = "/api/paas/v4"
+router = APIRouter(prefix=PREFIX)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request):
+    return await handle_chat(request, VENDOR, VendorChatRequest, "vendor chat")
+
+
+@router.post("/async/chat/completions")
+async def async_chat_completions(request: Request):
+    ctx = ctx_of(request)
+    key_id = authenticate(request)
+    req = VendorChatRequest.model_validate(await read_json(request))
+    req.log_unknown("vendor async chat")
+    prep = prepare_chat(req, VENDOR, ctx)
+    prep.stream = False  # a task's result is fetched whole
+    meta = new_meta(ctx, VENDOR, req.model, req.request_id)
+    admitted = Admitted(ctx, key_id, req.request_id)
+    task = Task(meta.response_id, meta.request_id, req.model)
+    request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release)
+    return JSONResponse(task.to_dict())
+
+
+@router.get("/async-result/{task_id}")
+async def async_result(task_id: str, request: Request):
+    authenticate(request)
+    return JSONResponse(request.app.state.tasks.get(task_id).to_dict())
+
+
+@router.post("/tokenizer")
+async def tokenizer(request: Request):
+    ctx = ctx_of(request)
+    authenticate(request)
+    req = TokenizerRequest.model_validate(await read_json(request))
+    req.log_unknown("vendor tokenizer")
+    ctx.check_model(req.model)
+    try:
+        ids = encode_chat(ctx.tokenizer, req.messages, tools=check_tools(req.tools) if req.tools else None,
+                          chat_template=ctx.tokenizer.chat_template, allow_images=False)
+    except ChatFormatError as e:
+        raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
+    rid = ctx.new_id("tok")
+    return JSONResponse({"id": rid, "created": int(time.time()), "request_id": req.request_id or rid,
+                         "usage": {"prompt_tokens": len(ids)}})

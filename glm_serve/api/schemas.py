@@ -1,0 +1,134 @@
+"""Request models of the public APIs: the vendor's v4 chat schema and OpenAI's chat/completions schemas.
+
+Fields follow the order of the specs (vendor: /work/shared/docs/api.md "Chat request", mirroring
+https://docs.bigmodel.cn/api-reference ; OpenAI: https://platform.openai.com/docs/api-reference/chat/create ).
+Types are strict (a string is not a number, `true` is not 1) and every optional field accepts null, because the
+SDKs send nulls. Unknown fields are kept in `model_extra`, logged by name and ignored. Messages and tools are
+checked by glm_serve.chat, which names the bad field precisely; values (ranges, combinations) are checked where
+the request becomes SamplingParams (glm_serve.api.params).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def log_unknown(self, route: str) -> None:
+        if self.model_extra:
+            log.info("%s: ignoring unknown fields %s", route, sorted(self.model_extra))
+
+
+class VendorChatRequest(_Request):
+    """POST /api/paas/v4/chat/completions (and /async/chat/completions)."""
+
+    model: str
+    messages: list[Any]
+    request_id: str | None = None
+    user_id: str | None = None
+    do_sample: bool | None = None  # false = greedy, temperature/top_p ignored
+    stream: bool | None = None
+    temperature: float | None = None  # [0, 1]; 0 = greedy
+    top_p: float | None = None  # (0, 1]
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object"}
+    thinking: dict[str, Any] | None = None  # accepted and ignored: GLM-4 has no thinking mode
+    meta: dict[str, Any] | None = None  # accepted and ignored (character-role metadata)
+    extra: dict[str, Any] | None = None  # accepted and ignored (CodeGeeX extras)
+    sensitive_word_check: dict[str, Any] | None = None  # accepted and ignored (no content filter here)
+    watermark_enabled: bool | None = None  # accepted and ignored
+    tool_stream: bool | None = None  # accepted: tool calls always stream as deltas
+    n: int | None = None  # not in the vendor spec; honoured when sent
+
+
+class OpenAIChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[Any]
+    model: str
+    audio: dict[str, Any] | None = None  # accepted and ignored
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # only empty/null is accepted
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    metadata: dict[str, Any] | None = None  # accepted and ignored
+    modalities: list[Any] | None = None  # accepted and ignored
+    n: int | None = None
+    parallel_tool_calls: bool | None = None  # accepted: GLM-4 emits one call per turn
+    prediction: dict[str, Any] | None = None  # accepted and ignored
+    presence_penalty: float | None = None
+    reasoning_effort: str | None = None  # accepted and ignored
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema
+    seed: int | None = None
+    service_tier: str | None = None  # accepted and ignored
+    stop: str | list[str] | None = None
+    store: bool | None = None  # accepted and ignored
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None  # {"include_usage": bool}
+    temperature: float | None = None  # [0, 2]; 0 = greedy
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    top_logprobs: int | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # Extensions in vLLM's spelling, honoured when sent.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+
+class OpenAICompletionRequest(_Request):
+    """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None  # only best_of == n (or null) is accepted
+    echo: bool | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # only empty/null is accepted
+    logprobs: int | None = None
+    max_tokens: int | None = None  # OpenAI's default is 16
+    n: int | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    suffix: str | None = None  # only null is accepted (GLM-4 has no fill-in-the-middle format)
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+
+class TokenizerRequest(_Request):
+    """POST /api/paas/v4/tokenizer."""
+
+    model: str
+    messages: list[Any]
+    tools: list[Any] | None = None
+    request_id: str | None = None

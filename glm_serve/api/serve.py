@@ -1,0 +1,109 @@
+"""`glm-serve serve`: its flags, building the engine (slow, before uvicorn starts), the start-up log, and
+running uvicorn. Heavy imports happen inside cmd_serve so `glm-serve --help` stays fast."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("glm_serve.serve")
+
+KEYS_ENV = "GLM_SERVE_API_KEYS"  # comma-separated keys, added to --api-key
+
+
+def add_serve_parser(sub, add_model_args) -> None:
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (the vendor's v4 API and OpenAI's /v1)",
+                       description="Serve a GLM-4 checkpoint: /api/paas/v4 (vendor SDKs), /v1 (openai SDK), "
+                                   "/health, /metrics.")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="a model name clients may ask for; repeat for aliases (e.g. glm-4-plus, glm-4-flash). "
+                        "Default: the --model argument and its folder name")
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help=f"require this key (raw, or the SDKs' JWT made from an id.secret key); repeatable; also "
+                        f"${KEYS_ENV} (comma-separated). Default: no authentication")
+    s.add_argument("--max-concurrency-per-key", type=int, default=None,
+                   help="in-flight requests per key before 429 / code 1302 (default: unlimited)")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
+    s.add_argument("--max-model-len", type=int, default=None, help="context window (default: the checkpoint's, "
+                                                                   "capped by the KV cache)")
+    s.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two)")
+    s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens (default: "
+                                                                     "from --gpu-memory-utilization)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
+    s.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most")
+    s.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    s.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=cmd_serve)
+
+
+def api_keys(args_keys: list[str] | None) -> list[str]:
+    keys = [k.strip() for k in (args_keys or []) if k.strip()]
+    keys += [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    return list(dict.fromkeys(keys))
+
+
+def engine_config(args):
+    from glm_serve.engine.config import EngineConfig  # noqa: PLC0415
+
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype,
+        quantization=None if args.quantization in (None, "none") else args.quantization,
+        rope_theta=args.rope_theta, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from glm_serve.api.app import create_app  # noqa: PLC0415
+    from glm_serve.api.context import ServerSettings  # noqa: PLC0415
+    from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
+    from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
+                              max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
+                              max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))))
+    config = engine_config(args)
+    if args.model == "demo":
+        log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "
+                    "Serve real weights with --model /path/to/glm-4-9b-chat-hf (or a hub id such as "
+                    "THUDM/glm-4-9b-chat)")
+    core = LLMEngine(config)  # the slow part: load weights, size the KV cache
+    engine = AsyncEngine(core)
+    try:
+        app = create_app(engine, settings)
+        ctx = app.state.ctx
+        mc = core.model_config
+        log.info("loaded %s (%s, %d layers, hidden %d, %d KV heads) on %s as %s%s in %.1fs", core.model_path,
+                 mc.model_type, mc.num_layers, mc.hidden_size, mc.num_kv_heads, core.device,
+                 str(core.dtype).removeprefix("torch."), f", {config.quantization}" if config.quantization else "",
+                 core.load_seconds)
+        log.info("KV cache: %d tokens (%d-token blocks); context window %d tokens; up to %d sequences per batch",
+                 core.kv_capacity_tokens, config.block_size, core.max_model_len, config.max_num_seqs)
+        log.info("model names: %s", ", ".join(ctx.model_names))
+        if settings.api_keys:
+            log.info("authentication on: %d key(s)", len(settings.api_keys))  # never the keys themselves
+        elif args.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s with NO api key: anyone who can reach it may use it (--api-key)",
+                        args.host)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        log.info("serving on http://%s:%d  (vendor SDK base_url: http://%s:%d/api/paas/v4/ ; openai base_url: "
+                 "http://%s:%d/v1)", host, args.port, host, args.port, host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,90 @@
+"""Async chat tasks (POST /async/chat/completions, GET /async-result/{id}): a chat that runs in the background
+on the server's event loop while the client polls. Finished results are kept for a while, then dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from glm_serve.api.errors import APIError
+
+log = logging.getLogger(__name__)
+
+PROCESSING, SUCCESS, FAIL = "PROCESSING", "SUCCESS", "FAIL"
+
+
+@dataclass
+class Task:
+    id: str
+    request_id: str
+    model: str
+    status: str = PROCESSING
+    result: dict | None = None  # the chat body, on SUCCESS
+    error: dict | None = None  # {"code", "message"}, on FAIL
+    finished_at: float | None = None  # time.monotonic()
+    handle: asyncio.Task | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "request_id": self.request_id, "model": self.model, "task_status": self.status}
+        if self.status == SUCCESS and self.result is not None:
+            out["choices"] = self.result["choices"]
+            out["usage"] = self.result["usage"]
+            out["created"] = self.result.get("created")
+        elif self.status == FAIL:
+            out["error"] = self.error
+        return out
+
+
+class TaskStore:
+    def __init__(self, ttl_s: float, max_tasks: int):
+        if ttl_s <= 0 or max_tasks < 1:
+            raise ValueError("task ttl must be > 0 and max_tasks >= 1")
+        self.ttl_s, self.max_tasks = ttl_s, max_tasks
+        self._tasks: dict[str, Task] = {}  # insertion order = age
+
+    def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> Task:
+        self._purge()
+        if len(self._tasks) >= self.max_tasks:
+            release()
+            raise APIError("1305", f"too many async tasks held ({self.max_tasks}); fetch or wait for results")
+        self._tasks[task.id] = task
+        task.handle = asyncio.ensure_future(self._run(task, work, release))
+        return task
+
+    def get(self, task_id: str) -> Task:
+        self._purge()
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise APIError("1214", f"no async task with id {task_id!r} (unknown, or its result expired)",
+                           "id", status=404)
+        return task
+
+    async def _run(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> None:
+        try:
+            task.result, task.status = await work, SUCCESS
+        except APIError as e:
+            task.status, task.error = FAIL, {"code": e.code, "message": e.message}
+        except Exception as e:  # noqa: BLE001 (a failed task is a FAIL result, not a dead server)
+            log.exception("async task %s failed", task.id)
+            task.status, task.error = FAIL, {"code": "500", "message": f"internal error: {type(e).__name__}"}
+        finally:
+            task.finished_at = time.monotonic()
+            release()
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for tid in [t.id for t in self._tasks.values() if t.finished_at is not None
+                    and now - t.finished_at > self.ttl_s]:
+            del self._tasks[tid]
+        over = len(self._tasks) - self.max_tasks + 1
+        if over > 0:  # drop the oldest finished ones first
+            for tid in [t.id for t in self._tasks.values() if t.finished_at is not None][:over]:
+                del self._tasks[tid]
+
+    def cancel_all(self) -> None:
+        for t in self._tasks.values():
+            if t.handle is not None and not t.handle.done():
+                t.handle.cancel()

@@ -1,0 +1,194 @@
+"""Bad requests, keys and limits through the vendor SDK (and raw HTTP where the SDK cannot send the mistake):
+every error has the API's body and code, 400s are not retried, the server keeps serving."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import jwt
+import pytest
+from zai import ZhipuAiClient
+from zai.core._errors import APIAuthenticationError, APIReachLimitError, APIRequestFailedError
+
+from glm_serve.api import ServerSettings
+from glm_serve.engine.async_engine import AsyncEngine
+from glm_serve.engine.config import EngineConfig
+from glm_serve.engine.engine import LLMEngine
+
+from .conftest import KEY_A, KEY_B, frozen_engine, start_server, wait_idle
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _code(exc_info) -> str:
+    return exc_info.value.response.json()["error"]["code"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return ZhipuAiClient(api_key="anyid.anysecret", base_url=server.vendor_base)  # default retries on
+
+
+def _requests_400(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    line = [ln for ln in text.splitlines()
+            if ln.startswith('glm_serve_requests_total{route="/api/paas/v4/chat/completions",status="400"}')]
+    return float(line[0].split()[-1]) if line else 0.0
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    (dict(model="gpt-5", messages=USER), "1211"),
+    (dict(model="glm-4-plus", messages=[]), "1214"),
+    (dict(model="glm-4-plus", messages=[{"role": "wizard", "content": "x"}]), "1214"),
+    (dict(model="glm-4-plus", messages=[{"role": "user", "content": 5}]), "1214"),
+    (dict(model="glm-4-plus", messages=USER, extra_body={"temperature": 3}), "1210"),
+    (dict(model="glm-4-plus", messages=USER, extra_body={"top_p": 0}), "1210"),
+    (dict(model="glm-4-plus", messages=USER, max_tokens=10**9), "1210"),
+    (dict(model="glm-4-plus", messages=USER, max_tokens=-1), "1210"),
+    (dict(model="glm-4-plus", messages=USER, extra_body={"n": 10**6}), "1210"),
+    (dict(model="glm-4-plus", messages=USER, seed="abc"), "1210"),
+    (dict(model="glm-4-plus", messages=USER, tools=[{"type": "web_search", "web_search": {"enable": True}}]),
+     "1214"),
+    (dict(model="glm-4-plus", messages=USER, tools=[{"type": "retrieval", "retrieval": {"knowledge_id": "1"}}]),
+     "1214"),
+    (dict(model="glm-4-plus", messages=USER, tool_choice="required"), "1214"),
+    (dict(model="glm-4-plus", messages=USER, response_format={"type": "xml"}), "1214"),
+    (dict(model="glm-4-plus", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="}}]}]),
+     "1214"),
+    (dict(model="glm-4-plus", messages=[{"role": "user", "content": "长" * 4000}]), "1261"),
+])
+def test_bad_requests_get_their_code_and_are_not_retried(client, server, kwargs, code):
+    before = _requests_400(server)
+    with pytest.raises(APIRequestFailedError) as e:
+        client.chat.completions.create(**kwargs)
+    assert e.value.status_code == 400 and _code(e) == code
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert _requests_400(server) == before + 1  # one request: the SDK obeyed x-should-retry
+
+
+def test_image_to_text_model_says_so(client):
+    with pytest.raises(APIRequestFailedError) as e:
+        client.chat.completions.create(model="glm-4-plus", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert "image" in e.value.response.json()["error"]["message"]
+
+
+def test_raw_http_mistakes(server):
+    url = server.vendor_base + "chat/completions"
+    cases = [
+        (b"{not json", "1210"), (b"[1, 2]", "1210"), (b'{"model": "glm-4-plus"}', "1213"),
+        (b'{"messages": []}', "1213"), (b'{"model": 5, "messages": []}', "1210"),
+        (b'{"model": "glm-4-plus", "messages": "hi"}', "1210"),
+        (b'{"model": "glm-4-plus", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "1210"),
+        (b'{"model": "glm-4-plus", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "1210"),
+        (b"\xff\xfe", "1210"), (b"[" * 100000, "1210"),
+    ]
+    for body, code in cases:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, code), body[:40]
+    r = httpx.get(url)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "1212"
+    r = httpx.post(url, content=b"x" * (server.app.state.ctx.settings.max_body_bytes + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "1210"
+    r = httpx.get(server.vendor_base + "async-result/nope")
+    assert r.status_code == 404
+    # nulls (as the SDKs send them) and unknown fields are accepted
+    r = httpx.post(url, json={"model": "glm-4-plus", "messages": USER, "response_format": None, "thinking": None,
+                              "temperature": None, "tools": None, "whatever": {"x": 1}, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def keyed(make_server):
+    return make_server(api_keys=[KEY_A, KEY_B], max_concurrency_per_key=1)
+
+
+def _sdk(srv, key, **kw):
+    return ZhipuAiClient(api_key=key, base_url=srv.vendor_base, max_retries=0, **kw)
+
+
+def test_keys_raw_and_sdk_jwt(keyed):
+    for key in (KEY_A, KEY_B):
+        for cache in (True, False):  # disable_token_cache=False: the SDK sends an HS256 JWT, exp in ms
+            r = _sdk(keyed, key, disable_token_cache=cache).chat.completions.create(
+                model="glm-4-plus", messages=USER, max_tokens=2)
+            assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(keyed.url + "/health").status_code == 200  # no key needed
+
+
+def test_bad_credentials(keyed):
+    for key, cache, code in [("testida.wrong-secret-wrong-secret-wrong-secret", False, "1004"),
+                             ("testida.wrong-secret", True, "1000"),
+                             ("nobody.secret-secret-secret-secret-secret", False, "1002")]:
+        with pytest.raises(APIAuthenticationError) as e:
+            _sdk(keyed, key, disable_token_cache=cache).chat.completions.create(model="glm-4-plus", messages=USER)
+        assert _code(e) == code
+    kid, secret = KEY_A.split(".")
+    now = int(time.time() * 1000)
+    expired = jwt.encode({"api_key": kid, "exp": now - 1000, "timestamp": now - 300_000}, secret,
+                         algorithm="HS256", headers={"alg": "HS256", "sign_type": "SIGN"})
+    url = keyed.vendor_base + "chat/completions"
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 1}
+    for headers, code in [({"Authorization": f"Bearer {expired}"}, "1003"), ({}, "1001")]:
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == code
+        assert r.headers["x-should-retry"] == "false"
+    r = httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def _hold_stream(srv, key):
+    """A streaming request kept open (not read) by the caller; run it inside frozen_engine."""
+    client = httpx.Client(timeout=30)
+    body = {"model": "glm-4-plus", "messages": USER, "stream": True, "max_tokens": 50}
+    cm = client.stream("POST", srv.openai_base + "/chat/completions", json=body,
+                       headers={"Authorization": f"Bearer {key}"})
+    response = cm.__enter__()
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    next(lines)
+    client.held_lines = lines  # dropping the iterator would close the connection (a disconnect)
+    return client, cm
+
+
+def test_per_key_concurrency_limit(keyed, engine):
+    with frozen_engine(engine):  # nothing generates: the first request stays in flight
+        client, cm = _hold_stream(keyed, KEY_A)
+        try:
+            with pytest.raises(APIReachLimitError) as e:
+                _sdk(keyed, KEY_A).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
+            assert e.value.status_code == 429 and _code(e) == "1302"
+            assert "x-should-retry" not in e.value.response.headers  # a later retry may pass
+        finally:
+            cm.__exit__(None, None, None)  # the client leaves mid-stream
+            client.close()
+    _sdk(keyed, KEY_B).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
+    wait_idle(engine)  # the abandoned stream was aborted and its blocks freed
+    deadline = time.monotonic() + 5
+    while keyed.app.state.ctx.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _sdk(keyed, KEY_A).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
+
+
+def test_queue_full(tiny_hf):
+    small = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=4096, max_num_seqs=1,
+                                               max_batch_tokens=256)))
+    srv, server, thread = start_server(small, ServerSettings(served_model_names=["glm-4-plus"], max_queue=0))
+    try:
+        with frozen_engine(small):
+            client, cm = _hold_stream(srv, "x")
+            try:
+                with pytest.raises(APIReachLimitError) as e:
+                    _sdk(srv, "a.b").chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
+                assert _code(e) == "1305"
+            finally:
+                cm.__exit__(None, None, None)
+                client.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        small.shutdown()

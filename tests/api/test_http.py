@@ -1,0 +1,155 @@
+"""Raw HTTP behaviour: client disconnects abort and free, duplicate request ids, a failing request mid-stream
+(network_error) or before it (500), unexpected bugs answered 500 without killing the server, /tokenizer,
+/metrics, /health."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from glm_serve.chat import encode_chat
+
+from .conftest import frozen_engine, wait_idle
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_admission_empty(server):
+    deadline = time.monotonic() + 5
+    while server.app.state.ctx.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.app.state.ctx.admission.in_flight == 0
+
+
+def test_stream_disconnect_aborts_and_frees(server):
+    before = _metric(server, "glm_serve_generation_tokens_total")
+    with frozen_engine(server.engine):
+        with httpx.Client(timeout=10) as client:
+            body = {"model": "glm-4-plus", "messages": USER, "stream": True, "max_tokens": 1500, "ignore_eos": True}
+            with client.stream("POST", server.openai_base + "/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+        time.sleep(0.2)  # the server notices the disconnect while the engine is held
+    wait_idle(server.engine)
+    _wait_admission_empty(server)
+    assert _metric(server, "glm_serve_generation_tokens_total") - before < 50  # aborted, not run to 1500
+
+
+def test_non_stream_disconnect_aborts_and_frees(server):
+    before = _metric(server, "glm_serve_generation_tokens_total")
+    with frozen_engine(server.engine):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.openai_base + "/chat/completions", timeout=0.5,
+                       json={"model": "glm-4-plus", "messages": USER, "max_tokens": 1500, "ignore_eos": True})
+        time.sleep(0.2)
+    wait_idle(server.engine)
+    _wait_admission_empty(server)
+    assert _metric(server, "glm_serve_generation_tokens_total") - before < 50
+
+
+def test_duplicate_request_id_in_flight(server):
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 3, "request_id": "same-id"}
+    results = []
+    with frozen_engine(server.engine):
+        t = threading.Thread(target=lambda: results.append(httpx.post(server.vendor_base + "chat/completions",
+                                                                      json=body, timeout=30)))
+        t.start()
+        deadline = time.monotonic() + 5
+        while "same-id" not in server.app.state.ctx.active_request_ids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = httpx.post(server.vendor_base + "chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "1231"
+    t.join()
+    assert results[0].status_code == 200 and results[0].json()["request_id"] == "same-id"
+    assert httpx.post(server.vendor_base + "chat/completions", json=body).status_code == 200  # free again
+
+
+class _FailingConstraint:
+    """Allows every token, then fails on the third one: an engine-side failure of this request alone."""
+
+    def __init__(self):
+        self.n = 0
+
+    def fill_bitmask(self, bitmask, row):
+        pass  # the row stays all-ones: everything allowed
+
+    def accept(self, token_id):
+        self.n += 1
+        if self.n == 3:
+            raise RuntimeError("constraint blew up")
+
+    def is_terminated(self):
+        return False
+
+
+class _FailingFactory:
+    def json_object(self):
+        return _FailingConstraint()
+
+
+def test_generation_failure_mid_stream_and_before(server, monkeypatch):
+    ctx = server.app.state.ctx
+    monkeypatch.setattr(ctx, "constraint_factory", lambda: _FailingFactory())
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 20, "response_format": {"type": "json_object"}}
+    r = httpx.post(server.vendor_base + "chat/completions", json={**body, "stream": True})
+    events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert '"finish_reason":"network_error"' in events[-2]
+    r = httpx.post(server.vendor_base + "chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "500"
+    r = httpx.post(server.openai_base + "/chat/completions", json={**body, "stream": True})
+    assert '"error"' in r.text and r.text.rstrip().endswith("}")  # an error event ends the stream
+    monkeypatch.undo()
+    assert httpx.post(server.vendor_base + "chat/completions", json={**body, "response_format": None}).status_code == 200
+    wait_idle(server.engine)
+
+
+def test_unexpected_bug_is_a_500_and_the_server_lives(server, monkeypatch):
+    from glm_serve.api import common
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(common, "prepare_chat", broken)
+    r = httpx.post(server.vendor_base + "chat/completions", json={"model": "glm-4-plus", "messages": USER})
+    assert r.status_code == 500 and r.json() == {"error": {"code": "500", "message": "internal error: RuntimeError"}}
+    assert 'route="/api/paas/v4/chat/completions",status="500"' in httpx.get(server.url + "/metrics").text
+    monkeypatch.undo()
+    assert httpx.post(server.vendor_base + "chat/completions",
+                      json={"model": "glm-4-plus", "messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_tokenizer_route(server):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = httpx.post(server.vendor_base + "tokenizer", json={"model": "glm-4-plus", "messages": USER, "tools": tools})
+    tok = server.engine.engine.tokenizer
+    assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens"] == len(encode_chat(tok, USER, tools, chat_template=tok.chat_template))
+    r = httpx.post(server.vendor_base + "tokenizer", json={"model": "glm-4-plus", "messages": [{"role": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "1214"
+
+
+def test_metrics_and_health(server):
+    httpx.post(server.vendor_base + "chat/completions", json={"model": "glm-4-plus", "messages": USER,
+                                                                "max_tokens": 3})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("glm_serve_requests_total", "glm_serve_prompt_tokens_total", "glm_serve_generation_tokens_total",
+                 "glm_serve_time_to_first_token_seconds_count", "glm_serve_inter_token_latency_seconds_count",
+                 "glm_serve_e2e_request_latency_seconds_count", "glm_serve_num_requests_running",
+                 "glm_serve_num_requests_waiting", "glm_serve_kv_cache_usage_ratio",
+                 "glm_serve_prefix_cache_hit_rate"):
+        assert name in text, name
+    assert 'route="/api/paas/v4/chat/completions",status="200"' in text
+    assert _metric(server, "glm_serve_prompt_tokens_total") > 0
+    assert _metric(server, "glm_serve_time_to_first_token_seconds_count") > 0
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

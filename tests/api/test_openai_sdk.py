@@ -1,0 +1,132 @@
+"""The `openai` SDK against a real server's /v1: chat (sync, stream with usage, n>1, logprobs, seeds), JSON
+schema output, forced tool calls (streamed), legacy completions (strings, ids, lists, echo, stream), models,
+and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from .conftest import engine_answer, wait_idle
+from .test_vendor_sdk import TIME, WEATHER
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(api_key="unused", base_url=server.openai_base, max_retries=0)
+
+
+USER = [{"role": "user", "content": "tell me about GLM"}]
+
+
+def test_chat_greedy_equals_engine(client, server):
+    r = client.chat.completions.create(model="glm-4-tiny", messages=USER, temperature=0, max_tokens=24)
+    text, token_ids, prompt_ids = engine_answer(server.engine, USER, 24)
+    assert r.choices[0].message.content == text.removeprefix("\n")
+    assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == len(token_ids)
+    assert r.object == "chat.completion" and r.model == "glm-4-tiny"
+
+
+def test_stream_with_usage_and_n(client, server):
+    full = client.chat.completions.create(model="glm-4-tiny", messages=USER, temperature=0, max_tokens=20)
+    stream = client.chat.completions.create(model="glm-4-tiny", messages=USER, temperature=0, max_tokens=20, n=3,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = ["", "", ""]
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        texts[ch.index] += ch.delta.content or ""
+    assert texts == [full.choices[0].message.content] * 3  # greedy: every choice is the same answer
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3 * full.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    wait_idle(server.engine)
+
+
+def test_seeded_sampling_is_reproducible_and_choices_differ(client):
+    kw = dict(model="glm-4-tiny", messages=USER, temperature=1.0, max_tokens=16, seed=7, n=4)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model="glm-4-tiny", messages=USER, temperature=0, max_tokens=6,
+                                       logprobs=True, top_logprobs=3)
+    lps = r.choices[0].logprobs.content
+    assert len(lps) == r.usage.completion_tokens
+    for lp in lps:
+        assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
+        assert lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)  # greedy picks the most likely
+
+
+def test_json_schema_output_validates(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}},
+              "required": ["name", "ok", "tag"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="glm-4-tiny", messages=USER, temperature=0, max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_forced_tool_call_stream(client):
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER, TIME],
+              tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0, max_tokens=100)
+    full = client.chat.completions.create(**kw)
+    (call,) = full.choices[0].message.tool_calls
+    assert full.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_time" and deltas[0].id.startswith("call_")
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_completions(client, server):
+    tok = server.engine.engine.tokenizer
+    ids = tok.encode("[gMASK]<sop><|user|>\nhello<|assistant|>")
+    by_text = client.completions.create(model="glm-4-tiny", prompt="[gMASK]<sop><|user|>\nhello<|assistant|>",
+                                        temperature=0, max_tokens=12)
+    by_ids = client.completions.create(model="glm-4-tiny", prompt=ids, temperature=0, max_tokens=12)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == len(ids)
+    many = client.completions.create(model="glm-4-tiny", prompt=[ids, [5, 6, 7]], temperature=0, max_tokens=12,
+                                     n=2)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == by_ids.choices[0].text
+    default = client.completions.create(model="glm-4-tiny", prompt="hi", temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    echo = client.completions.create(model="glm-4-tiny", prompt="hello there", temperature=0, max_tokens=4, echo=True)
+    assert echo.choices[0].text.startswith("hello there")
+    stream = list(client.completions.create(model="glm-4-tiny", prompt=ids, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in stream[:-1]) == by_ids.choices[0].text
+    assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == by_ids.usage.completion_tokens
+    lp = client.completions.create(model="glm-4-tiny", prompt=ids, temperature=0, max_tokens=5, logprobs=2)
+    assert len(lp.choices[0].logprobs.tokens) == 5 and "".join(lp.choices[0].logprobs.tokens) != ""
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list()] == ["glm-4-tiny", "glm-4-plus", "glm-4-flash"]
+
+
+@pytest.mark.parametrize("kwargs, status, code", [
+    (dict(model="nope", messages=USER), 400, "model_not_found"),
+    (dict(model="glm-4-tiny", messages=USER, temperature=2.5), 400, "1210"),
+    (dict(model="glm-4-tiny", messages=USER, n=1000), 400, "1210"),
+    (dict(model="glm-4-tiny", messages=USER, logit_bias={"5": 10}), 400, "1214"),
+    (dict(model="glm-4-tiny", messages=[{"role": "user", "content": "x " * 3000}]), 400, "context_length_exceeded"),
+    (dict(model="glm-4-tiny", messages=USER, tools=[{"type": "web_search"}]), 400, "1214"),
+])
+def test_errors_in_openai_shape(client, kwargs, status, code):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**kwargs)
+    assert e.value.status_code == status
+    err = e.value.response.json()["error"]
+    assert err["code"] == code and err["type"] == "invalid_request_error" and err["message"]

@@ -1,0 +1,100 @@
+"""`glm-serve serve` (flags -> configs; a real process: start-up log, keys, no key in the log) and
+`glm-serve chat` (multi-turn loop against a server and in-process, greedy answers equal to the API's)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from glm_serve.api.serve import api_keys, engine_config
+from glm_serve.chat_cli import chat_loop, local_backend, server_backend
+from glm_serve.cli import build_parser
+
+from .conftest import _free_port
+
+
+def test_serve_flags_map_to_configs(monkeypatch):
+    args = build_parser().parse_args([
+        "serve", "--model", "/m", "--block-size", "32", "--kv-cache-tokens", "4096", "--max-num-seqs", "8",
+        "--max-batch-tokens", "64", "--no-prefix-caching", "--attention-backend", "torch", "--max-model-len", "1024",
+        "--quantization", "none", "--rope-theta", "5e6", "--served-model-name", "a", "--served-model-name", "b",
+        "--api-key", "k1", "--max-queue", "3", "--max-concurrency-per-key", "2"])
+    cfg = engine_config(args)
+    assert (cfg.model, cfg.block_size, cfg.kv_cache_tokens, cfg.max_num_seqs, cfg.max_batch_tokens) == \
+        ("/m", 32, 4096, 8, 64)
+    assert (cfg.enable_prefix_caching, cfg.attention_backend, cfg.max_model_len, cfg.quantization, cfg.rope_theta) \
+        == (False, "torch", 1024, None, 5e6)
+    assert args.served_model_name == ["a", "b"] and (args.max_queue, args.max_concurrency_per_key) == (3, 2)
+    monkeypatch.setenv("GLM_SERVE_API_KEYS", "k2, k1 ,k3")
+    assert api_keys(args.api_key) == ["k1", "k2", "k3"]
+
+
+def test_serve_process(tiny_hf):
+    port, key = _free_port(), "procid.proc-secret-proc-secret-proc-secret"
+    env = {**os.environ, "GLM_SERVE_API_KEYS": key}
+    proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
+                             str(port), "--kv-cache-tokens", "2048", "--served-model-name", "glm-4-flash"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline, ok = time.monotonic() + 90, False
+        while time.monotonic() < deadline and proc.poll() is None and not ok:
+            try:
+                ok = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert ok, "server did not come up"
+        url = f"http://127.0.0.1:{port}/api/paas/v4/chat/completions"
+        body = {"model": "glm-4-flash", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert httpx.post(url, json=body).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert "KV cache: 2048 tokens" in out and f"http://127.0.0.1:{port}" in out and "1 key(s)" in out
+    assert key not in out and key.split(".")[1] not in out
+
+
+def _scripted(lines):
+    it = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def test_chat_loop_against_server_keeps_history(server):
+    sent = []
+    backend = server_backend(server.url, None, None, 0.0, 12)
+
+    def send(messages):
+        sent.append([dict(m) for m in messages])
+        return backend(messages)
+
+    out = []
+    history = chat_loop(send, _scripted(["hello", "and then?", "/reset", "fresh"]), out.append, system="Be brief.")
+    assert [len(m) for m in sent] == [2, 4, 2]  # system + user; + answer + user; reset keeps the system
+    assert sent[1][2]["role"] == "assistant" and history[-1]["role"] == "assistant"
+    direct = httpx.post(server.openai_base + "/chat/completions", json={
+        "model": "glm-4-tiny", "messages": sent[0], "temperature": 0, "max_tokens": 12}).json()
+    assert sent[1][2]["content"] == direct["choices"][0]["message"]["content"]
+    assert "(conversation cleared)" in "".join(out)
+
+
+def test_chat_in_process_equals_server(server, tiny_hf):
+    args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
+                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024)
+    out = []
+    history = chat_loop(local_backend(args), _scripted(["你好"]), out.append)
+    direct = httpx.post(server.openai_base + "/chat/completions", json={
+        "model": "glm-4-tiny", "messages": history[:1], "temperature": 0, "max_tokens": 12}).json()
+    assert history[1]["content"] == direct["choices"][0]["message"]["content"]

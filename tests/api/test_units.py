@@ -1,0 +1,159 @@
+"""Pieces of the API without a server: the streaming answer parser against glm_serve.chat's one-shot parser on
+random chunkings, key and JWT checks against PyJWT-made tokens, admission limits, sampling-parameter mapping."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from types import SimpleNamespace
+
+import jwt
+import pytest
+
+from glm_serve.api.auth import Admission, KeyStore
+from glm_serve.api.context import GenerationDefaults
+from glm_serve.api.errors import APIError
+from glm_serve.api.params import OPENAI, VENDOR, sampling_params
+from glm_serve.api.parser import ChoiceParser, assemble
+from glm_serve.chat import parse_assistant_output
+
+NAMES = frozenset({"get_weather", "get_time", "search"})
+
+
+def _random_answer(rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    args = json.dumps({"city": rng.choice(["北京", "Paris", "a b"]), "n": rng.randrange(100)},
+                      indent=rng.choice([None, 2]))
+    if kind == 0:
+        return "\n" + rng.choice(["Hello", "你好，世界", "", "two\nlines", "get_weather\n{}"])
+    if kind == 1:
+        return f"{rng.choice(sorted(NAMES))}\n{args}"
+    if kind == 2:
+        return f"{rng.choice(sorted(NAMES))}\n  {args} \n"  # whitespace around the arguments
+    if kind == 3:
+        return f"get_wea ther\n{args}"  # a space: not a name
+    if kind == 4:
+        return f"unknown_fn\n{args}"
+    return rng.choice(["plain text", "get_", "get_weather", "{\"a\": 1}"])  # no newline at all
+
+
+def _chunks(text: str, rng: random.Random) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        k = rng.randrange(0, 5)
+        out.append(text[i:i + k])
+        i += k
+    return out
+
+
+def test_stream_parser_matches_one_shot_parser_on_random_chunkings():
+    rng = random.Random(1234)
+    for _ in range(400):
+        text = _random_answer(rng)
+        parser = ChoiceParser(NAMES)
+        deltas = [d for piece in _chunks(text, rng) for d in parser.feed(piece)] + parser.finish()
+        got = assemble(deltas)
+        ref = parse_assistant_output(text, NAMES)
+        if ref.tool_calls:
+            assert got.content is None and len(got.tool_calls) == 1, text
+            assert got.tool_calls[0]["function"]["name"] == ref.tool_calls[0].name
+            assert got.tool_calls[0]["function"]["arguments"] == ref.tool_calls[0].arguments
+            assert got.tool_calls[0]["id"].startswith("call_")
+        elif text.startswith("\n") or not any(text.startswith(n + "\n") for n in NAMES):
+            assert got.content == ref.content and not got.tool_calls, text
+
+
+def test_stream_parser_never_leaks_a_call_into_content():
+    parser = ChoiceParser(NAMES)
+    deltas = []
+    for piece in ["get", "_wea", "ther", "\n", "{\"city\"", ": \"x\"}"]:
+        deltas += parser.feed(piece)
+    assert all(d.content is None for d in deltas)
+    assert deltas[0].name == "get_weather" and "".join(d.arguments or "" for d in deltas) == '{"city": "x"}'
+
+
+def test_parser_without_tools_only_drops_the_leading_newline():
+    p = ChoiceParser()
+    assert [d.content for d in p.feed("\nget_weather\n{}")] == ["get_weather\n{}"]
+    assert [d.content for d in ChoiceParser().feed("abc")] == ["abc"]
+
+
+SECRET = "mysecret-mysecret-mysecret-mysecret"
+KEY = f"myid.{SECRET}"
+
+
+def _sdk_token(secret: str, exp_ms: int, key_id: str = "myid") -> str:
+    now = int(time.time() * 1000)
+    return jwt.encode({"api_key": key_id, "exp": exp_ms, "timestamp": now}, secret, algorithm="HS256",
+                      headers={"alg": "HS256", "sign_type": "SIGN"})
+
+
+def _code(store: KeyStore, header) -> str:
+    with pytest.raises(APIError) as e:
+        store.authenticate(header)
+    return e.value.code
+
+
+def test_keys_raw_and_jwt():
+    store = KeyStore([KEY, "plainkey"])
+    assert store.authenticate(f"Bearer {KEY}") == "myid"
+    assert store.authenticate("Bearer plainkey") == "plainkey"
+    now = int(time.time() * 1000)
+    assert store.authenticate("Bearer " + _sdk_token(SECRET, now + 60_000)) == "myid"
+    assert _code(store, None) == "1001"
+    assert _code(store, "Bearer ") == "1001"
+    assert _code(store, "Bearer nope") == "1000"
+    assert _code(store, "Bearer " + _sdk_token(SECRET, now - 1000)) == "1003"
+    assert _code(store, "Bearer " + _sdk_token("wrong-secret-wrong-secret-wrong-secret", now + 60_000)) == "1004"
+    assert _code(store, "Bearer " + _sdk_token(SECRET, now + 60_000, key_id="other")) == "1002"
+    assert _code(store, "Bearer a.b.c") == "1002"
+    # exp in seconds (a stock JWT library) is read as seconds, not as a 1970 millisecond date
+    assert store.authenticate("Bearer " + _sdk_token(SECRET, int(time.time()) + 60)) == "myid"
+
+
+def test_admission_limits():
+    adm = Admission(max_concurrency_per_key=2, max_in_flight=3)
+    a1, a2 = adm.acquire("a"), adm.acquire("a")
+    with pytest.raises(APIError) as e:
+        adm.acquire("a")
+    assert e.value.code == "1302" and e.value.status == 429
+    b = adm.acquire("b")
+    with pytest.raises(APIError) as e:
+        adm.acquire("c")
+    assert e.value.code == "1305"
+    a1.release()
+    a1.release()  # idempotent
+    assert adm.in_flight == 2
+    adm.acquire("a")
+    for s in (a2, b):
+        s.release()
+
+
+def _ctx(**defaults):
+    return SimpleNamespace(defaults=GenerationDefaults(**defaults), max_n=8, max_model_len=1000)
+
+
+def _req(**fields):
+    return SimpleNamespace(**fields)
+
+
+def test_sampling_params_mapping():
+    ctx = _ctx(temperature=0.8, top_p=0.7)
+    p = sampling_params(_req(), VENDOR, ctx)
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.8, 0.7, None)  # checkpoint defaults, up to the context
+    assert sampling_params(_req(do_sample=False, temperature=0.5), VENDOR, ctx).greedy
+    assert sampling_params(_req(temperature=0.0), VENDOR, ctx).greedy
+    assert sampling_params(_req(temperature=1.7), OPENAI, ctx).temperature == 1.7
+    assert sampling_params(_req(logprobs=True, top_logprobs=3), OPENAI, ctx).logprobs == 3
+    assert sampling_params(_req(), VENDOR, _ctx(do_sample=False, temperature=0.8)).greedy
+    for flavor, fields, code in [
+        (VENDOR, dict(temperature=1.5), "1210"), (VENDOR, dict(top_p=0.0), "1210"),
+        (OPENAI, dict(temperature=2.5), "1210"), (VENDOR, dict(n=9), "1210"),
+        (VENDOR, dict(max_tokens=1001), "1210"), (VENDOR, dict(max_tokens=0), "1210"),
+        (OPENAI, dict(top_logprobs=2), "1215"), (OPENAI, dict(logit_bias={"1": 5}), "1214"),
+        (OPENAI, dict(presence_penalty=3.0), "1210"), (VENDOR, dict(stop=["ok", ""]), "1210"),
+    ]:
+        with pytest.raises(APIError) as e:
+            sampling_params(_req(**fields), flavor, ctx)
+        assert e.value.code == code, fields
