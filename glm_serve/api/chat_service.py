@@ -68,7 +68,7 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
     parsers = [ChoiceParser(prep.tool_names) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics)
-    async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints):
+    async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm):
         updates, new_tokens = [], 0
         for o in out.outputs:
             parser = parsers[o.index]

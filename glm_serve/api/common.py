@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_disconnect
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError
+from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, prepare_chat
 
 
@@ -84,6 +85,7 @@ async def handle_chat(request: Request, flavor: str, model_cls, route: str):
     req = model_cls.model_validate(await read_json(request))
     req.log_unknown(route)
     prep = prepare_chat(req, flavor, ctx)
+    await attach_image(ctx, prep)
     client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
     meta = new_meta(ctx, flavor, req.model, client_rid)
     admitted = Admitted(ctx, key_id, client_rid)

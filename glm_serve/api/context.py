@@ -31,6 +31,7 @@ class ServerSettings:
     max_body_bytes: int = 32 << 20  # request bodies above this are refused with 413
     task_ttl_s: float = 3600.0  # how long finished async-task results are kept
     max_tasks: int = 10000  # async-task records kept at most (oldest finished ones dropped first)
+    allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from glm_serve.api.context import MAX_TOOLS, ServingContext
 from glm_serve.api.errors import APIError, bad_param, invalid_value
-from glm_serve.chat import ChatFormatError, encode_chat
+from glm_serve.chat import ChatFormatError, encode_chat, image_urls
 from glm_serve.engine.engine import PromptTooLongError
 from glm_serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -25,6 +25,8 @@ class PreparedChat:
     stream: bool
     include_usage: bool  # OpenAI stream_options.include_usage
     extra: dict = field(default_factory=dict)
+    image_url: str | None = None  # GLM-4V: the conversation's image (bare base64, data URL or http(s) URL)
+    mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt, set by api.images.attach_image
 
 
 def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -178,18 +180,45 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     choice, name = _tool_choice(req.tool_choice, tools)
     fmt, schema = _response_format(req.response_format)
     params = sampling_params(req, flavor, ctx)
+    image_url = check_images(ctx, req.messages)
     try:
         ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
-                          allow_images=False)
+                          allow_images=image_url is not None)
     except ChatFormatError as e:
         raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
-    check_prompt(ctx, ids, params)
+    check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params)
     constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
     parse = fmt == "text" and choice != "none"
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
-                        bool(options.get("include_usage")))
+                        bool(options.get("include_usage")), image_url=image_url)
+
+
+def check_images(ctx: ServingContext, messages) -> str | None:
+    """The one image URL of a GLM-4V conversation, or None; 400s for images this model cannot take."""
+    urls = image_urls(messages)
+    if not urls:
+        return None
+    if ctx.core.model.vision is None:
+        raise APIError("1214", "this model is text-only: image_url parts need a GLM-4V checkpoint", "messages")
+    if len(urls) > 1:
+        raise APIError("1214", f"{len(urls)} images in one conversation: GLM-4V takes exactly one", "messages")
+    if not isinstance(urls[0], str) or not urls[0]:
+        raise APIError("1214", "image_url.url must be a non-empty string", "messages")
+    return urls[0]
+
+
+def expanded_ids(ctx: ServingContext, ids: list[int]) -> list[int]:
+    """GLM-4V: the prompt with its image placeholder widened to the tower's slots (for length checks)."""
+    from glm_serve.vision_config import expand_image_tokens  # noqa: PLC0415
+
+    sp = ctx.tokenizer.special_ids
+    try:
+        return expand_image_tokens(ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"],
+                                   ctx.core.model.vision.config.num_image_vectors).ids
+    except ValueError as e:
+        raise invalid_value("messages", str(e)) from None
 
 
 def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams) -> None:

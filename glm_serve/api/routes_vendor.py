@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from glm_serve.api.chat_service import chat_result
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, read_json
 from glm_serve.api.errors import invalid_value
-from glm_serve.api.params import VENDOR, check_tools, prepare_chat
+from glm_serve.api.images import attach_image
+from glm_serve.api.params import VENDOR, check_images, check_tools, expanded_ids, prepare_chat
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
 from glm_serve.api.tasks import Task
 from glm_serve.chat import ChatFormatError, encode_chat
@@ -32,6 +33,7 @@ async def async_chat_completions(request: Request):
     req = VendorChatRequest.model_validate(await read_json(request))
     req.log_unknown("vendor async chat")
     prep = prepare_chat(req, VENDOR, ctx)
+    await attach_image(ctx, prep)
     prep.stream = False  # a task's result is fetched whole
     meta = new_meta(ctx, VENDOR, req.model, req.request_id)
     admitted = Admitted(ctx, key_id, req.request_id)
@@ -54,8 +56,11 @@ async def tokenizer(request: Request):
     req.log_unknown("vendor tokenizer")
     ctx.check_model(req.model)
     try:
+        image = check_images(ctx, req.messages)
         ids = encode_chat(ctx.tokenizer, req.messages, tools=check_tools(req.tools) if req.tools else None,
-                          chat_template=ctx.tokenizer.chat_template, allow_images=False)
+                          chat_template=ctx.tokenizer.chat_template, allow_images=image is not None)
+        if image is not None:  # an image takes the tower's slots in the context, not 3 tokens
+            ids = expanded_ids(ctx, ids)
     except ChatFormatError as e:
         raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
     rid = ctx.new_id("tok")

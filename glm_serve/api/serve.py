@@ -29,6 +29,8 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
+    s.add_argument("--allow-image-urls", action="store_true",
+                   help="GLM-4V: fetch http(s) image URLs (20 MiB, 10 s limits); base64 and data URLs always work")
     s.add_argument("--max-model-len", type=int, default=None, help="context window (default: the checkpoint's, "
                                                                    "capped by the KV cache)")
     s.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two)")
@@ -76,7 +78,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
                               max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
-                              max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))))
+                              max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
+                              allow_image_urls=args.allow_image_urls)
     config = engine_config(args)
     if args.model == "demo":
         log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "

@@ -29,6 +29,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     constraints: list[TokenConstraint | None] | None
+    image: object | None  # GLM-4V: a MultiModalPrompt from LLMEngine.prepare_image, or image bytes
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -47,12 +48,16 @@ class AsyncEngine:
     # ---- caller side (event loop) -------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       constraints: list[TokenConstraint | None] | None = None) -> AsyncIterator[RequestOutput]:
+                       constraints: list[TokenConstraint | None] | None = None,
+                       image=None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (deltas) until the request finishes. Raises ValueError at once for a request
-        that can never run. Leaving the iterator early (client gone, cancel) aborts the request."""
-        self.engine.validate(prompt_ids, params)
+        that can never run. Leaving the iterator early (client gone, cancel) aborts the request.
+        image (GLM-4V): a MultiModalPrompt from `engine.prepare_image` (preferred: its CPU work then stays off
+        the engine thread) or image bytes."""
+        self.engine.validate(getattr(image, "ids", None) or prompt_ids, params)
         sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt_ids, params, constraints, sink, asyncio.get_running_loop()))
+        self._commands.put(_Add(request_id, prompt_ids, params, constraints, image, sink,
+                                asyncio.get_running_loop()))
         finished = False
         try:
             while True:
@@ -114,7 +119,7 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints)
+                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints, cmd.image)
             except Exception as e:  # noqa: BLE001 (reported to that caller only)
                 self._send(cmd.request_id, e if isinstance(e, ValueError) else RuntimeError(str(e)), final=True)
         elif cmd[0] == "abort":
