@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
 # writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along.
-#   bash scripts/gpu-run.sh [tests|kernels|offline|all]
+#   bash scripts/gpu-run.sh [tests|kernels|offline|vision|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -21,6 +21,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   python3 benchmarks/kernels.py --out "$results/kernels_$(date +%F).json"
+fi
+if [ "$what" = vision ] || [ "$what" = all ]; then
+  vckpt=/tmp/glm-4v-9b-random
+  [ -f "$vckpt/config.json" ] || glm-serve make-tiny "$vckpt" --vision --preset glm-4-9b --device cuda
+  python3 benchmarks/vision_ttft.py --model "$vckpt" --device cuda --out "$results/vision_ttft_cuda_$(date +%F).json"
 fi
 if [ "$what" = offline ] || [ "$what" = all ]; then
   ckpt=/tmp/glm-4-9b-random
