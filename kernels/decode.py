@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import fold_key_tile
+from .paged_tile import check_paged_cache, fold_key_tile
 
 _LOG2E = 1.4426950408889634
 # A split shorter than this spends more time on its prologue and on the reduce than on reading K/V.
@@ -209,17 +209,11 @@ def paged_decode(
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache and v_cache must be [num_blocks, block_size, KVH, D] with equal shapes and strides")
-    if k_cache.shape[3] != head_dim or k_cache.dtype != q.dtype:
-        raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match q {tuple(q.shape)} {q.dtype}")
-    kv_heads = k_cache.shape[2]
-    if num_heads % kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
+    kv_heads = check_paged_cache(q, k_cache, v_cache)
     if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"seq_lens must be [{batch}] and block_tables [{batch}, max_blocks]")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("q, the caches and block_tables must be contiguous along their last dim")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q and block_tables must be contiguous along their last dim")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if block_n < 16 or block_n & (block_n - 1):

@@ -88,3 +88,18 @@ def fold_key_tile(
     v = _load_rows(v_cache_ptr + ptrs, key_ok, offs_d, MASK_KEYS, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
     return m_new, l_i, acc
+
+
+def check_paged_cache(q, k_cache, v_cache) -> int:
+    """Shared wrapper check: q [..., H, D] against K/V caches [num_blocks, block_size, KVH, D]; -> KVH."""
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must be [num_blocks, block_size, KVH, D] with equal shapes and strides")
+    if k_cache.shape[3] != head_dim or k_cache.dtype != q.dtype:
+        raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    if k_cache.stride(-1) != 1:
+        raise ValueError("the caches must be contiguous along head_dim")
+    kv_heads = k_cache.shape[2]
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
+    return kv_heads

@@ -52,7 +52,20 @@ class VendorChatRequest(_Request):
     n: int | None = None  # not in the vendor spec; honoured when sent
 
 
-class OpenAIChatRequest(_Request):
+class _VllmExtensions(BaseModel):
+    """Sampling extensions in vLLM's spelling, honoured on the /v1 routes when sent."""
+
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+
+class OpenAIChatRequest(_Request, _VllmExtensions):
     """POST /v1/chat/completions."""
 
     messages: list[Any]
@@ -83,18 +96,9 @@ class OpenAIChatRequest(_Request):
     top_logprobs: int | None = None
     top_p: float | None = None
     user: str | None = None
-    # Extensions in vLLM's spelling, honoured when sent.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
 
 
-class OpenAICompletionRequest(_Request):
+class OpenAICompletionRequest(_Request, _VllmExtensions):
     """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
 
     model: str
@@ -115,14 +119,6 @@ class OpenAICompletionRequest(_Request):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
 
 
 class TokenizerRequest(_Request):
