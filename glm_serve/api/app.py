@@ -19,7 +19,7 @@ from glm_serve.engine.async_engine import AsyncEngine
 
 _KNOWN_ROUTES = ("/api/paas/v4/chat/completions", "/api/paas/v4/async/chat/completions",
                  "/api/paas/v4/tokenizer", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                 "/metrics")
+                 "/metrics", "/api/paas/v4/files", "/api/paas/v4/batches")
 
 
 class _CountRequests:
@@ -56,10 +56,15 @@ class _CountRequests:
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     ctx = ServingContext(engine, settings or ServerSettings())
     tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks)
+    from glm_serve.batch.routes import BatchService  # noqa: PLC0415 (it imports glm_serve.api modules)
+
+    batches = BatchService(ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await batches.start()
         yield
+        await batches.stop()  # lines in flight stay pending for the next start
         tasks.cancel_all()  # their engine requests abort; the engine itself belongs to the caller
 
     app = FastAPI(title="glm-serve", description="GLM-4 inference server: the vendor's v4 API and OpenAI's /v1",
@@ -69,6 +74,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     install_handlers(app)
     app.include_router(vendor_router)
     app.include_router(openai_router)
+    batches.mount(app)
 
     @app.get("/health")
     async def health():

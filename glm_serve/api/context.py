@@ -31,6 +31,8 @@ class ServerSettings:
     max_body_bytes: int = 32 << 20  # request bodies above this are refused with 413
     task_ttl_s: float = 3600.0  # how long finished async-task results are kept
     max_tasks: int = 10000  # async-task records kept at most (oldest finished ones dropped first)
+    data_dir: Path | None = None  # batch files and state (glm_serve/batch); None = a temporary folder
+    batch_concurrency: int = 32  # batch lines in flight at most (glm_serve/batch/worker.py)
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
 
     def __post_init__(self):
@@ -38,6 +40,8 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.batch_concurrency < 1:
+            raise ValueError(f"batch_concurrency must be >= 1, got {self.batch_concurrency}")
 
 
 @dataclass

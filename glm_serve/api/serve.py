@@ -31,25 +31,44 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="GLM-4V: fetch http(s) image URLs (20 MiB, 10 s limits); base64 and data URLs always work")
-    s.add_argument("--max-model-len", type=int, default=None, help="context window (default: the checkpoint's, "
-                                                                   "capped by the KV cache)")
-    s.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two)")
-    s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens (default: "
-                                                                     "from --gpu-memory-utilization)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
-    s.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most")
-    s.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    s.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
+    s.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where uploaded files, batch state and batch outputs live (default: "
+                        "$XDG_DATA_HOME/glm-serve, else ~/.local/share/glm-serve)")
+    s.add_argument("--batch-concurrency", type=int, default=32,
+                   help="batch lines in flight at most (capped at half of --max-num-seqs; a quarter of it while "
+                        "interactive requests are in flight)")
+    add_engine_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
+
+
+def add_engine_args(p) -> None:
+    """Engine flags shared by `serve` and `batch` (read by engine_config)."""
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the checkpoint's, "
+                                                                   "capped by the KV cache)")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens (default: "
+                                                                     "from --gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
 
 
 def api_keys(args_keys: list[str] | None) -> list[str]:
     keys = [k.strip() for k in (args_keys or []) if k.strip()]
     keys += [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     return list(dict.fromkeys(keys))
+
+
+def data_dir(arg: str | None):
+    from pathlib import Path  # noqa: PLC0415
+
+    from glm_serve.batch.store import default_data_dir  # noqa: PLC0415
+
+    return Path(arg).expanduser() if arg else default_data_dir()
 
 
 def engine_config(args):
@@ -79,7 +98,8 @@ def cmd_serve(args) -> int:
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
                               max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
-                              allow_image_urls=args.allow_image_urls)
+                              allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
+                              batch_concurrency=args.batch_concurrency)
     config = engine_config(args)
     if args.model == "demo":
         log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "
@@ -98,6 +118,8 @@ def cmd_serve(args) -> int:
         log.info("KV cache: %d tokens (%d-token blocks); context window %d tokens; up to %d sequences per batch",
                  core.kv_capacity_tokens, config.block_size, core.max_model_len, config.max_num_seqs)
         log.info("model names: %s", ", ".join(ctx.model_names))
+        log.info("files and batches in %s (batch lines in flight: %d at most)", settings.data_dir,
+                 app.state.batches.worker.concurrency)
         if settings.api_keys:
             log.info("authentication on: %d key(s)", len(settings.api_keys))  # never the keys themselves
         elif args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -35,11 +35,12 @@ def test_serve_flags_map_to_configs(monkeypatch):
     assert api_keys(args.api_key) == ["k1", "k2", "k3"]
 
 
-def test_serve_process(tiny_hf):
+def test_serve_process(tiny_hf, tmp_path):
     port, key = _free_port(), "procid.proc-secret-proc-secret-proc-secret"
     env = {**os.environ, "GLM_SERVE_API_KEYS": key}
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
-                             str(port), "--kv-cache-tokens", "2048", "--served-model-name", "glm-4-flash"],
+                             str(port), "--kv-cache-tokens", "2048", "--served-model-name", "glm-4-flash",
+                             "--data-dir", str(tmp_path / "data")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline, ok = time.monotonic() + 90, False

@@ -1,0 +1,239 @@
+"""`glm-serve batch INPUT.jsonl -o OUTPUT.jsonl --model DIR`: a batch file answered in-process, no server.
+
+Lines are checked and answered exactly as the server's batch worker does (runner.py), up to `--concurrency`
+at once. Each result is appended as it finishes (output lines to OUTPUT, errors to OUTPUT.errors.jsonl),
+flushed and fsynced, so an interrupted run loses nothing written; a rerun skips the custom_ids already in
+OUTPUT and the line numbers already in the error file, after cutting a torn last line left by a crash.
+Output lines therefore come in finishing order, not input order; match them by custom_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("glm_serve.batch")
+
+
+def add_batch_parser(sub, add_model_args) -> None:
+    from glm_serve.api.serve import add_engine_args  # noqa: PLC0415 (argparse only)
+
+    b = sub.add_parser("batch", help="answer a batch JSONL file in-process (resumable), no server needed",
+                       description="Answer every line of a batch input file ({custom_id, method, url, body} per "
+                                   "line, the vendor's batch format) with the local model. Rerun the same command "
+                                   "after an interruption to finish the job.")
+    b.add_argument("input", help="input JSONL file")
+    b.add_argument("-o", "--output", required=True, help="output JSONL file (appended to; a rerun resumes it)")
+    b.add_argument("--errors", default=None, help="error JSONL file (default: OUTPUT with .errors.jsonl)")
+    add_model_args(b)
+    b.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="model names lines may ask for (default: any name: this command runs one model)")
+    b.add_argument("--concurrency", type=int, default=None,
+                   help="lines in flight at once (default: twice --max-num-seqs, so the engine stays full)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_args(b)
+    b.set_defaults(fn=cmd_batch)
+
+
+def errors_path(output: Path) -> Path:
+    name = output.name.removesuffix(".jsonl")
+    return output.with_name(name + ".errors.jsonl")
+
+
+def read_done(path: Path, key: str) -> set:
+    """The `key` values of the complete lines of a file this command wrote, after cutting a torn last line
+    (a crash in the middle of a write) off the file. ValueError for a line this command did not write."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        os.truncate(path, end)
+    done = set()
+    for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)[key]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n} is not a line `glm-serve batch` wrote (no {key!r}); move the file "
+                             "away or choose another output") from None
+        done.add(value)
+    return done
+
+
+def _custom_id(raw: bytes) -> str | None:
+    try:
+        cid = json.loads(raw).get("custom_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return cid if isinstance(cid, str) else None
+
+
+def done_before(lines: list[tuple[int, bytes]], done_ids: set, done_lines: set) -> set[int]:
+    """Line numbers an earlier run finished: in the error file by line, or answered by custom_id (the first
+    line carrying it: a later duplicate is an error of its own)."""
+    skip, seen = set(), set()
+    for line, raw in lines:
+        cid = _custom_id(raw)
+        if line in done_lines or (cid is not None and cid not in seen and cid in done_ids):
+            skip.add(line)
+        if cid is not None:
+            seen.add(cid)
+    return skip
+
+
+class _Appender:
+    """Appends lines to a file durably: one write, flush and fsync per group of lines."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "ab")  # noqa: SIM115 (closed by close())
+
+    def write(self, lines: list[str]) -> None:
+        if lines:
+            self.f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _Progress:
+    """done/total, lines/s and ETA from tqdm, plus generated tokens/s."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm  # noqa: PLC0415
+
+        self.bar = tqdm(total=total, initial=initial, unit="line", disable=not enabled, dynamic_ncols=True,
+                        smoothing=0.1)
+        self.tokens, self.started = 0, time.monotonic()
+
+    def update(self, lines: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-6)
+        self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        self.bar.update(lines)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def run_file(ctx, lines: list[tuple[int, bytes]], done_ids: set, done_lines: set, out: _Appender,
+                   err: _Appender, concurrency: int, progress: _Progress) -> tuple[int, int]:
+    """Answer every line not done yet; returns (answered, failed) of this run."""
+    from glm_serve.batch.runner import check_line, run_line  # noqa: PLC0415
+
+    seen: dict[str, int] = {}  # custom_id -> first line, over the whole file (skipped lines included)
+    results: asyncio.Queue = asyncio.Queue()  # (ok, line text, tokens); None = all workers are done
+    counts = [0, 0]
+    skip = done_before(lines, done_ids, done_lines)
+
+    def todo():
+        for line, raw in lines:
+            if line in skip:
+                cid = _custom_id(raw)
+                if cid is not None:
+                    seen.setdefault(cid, line)
+                continue
+            yield check_line(ctx, line, raw, seen)
+
+    queue = todo()
+
+    async def work():
+        for item in queue:  # one shared generator: each line is taken by exactly one worker
+            if not item.ok:
+                await results.put((False, item.error, 0))
+                continue
+            await results.put(await run_line(ctx, item.custom_id, item.line, item.body))
+
+    async def write():
+        while True:
+            group = [await results.get()]
+            while not results.empty():
+                group.append(results.get_nowait())
+            done = group[-1] is None
+            group = [g for g in group if g is not None]
+            await asyncio.to_thread(out.write, [text for ok, text, _ in group if ok])
+            await asyncio.to_thread(err.write, [text for ok, text, _ in group if not ok])
+            n_ok = sum(ok for ok, _, _ in group)
+            counts[0] += n_ok
+            counts[1] += len(group) - n_ok
+            progress.update(len(group), sum(t for _, _, t in group))
+            if done:
+                return
+
+    writer = asyncio.ensure_future(write())
+    try:
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+        await results.put(None)
+        await writer
+    finally:
+        writer.cancel()
+    return counts[0], counts[1]
+
+
+def cmd_batch(args) -> int:
+    from glm_serve.api.context import (  # noqa: PLC0415
+        ServerSettings,
+        ServingContext,
+        default_model_names,
+    )
+    from glm_serve.api.serve import engine_config  # noqa: PLC0415
+    from glm_serve.batch.runner import iter_lines  # noqa: PLC0415
+    from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
+    from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
+
+    src, out_path = Path(args.input), Path(args.output)
+    err_path = Path(args.errors) if args.errors else errors_path(out_path)
+    if not src.is_file():
+        raise ValueError(f"input file {src} does not exist")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if len({out_path.resolve(), err_path.resolve(), src.resolve()}) < 3:
+        raise ValueError("the input, output and error files must be three different files")
+    lines = list(iter_lines(src.read_bytes()))
+    if not lines:
+        raise ValueError(f"{src} holds no request lines")
+    done_ids, done_lines = read_done(out_path, "custom_id"), read_done(err_path, "line")
+    names = args.served_model_name
+    if not names:  # one model runs here: every model name the lines use is accepted
+        names = sorted({b["model"] for b in (_body(raw) for _, raw in lines) if isinstance(b.get("model"), str)})
+    core = LLMEngine(engine_config(args))
+    engine = AsyncEngine(core)
+    out, err = _Appender(out_path), _Appender(err_path)
+    progress = _Progress(len(lines), len(done_before(lines, done_ids, done_lines)), enabled=not args.no_progress)
+    try:
+        served = (args.served_model_name or []) or [*default_model_names(args.model, core.model_path), *names]
+        ctx = ServingContext(engine, ServerSettings(served_model_names=list(dict.fromkeys(served))))
+        concurrency = args.concurrency or 2 * core.config.max_num_seqs
+        answered, failed = asyncio.run(run_file(ctx, lines, done_ids, done_lines, out, err, concurrency, progress))
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"glm-serve batch: interrupted; rerun the same command to finish ({out_path})", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+        out.close()
+        err.close()
+        engine.shutdown()
+    total_ok = len(read_done(out_path, "custom_id"))
+    total_failed = len(read_done(err_path, "line"))
+    print(f"glm-serve batch: {total_ok} completed, {total_failed} failed, of {len(lines)} lines "
+          f"({answered} answered and {failed} failed in this run); output {out_path}, errors {err_path}")
+    return 0
+
+
+def _body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw).get("body")
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+    return body if isinstance(body, dict) else {}

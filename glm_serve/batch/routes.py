@@ -1,0 +1,249 @@
+"""The files and batches routes under /api/paas/v4 (contract: /work/shared/docs/api.md "Routes", "Batch files";
+objects: records.py), and BatchService, which create_app uses to open the store, mount the routes and run the
+worker for the app's lifetime. Every route authenticates like the chat routes; errors are APIErrors (unknown
+ids answer 404 with code 1214, as the async-result route does)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+import uuid
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from glm_serve.api.common import authenticate, read_json
+from glm_serve.api.context import ServingContext
+from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.batch.records import (
+    CANCELLED,
+    CANCELLING,
+    ENDPOINTS,
+    IN_PROGRESS,
+    VALIDATING,
+    BatchRecord,
+    parse_window,
+)
+from glm_serve.batch.store import Store
+from glm_serve.batch.worker import BatchWorker
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/paas/v4"
+MAX_FILE_BYTES = 1 << 30  # one uploaded file at most
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+router = APIRouter(prefix=PREFIX)
+
+
+class BatchService:
+    """The batch store and worker of one app. Without settings.data_dir, state lives in a temporary folder
+    removed at shutdown (programmatic servers and tests); `glm-serve serve` always passes a data dir."""
+
+    def __init__(self, ctx: ServingContext):
+        data_dir = ctx.settings.data_dir
+        self._tmp = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="glm-serve-data-")
+            data_dir = self._tmp.name
+            log.info("batch state in the temporary folder %s (set a data dir to keep it)", data_dir)
+        self.store = Store(data_dir)
+        self.worker = BatchWorker(self.store, ctx, ctx.settings.batch_concurrency)
+
+    def mount(self, app: FastAPI) -> None:
+        app.state.batches = self
+        app.include_router(router)
+
+    async def start(self) -> None:
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+        self.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _service(request: Request) -> BatchService:
+    authenticate(request)
+    return request.app.state.batches
+
+
+def _not_found(kind: str, obj_id: str) -> APIError:
+    return APIError("1214", f"no {kind} with id {obj_id!r}", "id", status=404)
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return default
+    if not raw.lstrip("-").isdigit() or not 1 <= int(raw) <= most:
+        raise bad_param("limit", f"must be an integer in [1, {most}], got {raw!r}")
+    return int(raw)
+
+
+def _page(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+# ---- files -------------------------------------------------------------------------------------------------
+
+@router.post("/files")
+async def upload_file(request: Request):
+    svc = _service(request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES + (1 << 20):
+        raise APIError("1210", f"file too large ({declared} bytes; the limit is {MAX_FILE_BYTES})", status=413)
+    async with request.form(max_files=1, max_fields=16) as form:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose is None:
+            raise APIError("1213", "purpose: required field missing", "purpose")
+        if purpose != "batch":
+            raise invalid_value("purpose", f"only 'batch' files are served here, got {purpose!r}")
+        if not isinstance(upload, UploadFile):
+            raise APIError("1213", "file: required field missing (send it as a multipart file part)", "file")
+        try:
+            rec = await asyncio.to_thread(svc.store.add_file, upload.file, upload.filename or "upload.jsonl",
+                                          "batch", MAX_FILE_BYTES)
+        except ValueError as e:
+            raise APIError("1210", str(e), "file", status=413) from None
+    return JSONResponse(rec.to_dict())
+
+
+@router.get("/files")
+async def list_files(request: Request):
+    svc = _service(request)
+    q = request.query_params
+    order = q.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise invalid_value("order", f"must be asc or desc, got {order!r}")
+    try:
+        recs, more = await asyncio.to_thread(svc.store.list_files, q.get("after") or None,
+                                             _limit(request, 10000, 10000), order, q.get("purpose") or None)
+    except KeyError:
+        raise invalid_value("after", f"no file with id {q.get('after')!r}") from None
+    return JSONResponse(_page([r.to_dict() for r in recs], more))
+
+
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, request: Request):
+    svc = _service(request)
+    rec = await asyncio.to_thread(svc.store.get_file, file_id)
+    if rec is None:
+        raise _not_found("file", file_id)
+    return JSONResponse(rec.to_dict())
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(file_id: str, request: Request):
+    svc = _service(request)
+    rec = await asyncio.to_thread(svc.store.get_file, file_id)
+    if rec is None:
+        raise _not_found("file", file_id)
+    return FileResponse(svc.store.file_path(file_id), media_type="application/octet-stream",
+                        filename=rec.filename)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, request: Request):
+    svc = _service(request)
+    if not await asyncio.to_thread(svc.store.delete_file, file_id):
+        raise _not_found("file", file_id)
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+# ---- batches -----------------------------------------------------------------------------------------------
+
+def _required_str(body: dict, name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        raise APIError("1213", f"{name}: required field missing", name)
+    if not isinstance(value, str):
+        raise bad_param(name, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _metadata(value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise bad_param("metadata", "must be an object of string values")
+    if len(value) > MAX_METADATA_KEYS or any(len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE
+                                             for k, v in value.items()):
+        raise invalid_value("metadata", f"at most {MAX_METADATA_KEYS} keys of up to {MAX_METADATA_KEY} "
+                                        f"characters, values up to {MAX_METADATA_VALUE}")
+    return value
+
+
+@router.post("/batches")
+async def create_batch(request: Request):
+    svc = _service(request)
+    body = await read_json(request)
+    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata",
+                                  "auto_delete_input_file"})
+    if unknown:
+        log.info("create batch: ignoring unknown fields %s", unknown)
+    file_id, endpoint = _required_str(body, "input_file_id"), _required_str(body, "endpoint")
+    if endpoint not in ENDPOINTS:
+        raise invalid_value("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    window = body.get("completion_window")
+    window = "24h" if window is None else window
+    try:
+        window_s = parse_window(window)
+    except ValueError as e:
+        raise invalid_value("completion_window", str(e).split(": ", 1)[-1]) from None
+    metadata = _metadata(body.get("metadata"))
+    auto_delete = body.get("auto_delete_input_file")
+    if auto_delete is not None and not isinstance(auto_delete, bool):
+        raise bad_param("auto_delete_input_file", "must be a boolean")
+    rec = await asyncio.to_thread(svc.store.get_file, file_id)
+    if rec is None:
+        raise invalid_value("input_file_id", f"no file with id {file_id!r}")
+    if rec.purpose != "batch":
+        raise invalid_value("input_file_id", f"file {file_id!r} has purpose {rec.purpose!r}, not 'batch'")
+    now = int(time.time())
+    batch = BatchRecord(id=f"batch_{uuid.uuid4().hex}", endpoint=endpoint, input_file_id=file_id,
+                        completion_window=window, created_at=now, expires_at=now + window_s, metadata=metadata,
+                        auto_delete_input_file=bool(auto_delete))
+    await asyncio.to_thread(svc.store.create_batch, batch)
+    svc.worker.wake()
+    return JSONResponse(batch.to_dict())
+
+
+@router.get("/batches/{batch_id}")
+async def get_batch(batch_id: str, request: Request):
+    svc = _service(request)
+    rec = await asyncio.to_thread(svc.store.get_batch, batch_id)
+    if rec is None:
+        raise _not_found("batch", batch_id)
+    return JSONResponse(rec.to_dict())
+
+
+@router.get("/batches")
+async def list_batches(request: Request):
+    svc = _service(request)
+    after = request.query_params.get("after") or None
+    try:
+        recs, more = await asyncio.to_thread(svc.store.list_batches, after, _limit(request, 20, 100))
+    except KeyError:
+        raise invalid_value("after", f"no batch with id {after!r}") from None
+    return JSONResponse(_page([r.to_dict() for r in recs], more))
+
+
+@router.post("/batches/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, request: Request):
+    svc = _service(request)
+    if await asyncio.to_thread(svc.store.get_batch, batch_id) is None:
+        raise _not_found("batch", batch_id)
+    rec = await asyncio.to_thread(svc.store.set_status, batch_id, CANCELLING, (VALIDATING, IN_PROGRESS))
+    if rec.status not in (CANCELLING, CANCELLED):
+        raise invalid_value("id", f"batch {batch_id} is {rec.status}: only a validating or in_progress batch "
+                                  "can be cancelled")
+    svc.worker.wake()
+    return JSONResponse(rec.to_dict())
+
+
+__all__ = ["BatchService", "router"]

@@ -1,0 +1,351 @@
+"""Owns the batch state on disk: a SQLite database (WAL, one transaction per state change) and a files folder
+under the data dir. Crash-safe at any instant: a file is written to a temporary name, fsynced, renamed, and
+only then recorded; a batch's lines live in the database from validation on, each result is recorded in its
+own transaction, and start-up sweeps what a crash left half done (temporary and unrecorded files).
+
+    DATA_DIR/batch.db     files, batches, items (one row per input line: pending -> done | failed)
+    DATA_DIR/files/ID     file contents (uploads, outputs, error files)
+    DATA_DIR/lock         held (flock) by the one process using this data dir
+
+Items have no "running" state on disk: what was in flight when a process died is simply still pending.
+All methods are synchronous and thread-safe (one connection behind a lock); async callers use to_thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from glm_serve.batch.records import (
+    ACTIVE,
+    CANCELLING,
+    FAILED,
+    IN_PROGRESS,
+    VALIDATING,
+    BatchRecord,
+    FileRecord,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, filename TEXT NOT NULL,
+    purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL,
+    input_file_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT, body TEXT, status TEXT NOT NULL,
+    result TEXT, PRIMARY KEY (batch_id, line));
+CREATE INDEX IF NOT EXISTS items_status ON items (batch_id, status, line);
+"""
+PENDING, DONE, ITEM_FAILED = "pending", "done", "failed"
+
+
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/glm-serve, else ~/.local/share/glm-serve."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "glm-serve"
+
+
+@dataclass
+class Item:
+    """One runnable line of a batch, as the worker takes it."""
+
+    batch_id: str
+    line: int  # 1-based line number in the input file
+    custom_id: str
+    body: dict = field(repr=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir).expanduser()
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ValueError(f"data dir {self.data_dir} is in use by another glm-serve process "
+                             "(pass a different --data-dir)") from None
+        self._db = sqlite3.connect(self.data_dir / "batch.db", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
+        self._db.executescript(_SCHEMA)
+        self._mutex = threading.RLock()
+        self._sweep()
+
+    def close(self) -> None:
+        with self._mutex:
+            self._db.close()
+            os.close(self._lock_fd)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _sweep(self) -> None:
+        """Remove what a crash left between writing a file and recording it."""
+        known = {r[0] for r in self._db.execute("SELECT id FROM files")}
+        for p in self.files_dir.iterdir():
+            if p.name.startswith(".tmp-") or p.name not in known:
+                p.unlink(missing_ok=True)
+
+    # ---- files -------------------------------------------------------------------------------------------
+
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def add_file(self, src: BinaryIO, filename: str, purpose: str, max_bytes: int) -> FileRecord:
+        """Copy a stream into the store; ValueError when it is larger than max_bytes."""
+        file_id = f"file-{uuid.uuid4().hex}"
+        tmp = self.files_dir / f".tmp-{file_id}"
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"file: larger than the {max_bytes}-byte limit")
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self._commit_file(tmp, file_id, filename, purpose, size)
+
+    def _write_lines(self, lines: Iterable[str], filename: str, purpose: str) -> FileRecord:
+        file_id = f"file-{uuid.uuid4().hex}"
+        tmp = self.files_dir / f".tmp-{file_id}"
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.writelines(line + "\n" for line in lines)
+            out.flush()
+            os.fsync(out.fileno())
+        return self._commit_file(tmp, file_id, filename, purpose, tmp.stat().st_size, record=False)
+
+    def _commit_file(self, tmp: Path, file_id: str, filename: str, purpose: str, size: int,
+                     record: bool = True) -> FileRecord:
+        os.replace(tmp, self.files_dir / file_id)
+        _fsync_dir(self.files_dir)
+        rec = FileRecord(file_id, filename, purpose, size, int(time.time()))
+        if record:
+            with self._tx() as db:
+                self._insert_file(db, rec)
+        return rec
+
+    @staticmethod
+    def _insert_file(db: sqlite3.Connection, rec: FileRecord) -> None:
+        db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at))
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        with self._mutex:
+            row = self._db.execute("SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()
+        return FileRecord(*row) if row else None
+
+    def list_files(self, after: str | None, limit: int, order: str = "desc",
+                   purpose: str | None = None) -> tuple[list[FileRecord], bool]:
+        """One cursor page: (files after the `after` id in the given order, whether more follow).
+        KeyError for an unknown `after`."""
+        where, args = [], []
+        with self._mutex:
+            if after is not None:
+                row = self._db.execute("SELECT seq FROM files WHERE id = ?", (after,)).fetchone()
+                if row is None:
+                    raise KeyError(after)
+                where.append("seq < ?" if order == "desc" else "seq > ?")
+                args.append(row[0])
+            if purpose is not None:
+                where.append("purpose = ?")
+                args.append(purpose)
+            sql = ("SELECT id, filename, purpose, bytes, created_at FROM files"
+                   + (" WHERE " + " AND ".join(where) if where else "")
+                   + f" ORDER BY seq {'DESC' if order == 'desc' else 'ASC'} LIMIT ?")
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount == 1
+        if gone:  # recorded first, removed second: a crash in between leaves an orphan the sweep removes
+            self.file_path(file_id).unlink(missing_ok=True)
+        return gone
+
+    # ---- batches -----------------------------------------------------------------------------------------
+
+    def create_batch(self, rec: BatchRecord) -> BatchRecord:
+        with self._tx() as db:
+            db.execute("INSERT INTO batches (id, status, input_file_id, data) VALUES (?, ?, ?, ?)",
+                       (rec.id, rec.status, rec.input_file_id, json.dumps(rec.to_row())))
+        return rec
+
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        with self._mutex:
+            row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return BatchRecord.from_row(json.loads(row[0])) if row else None
+
+    def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        """Newest first; KeyError for an unknown `after`."""
+        with self._mutex:
+            seq = None
+            if after is not None:
+                row = self._db.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone()
+                if row is None:
+                    raise KeyError(after)
+                seq = row[0]
+            rows = self._db.execute(
+                "SELECT data FROM batches" + (" WHERE seq < ?" if seq is not None else "")
+                + " ORDER BY seq DESC LIMIT ?", ((seq,) if seq is not None else ()) + (limit + 1,)).fetchall()
+        return [BatchRecord.from_row(json.loads(r[0])) for r in rows[:limit]], len(rows) > limit
+
+    def active_batches(self) -> list[BatchRecord]:
+        """Batches the worker still has to move along, oldest first."""
+        with self._mutex:
+            rows = self._db.execute(f"SELECT data FROM batches WHERE status IN ({','.join('?' * len(ACTIVE))}) "
+                                    "ORDER BY seq", ACTIVE).fetchall()
+        return [BatchRecord.from_row(json.loads(r[0])) for r in rows]
+
+    def _save(self, db: sqlite3.Connection, rec: BatchRecord) -> None:
+        db.execute("UPDATE batches SET data = ?, status = ? WHERE id = ?",
+                   (json.dumps(rec.to_row()), rec.status, rec.id))
+
+    def _load(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord:
+        row = db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise KeyError(batch_id)
+        return BatchRecord.from_row(json.loads(row[0]))
+
+    def start_batch(self, batch_id: str, items: list[tuple[int, str, str]],
+                    errors: list[tuple[int, str | None, str]]) -> bool:
+        """validating -> in_progress with its lines: items (line, custom_id, body JSON) to run, and errors
+        (line, custom_id, error line) found by validation. False if the batch left `validating` meanwhile."""
+        with self._tx() as db:
+            rec = self._load(db, batch_id)
+            if rec.status != VALIDATING:
+                return False
+            db.executemany("INSERT INTO items (batch_id, line, custom_id, body, status) VALUES (?, ?, ?, ?, ?)",
+                           [(batch_id, line, cid, body, PENDING) for line, cid, body in items])
+            db.executemany("INSERT INTO items (batch_id, line, custom_id, status, result) VALUES (?, ?, ?, ?, ?)",
+                           [(batch_id, line, cid, ITEM_FAILED, err) for line, cid, err in errors])
+            rec.total, rec.failed = len(items) + len(errors), len(errors)
+            rec.status, rec.in_progress_at = IN_PROGRESS, int(time.time())
+            self._save(db, rec)
+        return True
+
+    def fail_batch(self, batch_id: str, errors: list[dict]) -> None:
+        """validating -> failed: the input is unusable. `errors`: [{code, message, line?}]."""
+        with self._tx() as db:
+            rec = self._load(db, batch_id)
+            if rec.status != VALIDATING:
+                return
+            rec.status, rec.failed_at, rec.errors = FAILED, int(time.time()), errors
+            self._save(db, rec)
+
+    def set_status(self, batch_id: str, status: str, allowed_from: tuple[str, ...]) -> BatchRecord:
+        """Move a batch to `status` (stamping `<status>_at`) if it is in one of `allowed_from`; returns the
+        batch as it is after the call."""
+        with self._tx() as db:
+            rec = self._load(db, batch_id)
+            if rec.status in allowed_from:
+                rec.status = status
+                setattr(rec, f"{status}_at", int(time.time()))
+                self._save(db, rec)
+        return rec
+
+    def pending_items(self, batch_id: str, limit: int, skip: set[int]) -> list[Item]:
+        """The first `limit` pending lines of a batch (input order), leaving out the lines in `skip`."""
+        with self._mutex:
+            rows = self._db.execute("SELECT line, custom_id, body FROM items WHERE batch_id = ? AND status = ? "
+                                    "ORDER BY line LIMIT ?", (batch_id, PENDING, limit + len(skip))).fetchall()
+        return [Item(batch_id, line, cid, json.loads(body)) for line, cid, body in rows if line not in skip][:limit]
+
+    def has_pending(self, batch_id: str) -> bool:
+        with self._mutex:
+            return self._db.execute("SELECT 1 FROM items WHERE batch_id = ? AND status = ? LIMIT 1",
+                                    (batch_id, PENDING)).fetchone() is not None
+
+    def record_result(self, batch_id: str, line: int, ok: bool, result: str) -> bool:
+        """A pending line's outcome, with the batch's request_counts, in one transaction. False (and nothing
+        changes) when the line is no longer pending or the batch no longer takes results."""
+        with self._tx() as db:
+            rec = self._load(db, batch_id)
+            if rec.status not in (IN_PROGRESS, CANCELLING):
+                return False
+            n = db.execute("UPDATE items SET status = ?, result = ?, body = NULL WHERE batch_id = ? AND line = ? "
+                           "AND status = ?", (DONE if ok else ITEM_FAILED, result, batch_id, line, PENDING)).rowcount
+            if n != 1:
+                return False
+            if ok:
+                rec.completed += 1
+            else:
+                rec.failed += 1
+            self._save(db, rec)
+        return True
+
+    def close_batch(self, batch_id: str, status: str,
+                    pending_error: Callable[[str, int], str] | None = None) -> BatchRecord:
+        """Write the output and error files (input order) and move the batch to its final `status`
+        (completed, cancelled, expired) in one transaction. With `pending_error` (custom_id, line -> error
+        line), lines still pending become errors; otherwise they are dropped."""
+        with self._mutex:
+            rows = self._db.execute("SELECT line, custom_id, status, result FROM items WHERE batch_id = ? "
+                                    "ORDER BY line", (batch_id,)).fetchall()
+        late = [(line, pending_error(cid, line))
+                for line, cid, st, _ in rows if st == PENDING] if pending_error else []
+        late_by_line = dict(late)
+        outputs = [r for _, _, st, r in rows if st == DONE]
+        errs = [r if st == ITEM_FAILED else late_by_line[line] for line, _, st, r in rows
+                if st == ITEM_FAILED or line in late_by_line]
+        out_rec = self._write_lines(outputs, f"{batch_id}_output.jsonl", "batch_output") if outputs else None
+        err_rec = self._write_lines(errs, f"{batch_id}_errors.jsonl", "batch_output") if errs else None
+        with self._tx() as db:
+            rec = self._load(db, batch_id)
+            for f in (out_rec, err_rec):
+                if f is not None:
+                    self._insert_file(db, f)
+            db.executemany("UPDATE items SET status = ?, result = ? WHERE batch_id = ? AND line = ?",
+                           [(ITEM_FAILED, err, batch_id, line) for line, err in late])
+            rec.failed += len(late)
+            rec.output_file_id = out_rec.id if out_rec else None
+            rec.error_file_id = err_rec.id if err_rec else None
+            rec.status = status
+            setattr(rec, f"{status}_at", int(time.time()))
+            self._save(db, rec)
+            # The input's lines are in the database since validation: only a batch still validating needs it.
+            delete_input = rec.auto_delete_input_file and not db.execute(
+                "SELECT 1 FROM batches WHERE status = ? AND input_file_id = ? LIMIT 1",
+                (VALIDATING, rec.input_file_id)).fetchone()
+        if delete_input:
+            self.delete_file(rec.input_file_id)
+        return rec
+
+
+__all__ = ["DONE", "ITEM_FAILED", "PENDING", "Item", "Store", "default_data_dir"]

@@ -1,0 +1,163 @@
+"""Batch control through the API: errors in the vendor format, authentication, cancel (finished lines kept,
+pending ones dropped), expiry (unfinished lines become errors), the worker's concurrency below interactive
+traffic, and a graceful restart on the same data dir."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import (
+    batch_line,
+    chat_body,
+    content,
+    create,
+    frozen,
+    read_jsonl,
+    upload,
+    wait_batch,
+    wait_for,
+    write_jsonl,
+)
+
+KEY = "batchid.batch-secret-batch-secret-batch-secret"
+
+
+def _err(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["code"] == code, body
+    return body["message"]
+
+
+def _get(server, batch_id):
+    return httpx.get(f"{server.vendor_base}batches/{batch_id}").json()
+
+
+def test_errors_use_vendor_codes(server, tmp_path):
+    base = server.vendor_base
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi", max_tokens=1))])
+    assert "purpose" in _err(httpx.post(base + "files", files={"file": ("a.jsonl", b"{}")},
+                                        data={"purpose": "fine-tune"}), 400, "1214")
+    assert "purpose" in _err(httpx.post(base + "files", files={"file": ("a.jsonl", b"{}")}), 400, "1213")
+    assert "file" in _err(httpx.post(base + "files", data={"purpose": "batch"}), 400, "1213")
+    fid = upload(base, path)
+    assert "input_file_id" in _err(httpx.post(base + "batches", json={"endpoint": "/v4/chat/completions"}),
+                                   400, "1213")
+    assert "endpoint" in _err(httpx.post(base + "batches", json={"input_file_id": fid}), 400, "1213")
+    assert "file-nope" in _err(httpx.post(base + "batches", json={"input_file_id": "file-nope",
+                                                                  "endpoint": "/v4/chat/completions"}), 400, "1214")
+    _err(httpx.post(base + "batches", json={"input_file_id": fid, "endpoint": "/v4/embeddings"}), 400, "1214")
+    for window in ("24", "0h", "soon", 24):
+        _err(httpx.post(base + "batches", json={"input_file_id": fid, "endpoint": "/v4/chat/completions",
+                                                "completion_window": window}), 400, "1214")
+    _err(httpx.post(base + "batches", json={"input_file_id": fid, "endpoint": "/v4/chat/completions",
+                                            "metadata": {"k": 1}}), 400, "1210")
+    _err(httpx.post(base + "batches", content=b"[1]", headers={"content-type": "application/json"}), 400, "1210")
+    _err(httpx.get(base + "batches/batch_nope"), 404, "1214")
+    _err(httpx.post(base + "batches/batch_nope/cancel"), 404, "1214")
+    _err(httpx.get(base + "files/file-nope/content"), 404, "1214")
+    _err(httpx.get(base + "files/file-nope"), 404, "1214")
+    listed = {f["id"]: f for f in httpx.get(base + "files").json()["data"]}
+    assert httpx.get(f"{base}files/{fid}").json() == listed[fid] and listed[fid]["bytes"] == path.stat().st_size
+    _err(httpx.delete(base + "files/file-nope"), 404, "1214")
+    _err(httpx.get(base + "batches", params={"limit": 0}), 400, "1210")
+    _err(httpx.get(base + "batches", params={"limit": "x"}), 400, "1210")
+    _err(httpx.get(base + "batches", params={"after": "batch_nope"}), 400, "1214")
+    _err(httpx.get(base + "files", params={"order": "sideways"}), 400, "1214")
+    done = wait_batch(base, create(base, fid)["id"])
+    assert "completed" in _err(httpx.post(f"{base}batches/{done['id']}/cancel"), 400, "1214")
+
+
+def test_empty_input_fails_the_batch(server, tmp_path):
+    fid = upload(server.vendor_base, write_jsonl(tmp_path / "empty.jsonl", ["", "   "]))
+    b = wait_batch(server.vendor_base, create(server.vendor_base, fid)["id"])
+    assert b["status"] == "failed" and b["failed_at"] and "no request lines" in b["errors"]["data"][0]["message"]
+    assert b["output_file_id"] is None and b["error_file_id"] is None
+
+
+def test_routes_need_the_key(make_server, tmp_path):
+    srv = make_server(api_keys=[KEY], data_dir=tmp_path / "keyed")
+    base, auth = srv.vendor_base, {"Authorization": f"Bearer {KEY}"}
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi", max_tokens=1))])
+    for r in (httpx.get(base + "files"), httpx.get(base + "batches"), httpx.get(base + "batches/x"),
+              httpx.post(base + "batches", json={}), httpx.post(base + "files", data={"purpose": "batch"}),
+              httpx.get(base + "files/x/content"), httpx.delete(base + "files/x")):
+        _err(r, 401, "1001")
+    b = create(base, upload(base, path, headers=auth), headers=auth)
+    assert wait_batch(base, b["id"], headers=auth)["status"] == "completed"
+    srv.stop()
+
+
+def _lines(n: int, max_tokens: int) -> list[str]:
+    return [batch_line(f"c-{i}", chat_body(f"line {i} tell me a story", max_tokens=max_tokens)) for i in range(n)]
+
+
+def test_cancel_keeps_finished_lines_and_drops_pending(server, tmp_path):
+    base = server.vendor_base
+    b = create(base, upload(base, write_jsonl(tmp_path / "c.jsonl", _lines(60, 48))))
+    wait_for(lambda: _get(server, b["id"])["request_counts"]["completed"] >= 1, what="a first answer")
+    with frozen(server.engine):  # nothing more finishes: the cancel meets lines in flight
+        r = httpx.post(f"{base}batches/{b['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
+        done = wait_batch(base, b["id"])
+    assert done["status"] == "cancelled" and done["cancelling_at"] and done["cancelled_at"]
+    counts = done["request_counts"]
+    assert counts["total"] == 60 and counts["failed"] == 0 and 1 <= counts["completed"] < 60
+    out = read_jsonl(content(base, done["output_file_id"]))
+    assert len(out) == counts["completed"] and len({o["custom_id"] for o in out}) == len(out)
+    assert done["error_file_id"] is None
+    assert httpx.post(f"{base}batches/{b['id']}/cancel").json()["status"] == "cancelled"  # idempotent
+    wait_for(lambda: not server.engine.engine.requests, what="the engine to drop the cancelled lines")
+
+
+def test_expiry_turns_unfinished_lines_into_errors(server, tmp_path):
+    base = server.vendor_base
+    b = create(base, upload(base, write_jsonl(tmp_path / "e.jsonl", _lines(40, 48))), window="3s")
+    wait_for(lambda: _get(server, b["id"])["request_counts"]["completed"] >= 1
+             or _get(server, b["id"])["status"] == "expired", what="a first answer or expiry")
+    with frozen(server.engine):
+        done = wait_batch(base, b["id"], timeout=30)
+    assert done["status"] == "expired" and done["expired_at"] >= done["expires_at"]
+    counts = done["request_counts"]
+    assert counts["total"] == 40 and counts["completed"] + counts["failed"] == 40 and counts["failed"] >= 1
+    out = read_jsonl(content(base, done["output_file_id"])) if done["output_file_id"] else []
+    errs = read_jsonl(content(base, done["error_file_id"]))
+    assert len(out) == counts["completed"] and len(errs) == counts["failed"]
+    assert sorted(x["custom_id"] for x in out + errs) == sorted(f"c-{i}" for i in range(40))
+    assert all(e["error"]["code"] == "batch_expired" and "3s" in e["error"]["message"] for e in errs)
+
+
+def test_worker_concurrency_stays_below_interactive_traffic(make_server, tmp_path):
+    srv = make_server(data_dir=tmp_path / "prio", batch_concurrency=200)
+    worker, ctx = srv.worker, srv.app.state.ctx
+    assert worker.concurrency == 32 and worker.busy_concurrency == 8  # capped at max_num_seqs (64) / 2
+    base = srv.vendor_base
+    fid = upload(base, write_jsonl(tmp_path / "p.jsonl", _lines(50, 4)))
+    with frozen(srv.engine):
+        slot = ctx.admission.acquire(None)  # an interactive request in flight
+        b = create(base, fid)
+        wait_for(lambda: worker.in_flight == 8, what="the batch to fill its busy share")
+        wait_for(lambda: _get(srv, b["id"])["status"] == "in_progress", what="in_progress")
+        slot.release()  # interactive traffic gone: the next poll fills the whole share
+        wait_for(lambda: worker.in_flight == 32, timeout=10, what="the batch to fill its idle share")
+    assert wait_batch(base, b["id"])["request_counts"]["completed"] == 50
+    assert worker.peak_in_flight == 32
+    srv.stop()
+
+
+def test_graceful_restart_resumes_on_the_same_data_dir(make_server, tmp_path):
+    data = tmp_path / "restart"
+    srv = make_server(data_dir=data, batch_concurrency=4)
+    base = srv.vendor_base
+    b = create(base, upload(base, write_jsonl(tmp_path / "r.jsonl", _lines(30, 24))))
+    wait_for(lambda: _get(srv, b["id"])["request_counts"]["completed"] >= 2, what="some answers")
+    srv.stop()  # lines in flight are aborted and stay pending
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(base + "batches", timeout=2)
+    srv2 = make_server(data_dir=data, batch_concurrency=4)
+    done = wait_batch(srv2.vendor_base, b["id"])
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 30
+    out = read_jsonl(content(srv2.vendor_base, done["output_file_id"]))
+    assert [o["custom_id"] for o in out] == [f"c-{i}" for i in range(30)]
+    srv2.stop()

@@ -1,0 +1,142 @@
+"""Crash safety with real processes: `glm-serve serve` SIGKILLed in the middle of a batch and restarted on the
+same data dir finishes it with every line exactly once; `glm-serve batch` SIGKILLed mid-run (plus a torn last
+line, as a kill in the middle of a write leaves) and rerun does the same; the CLI's answers equal the server's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from glm_serve.cli import main as cli_main
+
+from .conftest import (
+    batch_line,
+    chat_body,
+    content,
+    create,
+    free_port,
+    read_jsonl,
+    upload,
+    wait_batch,
+    write_jsonl,
+)
+
+ENGINE_FLAGS = ["--kv-cache-tokens", "8192", "--max-num-seqs", "16", "--max-batch-tokens", "512"]
+
+
+def _lines(n: int, max_tokens: int) -> list[str]:
+    return [batch_line(f"k-{i}", chat_body(f"line {i}: a story about 北京", max_tokens=max_tokens))
+            for i in range(n)]
+
+
+def _serve(model, data_dir, port) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(model), "--data-dir",
+                             str(data_dir), "--port", str(port), "--served-model-name", "glm-4-plus",
+                             "--batch-concurrency", "4", "--log-level", "warning", *ENGINE_FLAGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def test_server_sigkill_mid_batch_resumes_on_restart(tiny_hf, tmp_path):
+    data, port = tmp_path / "data", free_port()
+    base = f"http://127.0.0.1:{port}/api/paas/v4/"
+    proc = _serve(tiny_hf, data, port)
+    try:
+        fid = upload(base, write_jsonl(tmp_path / "in.jsonl", _lines(200, 24) + ["{torn"]))
+        b = create(base, fid)
+        deadline = time.monotonic() + 120
+        while (counts := httpx.get(f"{base}batches/{b['id']}").json()["request_counts"])["completed"] < 20:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert counts["completed"] < 200, "the batch finished before the kill: the test proves nothing"
+    proc = _serve(tiny_hf, data, port)  # same data dir: the batch resumes
+    try:
+        done = wait_batch(base, b["id"], timeout=180)
+        assert done["status"] == "completed"
+        assert done["request_counts"] == {"total": 201, "completed": 200, "failed": 1}
+        out = read_jsonl(content(base, done["output_file_id"]))
+        errs = read_jsonl(content(base, done["error_file_id"]))
+        assert [o["custom_id"] for o in out] == [f"k-{i}" for i in range(200)]  # each once, input order
+        assert [e["line"] for e in errs] == [201]
+        # a line answered before the kill and one after it are both the chat endpoint's answers
+        for i in (0, 199):
+            want = httpx.post(base + "chat/completions", json=json.loads(_lines(200, 24)[i])["body"], timeout=60)
+            assert out[i]["response"]["body"]["choices"] == want.json()["choices"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_cli_sigkill_and_rerun_answers_every_line_once(tiny_hf, tmp_path):
+    lines = _lines(200, 24)
+    lines[50:50] = ["not json", batch_line("k-7", chat_body("dup"))]  # two errors: a bad line, a duplicate
+    src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    errors = tmp_path / "out.errors.jsonl"
+    cmd = [sys.executable, "-m", "glm_serve.cli", "batch", str(src), "-o", str(out), "--model", str(tiny_hf),
+           "--served-model-name", "glm-4-plus", "--concurrency", "4", "--no-progress", *ENGINE_FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() or out.read_bytes().count(b"\n") < 20:
+            assert proc.poll() is None and time.monotonic() < deadline, "the CLI stopped early"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    written = out.read_bytes().count(b"\n")
+    assert written < 200, "the CLI finished before the kill: the test proves nothing"
+    with open(out, "ab") as f:  # what a kill in the middle of a write leaves behind
+        f.write(b'{"custom_id": "k-1')
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "200 completed, 2 failed, of 202 lines" in run.stdout
+    got = read_jsonl(out.read_text())
+    assert sorted(o["custom_id"] for o in got) == sorted(f"k-{i}" for i in range(200))
+    errs = read_jsonl(errors.read_text())
+    assert sorted(e["line"] for e in errs) == [51, 52] and "duplicate" in errs[-1]["error"]["message"] + \
+        errs[0]["error"]["message"]
+    # a third run has nothing left to do
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert "(0 answered and 0 failed in this run)" in again.stdout
+    assert read_jsonl(out.read_text()) == got
+
+
+def test_cli_answers_equal_the_server_batch(tiny_hf, tmp_path, make_server):
+    lines = [batch_line(f"s-{i}", chat_body(f"question {i} 数学", max_tokens=8)) for i in range(12)]
+    src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "cli.jsonl"
+    assert cli_main(["batch", str(src), "-o", str(out), "--model", str(tiny_hf), "--no-progress",
+                     *ENGINE_FLAGS]) == 0
+    srv = make_server(data_dir=tmp_path / "data")
+    b = wait_batch(srv.vendor_base, create(srv.vendor_base, upload(srv.vendor_base, src))["id"])
+    by_server = {o["custom_id"]: o["response"]["body"] for o in read_jsonl(content(srv.vendor_base,
+                                                                                    b["output_file_id"]))}
+    by_cli = {o["custom_id"]: o["response"]["body"] for o in read_jsonl(out.read_text())}
+    assert by_cli.keys() == by_server.keys() == {f"s-{i}" for i in range(12)}
+    for cid, body in by_cli.items():
+        assert body["choices"] == by_server[cid]["choices"]
+        assert body["usage"]["completion_tokens"] == by_server[cid]["usage"]["completion_tokens"]
+    assert not os.path.exists(tmp_path / "cli.errors.jsonl") or not (tmp_path / "cli.errors.jsonl").read_text()
+    srv.stop()

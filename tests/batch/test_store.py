@@ -1,0 +1,145 @@
+"""The batch store on its own (no engine): completion windows, one process per data dir, cursor pages against
+list slicing, results recorded once, and what a crash between writing a file and recording it leaves."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import time
+
+import pytest
+
+from glm_serve.batch.records import BatchRecord, parse_window
+from glm_serve.batch.store import Store, default_data_dir
+
+
+def _batch(file_id: str, window_s: int = 3600, auto_delete: bool = False) -> BatchRecord:
+    now = int(time.time())
+    return BatchRecord(id=f"batch_{random.randrange(1 << 60):x}", endpoint="/v4/chat/completions",
+                       input_file_id=file_id, completion_window=f"{window_s}s", created_at=now,
+                       expires_at=now + window_s, auto_delete_input_file=auto_delete)
+
+
+def _started(store: Store, n: int, bad: int = 0, auto_delete: bool = False) -> tuple[BatchRecord, str]:
+    f = store.add_file(io.BytesIO(b"{}\n"), "in.jsonl", "batch", 1 << 20)
+    b = store.create_batch(_batch(f.id, auto_delete=auto_delete))
+    items = [(i + 1, f"c{i}", json.dumps({"i": i})) for i in range(n)]
+    errors = [(n + j + 1, None, json.dumps({"line": n + j + 1})) for j in range(bad)]
+    assert store.start_batch(b.id, items, errors)
+    return b, f.id
+
+
+def test_parse_window():
+    assert [parse_window(w) for w in ("24h", "1s", " 30m", "2d")] == [86400, 1, 1800, 172800]
+    for bad in ("0h", "24", "h", "-1h", "1w", "", None, 24):
+        with pytest.raises(ValueError, match="completion_window"):
+            parse_window(bad)
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_data_dir() == tmp_path / "glm-serve"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_data_dir().parts[-3:] == (".local", "share", "glm-serve")
+
+
+def test_one_process_per_data_dir(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(ValueError, match="in use by another glm-serve"):
+        Store(tmp_path)
+    store.close()
+    Store(tmp_path).close()  # released on close (and by the kernel when a process dies)
+
+
+def test_file_pages_match_slicing(tmp_path):
+    store = Store(tmp_path)
+    rng = random.Random(random.randrange(1 << 30))
+    ids = [store.add_file(io.BytesIO(rng.randbytes(rng.randrange(0, 300))), f"f{i}", "batch", 1 << 20).id
+           for i in range(rng.randrange(5, 25))]
+    for order, ref in (("asc", ids), ("desc", ids[::-1])):
+        limit = rng.randrange(1, 7)
+        got, after = [], None
+        while True:
+            page, more = store.list_files(after, limit, order)
+            got += [f.id for f in page]
+            assert more == (len(got) < len(ids))
+            if not more:
+                break
+            after = page[-1].id
+        assert got == ref
+    victim = rng.choice(ids)
+    assert store.delete_file(victim) and not store.delete_file(victim)
+    assert not store.file_path(victim).exists() and store.get_file(victim) is None
+    with pytest.raises(KeyError):
+        store.list_files(victim, 5)
+    with pytest.raises(ValueError, match="limit"):
+        store.add_file(io.BytesIO(b"x" * 11), "big", "batch", 10)
+    assert sorted(p.name for p in store.files_dir.iterdir()) == sorted(set(ids) - {victim})
+    store.close()
+
+
+def test_results_are_recorded_once_and_close_writes_input_order(tmp_path):
+    store = Store(tmp_path)
+    b, fid = _started(store, 6, bad=2, auto_delete=True)
+    order = random.sample(range(1, 7), 6)
+    for line in order[:4]:
+        assert store.record_result(b.id, line, line != 3, json.dumps({"line": line}))
+        assert not store.record_result(b.id, line, True, "again")  # a second answer for a line is refused
+    rec = store.get_batch(b.id)
+    assert (rec.total, rec.completed, rec.failed) == (8, 3 if 3 in order[:4] else 4, 3 if 3 in order[:4] else 2)
+    left = sorted(order[4:])
+    assert [i.line for i in store.pending_items(b.id, 10, skip={left[0]})] == left[1:]
+    closed = store.close_batch(b.id, "expired", lambda cid, line: json.dumps({"expired": line}))
+    assert closed.status == "expired" and closed.completed + closed.failed == 8
+    out = store.file_path(closed.output_file_id).read_text().splitlines()
+    errs = store.file_path(closed.error_file_id).read_text().splitlines()
+    assert [json.loads(x)["line"] for x in out] == sorted(x for x in order[:4] if x != 3)
+    assert len(out) + len(errs) == 8 and json.dumps({"expired": left[0]}) in errs
+    assert not store.record_result(b.id, left[0], True, "late")  # a closed batch takes no results
+    assert store.get_file(fid) is None  # auto_delete_input_file
+    store.close()
+
+
+def test_a_crash_between_writing_and_recording_leaves_nothing_behind(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    b, _ = _started(store, 3)
+    for line in (1, 2, 3):
+        store.record_result(b.id, line, True, json.dumps({"line": line}))
+    store.set_status(b.id, "finalizing", ("in_progress",))
+
+    def crash(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Store, "_insert_file", staticmethod(crash))
+    with pytest.raises(RuntimeError):
+        store.close_batch(b.id, "completed")
+    (store.files_dir / ".tmp-file-x").write_bytes(b"half")
+    store.close()
+    monkeypatch.undo()
+    before = {p.name for p in store.files_dir.iterdir()}
+    assert len(before) == 3  # the input, the orphaned output, the temporary file
+    store = Store(tmp_path)  # the restart sweeps orphans; the batch is still finalizing
+    assert len(list(store.files_dir.iterdir())) == 1 and store.get_batch(b.id).status == "finalizing"
+    rec = store.close_batch(b.id, "completed")
+    assert rec.status == "completed" and rec.completed == 3
+    assert len(store.file_path(rec.output_file_id).read_text().splitlines()) == 3
+    store.close()
+
+
+def test_transitions_guard_the_state(tmp_path):
+    store = Store(tmp_path)
+    f = store.add_file(io.BytesIO(b"{}\n"), "in.jsonl", "batch", 1 << 20)
+    b = store.create_batch(_batch(f.id))
+    assert store.set_status(b.id, "cancelling", ("validating", "in_progress")).status == "cancelling"
+    assert not store.start_batch(b.id, [(1, "a", "{}")], [])  # validation lost the race to the cancel
+    assert store.pending_items(b.id, 5, set()) == []
+    assert store.set_status(b.id, "finalizing", ("in_progress",)).status == "cancelling"  # not allowed: kept
+    b2 = store.create_batch(_batch(f.id))
+    store.fail_batch(b2.id, [{"code": "1214", "message": "unusable"}])
+    assert store.get_batch(b2.id).to_dict()["errors"]["data"][0]["message"] == "unusable"
+    assert [x.id for x in store.active_batches()] == [b.id]
+    page, more = store.list_batches(None, 1)
+    assert [x.id for x in page] == [b2.id] and more
+    assert [x.id for x in store.list_batches(b2.id, 5)[0]] == [b.id]
+    store.close()
