@@ -54,6 +54,8 @@ def add_engine_args(p) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture decode steps as CUDA graphs (triton backend; experimental: not yet verified on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
 
 
@@ -80,7 +82,8 @@ def engine_config(args):
         rope_theta=args.rope_theta, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed,
+        cuda_graphs=args.cuda_graphs)
 
 
 def cmd_serve(args) -> int:

@@ -29,6 +29,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
     seed: int = 0  # default generator (unseeded requests)
+    # Decode steps as CUDA graphs (triton backend). Not yet measured or verified on a GPU, so off by default;
+    # on the CPU it runs the same padded static-buffer path eagerly (what the CPU tests check).
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -67,6 +67,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.sched_config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.max_num_seqs,
                                   self.max_model_len, self.device, kv_dtype)
+        if config.cuda_graphs:
+            self._enable_graphs(config)
         self.sampler = Sampler()
         torch.manual_seed(config.seed)
         self.requests: dict[str, RequestState] = {}
@@ -74,6 +76,16 @@ class LLMEngine:
         self._ids = itertools.count()
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
+
+    def _enable_graphs(self, config: EngineConfig) -> None:
+        from glm_serve.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
+
+        if self.model.backend.name != "triton":
+            raise ValueError("--cuda-graphs needs the triton attention backend (--attention-backend triton)")
+        eager = self.device.type != "cuda"
+        graphs = DecodeGraphs(self.runner, config.max_num_seqs, self.max_model_len, eager=eager)
+        graphs.capture()
+        self.runner.graphs = graphs
 
     # ---- requests ----------------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class ModelRunner:
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.pin = device.type == "cuda"
+        self.graphs = None  # DecodeGraphs, when the engine enables CUDA graphs (glm_serve/engine/cuda_graphs.py)
 
     def release(self, seq_id: int) -> None:
         """The sequence gave its blocks back (finished, aborted or preempted): free its table row."""
@@ -154,6 +155,10 @@ class ModelRunner:
     def execute(self, batch: StepBatch, mm: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
         """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order.
         mm: GLM-4V image embeddings to put in place of token embeddings: (first flat row, [k, hidden])."""
+        if self.graphs is not None and not mm:
+            logits = self.graphs.run(batch.input_ids, batch.positions, batch.meta)  # [B, V] or None
+            if logits is not None:  # a decode-only step: flat rows are sequences
+                return logits[batch.logits_indices]
         embeds = None
         if mm:
             embeds = self.model.embed(batch.input_ids)  # [T, hidden]
