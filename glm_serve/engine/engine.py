@@ -13,13 +13,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from glm_serve.config import ModelConfig
 from glm_serve.engine.block_manager import BlockManager
 from glm_serve.engine.config import EngineConfig, kv_cache_blocks
+from glm_serve.engine.multimodal import ImageNotSupportedError, MultiModalPrompt, image_embeddings, prepare_image
 from glm_serve.engine.outputs import (
     CompletionOutput,
     RequestOutput,
@@ -106,29 +106,8 @@ class LLMEngine:
                 f"the context window of {self.max_model_len} tokens")
 
     def prepare_image(self, prompt_ids: list[int], image: bytes | torch.Tensor | None) -> MultiModalPrompt:
-        """GLM-4V: expand the prompt's image placeholder to the tower's slots and preprocess the image.
-        ValueError for an image sent to a text-only model, or a placeholder/image mismatch (thread-safe)."""
-        vision = self.model.vision
-        if vision is None:
-            if image is not None:
-                raise ImageNotSupportedError("this model is text-only: it takes no images")
-            return MultiModalPrompt(list(prompt_ids))
-        from glm_serve.image import image_hash, load_pixels  # noqa: PLC0415 (GLM-4V only)
-        from glm_serve.vision_config import expand_image_tokens  # noqa: PLC0415
-
-        sp = self.tokenizer.special_ids
-        expanded = expand_image_tokens(prompt_ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"],
-                                       vision.config.num_image_vectors, image_id=sp["<|endoftext|>"])
-        if (expanded.image_span is None) != (image is None):
-            raise ValueError("the prompt's image placeholder and the image must come together" if image is None
-                             else "an image was given but the prompt has no image placeholder")
-        if image is None:
-            return MultiModalPrompt(expanded.ids)
-        size = vision.config.image_size
-        pixels = load_pixels(image, size) if isinstance(image, (bytes, bytearray)) else image
-        if tuple(pixels.shape) != (3, size, size):
-            raise ValueError(f"image pixels must be [3, {size}, {size}], got {list(pixels.shape)}")
-        return MultiModalPrompt(expanded.ids, pixels, image_hash(pixels), expanded.image_span)
+        """GLM-4V: expand the prompt's image placeholder and preprocess the image (thread-safe)."""
+        return prepare_image(self.model.vision, self.tokenizer.special_ids, prompt_ids, image)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     constraints: list[TokenConstraint | None] | None = None,
@@ -220,24 +199,7 @@ class LLMEngine:
         return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(batch.sample_seq_ids)}
 
     def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
-        """GLM-4V: (flat row, vectors) for every image slot in this step's chunks. The tower runs once per
-        request, when its first chunk reaches the image, and its output is kept until the request ends
-        (a preempted request recomputes its prefill, image included)."""
-        from glm_serve.vision_config import span_in_chunk  # noqa: PLC0415
-
-        mm, row = None, 0
-        for s in out.scheduled:
-            span = s.seq.mm_span
-            if span is not None:
-                hit = span_in_chunk(span, s.start, s.start + s.num_new_tokens)
-                if hit is not None:
-                    req = self.seq_owner[s.seq.seq_id][0]
-                    if req.mm.embeds is None:
-                        req.mm.embeds = self.model.vision(req.mm.pixels[None])[0]  # [n + 2, hidden]
-                    mm = mm or []
-                    mm.append((row + hit[1].start, req.mm.embeds[hit[0]]))
-            row += s.num_new_tokens
-        return mm
+        return image_embeddings(out, self.model.vision, lambda seq: self.seq_owner[seq.seq_id][0].mm)
 
     def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
         """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
@@ -385,18 +347,3 @@ class LLMEngine:
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the context window (API code 1261)."""
-
-
-class ImageNotSupportedError(ValueError):
-    """An image was sent to a text-only model."""
-
-
-@dataclass
-class MultiModalPrompt:
-    """A prompt after GLM-4V expansion: token ids with one slot per image embedding, and the image."""
-
-    ids: list[int]  # [num_slots] token ids; image slots hold the placeholder id
-    pixels: torch.Tensor | None = None  # [3, S, S] float32, preprocessed
-    hash: int | None = None  # content hash mixed into prefix-cache keys
-    span: tuple[int, int] | None = None  # [start, end) slots of boi, the image vectors and eoi
-    embeds: torch.Tensor | None = None  # [end - start, hidden] the tower's output, computed once
