@@ -1,9 +1,13 @@
-"""LLMEngine: the synchronous core. Requests in (token ids + SamplingParams), incremental outputs out; the step
-loop reads in three lines:
+"""LLMEngine: the synchronous core. Requests in (token ids + SamplingParams), incremental outputs out.
 
-    out = self.scheduler.schedule()        # who computes how many tokens
-    sampled = self._execute(out)           # one flat batch through the model, sample the rows that finish
-    return self._process(out, sampled)     # advance sequences, detokenize, stop, finish, report
+    out = schedule()                 # who computes how many tokens
+    launched = launch(out)           # step N queued on the device (a GPU runs it asynchronously)
+    outputs = emit(pending)          # meanwhile the host detokenizes step N-1, matches stop strings, reports
+    pending = settle(out, sync())    # wait for N's tokens; decide stop ids, length, constraints for N+1
+
+Only what the next schedule depends on is settled before it; the text work (the costly part per sequence)
+overlaps with the device. A stop *string* is therefore seen one step late: that sequence computes one token
+more, which is dropped.
 
 Not thread-safe: the async engine drives it from its own thread.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,6 +79,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.seq_owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, choice index)
         self._ids = itertools.count()
+        self._pending: _Pending | None = None  # the last step, settled but not yet emitted
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
 
@@ -149,30 +155,40 @@ class LLMEngine:
         return self._collect(req, {})
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests)  # a request leaves only once its final output was emitted
 
     # ---- the step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        sampled = self._execute(out)
-        return self._process(out, sampled)
+        out = self.scheduler.schedule()  # who computes how many tokens
+        launched = self._launch(out)  # the flat batch through the model and the sampler (async on a GPU)
+        outputs = self._emit(self._pending)  # meanwhile: text, stop strings and outputs of the previous step
+        self._pending = self._settle(out, self._sync(out, launched))  # tokens in; stop ids and length decided
+        return outputs
 
-    def _execute(self, out: SchedulerOutput) -> dict[int, tuple[int, TokenLogprob | None]]:
+    def _launch(self, out: SchedulerOutput):
         for seq in out.preempted:
             self.runner.release(seq.seq_id)
         if out.is_empty:
-            return {}
+            return None
         try:
-            return self._run(out)
-        except Exception:  # noqa: BLE001 (isolate: retry each sequence alone, fail only those that fail)
-            if len(out.scheduled) == 1:
-                raise
+            return self._forward(out)
+        except Exception:  # noqa: BLE001 (isolated in _sync: each sequence alone, fail only those that fail)
             log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
+            return _RETRY
+
+    def _sync(self, out: SchedulerOutput, launched) -> dict[int, tuple[int, TokenLogprob | None]]:
+        if launched is None:
+            return {}
+        if launched is not _RETRY:
+            try:
+                return self._read(*launched)
+            except Exception:  # noqa: BLE001
+                log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
         sampled: dict = {}
         for s in out.scheduled:
             try:
-                sampled.update(self._run(SchedulerOutput(scheduled=[s])))
+                sampled.update(self._read(*self._forward(SchedulerOutput(scheduled=[s]))))
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", s.seq.request_id)
                 req, _ = self.seq_owner[s.seq.seq_id]
@@ -181,22 +197,27 @@ class LLMEngine:
         return sampled
 
     @torch.inference_mode()
-    def _run(self, out: SchedulerOutput) -> dict[int, tuple[int, TokenLogprob | None]]:
+    def _forward(self, out: SchedulerOutput):
+        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors)."""
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
         if not batch.sample_seq_ids:
-            return {}
+            return [], None
         sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
-        res = self.sampler(logits, sb)
+        return batch.sample_seq_ids, self.sampler(logits, sb)
+
+    def _read(self, seq_ids: list[int], res) -> dict[int, tuple[int, TokenLogprob | None]]:
+        if res is None:
+            return {}
         ids = res.token_ids.tolist()  # the one host sync of the step
         lps = [None] * len(ids)
         if res.logprobs is not None:
             lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
-            for r, seq_id in enumerate(batch.sample_seq_ids):
+            for r, seq_id in enumerate(seq_ids):
                 k = self.seq_owner[seq_id][0].params.logprobs
                 if k is not None:
                     lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
-        return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(batch.sample_seq_ids)}
+        return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(seq_ids)}
 
     def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
         return image_embeddings(out, self.model.vision, lambda seq: self.seq_owner[seq.seq_id][0].mm)
@@ -218,17 +239,16 @@ class LLMEngine:
                 c.constraint.fill_bitmask(bitmask, r)
         return SamplingBatch.build(rows, vocab, self.device, bitmask)
 
-    def _process(self, out: SchedulerOutput, sampled: dict) -> list[RequestOutput]:
+    def _settle(self, out: SchedulerOutput, sampled: dict) -> _Pending | None:
+        """Right after the sync: append the sampled tokens and decide everything that changes what the next
+        step schedules or masks (constraints, stop ids, length). Text waits for _emit."""
         self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
         owner = self.seq_owner
-        outputs: list[RequestOutput] = []
-        # Requests with n > 1 or a failure: request id -> (request, {choice: (token ids, text, logprobs)}),
-        # collected once at the end. Single-choice requests (the common case) are emitted directly.
-        touched: dict[str, tuple[RequestState, dict]] = {}
+        pending = _Pending()
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
             req, i = owner[seq.seq_id]
             self._finish(req.choices[i], "length")
-            touched.setdefault(req.request_id, (req, {}))
+            pending.touched.append(req)
         running = SeqStatus.RUNNING
         for s in out.scheduled:
             seq = s.seq
@@ -237,17 +257,40 @@ class LLMEngine:
                 continue
             req, i = entry
             if req.error is not None:
-                touched.setdefault(req.request_id, (req, {}))
+                pending.touched.append(req)
                 continue
             got = sampled.get(seq.seq_id)
             if got is None or seq.status is not running:
                 continue
-            token, lp = got
             c = req.choices[i]
             try:
-                text = self._advance(c, token)
+                self._advance(c, got[0])
             except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
                 log.exception("request %s failed while processing its output", req.request_id)
+                req.error = f"{type(e).__name__}: {e}"
+                self._fail(req)
+                pending.touched.append(req)
+                continue
+            pending.tokens.append((req, i, got[0], got[1]))
+        return pending if pending.tokens or pending.touched else None
+
+    def _emit(self, pending: _Pending | None) -> list[RequestOutput]:
+        """Detokenize, match stop strings and build the outputs of a settled step."""
+        if pending is None:
+            return []
+        outputs: list[RequestOutput] = []
+        # Requests with n > 1 or a failure: request id -> (request, {choice: (token ids, text, logprobs)}),
+        # collected once at the end. Single-choice requests (the common case) are emitted directly.
+        touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
+        live = self.requests
+        for req, i, token, lp in pending.tokens:
+            if live.get(req.request_id) is not req:
+                continue  # aborted since: its final output has gone out already
+            c = req.choices[i]
+            try:
+                text = self._text(c, token)
+            except Exception as e:  # noqa: BLE001
+                log.exception("request %s failed while detokenizing", req.request_id)
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
@@ -257,7 +300,7 @@ class LLMEngine:
                 reason = c.finish_reason
                 outputs.append(RequestOutput(
                     req.request_id, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
-                    reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens))
+                    reason is not None, req.prompt_len, len(c.seq.output_token_ids), c.seq.num_cached_tokens))
                 if reason is not None:
                     c.reported = True
                     self._forget(req)
@@ -266,7 +309,7 @@ class LLMEngine:
             if entry is None:
                 entry = touched[req.request_id] = (req, {})
             entry[1][i] = ([token], text, lps or [])
-        outputs.extend(self._collect(req, d) for req, d in touched.values())
+        outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
         return outputs
 
     def _forget(self, req: RequestState) -> None:
@@ -274,24 +317,33 @@ class LLMEngine:
         for c in req.choices:
             self.seq_owner.pop(c.seq.seq_id, None)
 
-    def _advance(self, c, token: int) -> str:
-        """One sampled token for one choice: constraint, stop ids, text and stop strings, length."""
-        seq, params = c.seq, c.seq.params
+    def _advance(self, c, token: int) -> None:
+        """One sampled token for one choice, before the next step is scheduled: constraint, stop ids, length."""
+        seq = c.seq
         if c.constraint is not None:
             c.constraint.accept(token)
-        if token in c.stop_ids and seq.num_output_tokens >= params.min_tokens:
-            text = c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+        if token in c.stop_ids and len(seq.output_token_ids) >= seq.params.min_tokens:
             self._finish(c, "stop", stop_reason=token)
-            return text
-        text, stopped = c.stopper.feed(c.detok.add(token))
-        if stopped:
-            self._finish(c, "stop", stop_reason=c.stopper.matched)
+            c.stop_token = True
         elif c.constraint is not None and c.constraint.is_terminated():
-            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
             self._finish(c, "stop")
         elif len(seq.output_token_ids) >= c.max_output:  # max_tokens, or the context window is full
-            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
             self._finish(c, "length")
+
+    def _text(self, c, token: int) -> str:
+        """The text this token adds, after stop strings; a stop string found here finishes the choice."""
+        if c.stopper.stopped:
+            return ""
+        if c.stop_token:  # the stop token itself is not text: release what was held back
+            return c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+        text, stopped = c.stopper.feed(c.detok.add(token))
+        if stopped:  # wins over a length finish decided for the same token
+            if c.finish_reason is None:
+                self._finish(c, "stop", stop_reason=c.stopper.matched)
+            else:
+                c.finish_reason, c.stop_reason = "stop", c.stopper.matched
+        elif c.finish_reason is not None:
+            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
         return text
 
     def _finish(self, c, reason: str, stop_reason=None) -> None:
@@ -343,6 +395,17 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_capacity_tokens": self.kv_capacity_tokens,
         }
+
+
+_RETRY = object()  # _launch failed: _sync re-runs each sequence alone
+
+
+@dataclass
+class _Pending:
+    """A settled step whose text and outputs are not emitted yet (see step)."""
+
+    tokens: list = field(default_factory=list)  # (request, choice index, token id, TokenLogprob | None)
+    touched: list = field(default_factory=list)  # requests to report whole: failed, or finished by the scheduler
 
 
 class PromptTooLongError(ValueError):

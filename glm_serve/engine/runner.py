@@ -48,7 +48,7 @@ class ModelRunner:
         self.max_blocks_per_seq = (max_model_len + block_size - 1) // block_size
         # Rows are handed out to sequences while they hold blocks. [max_num_seqs, max_blocks_per_seq] int32
         self.block_table_host = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
-        self.row_len = np.zeros(max_num_seqs, dtype=np.int64)  # blocks written into each row
+        self.row_len = [0] * max_num_seqs  # blocks written into each row (a list: read per sequence per step)
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.pin = device.type == "cuda"
@@ -78,15 +78,16 @@ class ModelRunner:
         sched = out.scheduled
         B = len(sched)
         starts_l, n_l, rows_l, ids, sample_l, sample_ids = [], [], [], [], [], []
-        row_of = self.row_of
+        row_of, row_len = self.row_of, self.row_len
         for s in sched:  # the one pass over sequences; everything per token below is numpy
             seq, start, n = s.seq, s.start, s.num_new_tokens
             starts_l.append(start)
             n_l.append(n)
             row = row_of.get(seq.seq_id)
-            rows_l.append(row if row is not None and self.row_len[row] == len(seq.block_ids) else self._row(seq))
-            if n == 1:  # decode: the one new token
-                ids.append(seq.token_at(start))
+            rows_l.append(row if row is not None and row_len[row] == len(seq.block_ids) else self._row(seq))
+            if n == 1:  # decode (or a one-token chunk): the token at `start`
+                out_ids = seq.output_token_ids
+                ids.append(out_ids[-1] if s.sample and out_ids else seq.token_at(start))
             else:
                 ids.extend(seq.token_slice(start, start + n))
             sample_l.append(s.sample)
