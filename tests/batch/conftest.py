@@ -4,7 +4,6 @@ its own data dir), batch input files, and polling helpers."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -12,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from glm_serve.api import ServerSettings, create_app
+from glm_serve.api import ServerSettings
 from glm_serve.engine.async_engine import AsyncEngine
 from glm_serve.engine.config import EngineConfig
 from glm_serve.engine.engine import LLMEngine
+
+from api.conftest import _free_port, start_server  # tests/ is on sys.path (rootdir-relative packages)
 
 MODEL = "glm-4-tiny"
 ALIASES = [MODEL, "glm-4-plus", "glm-4-flash"]
@@ -46,9 +46,7 @@ class Server:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port()
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +64,8 @@ def make_server(engine):
 
     def make(**kw) -> Server:
         kw.setdefault("served_model_names", ALIASES)
-        app = create_app(engine, ServerSettings(**kw))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                               lifespan="on"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        srv = Server(f"http://127.0.0.1:{port}", app, engine, server, thread)
+        api, server, thread = start_server(engine, ServerSettings(**kw))
+        srv = Server(api.url, api.app, engine, server, thread)
         running.append(srv)
         return srv
 
