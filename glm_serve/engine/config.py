@@ -32,6 +32,8 @@ class EngineConfig:
     # Decode steps as CUDA graphs (triton backend). Not yet measured or verified on a GPU, so off by default;
     # on the CPU it runs the same padded static-buffer path eagerly (what the CPU tests check).
     cuda_graphs: bool = False
+    # Schedule and prepare step N+1 while the device runs step N (glm_serve/engine/engine.py).
+    overlap_scheduling: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

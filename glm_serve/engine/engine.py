@@ -1,13 +1,16 @@
 """LLMEngine: the synchronous core. Requests in (token ids + SamplingParams), incremental outputs out.
 
-    out = schedule()                 # who computes how many tokens
-    launched = launch(out)           # step N queued on the device (a GPU runs it asynchronously)
-    outputs = emit(pending)          # meanwhile the host detokenizes step N-1, matches stop strings, reports
-    pending = settle(out, sync())    # wait for N's tokens; decide stop ids, length, constraints for N+1
+    out = schedule()                 # step N+1: tokens step N sampled, still on the device, count already
+    launched = launch(out)           # queued behind step N (a GPU runs the two back to back)
+    land_inflight()                  # wait for step N's tokens; decide stop ids, length, constraints
+    outputs = emit(pending)          # detokenize step N, match stop strings, report, while the device runs N+1
 
-Only what the next schedule depends on is settled before it; the text work (the costly part per sequence)
-overlaps with the device. A stop *string* is therefore seen one step late: that sequence computes one token
-more, which is dropped.
+This is overlap scheduling: everything the host does per step runs while the device computes. A token that
+step N+1 decodes but that step N sampled is gathered on the device (runner.InflightTokens). When a live
+request needs its previous token on the host to sample the next (penalties, min_tokens, a constraint) or
+when --no-overlap-scheduling is set, the step lands the previous step's tokens first and then schedules:
+only the text work overlaps then. A sequence that finishes on a stop token at step N has been scheduled in
+step N+1 already; that token is dropped. A stop *string* is seen when the text is made, one step later again.
 
 Not thread-safe: the async engine drives it from its own thread.
 """
@@ -33,7 +36,7 @@ from glm_serve.engine.outputs import (
     TokenLogprob,
     make_choice,
 )
-from glm_serve.engine.runner import ModelRunner
+from glm_serve.engine.runner import InflightTokens, ModelRunner
 from glm_serve.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
 from glm_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from glm_serve.engine.sequence import Sequence, SeqStatus
@@ -79,7 +82,9 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.seq_owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, choice index)
         self._ids = itertools.count()
-        self._pending: _Pending | None = None  # the last step, settled but not yet emitted
+        self._inflight: _Inflight | None = None  # the last step launched, its tokens not yet landed
+        self._pending: _Pending | None = None  # the last step landed, its text not yet emitted
+        self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
 
@@ -130,6 +135,8 @@ class LLMEngine:
         # Rows of this request need nothing but an argmax: no temperature, penalties, min_tokens, logprobs, masks.
         req.plain_greedy = (params.greedy and not params.uses_penalties and params.min_tokens == 0
                             and params.logprobs is None and not any(constraints or ()))
+        # Penalties count, min_tokens blocks and constraints follow every token on the host: no overlap.
+        req.needs_host_tokens = params.uses_penalties or params.min_tokens > 0 or any(constraints or ())
         first: Sequence | None = None
         for i in range(params.n):
             seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, wait_for=first,
@@ -144,6 +151,7 @@ class LLMEngine:
         for c in req.choices:
             self.scheduler.add(c.seq)
         self.requests[request_id] = req
+        self._num_host_token_requests += req.needs_host_tokens
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.get(request_id)
@@ -160,11 +168,21 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()  # who computes how many tokens
-        launched = self._launch(out)  # the flat batch through the model and the sampler (async on a GPU)
-        outputs = self._emit(self._pending)  # meanwhile: text, stop strings and outputs of the previous step
-        self._pending = self._settle(out, self._sync(out, launched))  # tokens in; stop ids and length decided
+        if not self._may_overlap():
+            self._land_inflight()  # the next schedule needs the previous step's tokens on the host
+        out = self.scheduler.schedule()  # step N+1; tokens of step N still on the device count already
+        launched = self._launch(out)  # queued behind step N: a GPU runs the two back to back
+        if self._land_inflight() and launched is not None:
+            launched = _RETRY  # step N was re-run piecewise: what step N+1 read from it is void
+        self._inflight = _Inflight(out, launched) if launched is not None or out.finished else None
+        outputs = self._emit(self._pending)  # text of step N, while the device runs step N+1
+        self._pending = None
         return outputs
+
+    def _may_overlap(self) -> bool:
+        inf = self._inflight
+        return (self.config.overlap_scheduling and inf is not None and inf.launched is not _RETRY
+                and self._num_host_token_requests == 0)
 
     def _launch(self, out: SchedulerOutput):
         for seq in out.preempted:
@@ -172,21 +190,38 @@ class LLMEngine:
         if out.is_empty:
             return None
         try:
-            return self._forward(out)
+            return self._forward(out, self._inflight.tokens() if self._inflight is not None else None)
         except Exception:  # noqa: BLE001 (isolated in _sync: each sequence alone, fail only those that fail)
             log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
             return _RETRY
 
-    def _sync(self, out: SchedulerOutput, launched) -> dict[int, tuple[int, TokenLogprob | None]]:
+    def _land_inflight(self) -> bool:
+        """Wait for the step in flight and settle its tokens (text waits for _emit). True when it failed as a
+        batch and was re-run sequence by sequence."""
+        inf, self._inflight = self._inflight, None
+        if inf is None:
+            return False
+        sampled, retried = self._sync(inf.out, inf.launched)
+        pending = self._settle(inf.out, sampled)
+        if self._pending is None:
+            self._pending = pending
+        elif pending is not None:
+            self._pending.tokens += pending.tokens
+            self._pending.touched += pending.touched
+        return retried
+
+    def _sync(self, out: SchedulerOutput, launched) -> tuple[dict[int, tuple[int, TokenLogprob | None]], bool]:
         if launched is None:
-            return {}
+            return {}, False
         if launched is not _RETRY:
             try:
-                return self._read(*launched)
+                return self._read(*launched), False
             except Exception:  # noqa: BLE001
                 log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
         sampled: dict = {}
         for s in out.scheduled:
+            if s.seq.status is not SeqStatus.RUNNING:
+                continue  # finished, or preempted since: recomputed later, and its token sampled again then
             try:
                 sampled.update(self._read(*self._forward(SchedulerOutput(scheduled=[s]))))
             except Exception as e:  # noqa: BLE001
@@ -194,12 +229,12 @@ class LLMEngine:
                 req, _ = self.seq_owner[s.seq.seq_id]
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)  # out of the scheduler now, so update() skips its sequences
-        return sampled
+        return sampled, True
 
     @torch.inference_mode()
-    def _forward(self, out: SchedulerOutput):
+    def _forward(self, out: SchedulerOutput, inflight: InflightTokens | None = None):
         """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors)."""
-        batch = self.runner.prepare(out)
+        batch = self.runner.prepare(out, inflight)
         logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
         if not batch.sample_seq_ids:
             return [], None
@@ -214,7 +249,8 @@ class LLMEngine:
         if res.logprobs is not None:
             lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
             for r, seq_id in enumerate(seq_ids):
-                k = self.seq_owner[seq_id][0].params.logprobs
+                owner = self.seq_owner.get(seq_id)  # None: finished and reported since it was launched
+                k = owner[0].params.logprobs if owner is not None else None
                 if k is not None:
                     lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
         return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(seq_ids)}
@@ -249,7 +285,7 @@ class LLMEngine:
             req, i = owner[seq.seq_id]
             self._finish(req.choices[i], "length")
             pending.touched.append(req)
-        running = SeqStatus.RUNNING
+        finished = SeqStatus.FINISHED
         for s in out.scheduled:
             seq = s.seq
             entry = owner.get(seq.seq_id)
@@ -260,7 +296,7 @@ class LLMEngine:
                 pending.touched.append(req)
                 continue
             got = sampled.get(seq.seq_id)
-            if got is None or seq.status is not running:
+            if got is None or seq.status is finished:  # (a sequence preempted since still takes its token)
                 continue
             c = req.choices[i]
             try:
@@ -313,7 +349,8 @@ class LLMEngine:
         return outputs
 
     def _forget(self, req: RequestState) -> None:
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is req:
+            self._num_host_token_requests -= req.needs_host_tokens
         for c in req.choices:
             self.seq_owner.pop(c.seq.seq_id, None)
 
@@ -398,6 +435,19 @@ class LLMEngine:
 
 
 _RETRY = object()  # _launch failed: _sync re-runs each sequence alone
+
+
+@dataclass
+class _Inflight:
+    """A launched step whose tokens have not landed on the host yet (see step)."""
+
+    out: SchedulerOutput
+    launched: object  # (sampled seq ids, SamplerOutput | None) from _forward, None (nothing ran) or _RETRY
+
+    def tokens(self) -> InflightTokens | None:
+        if isinstance(self.launched, tuple) and self.launched[1] is not None:
+            return InflightTokens(self.launched[0], self.launched[1].token_ids)
+        return None
 
 
 @dataclass

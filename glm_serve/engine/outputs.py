@@ -85,6 +85,7 @@ class RequestState:
     error: str | None = None
     mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt (pixels, span, cached embeddings)
     plain_greedy: bool = False  # sampling is a bare argmax (the sampler's fast path)
+    needs_host_tokens: bool = False  # sampling reads the previous token on the host: no overlap scheduling
 
     @property
     def finished(self) -> bool:

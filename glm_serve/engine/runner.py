@@ -7,6 +7,10 @@ computed with vectorised numpy, never a Python loop over tokens.
 
     row r of block_table_host:  [b0 b1 b2 ... b_{n-1} 0 0 0 ...]   n = blocks known for the sequence in row r
     step batch (B sequences) :  block_tables = block_table_host[rows_of_step, :width]
+
+Overlap scheduling: a decode whose input token was sampled by the previous step, still on the device
+(Sequence.num_inflight), takes it from that step's token tensor with one device-side gather, so step N+1 is
+queued before step N's tokens ever reach the host.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ class StepBatch:
     sample_seq_ids: list[int]  # [S]: which sequence each sampled row belongs to
 
 
+@dataclass
+class InflightTokens:
+    """The tokens one step sampled, on the device: the next step's in-flight inputs are read from here."""
+
+    seq_ids: list[int]  # [S] the sequence each row belongs to
+    token_ids: torch.Tensor  # [S] int64, on the model's device
+
+    def rows(self, seq_ids: list[int]) -> np.ndarray:
+        where = {sid: r for r, sid in enumerate(self.seq_ids)}
+        return np.array([where[sid] for sid in seq_ids], dtype=np.int64)
+
+
 class ModelRunner:
     def __init__(self, model: GlmForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_model_len: int, device: torch.device, kv_dtype: torch.dtype):
@@ -53,6 +69,7 @@ class ModelRunner:
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.pin = device.type == "cuda"
         self.graphs = None  # DecodeGraphs, when the engine enables CUDA graphs (glm_serve/engine/cuda_graphs.py)
+        self.num_fed_tokens = 0  # input tokens taken from the previous step on the device (overlap scheduling)
 
     def release(self, seq_id: int) -> None:
         """The sequence gave its blocks back (finished, aborted or preempted): free its table row."""
@@ -74,10 +91,12 @@ class ModelRunner:
             self.row_len[row] = n
         return row
 
-    def prepare(self, out: SchedulerOutput) -> StepBatch:
+    def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None) -> StepBatch:
+        """inflight: the previous step's tokens, when it may still be running (see the module docstring)."""
         sched = out.scheduled
         B = len(sched)
         starts_l, n_l, rows_l, ids, sample_l, sample_ids = [], [], [], [], [], []
+        fed_at, fed_seqs = [], []  # flat rows whose token is in flight, and their sequences
         row_of, row_len = self.row_of, self.row_len
         for s in sched:  # the one pass over sequences; everything per token below is numpy
             seq, start, n = s.seq, s.start, s.num_new_tokens
@@ -87,7 +106,12 @@ class ModelRunner:
             rows_l.append(row if row is not None and row_len[row] == len(seq.block_ids) else self._row(seq))
             if n == 1:  # decode (or a one-token chunk): the token at `start`
                 out_ids = seq.output_token_ids
-                ids.append(out_ids[-1] if s.sample and out_ids else seq.token_at(start))
+                if start >= len(seq.prompt_token_ids) + len(out_ids):  # still on the device
+                    fed_at.append(len(ids))
+                    fed_seqs.append(seq.seq_id)
+                    ids.append(0)
+                else:
+                    ids.append(out_ids[-1] if s.sample and out_ids else seq.token_at(start))
             else:
                 ids.extend(seq.token_slice(start, start + n))
             sample_l.append(s.sample)
@@ -123,8 +147,15 @@ class ModelRunner:
             host_seq_lens=seq_lens,
             host_cu_seqlens_q=cu,
         )
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)  # [T]
+        if fed_at:
+            if inflight is None:
+                raise RuntimeError("a scheduled token is still in flight but the previous step's tokens are gone")
+            src = self._to(inflight.rows(fed_seqs))
+            input_ids.index_copy_(0, self._to(np.array(fed_at, dtype=np.int64)), inflight.token_ids[src])
+            self.num_fed_tokens += len(fed_at)
         return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
+            input_ids=input_ids,
             positions=self._to(positions),
             meta=meta,
             logits_indices=self._to(logits_idx),

@@ -12,6 +12,12 @@ When a running sequence needs a block and none is free, the newest running seque
 freed, back to the front of the waiting queue, recomputed later from its prompt and outputs). The engine
 loop is `out = schedule(); sampled = run(out); update(out, sampled)`, then it finishes sequences that hit a
 stop condition or `hit_length_limit`.
+
+schedule() commits the step: it advances each scheduled sequence's num_computed_tokens and counts the token
+it will sample as `num_inflight`. update(out, sampled) lands those tokens later. Between the two the engine
+may schedule the next step (overlap scheduling): an in-flight token counts as a token to decode, a sequence
+whose in-flight token is its last allowed one is left out (the engine finishes it when the token lands), and
+a sequence preempted with a token in flight gets that token appended by update() all the same.
 """
 
 from __future__ import annotations
@@ -166,6 +172,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SeqStatus.FINISHED
+        seq.num_inflight = 0  # a token still in flight is dropped (update() skips finished sequences)
         seq.finish_reason = reason
         seq.wait_for = None
         self._seqs.pop(seq.seq_id, None)
@@ -212,6 +219,10 @@ class Scheduler:
                 break
             start = seq.num_computed_tokens
             total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            if seq.num_inflight:
+                if _last_in_flight(seq, total, limit):
+                    continue  # its in-flight token is its last: the engine finishes it when that lands
+                total += seq.num_inflight
             if total >= limit:
                 # Its next sample would pass max_seq_len (prompts are shorter: add() checks), so it is done;
                 # the engine should have finished it after update() through hit_length_limit.
@@ -241,14 +252,20 @@ class Scheduler:
             k = 0
             while k < len(self.waiting) and budget > 0 and len(running) < cfg.max_num_seqs:
                 seq = self.waiting[k]
+                if seq.num_inflight:  # preempted with a token in flight: back once update() landed it
+                    k += 1
+                    continue
                 parent = seq.wait_for
                 if parent is not None:
                     if (
                         bm.enable_prefix_caching
                         and self._seqs.get(parent.seq_id) is parent
-                        and parent.num_computed_tokens < parent.num_prompt_tokens
+                        and (parent.num_computed_tokens < parent.num_prompt_tokens
+                             or parent.num_hashed_blocks < parent.num_prompt_tokens // cfg.block_size)
                     ):
-                        k += 1  # its sibling's prompt is still being computed: share it once it is
+                        # Its sibling's prompt is still being computed, or its blocks are not registered yet
+                        # (update() registers them): share them once they are.
+                        k += 1
                         continue
                     seq.wait_for = None  # sibling done, gone, or nothing to share: from now on a plain FCFS seq
                 if seq.num_tokens >= limit:  # preempted at max_seq_len (see the running loop)
@@ -271,25 +288,36 @@ class Scheduler:
                 budget -= n
 
         out.num_batched_tokens = cfg.max_batch_tokens - budget
+        for s in scheduled:  # commit: the step will compute these tokens and sample where it samples
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            if s.sample:
+                s.seq.num_inflight += 1
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """After the step ran: advance each scheduled sequence, append its sampled token where it sampled
-        (sampled: seq_id -> token id), and register blocks that just became full in the prefix cache.
-        Sequences finished or aborted since schedule() are skipped."""
+        """After the step ran: land each sampled token (sampled: seq_id -> token id) and register blocks that
+        just became full in the prefix cache. Finished or aborted sequences are skipped; a sequence preempted
+        since gets its token too (it is recomputed with it), unless the step lost it (then it is resampled)."""
         bm = self.block_manager
         caching, bs = bm.enable_prefix_caching, bm.block_size
-        running = SeqStatus.RUNNING
+        running, finished = SeqStatus.RUNNING, SeqStatus.FINISHED
         for s in out.scheduled:
             seq = s.seq
-            if seq.status is not running:
+            if seq.status is finished:
                 continue
-            end = s.start + s.num_new_tokens
-            seq.num_computed_tokens = end
             if s.sample:
+                seq.num_inflight -= 1
                 token = sampled.get(seq.seq_id)
-                if token is None:
+                if token is not None:
+                    seq.output_token_ids.append(token)
+                elif seq.status is running:
                     raise ValueError(f"update: no sampled token for seq {seq.seq_id}, which sampled this step")
-                seq.output_token_ids.append(token)
-            if caching and end // bs > seq.num_hashed_blocks:  # a block just filled up: register it
-                bm.cache_full_blocks(seq)
+            if caching and seq.status is running and seq.num_computed_tokens // bs > seq.num_hashed_blocks:
+                bm.cache_full_blocks(seq)  # a block filled up (all its tokens are on the host by now)
+
+
+def _last_in_flight(seq: Sequence, num_tokens: int, limit: int) -> bool:
+    """True when the token in flight is seq's last: it reaches max_tokens or the length limit."""
+    max_tokens = getattr(seq.params, "max_tokens", None)
+    after = num_tokens + seq.num_inflight
+    return after >= limit or (max_tokens is not None and after - seq.num_prompt_tokens >= max_tokens)

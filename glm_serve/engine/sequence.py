@@ -8,6 +8,9 @@ nothing itself, `Scheduler.update` appends the sampled tokens.
     |p0 p1 ... p{P-1}|      |o0 o1 ... o{k-1}|          num_tokens = P + k
     |<----- num_computed_tokens ----->|                 tokens whose K/V are already in the cache
                                       |<- to compute ->|  the scheduler's work for this sequence
+
+With overlap scheduling a sampled token exists on the device one step before it lands in output_token_ids
+(`num_inflight`); the scheduler already counts it, so the next step can compute its K/V.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class Sequence:
     # follow the UN-expanded prompt: slot start -> start, the vectors -> start + 1, then index - (end - start - 3).
     # The runner computes positions and scatters the image embeddings from this. Engine.
     mm_span: tuple[int, int] | None = None
+    # Tokens sampled by a step the device may still be running, not yet in output_token_ids (overlap scheduling:
+    # step N+1 is scheduled before step N's tokens reach the host). The scheduler counts them as tokens; the
+    # runner feeds them to the model from the device. 0, 1, or briefly 2. Scheduler.
+    num_inflight: int = 0
     num_preemptions: int = 0  # times this sequence lost its blocks and went back to WAITING (scheduler)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | ..., set by Scheduler.finish
     # Prefix-cache bookkeeping, owned by the block manager: how many leading blocks have known cache keys,

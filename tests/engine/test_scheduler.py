@@ -39,7 +39,9 @@ class FakeModel:
     def next_token(kv_id: int) -> int:
         return (kv_id * 2654435761 >> 7) % VOCAB
 
-    def step(self, out: SchedulerOutput) -> dict[int, int]:
+    def step(self, out: SchedulerOutput, feed: dict[int, int] | None = None) -> dict[int, int]:
+        """feed: the previous step's sampled tokens, for tokens still in flight (overlap scheduling), as the
+        runner reads them from the device."""
         sampled = {}
         for s in out.scheduled:
             seq, bs = s.seq, self.bs
@@ -48,7 +50,7 @@ class FakeModel:
             prev = self.kv[seq.block_ids[p0 // bs] * bs + p0 % bs] if s.start else ("root", seq.extra_hash)
             assert prev is not None, "context slot never written"
             for p in range(s.start, s.start + s.num_new_tokens):
-                prev = self.node(prev, seq.token_at(p))
+                prev = self.node(prev, seq.token_at(p) if p < seq.num_tokens else feed[seq.seq_id])
                 self.kv[seq.block_ids[p // bs] * bs + p % bs] = prev
             if s.sample:
                 sampled[seq.seq_id] = self.next_token(prev)
@@ -79,14 +81,42 @@ def _seq(seq_id, prompt, max_tokens=None, extra=None, wait_for=None) -> Sequence
 def _step(sched: Scheduler, model: FakeModel) -> SchedulerOutput:
     """One engine step: schedule, run, update, then finish on EOS or the length limit."""
     out = sched.schedule()
-    sched.update(out, model.step(out))
+    _land(sched, out, model.step(out))
+    return out
+
+
+def _land(sched: Scheduler, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+    sched.update(out, sampled)
     for s in out.scheduled:
-        if s.sample and not s.seq.is_finished:
+        if s.sample and not s.seq.is_finished and s.seq.seq_id in sampled:
             if s.seq.output_token_ids[-1] == EOS:
                 sched.finish(s.seq, "stop")
             elif sched.hit_length_limit(s.seq):
                 sched.finish(s.seq, "length")
-    return out
+
+
+class OverlapLoop:
+    """The engine's overlap loop: step N+1 is scheduled and run before step N's tokens land; the fake device
+    feeds an in-flight token from step N's samples, as the runner does from the device tensor."""
+
+    def __init__(self, sched: Scheduler, model: FakeModel) -> None:
+        self.sched, self.model = sched, model
+        self.prev: tuple[SchedulerOutput, dict[int, int]] | None = None
+        self.fed = 0  # tokens the fake device took from the previous step
+
+    def step(self) -> SchedulerOutput:
+        out = self.sched.schedule()
+        feed = self.prev[1] if self.prev else {}
+        self.fed += sum(s.start >= s.seq.num_tokens for s in out.scheduled)
+        sampled = self.model.step(out, feed)
+        self.drain()
+        self.prev = (out, sampled) if out.scheduled else None
+        return out
+
+    def drain(self) -> None:
+        if self.prev is not None:
+            _land(self.sched, *self.prev)
+            self.prev = None
 
 
 def _rand_prompt(rng, n):
@@ -254,19 +284,22 @@ def test_abort_finish_and_length_safety_net():
 
 
 @pytest.mark.parametrize("caching", [True, False])
-def test_random_simulation_1000_sequences(caching):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_random_simulation_1000_sequences(caching, overlap):
     """1,000 sequences arriving over time (shared stems, n > 1 groups, image-like extra hashes), a cache small
-    enough to preempt, random aborts. Every finished output equals the reference; every block ends free."""
+    enough to preempt, random aborts. Every finished output equals the reference; every block ends free.
+    overlap: each step is scheduled and run before the previous one's tokens land (the engine's default)."""
     rng = random.Random(10 + caching)
     nb, bs, max_len = 48, 4, 80
     sched = _make(caching, num_blocks=nb, block_size=bs, max_model_len=max_len, max_batch_tokens=40,
                   max_num_seqs=16)
     model = FakeModel(nb, bs)
+    loop = OverlapLoop(sched, model)
     stems = [_rand_prompt(rng, rng.randrange(4, 30)) for _ in range(6)]
     all_seqs: list[Sequence] = []
     aborted: set[int] = set()
     steps = 0
-    while len(all_seqs) < 1000 or sched.has_unfinished():
+    while len(all_seqs) < 1000 or sched.has_unfinished() or loop.prev:
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
             if len(all_seqs) >= 1000:
                 break
@@ -282,7 +315,7 @@ def test_random_simulation_1000_sequences(caching):
             victim = rng.choice(all_seqs)
             if sched.abort(victim.seq_id) is not None:
                 aborted.add(victim.seq_id)
-        out = _step(sched, model)
+        out = loop.step() if overlap else _step(sched, model)
         steps += 1
         assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled) <= 40
         assert len(out.scheduled) <= 16 and sched.num_running <= 16
@@ -290,6 +323,8 @@ def test_random_simulation_1000_sequences(caching):
         if steps % 25 == 0:
             sched.block_manager.check_invariants(sched.running)
         assert steps < 20000
+    loop.drain()
+    assert (loop.fed > 1000) == overlap  # the overlapped steps really decoded tokens still in flight
     bm = sched.block_manager
     bm.check_invariants([])
     assert bm.num_free_blocks == nb and bm.ref_counts == [0] * nb
