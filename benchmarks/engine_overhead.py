@@ -1,6 +1,11 @@
 """The engine's own per-step overhead with 256 running decoding sequences: scheduler, batch building (runner
-prepare + sampling batch), and output processing (detokenize, stop checks, outputs), timed apart from the
-model's forward. The forward is replaced by fixed logits so only host work is measured.
+prepare + sampling batch), landing the tokens (stop ids, length) and output processing (detokenize, stop
+strings, outputs), timed inside the real LLMEngine.step. The model's forward is replaced by fixed logits and
+the sampler's tensor ops are timed apart (device work on a GPU), so only host work is counted.
+
+With overlap scheduling (the default) all of it runs while the device computes the next step: the GPU never
+waits for the engine as long as a step takes longer than `host_total`. Without it (--no-overlap) the device
+waits for `serial` (schedule + prepare + sampling batch + land) between two steps.
 
     python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--out FILE]
 """
@@ -27,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, default=256)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3, help="whole measurements (this VM's speed drifts between them)")
+    p.add_argument("--no-overlap", action="store_true", help="measure with --no-overlap-scheduling")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     runs = [_measure(args) for _ in range(args.repeats)]
@@ -38,10 +44,14 @@ def main(argv=None) -> int:
         "benchmark": "engine_overhead", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": _cpu_name(), "torch": torch.__version__, "git_commit": _git_commit(),
         "command": " ".join(["engine_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
-        "running_sequences": args.seqs, "median_us_per_step": med, "runs": runs,
+        "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap,
+        "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
+                             else "serial (schedule + prepare + sampling_batch + land) between two steps"),
+        "median_us_per_step": med, "runs": runs,
     }
+    mode = "sync" if args.no_overlap else "overlap"
     out_path = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"engine_overhead_cpu_{dt.date.today().isoformat()}.json")
+        f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
@@ -58,48 +68,62 @@ def _measure(args) -> dict:
     model = make_tiny(tempfile.mkdtemp(prefix="overhead-"), TinySpec(layout="hf", layers=1, hidden=64, heads=2,
                                                                     head_dim=32, ffn=128))
     llm = LLM(str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
-              max_batch_tokens=max(2048, args.seqs))
+              max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap)
     eng = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True, stop=["never-here"])
     for i in range(args.seqs):
         eng.add_request(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
         eng.step()  # prefill everything first: the measured steps are pure decode
-    eng.step()  # and settle/emit the last prefill step, so the timed loop starts clean
-    eng._emit(eng._pending)
-    eng._pending = None
+    eng.step()
 
-    vocab = eng.model_config.vocab_size
-    fixed = torch.randn(args.seqs, vocab)
-    # Host work the engine adds to every step; the sampler's tensor ops are device work (async on a GPU) and
-    # are timed separately so that a loaded CPU does not pass for engine overhead.
-    times = {"schedule": [], "prepare": [], "sampling_batch": [], "settle": [], "emit (overlapped)": [],
-             "engine_overhead": [], "not_overlapped": [], "sampler_ops (device work)": []}
+    fixed = torch.randn(args.seqs, eng.model_config.vocab_size)
+    parts = {"schedule": [], "prepare": [], "sampling_batch": [], "land": [], "emit": [], "device": []}
+    timed = _Timers(parts)
+    eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
+    eng.runner.prepare = timed("prepare", eng.runner.prepare)
+    eng.build_sampling_batch = timed("sampling_batch", eng.build_sampling_batch)
+    eng._land_inflight = timed("land", eng._land_inflight)
+    eng._emit = timed("emit", eng._emit)
+    # Device work on a GPU: the forward (here a copy of fixed logits) and the sampler's tensor ops.
+    eng.runner.execute = timed("device", lambda batch, mm=None: fixed[: len(batch.sample_seq_ids)].clone())
+    eng.sampler = timed("device", eng.sampler)
+    rows = {k: [] for k in ("schedule", "prepare", "sampling_batch", "land", "emit", "host_total", "serial",
+                            "device_work (logits copy + sampler)")}
     for _ in range(args.steps):
+        timed.reset()
         t0 = time.perf_counter()
-        out = eng.scheduler.schedule()
-        t1 = time.perf_counter()
-        batch = eng.runner.prepare(out)
-        t2 = time.perf_counter()
-        sb = _sampling_batch(eng, batch)
-        t3 = time.perf_counter()
-        ids = eng.sampler(fixed.clone(), sb).token_ids.tolist()
-        t4 = time.perf_counter()
-        pending = eng._settle(out, {sid: (ids[r], None) for r, sid in enumerate(batch.sample_seq_ids)})
-        t5a = time.perf_counter()
-        eng._emit(pending)  # on a GPU this part runs while the device computes the next step
-        t5 = time.perf_counter()
-        assert len(out.scheduled) == args.seqs
-        host = (t1 - t0) + (t2 - t1) + (t3 - t2) + (t5 - t4)
-        serial = host - (t5 - t5a)  # what the device waits for between two steps
-        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t5a - t4, t5 - t5a, host, serial, t4 - t3)):
-            times[k].append(v * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}  # median over the steps
+        eng.step()
+        wall = time.perf_counter() - t0
+        assert len(eng.scheduler.running) == args.seqs
+        got = {k: sum(v) for k, v in timed.step.items()}
+        for k in ("schedule", "prepare", "sampling_batch", "land", "emit"):
+            rows[k].append(got[k] * 1e6)
+        rows["host_total"].append((wall - got["device"]) * 1e6)
+        rows["serial"].append((got["schedule"] + got["prepare"] + got["sampling_batch"] + got["land"]) * 1e6)
+        rows["device_work (logits copy + sampler)"].append(got["device"] * 1e6)
+    return {k: statistics.median(v) for k, v in rows.items()}  # median over the steps
 
 
-def _sampling_batch(eng, batch):
-    """The engine's own SamplingBatch construction for the step's rows."""
-    return eng.build_sampling_batch(batch.sample_seq_ids, eng.model_config.vocab_size)
+class _Timers:
+    """Wraps callables so each step records the seconds spent in each named part."""
+
+    def __init__(self, parts: dict) -> None:
+        self.step = {k: [] for k in parts}
+
+    def reset(self) -> None:
+        for v in self.step.values():
+            v.clear()
+
+    def __call__(self, name: str, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.step[name].append(time.perf_counter() - t0)
+
+        return wrapper
 
 
 if __name__ == "__main__":

@@ -147,13 +147,7 @@ class ModelRunner:
             host_seq_lens=seq_lens,
             host_cu_seqlens_q=cu,
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)  # [T]
-        if fed_at:
-            if inflight is None:
-                raise RuntimeError("a scheduled token is still in flight but the previous step's tokens are gone")
-            src = self._to(inflight.rows(fed_seqs))
-            input_ids.index_copy_(0, self._to(np.array(fed_at, dtype=np.int64)), inflight.token_ids[src])
-            self.num_fed_tokens += len(fed_at)
+        input_ids = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
         return StepBatch(
             input_ids=input_ids,
             positions=self._to(positions),
@@ -161,6 +155,21 @@ class ModelRunner:
             logits_indices=self._to(logits_idx),
             sample_seq_ids=sample_ids,
         )
+
+    def _input_ids(self, ids: list[int], fed_at: list[int], fed_seqs: list[int],
+                   inflight: InflightTokens | None) -> torch.Tensor:
+        """[T] int64 on the device: the host's token ids, with the in-flight ones gathered from `inflight`."""
+        if not fed_at:
+            return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        if inflight is None:
+            raise RuntimeError("a scheduled token is still in flight but the previous step's tokens are gone")
+        self.num_fed_tokens += len(fed_at)
+        if len(fed_at) == len(ids) and fed_seqs == inflight.seq_ids:
+            return inflight.token_ids  # steady decode: every input is last step's token, in the same order
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        src = self._to(inflight.rows(fed_seqs))
+        input_ids.index_copy_(0, self._to(np.array(fed_at, dtype=np.int64)), inflight.token_ids[src])
+        return input_ids
 
     @staticmethod
     def _positions(sched, index: np.ndarray, token_to_seq: np.ndarray) -> np.ndarray:

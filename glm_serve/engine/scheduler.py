@@ -149,6 +149,8 @@ class Scheduler:
             raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
         if seq.status is not SeqStatus.WAITING or seq.block_ids or seq.num_computed_tokens:
             raise ValueError(f"seq {seq.seq_id} is not new (status {seq.status.name}, {len(seq.block_ids)} blocks)")
+        max_tokens = getattr(seq.params, "max_tokens", None)
+        seq.max_num_tokens = cfg.max_seq_len if max_tokens is None else min(cfg.max_seq_len, n + max_tokens)
         self._seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -220,9 +222,9 @@ class Scheduler:
             start = seq.num_computed_tokens
             total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
             if seq.num_inflight:
-                if _last_in_flight(seq, total, limit):
-                    continue  # its in-flight token is its last: the engine finishes it when that lands
                 total += seq.num_inflight
+                if total >= seq.max_num_tokens:
+                    continue  # its in-flight token is its last: the engine finishes it when that lands
             if total >= limit:
                 # Its next sample would pass max_seq_len (prompts are shorter: add() checks), so it is done;
                 # the engine should have finished it after update() through hit_length_limit.
@@ -315,9 +317,3 @@ class Scheduler:
             if caching and seq.status is running and seq.num_computed_tokens // bs > seq.num_hashed_blocks:
                 bm.cache_full_blocks(seq)  # a block filled up (all its tokens are on the host by now)
 
-
-def _last_in_flight(seq: Sequence, num_tokens: int, limit: int) -> bool:
-    """True when the token in flight is seq's last: it reaches max_tokens or the length limit."""
-    max_tokens = getattr(seq.params, "max_tokens", None)
-    after = num_tokens + seq.num_inflight
-    return after >= limit or (max_tokens is not None and after - seq.num_prompt_tokens >= max_tokens)

@@ -54,6 +54,8 @@ class Sequence:
     # step N+1 is scheduled before step N's tokens reach the host). The scheduler counts them as tokens; the
     # runner feeds them to the model from the device. 0, 1, or briefly 2. Scheduler.
     num_inflight: int = 0
+    # The most tokens it may hold: prompt + max_tokens, capped by the scheduler's max_seq_len. Scheduler.add.
+    max_num_tokens: int = 0
     num_preemptions: int = 0  # times this sequence lost its blocks and went back to WAITING (scheduler)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | ..., set by Scheduler.finish
     # Prefix-cache bookkeeping, owned by the block manager: how many leading blocks have known cache keys,
