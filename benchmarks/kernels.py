@@ -2,13 +2,17 @@
 ceilings and torch SDPA (and flex attention when available) on the same data, and records a results JSON.
 
     python benchmarks/kernels.py            full sweep (decode batch 1..256 x context 1K..128K, prefill 1K..32K)
-    python benchmarks/kernels.py --quick    a few points, for a smoke run
+    python benchmarks/kernels.py --quick    a few points
+    python benchmarks/kernels.py --smoke    no GPU: tiny contexts on the CPU through TRITON_INTERPRET=1, fp32 (checks
+                                            that the script and the kernels' calls work; its timings mean nothing)
 
 Shapes: 32 query heads, 2 KV heads, head_dim 128, block size 16, bf16. Every figure is the median of many
 CUDA-event timings after warm-up, with L2 flushed before each timed call (so small inputs are not served from
 L2). Ratios are against ceilings measured in the same run: device-to-device copy bandwidth (bytes read +
 written) for decode and kv_store, a bf16 8192^3 matmul for prefill. The baselines read dense contiguous K/V
-(they cannot read a paged cache); the Triton kernels read K/V scattered over shuffled 16-token blocks.
+(they cannot read a paged cache); the Triton kernels read K/V scattered over shuffled 16-token blocks. Each
+row also records the kernel's largest difference from the baseline's output on the same data (`max_abs_diff`),
+so a figure from a kernel that computes the wrong thing shows.
 """
 
 from __future__ import annotations
@@ -17,22 +21,30 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # float32 with --smoke (the Triton interpreter has no bf16)
+DEVICE = "cuda"  # "cpu" with --smoke
 SCALE = HEAD_DIM**-0.5
 REPO = Path(__file__).resolve().parent.parent
 
 
 def bench(fn, warmup: int = 5, reps: int = 30) -> float:
     """Median milliseconds of fn() over `reps` CUDA-event timings, L2 flushed before each."""
+    if DEVICE != "cuda":  # --smoke: one timed call, wall clock
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     for _ in range(warmup):
         fn()
@@ -48,15 +60,16 @@ def bench(fn, warmup: int = 5, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def measure_ceilings() -> dict:
-    src = torch.randn(1024 * 1024 * 1024 // 2, dtype=DTYPE, device="cuda")  # 1 GiB
+def measure_ceilings(smoke: bool = False) -> dict:
+    n, mm = (1 << 22, 256) if smoke else (1 << 29, 8192)  # 1 GiB of bf16 and 8192^3 on the GPU
+    src = torch.randn(n, dtype=DTYPE, device=DEVICE)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     copy_gbs = 2 * src.numel() * src.element_size() / ms / 1e6
-    a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
-    b = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
+    a = torch.randn(mm, mm, dtype=DTYPE, device=DEVICE)
+    b = torch.randn(mm, mm, dtype=DTYPE, device=DEVICE)
     ms = bench(lambda: a @ b, reps=20)
-    matmul_tflops = 2 * 8192**3 / ms / 1e9
+    matmul_tflops = 2 * mm**3 / ms / 1e9
     return {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(matmul_tflops, 1)}
 
 
@@ -64,9 +77,9 @@ def paged_cache(batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, t
     """Random K/V caches holding `batch` sequences of `context` tokens in shuffled blocks, and their tables."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    tables = torch.randperm(num_blocks, device=DEVICE).to(torch.int32).view(batch, blocks_per_seq)
     return k_cache, v_cache, tables
 
 
@@ -92,10 +105,10 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode  # noqa: PLC0415
 
     k_cache, v_cache, tables = paged_cache(batch, context)
-    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     splits = choose_num_splits(batch, KV_HEADS, context, num_sms)
-    partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, splits, "cuda") if splits > 1 else None
+    partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, splits, DEVICE) if splits > 1 else None
     out = torch.empty_like(q)
     ms = bench(lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, splits, out=out, partials=partials))
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
@@ -105,12 +118,17 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
 
     # SDPA over dense K/V; the group's query heads are folded into query rows (no K/V repeat), like ours.
     k, v = dense_kv(k_cache, v_cache, tables, context)
-    del k_cache, v_cache
+    k_cache = v_cache = None  # free the paged copy before the baseline runs
     qs = q.view(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     ms = bench(lambda: sdpa(qs, k, v, scale=SCALE))
     row.update(sdpa_ms=round(ms, 4), sdpa_GBps=round((kv_bytes + 2 * q.numel() * 2) / ms / 1e6, 1))
+    row["max_abs_diff"] = _diff(out, sdpa(qs, k, v, scale=SCALE).view(batch, HEADS, HEAD_DIM))
     return row
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(f"{(a.float() - b.float()).abs().max().item():.3g}")
 
 
 def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
@@ -118,9 +136,9 @@ def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
 
     context = prefix + chunk
     k_cache, v_cache, tables = paged_cache(1, context)
-    q = torch.randn(chunk, HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor([context], dtype=torch.int32, device="cuda")
+    q = torch.randn(chunk, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([context], dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
     ms = bench(lambda: paged_prefill(q, k_cache, v_cache, cu, seq_lens, tables, chunk, SCALE, out=out), reps=20)
     # Causal: query i sees prefix + i + 1 keys; 2 dots of 2 * D flops per (query, key, head).
@@ -130,7 +148,7 @@ def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
            "triton_frac_of_matmul": round(tflops / matmul_tflops, 3)}  # fmt: skip
 
     k, v = dense_kv(k_cache, v_cache, tables, context)  # [1, KVH, context, D]
-    del k_cache, v_cache
+    k_cache = v_cache = None  # free the paged copy before the baselines run
     group = HEADS // KV_HEADS
     kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # SDPA's fast paths want MHA
     qd = q.transpose(0, 1).unsqueeze(0)  # [1, H, chunk, D]
@@ -138,10 +156,12 @@ def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
     if prefix == 0:
         run_sdpa = lambda: sdpa(qd, kr, vr, is_causal=True, scale=SCALE)  # noqa: E731
     else:  # is_causal aligns top-left; a chunk after a prefix needs the explicit bottom-right mask
-        pos = torch.arange(prefix, context, device="cuda").view(-1, 1)
-        mask = torch.arange(context, device="cuda").view(1, -1) <= pos
+        pos = torch.arange(prefix, context, device=DEVICE).view(-1, 1)
+        mask = torch.arange(context, device=DEVICE).view(1, -1) <= pos
         run_sdpa = lambda: sdpa(qd, kr, vr, attn_mask=mask, scale=SCALE)  # noqa: E731
     row.update(_baseline("sdpa", run_sdpa, flops))
+    if "sdpa_error" not in row:
+        row["max_abs_diff"] = _diff(out, run_sdpa()[0].transpose(0, 1))
     if flex is not None:
         flex_fn, create_block_mask = flex
 
@@ -149,7 +169,7 @@ def bench_prefill(prefix: int, chunk: int, matmul_tflops: float, flex) -> dict:
             return kv_idx <= q_idx + prefix
 
         def run_flex():
-            block_mask = create_block_mask(causal, None, None, chunk, context, device="cuda")
+            block_mask = create_block_mask(causal, None, None, chunk, context, device=DEVICE)
             return lambda: flex_fn(qd, kr, vr, block_mask=block_mask, scale=SCALE)
 
         row.update(_baseline("flex", run_flex, flops, build=True))
@@ -162,7 +182,7 @@ def _baseline(name: str, fn, flops: float, build: bool = False) -> dict:
     try:
         ms = bench(fn() if build else fn, reps=20)
     except Exception as exc:  # noqa: BLE001 (optional comparison only)
-        torch.cuda.empty_cache()
+        _empty_cache()
         return {f"{name}_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return {f"{name}_ms": round(ms, 4), f"{name}_TFLOPs": round(flops / ms / 1e9, 1)}
 
@@ -171,14 +191,21 @@ def bench_store(tokens: int, copy_gbs: float) -> dict:
     from glm_serve.kernels import store_kv  # noqa: PLC0415
 
     k_cache, v_cache, _ = paged_cache(1, max(tokens, 65536))
-    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     v = torch.randn_like(k)
-    slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device="cuda")[:tokens]
+    slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device=DEVICE)[:tokens]
     ms = bench(lambda: store_kv(k, v, k_cache, v_cache, slots))
     moved = 2 * 2 * k.numel() * k.element_size() + slots.numel() * 8  # K and V read and written, slots read
     gbs = moved / ms / 1e6
+    flat = (k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], v_cache.view(-1, KV_HEADS, HEAD_DIM)[slots])
     return {"tokens": tokens, "triton_ms": round(ms, 4), "triton_GBps": round(gbs, 1),
-            "triton_frac_of_copy": round(gbs / copy_gbs, 3)}  # fmt: skip
+            "triton_frac_of_copy": round(gbs / copy_gbs, 3),
+            "max_abs_diff": max(_diff(flat[0], k), _diff(flat[1], v))}  # fmt: skip
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _ensure_kernels_importable() -> None:
@@ -209,29 +236,44 @@ def git_commit() -> str:
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global DTYPE, DEVICE  # noqa: PLW0603 (--smoke switches the whole script to the CPU interpreter)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes through TRITON_INTERPRET=1")
     parser.add_argument("--max-decode-tokens", type=int, default=8 << 20,
                         help="skip decode points with batch * context above this (memory)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/...)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU and none is visible; nothing was measured.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported, just below
+        DTYPE, DEVICE = torch.float32, "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU and none is visible; nothing was measured "
+                 "(--smoke runs it on the CPU through the Triton interpreter, for checking the script).")
     import triton  # noqa: PLC0415
 
     _ensure_kernels_importable()
-    device = torch.cuda.get_device_name()
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if args.smoke:
+        device, num_sms = f"cpu (TRITON_INTERPRET=1, smoke run: timings mean nothing) {platform.machine()}", 8
+    else:
+        device = torch.cuda.get_device_name()
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{device}, {num_sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings(args.smoke)
     print(f"ceilings: {ceilings}", flush=True)
-    flex, flex_error = flex_attention_fn()
+    flex, flex_error = (None, "not tried in a smoke run") if args.smoke else flex_attention_fn()
 
-    batches = [1, 16, 64] if args.quick else [1, 4, 16, 32, 64, 128, 256]
-    contexts = [1024, 16384] if args.quick else [1024, 4096, 16384, 32768, 65536, 131072]
-    prefills = [(0, 1024), (0, 8192)] if args.quick else [(0, n) for n in (1024, 2048, 4096, 8192, 16384, 32768)]
-    prefills += [(30720, 2048)] if args.quick else [(8192, 2048), (30720, 2048), (129024, 2048)]
+    if args.smoke:
+        batches, contexts, prefills, stores = [1, 3], [40, 300], [(0, 37), (50, 21)], [1, 19]
+    elif args.quick:
+        batches, contexts, stores = [1, 16, 64], [1024, 16384], [1, 8192]
+        prefills = [(0, 1024), (0, 8192), (30720, 2048)]
+    else:
+        batches, contexts, stores = [1, 4, 16, 32, 64, 128, 256], [1024, 4096, 16384, 32768, 65536, 131072], [
+            1, 64, 256, 8192]
+        prefills = [(0, n) for n in (1024, 2048, 4096, 8192, 16384, 32768)] + [
+            (8192, 2048), (30720, 2048), (129024, 2048)]
     results = {"decode": [], "prefill": [], "kv_store": []}
     for batch in batches:
         for context in contexts:
@@ -239,12 +281,12 @@ def main() -> None:
                 continue
             results["decode"].append(bench_decode(batch, context, num_sms, ceilings["copy_GBps"]))
             print("decode", results["decode"][-1], flush=True)
-            torch.cuda.empty_cache()
+            _empty_cache()
     for prefix, chunk in prefills:
         results["prefill"].append(bench_prefill(prefix, chunk, ceilings["matmul_bf16_TFLOPs"], flex))
         print("prefill", results["prefill"][-1], flush=True)
-        torch.cuda.empty_cache()
-    for tokens in [1, 64, 256, 8192] if not args.quick else [1, 8192]:
+        _empty_cache()
+    for tokens in stores:
         results["kv_store"].append(bench_store(tokens, ceilings["copy_GBps"]))
         print("kv_store", results["kv_store"][-1], flush=True)
 
@@ -258,7 +300,7 @@ def main() -> None:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "git_commit": git_commit(),
-        "command": " ".join(["python"] + sys.argv),
+        "command": " ".join(["python", "benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)]),
         "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                    "dtype": str(DTYPE)},  # fmt: skip
         "ceilings": ceilings,
