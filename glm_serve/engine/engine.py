@@ -37,7 +37,7 @@ from glm_serve.engine.outputs import (
     make_choice,
 )
 from glm_serve.engine.runner import InflightTokens, ModelRunner
-from glm_serve.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+from glm_serve.engine.sampler import HostCopy, Sampler, SamplingBatch, SamplingRow, make_generator
 from glm_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from glm_serve.engine.sequence import Sequence, SeqStatus
 from glm_serve.sampling_params import SamplingParams
@@ -233,18 +233,20 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _forward(self, out: SchedulerOutput, inflight: InflightTokens | None = None):
-        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors)."""
+        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors, its HostCopy)."""
         batch = self.runner.prepare(out, inflight)
         logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
         if not batch.sample_seq_ids:
-            return [], None
+            return [], None, None
         sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
-        return batch.sample_seq_ids, self.sampler(logits, sb)
+        res = self.sampler(logits, sb)
+        return batch.sample_seq_ids, res, HostCopy(res)
 
-    def _read(self, seq_ids: list[int], res) -> dict[int, tuple[int, TokenLogprob | None]]:
+    def _read(self, seq_ids: list[int], res, host: HostCopy | None) -> dict[int, tuple[int, TokenLogprob | None]]:
         if res is None:
             return {}
-        ids = res.token_ids.tolist()  # the one host sync of the step
+        res = host.wait()  # the one wait of the step: for this step's work only (see HostCopy)
+        ids = res.token_ids.tolist()
         lps = [None] * len(ids)
         if res.logprobs is not None:
             lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
@@ -442,7 +444,7 @@ class _Inflight:
     """A launched step whose tokens have not landed on the host yet (see step)."""
 
     out: SchedulerOutput
-    launched: object  # (sampled seq ids, SamplerOutput | None) from _forward, None (nothing ran) or _RETRY
+    launched: object  # (sampled seq ids, SamplerOutput | None, HostCopy | None) from _forward, None or _RETRY
 
     def tokens(self) -> InflightTokens | None:
         if isinstance(self.launched, tuple) and self.launched[1] is not None:

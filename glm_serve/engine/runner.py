@@ -160,13 +160,13 @@ class ModelRunner:
                    inflight: InflightTokens | None) -> torch.Tensor:
         """[T] int64 on the device: the host's token ids, with the in-flight ones gathered from `inflight`."""
         if not fed_at:
-            return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            return self._to(np.array(ids, dtype=np.int64))
         if inflight is None:
             raise RuntimeError("a scheduled token is still in flight but the previous step's tokens are gone")
         self.num_fed_tokens += len(fed_at)
         if len(fed_at) == len(ids) and fed_seqs == inflight.seq_ids:
             return inflight.token_ids  # steady decode: every input is last step's token, in the same order
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids = self._to(np.array(ids, dtype=np.int64))
         src = self._to(inflight.rows(fed_seqs))
         input_ids.index_copy_(0, self._to(np.array(fed_at, dtype=np.int64)), inflight.token_ids[src])
         return input_ids
@@ -187,6 +187,7 @@ class ModelRunner:
         return np.where(index <= s, index, np.where(index < e - 1, s + 1, index - shift))
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
+        # Pinned, so the copy never makes the host wait for the step still running on the GPU.
         t = torch.from_numpy(a)
         if self.pin:
             t = t.pin_memory()

@@ -168,6 +168,30 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [N, k] float32 their raw logprobs, descending
 
 
+class HostCopy:
+    """A SamplerOutput on its way to the host. On CUDA: non-blocking copies into pinned memory queued right
+    behind the sampler, then an event, so `wait()` waits for this step's work only and not for a next step
+    queued since (a plain `.tolist()` would wait for everything on the stream, and overlap scheduling with
+    it). Elsewhere the tensors are already on the host."""
+
+    def __init__(self, out: SamplerOutput) -> None:
+        tensors = (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+        self._event = None
+        if out.token_ids.device.type != "cuda":
+            self._host = tensors
+            return
+        self._host = tuple(None if t is None else
+                           torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in tensors)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        return SamplerOutput(*self._host)
+
+
 class Sampler:
     """Turns one step's logits into tokens. Stateless: per-request state lives in SamplingRow / generators."""
 
@@ -305,6 +329,9 @@ def _floats(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # From pageable host memory a non-blocking copy is staged at once: the host never waits on the GPU.
+def _to(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    # Through pinned memory: a copy from pageable memory may make the host wait for the stream (the step
+    # still running, with overlap scheduling). The caching host allocator keeps it alive until the copy ran.
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)

@@ -124,3 +124,22 @@ def test_a_failed_batched_step_is_rerun_alone_with_the_same_tokens(tiny_hf, wher
     assert [r.token_ids for r in got] == want
     assert all(r.choices[0].error is None for r in got)
     assert calls["n"] > 6 and eng.runner.num_fed_tokens > 0
+
+
+@pytest.mark.gpu
+def test_landing_a_step_does_not_wait_for_the_next_one_on_gpu():
+    """HostCopy.wait() returns once its own step is done, while work queued after it is still running; a plain
+    .tolist() would wait for the whole stream and serialize overlap scheduling."""
+    import torch  # noqa: PLC0415
+
+    from glm_serve.engine.sampler import HostCopy, SamplerOutput  # noqa: PLC0415
+
+    tokens = torch.arange(10, device="cuda") * 3
+    copy = HostCopy(SamplerOutput(tokens))
+    torch.cuda._sleep(2_000_000_000)  # about a second of spinning, queued behind the copy: "step N+1"
+    later = torch.cuda.Event()
+    later.record()
+    got = copy.wait()
+    assert got.token_ids.tolist() == [3 * i for i in range(10)]
+    assert not later.query()  # step N+1 is still running: landing step N did not wait for it
+    torch.cuda.synchronize()
