@@ -17,7 +17,7 @@ from transformers import GlmConfig
 from transformers import GlmForCausalLM as HFGlm
 
 from glm_serve.chat import encode_chat
-from glm_serve.engine.engine import ImageNotSupportedError
+from glm_serve.engine.multimodal import ImageNotSupportedError
 from glm_serve.image import load_pixels
 from glm_serve.llm import LLM
 from glm_serve.sampling_params import SamplingParams

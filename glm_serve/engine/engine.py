@@ -27,7 +27,7 @@ import torch
 from glm_serve.config import ModelConfig
 from glm_serve.engine.block_manager import BlockManager
 from glm_serve.engine.config import EngineConfig, kv_cache_blocks
-from glm_serve.engine.multimodal import ImageNotSupportedError, MultiModalPrompt, image_embeddings, prepare_image
+from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
 from glm_serve.engine.outputs import (
     CompletionOutput,
     RequestOutput,
