@@ -108,15 +108,18 @@ class BlockManager:
             parent = self._block_node[b]
         return hit
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
+    def cache_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
         """Register seq's full, computed blocks not registered yet, so later sequences can share them.
+        computed: tokens known to have their K/V written (default num_computed_tokens, which also counts a
+        step that may still fail).
 
         O(1) unless a block boundary was crossed. If an equal block is already cached (two sequences
         computed the same prefix at once), seq keeps its own copy unregistered and chains on the cached
         one, so its later blocks are still found under the canonical prefix."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        done = seq.num_computed_tokens if computed is None else min(computed, seq.num_computed_tokens)
+        full = min(done // self.block_size, len(seq.block_ids))
         i = seq.num_hashed_blocks
         if i >= full:
             return

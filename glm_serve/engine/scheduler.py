@@ -314,6 +314,8 @@ class Scheduler:
                     seq.output_token_ids.append(token)
                 elif seq.status is running:
                     raise ValueError(f"update: no sampled token for seq {seq.seq_id}, which sampled this step")
-            if caching and seq.status is running and seq.num_computed_tokens // bs > seq.num_hashed_blocks:
-                bm.cache_full_blocks(seq)  # a block filled up (all its tokens are on the host by now)
+            end = s.start + s.num_new_tokens
+            if caching and seq.status is running and end // bs > seq.num_hashed_blocks:
+                # A block filled up. Only up to this step's end: a next step already scheduled may still fail.
+                bm.cache_full_blocks(seq, end)
 

@@ -338,3 +338,20 @@ def test_random_simulation_1000_sequences(caching, overlap):
     assert sched.num_preemptions > 0
     assert (bm.num_hit_tokens > 0) == caching
     assert any(s.num_cached_tokens > 0 for s in all_seqs) == caching
+
+
+def test_overlap_registers_only_blocks_whose_step_landed():
+    """With step 2 scheduled before step 1's token lands, landing step 1 registers only what step 1 computed:
+    the block step 2 completes stays out of the prefix cache until step 2 lands (it might still fail)."""
+    sched = _make(block_size=4)
+    seq = _seq(0, [1, 2, 3, 4, 5, 6, 7])
+    sched.add(seq)
+    first = sched.schedule()  # the prompt: positions 0..6, samples position 7
+    assert seq.num_inflight == 1
+    second = sched.schedule()  # decodes position 7 (in flight), which fills block 1
+    assert [(s.start, s.num_new_tokens) for s in second.scheduled] == [(7, 1)]
+    assert seq.num_computed_tokens == 8 and seq.num_inflight == 2
+    sched.update(first, {0: 9})
+    assert seq.output_token_ids == [9] and seq.num_hashed_blocks == 1
+    sched.update(second, {0: 10})
+    assert seq.output_token_ids == [9, 10] and seq.num_hashed_blocks == 2 and seq.num_inflight == 0
