@@ -151,3 +151,18 @@ def test_landing_a_step_does_not_wait_for_the_next_one_on_gpu():
     assert got.token_ids.tolist() == [3 * i for i in range(10)]
     assert not later.query()  # step N+1 is still running: landing step N did not wait for it
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_overlap_gives_what_synchronous_steps_give_on_gpu(tiny_hf):
+    """On CUDA (float32): the device-side gather of in-flight tokens, the pinned non-blocking token copies and
+    their events change nothing either, with and without CUDA graphs."""
+    prompts, params, _ = _workload(tiny_hf)
+    kw = dict(kv_cache_tokens=4096, max_batch_tokens=256, device="cuda", dtype="float32")
+    want = LLM(str(tiny_hf), overlap_scheduling=False, **kw).generate(prompts, params, use_tqdm=False)
+    for extra in ({}, {"attention_backend": "triton", "cuda_graphs": True}):
+        over = LLM(str(tiny_hf), **kw, **extra)
+        got = over.generate(prompts, params, use_tqdm=False)
+        assert _view(got) == _view(want)
+        assert _logprobs(got) == pytest.approx(_logprobs(want), abs=1e-3)
+        assert over.engine.runner.num_fed_tokens > 50
