@@ -20,16 +20,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from glm_serve.config import ModelConfig
 from glm_serve.engine.block_manager import BlockManager
 from glm_serve.engine.config import EngineConfig, kv_cache_blocks
+from glm_serve.engine.emit import OutputEmitter, Pending
 from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
 from glm_serve.engine.outputs import (
-    CompletionOutput,
     RequestOutput,
     RequestState,
     TokenConstraint,
@@ -45,7 +45,7 @@ from glm_serve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(OutputEmitter):
     def __init__(self, config: EngineConfig):
         from glm_serve.cli import resolve_model_arg  # noqa: PLC0415 (demo checkpoint lives with the CLI)
         from glm_serve.loader import load_model, parse_dtype  # noqa: PLC0415
@@ -83,7 +83,7 @@ class LLMEngine:
         self.seq_owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, choice index)
         self._ids = itertools.count()
         self._inflight: _Inflight | None = None  # the last step launched, its tokens not yet landed
-        self._pending: _Pending | None = None  # the last step landed, its text not yet emitted
+        self._pending: Pending | None = None  # the last step landed, its text not yet emitted
         self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
@@ -277,12 +277,12 @@ class LLMEngine:
                 c.constraint.fill_bitmask(bitmask, r)
         return SamplingBatch.build(rows, vocab, self.device, bitmask)
 
-    def _settle(self, out: SchedulerOutput, sampled: dict) -> _Pending | None:
+    def _settle(self, out: SchedulerOutput, sampled: dict) -> Pending | None:
         """Right after the sync: append the sampled tokens and decide everything that changes what the next
         step schedules or masks (constraints, stop ids, length). Text waits for _emit."""
         self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
         owner = self.seq_owner
-        pending = _Pending()
+        pending = Pending()
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
             req, i = owner[seq.seq_id]
             self._finish(req.choices[i], "length")
@@ -312,44 +312,6 @@ class LLMEngine:
             pending.tokens.append((req, i, got[0], got[1]))
         return pending if pending.tokens or pending.touched else None
 
-    def _emit(self, pending: _Pending | None) -> list[RequestOutput]:
-        """Detokenize, match stop strings and build the outputs of a settled step."""
-        if pending is None:
-            return []
-        outputs: list[RequestOutput] = []
-        # Requests with n > 1 or a failure: request id -> (request, {choice: (token ids, text, logprobs)}),
-        # collected once at the end. Single-choice requests (the common case) are emitted directly.
-        touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
-        live = self.requests
-        for req, i, token, lp in pending.tokens:
-            if live.get(req.request_id) is not req:
-                continue  # aborted since: its final output has gone out already
-            c = req.choices[i]
-            try:
-                text = self._text(c, token)
-            except Exception as e:  # noqa: BLE001
-                log.exception("request %s failed while detokenizing", req.request_id)
-                req.error = f"{type(e).__name__}: {e}"
-                self._fail(req)
-                touched.setdefault(req.request_id, (req, {}))
-                continue
-            lps = ([lp] if lp else []) if req.params.logprobs is not None else None
-            if len(req.choices) == 1 and req.request_id not in touched:
-                reason = c.finish_reason
-                outputs.append(RequestOutput(
-                    req.request_id, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
-                    reason is not None, req.prompt_len, len(c.seq.output_token_ids), c.seq.num_cached_tokens))
-                if reason is not None:
-                    c.reported = True
-                    self._forget(req)
-                continue
-            entry = touched.get(req.request_id)
-            if entry is None:
-                entry = touched[req.request_id] = (req, {})
-            entry[1][i] = ([token], text, lps or [])
-        outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
-        return outputs
-
     def _forget(self, req: RequestState) -> None:
         if self.requests.pop(req.request_id, None) is req:
             self._num_host_token_requests -= req.needs_host_tokens
@@ -369,22 +331,6 @@ class LLMEngine:
         elif len(seq.output_token_ids) >= c.max_output:  # max_tokens, or the context window is full
             self._finish(c, "length")
 
-    def _text(self, c, token: int) -> str:
-        """The text this token adds, after stop strings; a stop string found here finishes the choice."""
-        if c.stopper.stopped:
-            return ""
-        if c.stop_token:  # the stop token itself is not text: release what was held back
-            return c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
-        text, stopped = c.stopper.feed(c.detok.add(token))
-        if stopped:  # wins over a length finish decided for the same token
-            if c.finish_reason is None:
-                self._finish(c, "stop", stop_reason=c.stopper.matched)
-            else:
-                c.finish_reason, c.stop_reason = "stop", c.stopper.matched
-        elif c.finish_reason is not None:
-            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
-        return text
-
     def _finish(self, c, reason: str, stop_reason=None) -> None:
         if c.finish_reason is not None:
             return
@@ -396,31 +342,6 @@ class LLMEngine:
     def _fail(self, req: RequestState) -> None:
         for c in req.choices:
             self._finish(c, "error")
-
-    def _collect(self, req: RequestState, deltas: dict) -> RequestOutput:
-        """The step's RequestOutput for one request: its choices that changed, or finished unreported."""
-        outs = []
-        want_lp = req.params.logprobs is not None
-        finished = True
-        completion = 0
-        for i, c in enumerate(req.choices):
-            completion += len(c.seq.output_token_ids)
-            reason = c.finish_reason
-            if reason is None:
-                finished = False
-            d = deltas.get(i)
-            if d is None:
-                if reason is None or c.reported:
-                    continue
-                d = ([], "", [])
-            outs.append(CompletionOutput(c.index, d[1], d[0], d[2] if want_lp else None, reason, c.stop_reason,
-                                         req.error if reason == "error" else None))
-            if reason is not None:
-                c.reported = True
-        if finished:
-            self._forget(req)
-        cached = req.choices[0].seq.num_cached_tokens
-        return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
 
     # ---- introspection (metrics, health) ---------------------------------------------------------------
 
@@ -450,14 +371,6 @@ class _Inflight:
         if isinstance(self.launched, tuple) and self.launched[1] is not None:
             return InflightTokens(self.launched[0], self.launched[1].token_ids)
         return None
-
-
-@dataclass
-class _Pending:
-    """A settled step whose text and outputs are not emitted yet (see step)."""
-
-    tokens: list = field(default_factory=list)  # (request, choice index, token id, TokenLogprob | None)
-    touched: list = field(default_factory=list)  # requests to report whole: failed, or finished by the scheduler
 
 
 class PromptTooLongError(ValueError):

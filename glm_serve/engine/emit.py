@@ -1,0 +1,105 @@
+"""Owns turning landed tokens into RequestOutputs: detokenization, stop strings, per-choice deltas, the final
+report of each request. Mixed into LLMEngine, whose step calls `_emit` while the device runs the next step.
+
+Reads the engine's `requests`; calls back its `_finish`, `_fail` and `_forget`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from glm_serve.engine.outputs import CompletionOutput, RequestOutput, RequestState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """A landed step whose text and outputs are not emitted yet (see LLMEngine.step)."""
+
+    tokens: list = field(default_factory=list)  # (request, choice index, token id, TokenLogprob | None)
+    touched: list = field(default_factory=list)  # requests to report whole: failed, or finished by the scheduler
+
+
+class OutputEmitter:
+    """LLMEngine's output side (see the module docstring)."""
+
+    def _emit(self, pending: Pending | None) -> list[RequestOutput]:
+        """Detokenize, match stop strings and build the outputs of a landed step."""
+        if pending is None:
+            return []
+        outputs: list[RequestOutput] = []
+        # Requests with n > 1 or a failure: request id -> (request, {choice: (token ids, text, logprobs)}),
+        # collected once at the end. Single-choice requests (the common case) are emitted directly.
+        touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
+        live = self.requests
+        for req, i, token, lp in pending.tokens:
+            if live.get(req.request_id) is not req:
+                continue  # aborted since: its final output has gone out already
+            c = req.choices[i]
+            try:
+                text = self._text(c, token)
+            except Exception as e:  # noqa: BLE001
+                log.exception("request %s failed while detokenizing", req.request_id)
+                req.error = f"{type(e).__name__}: {e}"
+                self._fail(req)
+                touched.setdefault(req.request_id, (req, {}))
+                continue
+            lps = ([lp] if lp else []) if req.params.logprobs is not None else None
+            if len(req.choices) == 1 and req.request_id not in touched:
+                reason = c.finish_reason
+                outputs.append(RequestOutput(
+                    req.request_id, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
+                    reason is not None, req.prompt_len, len(c.seq.output_token_ids), c.seq.num_cached_tokens))
+                if reason is not None:
+                    c.reported = True
+                    self._forget(req)
+                continue
+            entry = touched.get(req.request_id)
+            if entry is None:
+                entry = touched[req.request_id] = (req, {})
+            entry[1][i] = ([token], text, lps or [])
+        outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
+        return outputs
+
+    def _text(self, c, token: int) -> str:
+        """The text this token adds, after stop strings; a stop string found here finishes the choice."""
+        if c.stopper.stopped:
+            return ""
+        if c.stop_token:  # the stop token itself is not text: release what was held back
+            return c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+        text, stopped = c.stopper.feed(c.detok.add(token))
+        if stopped:  # wins over a length finish decided for the same token
+            if c.finish_reason is None:
+                self._finish(c, "stop", stop_reason=c.stopper.matched)
+            else:
+                c.finish_reason, c.stop_reason = "stop", c.stopper.matched
+        elif c.finish_reason is not None:
+            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+        return text
+
+    def _collect(self, req: RequestState, deltas: dict) -> RequestOutput:
+        """The step's RequestOutput for one request: its choices that changed, or finished unreported."""
+        outs = []
+        want_lp = req.params.logprobs is not None
+        finished = True
+        completion = 0
+        for i, c in enumerate(req.choices):
+            completion += len(c.seq.output_token_ids)
+            reason = c.finish_reason
+            if reason is None:
+                finished = False
+            d = deltas.get(i)
+            if d is None:
+                if reason is None or c.reported:
+                    continue
+                d = ([], "", [])
+            outs.append(CompletionOutput(c.index, d[1], d[0], d[2] if want_lp else None, reason, c.stop_reason,
+                                         req.error if reason == "error" else None))
+            if reason is not None:
+                c.reported = True
+        if finished:
+            self._forget(req)
+        cached = req.choices[0].seq.num_cached_tokens
+        return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
