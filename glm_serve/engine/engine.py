@@ -145,7 +145,6 @@ class LLMEngine(OutputEmitter):
             gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
             constraint = constraints[i] if constraints else None
             c = make_choice(i, seq, self.tokenizer, params, self.stop_ids, gen, constraint)
-            c.max_output = min(params.max_tokens or self.max_model_len, self.max_model_len - len(prompt_ids))
             req.choices.append(c)
             self.seq_owner[seq.seq_id] = (req, i)
         for c in req.choices:
@@ -328,7 +327,7 @@ class LLMEngine(OutputEmitter):
             c.stop_token = True
         elif c.constraint is not None and c.constraint.is_terminated():
             self._finish(c, "stop")
-        elif len(seq.output_token_ids) >= c.max_output:  # max_tokens, or the context window is full
+        elif self.scheduler.hit_length_limit(seq):  # max_tokens, or the context window is full
             self._finish(c, "length")
 
     def _finish(self, c, reason: str, stop_reason=None) -> None:

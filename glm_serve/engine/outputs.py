@@ -73,7 +73,6 @@ class ChoiceState:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     reported: bool = False  # the final output for this choice was sent
     stop_token: bool = False  # finished by a stop token id (which is not text)
-    max_output: int = 1 << 62  # output tokens allowed: max_tokens, capped by the context window
 
 
 @dataclass(slots=True)

@@ -157,10 +157,7 @@ class Scheduler:
     def hit_length_limit(self, seq: Sequence) -> bool:
         """True when seq may not grow further: its max_tokens are out, or it holds max_seq_len tokens.
         The engine checks stop tokens first, then this, and finishes the sequence with reason "length"."""
-        max_tokens = getattr(seq.params, "max_tokens", None)
-        if max_tokens is not None and seq.num_output_tokens >= max_tokens:
-            return True
-        return seq.num_tokens >= self.config.max_seq_len
+        return seq.num_tokens >= seq.max_num_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out of its queue, free its blocks, mark it FINISHED with `reason`. Idempotent."""
