@@ -70,7 +70,8 @@ def measure_ceilings(smoke: bool = False) -> dict:
     b = torch.randn(mm, mm, dtype=DTYPE, device=DEVICE)
     ms = bench(lambda: a @ b, reps=20)
     matmul_tflops = 2 * mm**3 / ms / 1e9
-    return {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(matmul_tflops, 1)}
+    # Significant digits, not decimals: every ratio divides by these (a slow CPU smoke run is far below 0.1).
+    return {"copy_GBps": float(f"{copy_gbs:.4g}"), "matmul_bf16_TFLOPs": float(f"{matmul_tflops:.4g}")}
 
 
 def paged_cache(batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
