@@ -127,6 +127,16 @@ class GlmTokenizer:
         by_length = sorted(added, key=lambda t: -len(t.text))
         self._split_all = self._splitter(by_length)
         self._split_plain = self._splitter([t for t in by_length if not t.special])
+        self._texts: dict[bool, list[str | None]] = {}  # skip_special -> per-id text (see token_texts)
+
+    def token_texts(self, skip_special: bool) -> list[str | None]:
+        """[vocab_size] the text of each token id on its own, or None where its bytes are not complete UTF-8
+        (part of a character). Built once per tokenizer: the detokenizer's per-token fast path."""
+        texts = self._texts.get(skip_special)
+        if texts is None:
+            texts = self._texts[skip_special] = [_utf8_or_none(self._piece(i, skip_special))
+                                                 for i in range(self.vocab_size)]
+        return texts
 
     @staticmethod
     def _splitter(tokens: list[AddedToken]) -> re.Pattern | None:
@@ -256,6 +266,13 @@ def load_tokenizer(model_dir: str | Path, backend: str = "auto") -> GlmTokenizer
                         source)
 
 
+def _utf8_or_none(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 class IncrementalDetokenizer:
     """Turns generated ids into text deltas, one token at a time, without ever emitting half a character.
 
@@ -276,8 +293,15 @@ class IncrementalDetokenizer:
             k -= 1
             tail = tokenizer._piece(int(prompt_ids[k]), skip_special_tokens) + tail
         self._decoder.decode(tail)  # the prompt's own text is not output; only its pending bytes are kept
+        self._texts = tokenizer.token_texts(skip_special_tokens)
 
     def add(self, token_id: int) -> str:
+        # Fast path (one list read, once per generated token): no bytes pending and the token is whole
+        # characters, so the decoder would return exactly its text and stay empty.
+        if not self._decoder.buffer and 0 <= token_id < len(self._texts):
+            text = self._texts[token_id]
+            if text is not None:
+                return text
         return self._decoder.decode(self.tokenizer._piece(token_id, self.skip_special_tokens))
 
     def flush(self) -> str:

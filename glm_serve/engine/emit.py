@@ -39,7 +39,12 @@ class OutputEmitter:
                 continue  # aborted since: its final output has gone out already
             c = req.choices[i]
             try:
-                text = self._text(c, token)
+                if c.finish_reason is None:  # still generating (the common case, inlined): text, stop strings
+                    text, stopped = c.stopper.feed(c.detok.add(token))
+                    if stopped:
+                        self._finish(c, "stop", stop_reason=c.stopper.matched)
+                else:  # this token ended the choice
+                    text = self._text(c, token)
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed while detokenizing", req.request_id)
                 req.error = f"{type(e).__name__}: {e}"
@@ -64,18 +69,16 @@ class OutputEmitter:
         return outputs
 
     def _text(self, c, token: int) -> str:
-        """The text this token adds, after stop strings; a stop string found here finishes the choice."""
+        """The text the token that finished choice c adds (stop token, length, constraint), after stop strings
+        and with what they held back; a stop string found here still wins over the other reasons."""
         if c.stopper.stopped:
             return ""
         if c.stop_token:  # the stop token itself is not text: release what was held back
             return c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
         text, stopped = c.stopper.feed(c.detok.add(token))
         if stopped:  # wins over a length finish decided for the same token
-            if c.finish_reason is None:
-                self._finish(c, "stop", stop_reason=c.stopper.matched)
-            else:
-                c.finish_reason, c.stop_reason = "stop", c.stopper.matched
-        elif c.finish_reason is not None:
+            c.finish_reason, c.stop_reason = "stop", c.stopper.matched
+        else:
             text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
         return text
 

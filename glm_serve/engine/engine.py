@@ -17,6 +17,8 @@ Not thread-safe: the async engine drives it from its own thread.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import logging
 import time
@@ -43,6 +45,8 @@ from glm_serve.engine.sequence import Sequence, SeqStatus
 from glm_serve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+Sampled = tuple[dict[int, int], dict[int, TokenLogprob]]  # one step's tokens and logprobs, by seq id
 
 
 class LLMEngine(OutputEmitter):
@@ -87,6 +91,13 @@ class LLMEngine(OutputEmitter):
         self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
+        for skip in (True, False):  # the detokenizer's per-token tables, built now rather than on a first request
+            self.tokenizer.token_texts(skip)
+        # What exists now (model, tokenizer tables, the torch and API modules) lives as long as the engine: take
+        # it out of the cyclic GC, whose full collections would otherwise walk it all in the middle of a step.
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # so that exit still frees it (native bindings report what is never freed)
 
     def _enable_graphs(self, config: EngineConfig) -> None:
         from glm_serve.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
@@ -201,7 +212,7 @@ class LLMEngine(OutputEmitter):
         if inf is None:
             return False
         sampled, retried = self._sync(inf.out, inf.launched)
-        pending = self._settle(inf.out, sampled)
+        pending = self._settle(inf.out, *sampled)
         if self._pending is None:
             self._pending = pending
         elif pending is not None:
@@ -209,26 +220,29 @@ class LLMEngine(OutputEmitter):
             self._pending.touched += pending.touched
         return retried
 
-    def _sync(self, out: SchedulerOutput, launched) -> tuple[dict[int, tuple[int, TokenLogprob | None]], bool]:
+    def _sync(self, out: SchedulerOutput, launched) -> tuple[Sampled, bool]:
         if launched is None:
-            return {}, False
+            return ({}, {}), False
         if launched is not _RETRY:
             try:
                 return self._read(*launched), False
             except Exception:  # noqa: BLE001
                 log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
-        sampled: dict = {}
+        tokens: dict[int, int] = {}
+        logprobs: dict[int, TokenLogprob] = {}
         for s in out.scheduled:
             if s.seq.status is not SeqStatus.RUNNING:
                 continue  # finished, or preempted since: recomputed later, and its token sampled again then
             try:
-                sampled.update(self._read(*self._forward(SchedulerOutput(scheduled=[s]))))
+                one_tokens, one_logprobs = self._read(*self._forward(SchedulerOutput(scheduled=[s])))
+                tokens.update(one_tokens)
+                logprobs.update(one_logprobs)
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", s.seq.request_id)
                 req, _ = self.seq_owner[s.seq.seq_id]
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)  # out of the scheduler now, so update() skips its sequences
-        return sampled, True
+        return (tokens, logprobs), True
 
     @torch.inference_mode()
     def _forward(self, out: SchedulerOutput, inflight: InflightTokens | None = None):
@@ -241,20 +255,20 @@ class LLMEngine(OutputEmitter):
         res = self.sampler(logits, sb)
         return batch.sample_seq_ids, res, HostCopy(res)
 
-    def _read(self, seq_ids: list[int], res, host: HostCopy | None) -> dict[int, tuple[int, TokenLogprob | None]]:
+    def _read(self, seq_ids: list[int], res, host: HostCopy | None) -> Sampled:
         if res is None:
-            return {}
+            return {}, {}
         res = host.wait()  # the one wait of the step: for this step's work only (see HostCopy)
         ids = res.token_ids.tolist()
-        lps = [None] * len(ids)
+        logprobs = {}
         if res.logprobs is not None:
             lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
             for r, seq_id in enumerate(seq_ids):
                 owner = self.seq_owner.get(seq_id)  # None: finished and reported since it was launched
                 k = owner[0].params.logprobs if owner is not None else None
                 if k is not None:
-                    lps[r] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
-        return {seq_id: (ids[r], lps[r]) for r, seq_id in enumerate(seq_ids)}
+                    logprobs[seq_id] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
+        return dict(zip(seq_ids, ids)), logprobs
 
     def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
         return image_embeddings(out, self.model.vision, lambda seq: self.seq_owner[seq.seq_id][0].mm)
@@ -276,10 +290,11 @@ class LLMEngine(OutputEmitter):
                 c.constraint.fill_bitmask(bitmask, r)
         return SamplingBatch.build(rows, vocab, self.device, bitmask)
 
-    def _settle(self, out: SchedulerOutput, sampled: dict) -> Pending | None:
+    def _settle(self, out: SchedulerOutput, sampled: dict[int, int], logprobs: dict[int, TokenLogprob]
+                ) -> Pending | None:
         """Right after the sync: append the sampled tokens and decide everything that changes what the next
         step schedules or masks (constraints, stop ids, length). Text waits for _emit."""
-        self.scheduler.update(out, {sid: tok for sid, (tok, _) in sampled.items()})
+        self.scheduler.update(out, sampled)
         owner = self.seq_owner
         pending = Pending()
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
@@ -287,6 +302,7 @@ class LLMEngine(OutputEmitter):
             self._finish(req.choices[i], "length")
             pending.touched.append(req)
         finished = SeqStatus.FINISHED
+        tokens = pending.tokens
         for s in out.scheduled:
             seq = s.seq
             entry = owner.get(seq.seq_id)
@@ -296,19 +312,19 @@ class LLMEngine(OutputEmitter):
             if req.error is not None:
                 pending.touched.append(req)
                 continue
-            got = sampled.get(seq.seq_id)
-            if got is None or seq.status is finished:  # (a sequence preempted since still takes its token)
+            token = sampled.get(seq.seq_id)
+            if token is None or seq.status is finished:  # (a sequence preempted since still takes its token)
                 continue
             c = req.choices[i]
             try:
-                self._advance(c, got[0])
+                self._advance(c, token)
             except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
                 log.exception("request %s failed while processing its output", req.request_id)
                 req.error = f"{type(e).__name__}: {e}"
                 self._fail(req)
                 pending.touched.append(req)
                 continue
-            pending.tokens.append((req, i, got[0], got[1]))
+            tokens.append((req, i, token, logprobs.get(seq.seq_id) if logprobs else None))
         return pending if pending.tokens or pending.touched else None
 
     def _forget(self, req: RequestState) -> None:
@@ -327,7 +343,7 @@ class LLMEngine(OutputEmitter):
             c.stop_token = True
         elif c.constraint is not None and c.constraint.is_terminated():
             self._finish(c, "stop")
-        elif self.scheduler.hit_length_limit(seq):  # max_tokens, or the context window is full
+        elif seq.num_tokens >= seq.max_num_tokens:  # max_tokens, or the context window is full (hit_length_limit)
             self._finish(c, "length")
 
     def _finish(self, c, reason: str, stop_reason=None) -> None:

@@ -70,10 +70,12 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         self.graphs = None  # DecodeGraphs, when the engine enables CUDA graphs (glm_serve/engine/cuda_graphs.py)
         self.num_fed_tokens = 0  # input tokens taken from the previous step on the device (overlap scheduling)
+        self._steady_rows: _SteadyRows | None = None  # the table rows of the last steady decode step's sequences
 
     def release(self, seq_id: int) -> None:
         """The sequence gave its blocks back (finished, aborted or preempted): free its table row."""
         row = self.row_of.pop(seq_id, None)
+        self._steady_rows = None
         if row is not None:
             self.row_len[row] = 0
             self.free_rows.append(row)
@@ -93,6 +95,9 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None) -> StepBatch:
         """inflight: the previous step's tokens, when it may still be running (see the module docstring)."""
+        steady = self._steady_decode(out, inflight)
+        if steady is not None:
+            return steady
         sched = out.scheduled
         B = len(sched)
         starts_l, n_l, rows_l, ids, sample_l, sample_ids = [], [], [], [], [], []
@@ -126,14 +131,49 @@ class ModelRunner:
         token_to_seq = np.repeat(np.arange(B), n_new)  # [T]
         q_off = np.arange(T) - cu[:-1][token_to_seq]  # [T]
         index = starts[token_to_seq] + q_off  # [T] slot index of each token in its sequence
-        positions = self._positions(sched, index, token_to_seq)  # [T]
+        logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
+        input_ids = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
+        self._steady_rows = None
+        return self._batch(mm_spans(sched), starts, n_new, rows, cu, token_to_seq, q_off, index, input_ids, logits_idx,
+                           sample_ids)
+
+    def _steady_decode(self, out: SchedulerOutput, inflight: InflightTokens | None) -> StepBatch | None:
+        """The batch of a step that decodes exactly the sequences the step still in flight sampled, in the same
+        order: the steady state of overlap scheduling. Every input is that step's token, already on the device,
+        and every row is sampled, so only the starts and the table rows are read per sequence. None otherwise.
+        """
+        sched = out.scheduled
+        B = len(sched)
+        if inflight is None or out.num_batched_tokens != B or len(inflight.seq_ids) != B:
+            return None
+        seq_ids = [s.seq.seq_id for s in sched]
+        if seq_ids != inflight.seq_ids:
+            return None
+        # Each sequence sampled in the step in flight, whose token has not landed: its one new token (the start)
+        # is that token, so the inputs are inflight.token_ids as they are.
+        rows = self._steady_rows
+        if rows is None or rows.seq_ids != seq_ids:  # the same sequences keep the same rows until release()
+            rows = self._steady_rows = _SteadyRows.of(sched, seq_ids, self.row_of, self.row_len)
+        starts = np.array([s.start for s in sched], dtype=np.int64)  # [B]
+        # Rows not covering the slot written this step: the sequence took a new block (1 step in block_size).
+        for b in np.flatnonzero(rows.have <= starts // self.block_size).tolist():
+            rows.have[b] = self.row_len[self._row(sched[b].seq)]
+        self.num_fed_tokens += B
+        ar = np.arange(B + 1, dtype=np.int64)
+        return self._batch(rows.spans, starts, np.ones(B, dtype=np.int64), rows.rows, ar, ar[:B],
+                           np.zeros(B, dtype=np.int64), starts, inflight.token_ids, ar[:B], seq_ids)
+
+    def _batch(self, spans: list[tuple[int, tuple[int, int]]], starts: np.ndarray, n_new: np.ndarray, rows: np.ndarray, cu: np.ndarray,
+               token_to_seq: np.ndarray, q_off: np.ndarray, index: np.ndarray, input_ids: torch.Tensor,
+               logits_idx: np.ndarray, sample_ids: list[int]) -> StepBatch:
+        """The StepBatch from the step's host arrays: [B] starts, n_new, rows; [B + 1] cu; [T] token_to_seq,
+        q_off, index (slot index of each token in its sequence); [S] logits_idx. spans: mm_spans(sched)."""
+        positions = self._positions(spans, starts.shape[0], index, token_to_seq)  # [T]
         seq_lens = starts + n_new  # [B]
         width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
         tables = self.block_table_host[rows, :width]  # [B, width]
         blk = tables[token_to_seq, index // self.block_size].astype(np.int64)
         slots = blk * self.block_size + index % self.block_size  # [T]
-        logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
-
         meta = AttnMetadata(
             cu_seqlens_q=self._to(cu.astype(np.int32)),
             seq_lens=self._to(seq_lens.astype(np.int32)),
@@ -147,7 +187,6 @@ class ModelRunner:
             host_seq_lens=seq_lens,
             host_cu_seqlens_q=cu,
         )
-        input_ids = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
         return StepBatch(
             input_ids=input_ids,
             positions=self._to(positions),
@@ -172,13 +211,12 @@ class ModelRunner:
         return input_ids
 
     @staticmethod
-    def _positions(sched, index: np.ndarray, token_to_seq: np.ndarray) -> np.ndarray:
+    def _positions(spans, B: int, index: np.ndarray, token_to_seq: np.ndarray) -> np.ndarray:
         """RoPE positions: the slot index, except in GLM-4V prompts, whose image vectors all share one position
         and whose later tokens follow the un-expanded prompt (see Sequence.mm_span)."""
-        spans = [(b, s.seq.mm_span) for b, s in enumerate(sched) if s.seq.mm_span is not None]
         if not spans:
             return index
-        lo = np.full(len(sched), np.iinfo(np.int64).max // 2, dtype=np.int64)
+        lo = np.full(B, np.iinfo(np.int64).max // 2, dtype=np.int64)
         hi = lo.copy()
         for b, (start, end) in spans:
             lo[b], hi[b] = start, end
@@ -208,3 +246,24 @@ class ModelRunner:
                 embeds[row:row + vectors.shape[0]] = vectors.to(embeds.dtype)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, embeds)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+
+def mm_spans(sched) -> list[tuple[int, tuple[int, int]]]:
+    """(batch index, Sequence.mm_span) of the step's GLM-4V sequences."""
+    return [(b, s.seq.mm_span) for b, s in enumerate(sched) if s.seq.mm_span is not None]
+
+
+@dataclass
+class _SteadyRows:
+    """What steady decode steps of one set of sequences share: their table rows (kept until a release)."""
+
+    seq_ids: list[int]  # [B]
+    rows: np.ndarray  # [B] int64 table row of each sequence
+    have: np.ndarray  # [B] int64 blocks written into each row (as row_len, updated with it)
+    spans: list  # mm_spans of the step
+
+    @classmethod
+    def of(cls, sched, seq_ids: list[int], row_of: dict[int, int], row_len: list[int]) -> _SteadyRows:
+        rows = [row_of[sid] for sid in seq_ids]
+        return cls(seq_ids, np.array(rows, dtype=np.int64), np.array([row_len[r] for r in rows], dtype=np.int64),
+                   mm_spans(sched))

@@ -40,7 +40,7 @@ class StopChecker:
             return "", True
         if not self.stop_strings:
             return delta, False
-        if not self._held and not any(ch in delta for ch in self._first_chars):
+        if not self._held and self._first_chars.isdisjoint(delta):
             return delta, False  # fast path: no stop string can start (or end) in this delta
         text = self._held + delta
         hit = self._first_match(text, len(self._held))

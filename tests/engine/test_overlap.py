@@ -105,6 +105,49 @@ def test_overlap_abort_in_flight_frees_everything(tiny_hf):
     assert eng.runner.num_fed_tokens > 0
 
 
+def test_steady_decode_batch_is_right(tiny_hf, monkeypatch):
+    """The runner's steady-decode path (same sequences as the step in flight, inputs taken as they are, table
+    rows cached) builds the batch the scheduler's output defines, step after step, through new blocks every 4
+    tokens, sequences finishing and leaving, and preemption. Checked against each sequence's own blocks."""
+    llm = LLM(str(tiny_hf), kv_cache_tokens=192, max_batch_tokens=256, block_size=4)
+    runner = llm.engine.runner
+    steady = runner._steady_decode
+    calls = {"steady": 0, "general": 0}
+
+    def checked(out, inflight=None):
+        batch = steady(out, inflight)
+        calls["general" if batch is None else "steady"] += 1
+        if batch is not None:  # (an assertion failing here would only make the engine re-run the step alone)
+            calls["checked"] = calls.get("checked", 0) + 1
+            m, B = batch.meta, len(out.scheduled)
+            starts = [s.start for s in out.scheduled]
+            assert [s.num_new_tokens for s in out.scheduled] == [1] * B
+            assert batch.input_ids.tolist() == inflight.token_ids.tolist()
+            assert batch.sample_seq_ids == inflight.seq_ids == [s.seq.seq_id for s in out.scheduled]
+            assert batch.positions.tolist() == starts and m.token_q_offset.tolist() == [0] * B
+            assert m.seq_lens.tolist() == [x + 1 for x in starts] == m.host_seq_lens.tolist()
+            assert m.cu_seqlens_q.tolist() == list(range(B + 1)) == m.host_cu_seqlens_q.tolist()
+            assert batch.logits_indices.tolist() == list(range(B)) == m.token_to_seq.tolist()
+            assert m.max_seqlen_q == 1 and m.max_seqlen_k == max(starts) + 1
+            tables = m.block_tables.tolist()
+            for b, s in enumerate(out.scheduled):
+                blocks = s.seq.block_ids[: s.start // 4 + 1]
+                assert tables[b][: len(blocks)] == blocks
+                assert m.slot_mapping[b].item() == blocks[-1] * 4 + s.start % 4
+            calls["passed"] = calls.get("passed", 0) + 1
+        return batch
+
+    monkeypatch.setattr(runner, "_steady_decode", checked)
+    rng = random.Random(5)
+    prompts = _prompts(12, seed=24, lo=2, hi=20)
+    params = [SamplingParams(max_tokens=rng.randrange(5, 60), **GREEDY) for _ in prompts]
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(r.token_ids) for r in got] == [p.max_tokens for p in params]
+    assert calls["steady"] > 20 and calls["general"] > 0
+    assert calls["passed"] == calls["checked"] == calls["steady"]
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
 @pytest.mark.parametrize("where", ["launch", "read"])
 def test_a_failed_batched_step_is_rerun_alone_with_the_same_tokens(tiny_hf, where, monkeypatch):
     """A batch that fails as a whole (at launch, or when its tokens are read with the next step already
