@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
         "median_us_per_step": med, "runs": runs,
+        # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
+        "python_sum_range_1000_us": _python_speed(),
     }
     mode = "sync" if args.no_overlap else "overlap"
     out_path = Path(args.out) if args.out else Path(__file__).parent / "results" / (
@@ -102,7 +105,13 @@ def _measure(args) -> dict:
         rows["host_total"].append((wall - got["device"]) * 1e6)
         rows["serial"].append((got["schedule"] + got["prepare"] + got["sampling_batch"] + got["land"]) * 1e6)
         rows["device_work (logits copy + sampler)"].append(got["device"] * 1e6)
-    return {k: statistics.median(v) for k, v in rows.items()}  # median over the steps
+    med = {k: statistics.median(v) for k, v in rows.items()}  # median over the steps
+    med["host_total_mean"] = statistics.fmean(rows["host_total"])  # with the rare long steps (GC) averaged in
+    return med
+
+
+def _python_speed() -> float:
+    return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
 
 class _Timers:

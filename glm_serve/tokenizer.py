@@ -294,16 +294,24 @@ class IncrementalDetokenizer:
             tail = tokenizer._piece(int(prompt_ids[k]), skip_special_tokens) + tail
         self._decoder.decode(tail)  # the prompt's own text is not output; only its pending bytes are kept
         self._texts = tokenizer.token_texts(skip_special_tokens)
+        self._clean = not self._decoder.buffer  # no bytes pending in the decoder
 
     def add(self, token_id: int) -> str:
-        # Fast path (one list read, once per generated token): no bytes pending and the token is whole
-        # characters, so the decoder would return exactly its text and stay empty.
-        if not self._decoder.buffer and 0 <= token_id < len(self._texts):
-            text = self._texts[token_id]
+        # Fast path (one list read per generated token): no bytes pending and the token is whole characters, so
+        # the decoder would return exactly its text and stay empty. Ids past the table go the slow way.
+        if self._clean and token_id >= 0:
+            try:
+                text = self._texts[token_id]
+            except IndexError:
+                text = None
             if text is not None:
                 return text
-        return self._decoder.decode(self.tokenizer._piece(token_id, self.skip_special_tokens))
+        text = self._decoder.decode(self.tokenizer._piece(token_id, self.skip_special_tokens))
+        self._clean = not self._decoder.buffer
+        return text
 
     def flush(self) -> str:
         """At the end of the stream: bytes still pending (an unfinished character) become U+FFFD."""
-        return self._decoder.decode(b"", final=True)
+        text = self._decoder.decode(b"", final=True)
+        self._clean = True
+        return text

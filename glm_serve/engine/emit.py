@@ -35,7 +35,8 @@ class OutputEmitter:
         touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
         live = self.requests
         for req, i, token, lp in pending.tokens:
-            if live.get(req.request_id) is not req:
+            rid = req.request_id
+            if live.get(rid) is not req:
                 continue  # aborted since: its final output has gone out already
             c = req.choices[i]
             try:
@@ -51,19 +52,20 @@ class OutputEmitter:
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
                 continue
-            lps = ([lp] if lp else []) if req.params.logprobs is not None else None
-            if len(req.choices) == 1 and req.request_id not in touched:
+            lps = None if req.params.logprobs is None else [lp] if lp else []
+            if len(req.choices) == 1 and (not touched or rid not in touched):
                 reason = c.finish_reason
+                seq = c.seq
                 outputs.append(RequestOutput(
-                    req.request_id, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
-                    reason is not None, req.prompt_len, len(c.seq.output_token_ids), c.seq.num_cached_tokens))
+                    rid, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
+                    reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens))
                 if reason is not None:
                     c.reported = True
                     self._forget(req)
                 continue
-            entry = touched.get(req.request_id)
+            entry = touched.get(rid)
             if entry is None:
-                entry = touched[req.request_id] = (req, {})
+                entry = touched[rid] = (req, {})
             entry[1][i] = ([token], text, lps or [])
         outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
         return outputs

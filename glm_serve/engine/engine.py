@@ -89,15 +89,12 @@ class LLMEngine(OutputEmitter):
         self._inflight: _Inflight | None = None  # the last step launched, its tokens not yet landed
         self._pending: Pending | None = None  # the last step landed, its text not yet emitted
         self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
+        self._num_sampling_requests = 0  # live requests that need more than an argmax (not plain_greedy)
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
         for skip in (True, False):  # the detokenizer's per-token tables, built now rather than on a first request
             self.tokenizer.token_texts(skip)
-        # What exists now (model, tokenizer tables, the torch and API modules) lives as long as the engine: take
-        # it out of the cyclic GC, whose full collections would otherwise walk it all in the middle of a step.
-        gc.collect()
-        gc.freeze()
-        atexit.register(gc.unfreeze)  # so that exit still frees it (native bindings report what is never freed)
+        _tune_gc()
 
     def _enable_graphs(self, config: EngineConfig) -> None:
         from glm_serve.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
@@ -162,6 +159,7 @@ class LLMEngine(OutputEmitter):
             self.scheduler.add(c.seq)
         self.requests[request_id] = req
         self._num_host_token_requests += req.needs_host_tokens
+        self._num_sampling_requests += not req.plain_greedy
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.get(request_id)
@@ -271,12 +269,14 @@ class LLMEngine(OutputEmitter):
         return dict(zip(seq_ids, ids)), logprobs
 
     def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
+        if self.model.vision is None:  # a text model: no step has image slots
+            return None
         return image_embeddings(out, self.model.vision, lambda seq: self.seq_owner[seq.seq_id][0].mm)
 
     def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
         """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
         owner = self.seq_owner
-        if all(owner[sid][0].plain_greedy for sid in seq_ids):  # the common case: nothing but argmax
+        if self._num_sampling_requests == 0:  # the common case: nothing but argmax
             return SamplingBatch(num_rows=len(seq_ids), vocab_size=vocab, all_greedy=True)
         rows, bitmask = [], None
         for r, seq_id in enumerate(seq_ids):
@@ -316,20 +316,23 @@ class LLMEngine(OutputEmitter):
             if token is None or seq.status is finished:  # (a sequence preempted since still takes its token)
                 continue
             c = req.choices[i]
-            try:
-                self._advance(c, token)
-            except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
-                log.exception("request %s failed while processing its output", req.request_id)
-                req.error = f"{type(e).__name__}: {e}"
-                self._fail(req)
-                pending.touched.append(req)
-                continue
+            # Only a constraint, a stop id or the length can end a choice here (the common case needs no call).
+            if c.constraint is not None or token in c.stop_ids or seq.num_tokens >= seq.max_num_tokens:
+                try:
+                    self._advance(c, token)
+                except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
+                    log.exception("request %s failed while processing its output", req.request_id)
+                    req.error = f"{type(e).__name__}: {e}"
+                    self._fail(req)
+                    pending.touched.append(req)
+                    continue
             tokens.append((req, i, token, logprobs.get(seq.seq_id) if logprobs else None))
         return pending if pending.tokens or pending.touched else None
 
     def _forget(self, req: RequestState) -> None:
         if self.requests.pop(req.request_id, None) is req:
             self._num_host_token_requests -= req.needs_host_tokens
+            self._num_sampling_requests -= not req.plain_greedy
         for c in req.choices:
             self.seq_owner.pop(c.seq.seq_id, None)
 
@@ -386,6 +389,18 @@ class _Inflight:
         if isinstance(self.launched, tuple) and self.launched[1] is not None:
             return InflightTokens(self.launched[0], self.launched[1].token_ids)
         return None
+
+
+def _tune_gc() -> None:
+    """What exists once an engine is built (model, tokenizer tables, the torch and API modules) lives as long as
+    it: freeze it out of the cyclic GC, whose full collections would otherwise walk it all in the middle of a
+    step. And a step makes a few objects per sequence (outputs, deltas) that die within a step or two: collect
+    the young generation every 20,000 allocations rather than 700, so that most are gone by then."""
+    gc.collect()
+    gc.freeze()
+    atexit.register(gc.unfreeze)  # so that exit still frees it (native bindings report what is never freed)
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 20_000), gen1, gen2)
 
 
 class PromptTooLongError(ValueError):
