@@ -7,6 +7,9 @@ With overlap scheduling (the default) all of it runs while the device computes t
 waits for the engine as long as a step takes longer than `host_total`. Without it (--no-overlap) the device
 waits for `serial` (schedule + prepare + sampling batch + land) between two steps.
 
+Then the same decode runs through AsyncEngine, the server's path: the engine thread plus one asyncio task
+reading each stream, all under one GIL. Its wall time per step counts the readers' work too.
+
     python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--out FILE]
 """
 
@@ -41,6 +44,10 @@ def main(argv=None) -> int:
     for k, v in med.items():
         spread = ", ".join(f"{r[k]:.0f}" for r in runs)
         print(f"{k:>26}: {v:8.1f} us/step (median of {args.repeats} runs: {spread})")
+    streams = [_measure_async(args) for _ in range(args.repeats)]
+    streamed = {k: statistics.median(r[k] for r in streams) for k in streams[0]}
+    print(f"{'async streams':>26}: {streamed['wall_us_per_step']:8.1f} us/step wall, "
+          f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
     result = {
         "benchmark": "engine_overhead", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": _cpu_name(), "torch": torch.__version__, "git_commit": _git_commit(),
@@ -49,6 +56,10 @@ def main(argv=None) -> int:
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
         "median_us_per_step": med, "runs": runs,
+        # The same decode through AsyncEngine (the server's path): its loop thread plus one asyncio consumer per
+        # sequence on the main thread, sharing the GIL; the wall time per step includes the consumers' work.
+        "async_streams": {"what": "wall time per engine step, whole run (prefill included), consumers included",
+                          **streamed, "runs": streams},
         # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
         "python_sum_range_1000_us": _python_speed(),
     }
@@ -61,18 +72,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _measure(args) -> dict:
-    """One measurement: a fresh engine, 256 prefilled sequences, then `args.steps` timed decode steps."""
-
+def _engine(args):
+    """A fresh engine on a one-layer tiny checkpoint, and the fixed logits that stand in for its forward."""
     from glm_serve.llm import LLM  # noqa: PLC0415
-    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
     from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415
 
     model = make_tiny(tempfile.mkdtemp(prefix="overhead-"), TinySpec(layout="hf", layers=1, hidden=64, heads=2,
                                                                     head_dim=32, ffn=128))
     llm = LLM(str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
               max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap)
-    eng = llm.engine
+    return llm.engine, torch.randn(args.seqs, llm.engine.model_config.vocab_size)
+
+
+def _measure(args) -> dict:
+    """One measurement: a fresh engine, 256 prefilled sequences, then `args.steps` timed decode steps."""
+
+    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
+
+    eng, fixed = _engine(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True, stop=["never-here"])
     for i in range(args.seqs):
         eng.add_request(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params)
@@ -80,7 +97,6 @@ def _measure(args) -> dict:
         eng.step()  # prefill everything first: the measured steps are pure decode
     eng.step()
 
-    fixed = torch.randn(args.seqs, eng.model_config.vocab_size)
     parts = {"schedule": [], "prepare": [], "sampling_batch": [], "land": [], "emit": [], "device": []}
     timed = _Timers(parts)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
@@ -112,6 +128,39 @@ def _measure(args) -> dict:
 
 def _python_speed() -> float:
     return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+
+
+def _measure_async(args) -> dict:
+    """`args.seqs` requests streamed through AsyncEngine at once, each read by its own asyncio task."""
+    import asyncio  # noqa: PLC0415
+
+    from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
+    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
+
+    eng, fixed = _engine(args)
+    eng.runner.execute = lambda batch, mm=None: fixed[: len(batch.sample_seq_ids)].clone()
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True, stop=["never-here"])
+    server = AsyncEngine(eng)
+
+    async def stream(i: int) -> int:
+        n = 0
+        async for out in server.generate(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params):
+            n += sum(len(o.token_ids) for o in out.outputs)
+        return n
+
+    async def run() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(stream(i) for i in range(args.seqs)))
+        return sum(tokens), time.perf_counter() - t0
+
+    try:
+        steps0 = server.step_count
+        tokens, wall = asyncio.run(run())
+        steps = server.step_count - steps0
+    finally:
+        server.shutdown()
+    assert tokens == args.seqs * args.steps
+    return {"wall_us_per_step": wall / steps * 1e6, "tokens_per_s": tokens / wall, "steps": steps}
 
 
 class _Timers:

@@ -100,8 +100,7 @@ class AsyncEngine:
                 outputs = self._fail_all(f"{type(e).__name__}: {e}")
             self.step_count += 1
             self.last_step_at = time.monotonic()
-            for out in outputs:
-                self._send(out.request_id, out, final=out.finished)
+            self._send_step(outputs)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -136,6 +135,21 @@ class AsyncEngine:
             outs.append(self.engine._collect(req, {}))
         return outs
 
+    def _send_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, in one wake-up of each event loop that waits for some: call_soon_threadsafe
+        writes to the loop's wake-up pipe, a system call that per output would cost more than the step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        sinks = self._sinks
+        for out in outputs:
+            entry = sinks.pop(out.request_id, None) if out.finished else sinks.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[1], []).append((entry[0], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
     def _send(self, request_id: str, item, final: bool) -> None:
         entry = self._sinks.get(request_id)
         if entry is None:
@@ -149,17 +163,32 @@ class AsyncEngine:
             pass
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the event loop: hand each output to its request's queue."""
+    for sink, out in items:
+        sink.put_nowait(out)
+
+
 def merge_final(outputs: list[RequestOutput]) -> list[CompletionOutput]:
-    """Concatenate a request's deltas into one CompletionOutput per choice (non-streaming callers)."""
+    """Concatenate a request's deltas into one CompletionOutput per choice (non-streaming callers).
+    Linear in the output: text pieces are joined once at the end."""
     merged: dict[int, CompletionOutput] = {}
+    texts: dict[int, list[str]] = {}
     for out in outputs:
         for o in out.outputs:
-            m = merged.setdefault(o.index, CompletionOutput(o.index, "", [], [] if o.logprobs is not None else None))
-            m.text += o.text
+            m = merged.get(o.index)
+            if m is None:
+                m = merged[o.index] = CompletionOutput(o.index, "", [])
+                texts[o.index] = []
+            texts[o.index].append(o.text)
             m.token_ids += o.token_ids
             if o.logprobs is not None:
-                m.logprobs = (m.logprobs or []) + o.logprobs
+                if m.logprobs is None:
+                    m.logprobs = []
+                m.logprobs += o.logprobs
             m.finish_reason = o.finish_reason or m.finish_reason
             m.stop_reason = o.stop_reason if o.stop_reason is not None else m.stop_reason
             m.error = o.error or m.error
+    for i, m in merged.items():
+        m.text = "".join(texts[i])
     return [merged[i] for i in sorted(merged)]

@@ -281,3 +281,38 @@ def test_cuda_graph_decode_gives_the_same_tokens_on_gpu(tiny_hf):
     graphs = LLM(str(tiny_hf), cuda_graphs=True, **kw)
     assert graphs.engine.runner.graphs.graphs  # really captured
     assert [r.token_ids for r in graphs.generate(prompts, params, use_tqdm=False)] == want
+
+
+def test_async_engine_wakes_the_event_loop_once_per_step(llm, monkeypatch):
+    """A step's outputs for many streams reach the event loop in one call_soon_threadsafe (each call writes to
+    the loop's wake-up pipe), in order, and merge to what the synchronous engine gives."""
+    prompts = _prompts(12, seed=31)
+    params = SamplingParams(max_tokens=9, **GREEDY)
+    want = [r.choices[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        calls = {"n": 0}
+        real = loop.call_soon_threadsafe
+
+        def counted(*args):
+            calls["n"] += 1
+            return real(*args)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        aeng = AsyncEngine(llm.engine)
+        try:
+            steps0 = aeng.step_count
+
+            async def whole(i):
+                return merge_final([o async for o in aeng.generate(f"w{i}", prompts[i], params)])[0]
+
+            res = await asyncio.gather(*(whole(i) for i in range(len(prompts))))
+            return res, calls["n"], aeng.step_count - steps0
+        finally:
+            aeng.shutdown()
+
+    res, wakeups, steps = asyncio.run(run())
+    assert [r.token_ids for r in res] == want
+    assert all(r.finish_reason == "length" for r in res)
+    assert 0 < wakeups <= steps < 12 * 9  # one per step at most, never one per output
