@@ -91,18 +91,20 @@ class LLM:
             ids, image = self.encode(prompt, tools)
             engine.add_request(rid, ids, p, image=image)
             is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            states[rid] = (ids, is_chat, [Choice(i, "", [], None) for i in range(p.n)], {})
+            choices = [Choice(i, "", [], None) for i in range(p.n)]
+            states[rid] = (ids, is_chat, choices, {}, [[] for _ in range(p.n)])  # last: text pieces per choice
             order.append(rid)
         bar = _progress(len(order), use_tqdm)
         while engine.has_unfinished():
             for out in engine.step():
-                _, _, choices, usage = states[out.request_id]
+                _, _, choices, usage, texts = states[out.request_id]
                 for o in out.outputs:
                     ch = choices[o.index]
-                    ch.text += o.text
+                    texts[o.index].append(o.text)  # joined at the end: linear however long the answer
                     ch.token_ids += o.token_ids
                     if o.logprobs is not None:
-                        ch.logprobs = (ch.logprobs or []) + o.logprobs
+                        ch.logprobs = ch.logprobs or []
+                        ch.logprobs += o.logprobs
                     ch.finish_reason, ch.error = o.finish_reason or ch.finish_reason, o.error or ch.error
                 usage.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                              cached_tokens=out.cached_tokens)
@@ -112,7 +114,9 @@ class LLM:
             bar.close()
         results = []
         for rid in order:
-            ids, is_chat, choices, usage = states[rid]
+            ids, is_chat, choices, usage, texts = states[rid]
+            for ch, pieces in zip(choices, texts):
+                ch.text = "".join(pieces)
             if is_chat:
                 for ch in choices:
                     parsed = parse_assistant_output(ch.text)

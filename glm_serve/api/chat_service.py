@@ -103,7 +103,8 @@ async def chat_result(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
                 raise APIError("500", f"generation failed: {u.error}")
             deltas[u.index] += u.deltas
             if u.logprobs is not None:
-                logprobs[u.index] = (logprobs[u.index] or []) + u.logprobs
+                logprobs[u.index] = logprobs[u.index] or []
+                logprobs[u.index] += u.logprobs  # in place: linear over a long answer
             reasons[u.index] = u.finish_reason or reasons[u.index]
     choices = []
     for i in range(prep.params.n):
