@@ -1,5 +1,5 @@
 """The `glm-serve` command line: make-tiny, generate, serve (glm_serve/api/serve.py), chat (glm_serve/chat_cli.py),
-batch (glm_serve/batch/cli.py)."""
+batch (glm_serve/batch/cli.py), bench (glm_serve/bench.py)."""
 
 from __future__ import annotations
 
@@ -121,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from glm_serve.api.serve import add_serve_parser  # noqa: PLC0415 (argparse only; FastAPI loads on use)
     from glm_serve.batch.cli import add_batch_parser  # noqa: PLC0415
+    from glm_serve.bench import add_bench_parser  # noqa: PLC0415
     from glm_serve.chat_cli import add_chat_parser  # noqa: PLC0415
 
     add_serve_parser(sub, _add_model_args)
     add_chat_parser(sub, _add_model_args)
     add_batch_parser(sub, _add_model_args)
+    add_bench_parser(sub)
     return p
 
 

@@ -1,0 +1,52 @@
+"""`glm-serve bench` against a real server: exact prompt and output lengths, latency figures from the stream,
+and failed requests counted and reported (with the server's own error), never fatal."""
+
+from __future__ import annotations
+
+import json
+
+from glm_serve.cli import main
+from .conftest import KEY_A, wait_idle
+
+
+def _bench(tmp_path, url, tiny_hf, *extra):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--url", url, "--model", str(tiny_hf), "--num-prompts", "7", "--concurrency", "3",
+               "--input-len", "24", "--output-len", "6", "--range-ratio", "0.5", "--out", str(out), *extra])
+    return rc, json.loads(out.read_text())
+
+
+def test_bench_measures_a_running_server(tmp_path, server, tiny_hf):
+    rc, record = _bench(tmp_path, server.url, tiny_hf, "--request-rate", "50")
+    s = record["summary"]
+    assert rc == 0 and s["completed"] == 7 and s["failed"] == 0 and not s["errors"]
+    lengths = set()
+    for r in record["requests"]:
+        assert 12 <= r["prompt_tokens"] == r["server_prompt_tokens"] <= 36  # exact prompts, as the server saw them
+        assert 3 <= r["output_tokens"] <= 9  # the request's own length, checked by the bench against usage
+        assert 0 < r["ttft"] < r["latency"] and len(r["itl"]) <= r["output_tokens"] - 1
+        lengths.add(r["prompt_tokens"])
+    assert len(lengths) > 1  # --range-ratio really varies them
+    assert s["output_tokens_per_s"] > 0 and s["ttft_ms"]["median"] > 0 and s["tpot_ms"]["p99"] > 0
+    assert s["e2e_latency_ms"]["mean"] >= s["ttft_ms"]["mean"]
+    assert record["served_model"] and record["settings"]["request_rate"] == "50.0"
+    assert "api_key" not in record["settings"]
+    wait_idle(server.engine)
+
+
+def test_bench_reports_failures_with_the_servers_error(tmp_path, make_server, tiny_hf):
+    locked = make_server(api_keys=[KEY_A])
+    rc, record = _bench(tmp_path, locked.url, tiny_hf, "--served-model", "glm-4-tiny")  # no key: 401s
+    s = record["summary"]
+    assert rc == 1 and s["completed"] == 0 and s["failed"] == 7
+    assert s["errors"] and all(e.startswith("HTTP 401") for e in s["errors"])
+    rc, record = _bench(tmp_path, locked.url, tiny_hf, "--api-key", KEY_A)
+    assert rc == 0 and record["summary"]["completed"] == 7
+
+
+def test_bench_without_a_server_says_so(tmp_path, tiny_hf, capsys):
+    from .conftest import _free_port
+
+    rc = main(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--model", str(tiny_hf),
+               "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "cannot reach" in capsys.readouterr().err
