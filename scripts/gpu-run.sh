@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
 # writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along.
-#   bash scripts/gpu-run.sh [tests|kernels|offline|vision|all]
+#   bash scripts/gpu-run.sh [tests|kernels|offline|vision|overhead|serve|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -32,4 +32,26 @@ if [ "$what" = offline ] || [ "$what" = all ]; then
   [ -f "$ckpt/config.json" ] || glm-serve make-tiny "$ckpt" --preset glm-4-9b --device cuda --shards 4
   python3 benchmarks/offline_throughput.py --model "$ckpt" --device cuda --num-prompts 256 \
     --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 --out "$results/offline_cuda_$(date +%F).json"
+fi
+if [ "$what" = overhead ] || [ "$what" = all ]; then  # the engine's host work on this box's CPU
+  python3 benchmarks/engine_overhead.py --out "$results/engine_overhead_overlap_gpuhost_$(date +%F).json"
+fi
+if [ "$what" = serve ] || [ "$what" = all ]; then  # the HTTP server on the 9B-shaped checkpoint, glm-serve bench
+  ckpt=/tmp/glm-4-9b-random
+  [ -f "$ckpt/config.json" ] || glm-serve make-tiny "$ckpt" --preset glm-4-9b --device cuda --shards 4
+  glm-serve serve --model "$ckpt" --port 8199 --max-model-len 8192 > /tmp/serve.log 2>&1 &
+  server=$!
+  trap 'kill $server 2>/dev/null || true' EXIT
+  python3 -c "
+import time, httpx
+for _ in range(180):
+    try:
+        if httpx.get('http://127.0.0.1:8199/v1/models', timeout=2).status_code == 200: break
+    except httpx.HTTPError: pass
+    time.sleep(1)"
+  for c in 1 16 64; do
+    glm-serve bench --url http://127.0.0.1:8199 --model "$ckpt" --num-prompts $((c * 4 > 16 ? c * 4 : 16)) \
+      --concurrency "$c" --input-len 1024 --output-len 256 --out "$results/serve_bench_c${c}_cuda_$(date +%F).json"
+  done
+  kill $server
 fi
