@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_throughput import _cpu_name, _git_commit  # noqa: E402
+from results_file import device_name, header, write  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,9 +48,7 @@ def main(argv=None) -> int:
     print(f"{'async streams':>26}: {streamed['wall_us_per_step']:8.1f} us/step wall, "
           f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
     result = {
-        "benchmark": "engine_overhead", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(), "torch": torch.__version__, "git_commit": _git_commit(),
-        "command": " ".join(["engine_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+        **header("engine_overhead", device_name("cpu"), argv),
         "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
@@ -64,11 +61,7 @@ def main(argv=None) -> int:
         "python_sum_range_1000_us": _python_speed(),
     }
     mode = "sync" if args.no_overlap else "overlap"
-    out_path = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write(result, args.out, f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
     return 0
 
 

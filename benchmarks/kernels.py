@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import header, write  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16
 DTYPE = torch.bfloat16  # float32 with --smoke (the Triton interpreter has no bf16)
@@ -226,17 +227,6 @@ def _ensure_kernels_importable() -> None:
         spec.loader.exec_module(module)
 
 
-def git_commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "unknown"
-    if done.returncode != 0:
-        return "unknown"
-    return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def main(argv: list[str] | None = None) -> None:
     global DTYPE, DEVICE  # noqa: PLW0603 (--smoke switches the whole script to the CPU interpreter)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -293,15 +283,10 @@ def main(argv: list[str] | None = None) -> None:
 
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
-        "benchmark": "kernels",
-        "date": now.isoformat(timespec="seconds"),
-        "device": device,
+        **header("kernels", device, argv),
         "num_sms": num_sms,
-        "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "command": " ".join(["python", "benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)]),
         "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                    "dtype": str(DTYPE)},  # fmt: skip
         "ceilings": ceilings,
@@ -309,10 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         "figures": results,
     }
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    path = args.out or REPO / "benchmarks" / "results" / f"kernels-{slug}-{now:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    write(record, args.out, f"kernels-{slug}-{now:%Y%m%d-%H%M%S}.json")
 
 
 if __name__ == "__main__":

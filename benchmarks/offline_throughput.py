@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import device_name, header, write  # noqa: E402
 
 
 def _lengths(spec: str, n: int, rng: random.Random) -> list[int]:
@@ -122,36 +123,16 @@ def main(argv=None) -> int:
           f"HF generate (static batches of {args.hf_batch_size}): {hf['tokens_per_s']:.1f} tok/s "
           f"({hf['seconds']:.2f} s)   ratio {ratio:.2f}x")
 
-    device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else _cpu_name()
     result = {
-        "benchmark": "offline_throughput",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name,
-        "torch": torch.__version__,
+        **header("offline_throughput", device_name(args.device), argv),
         "transformers": _version("transformers"),
-        "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": "tiny random (make-tiny: 4 layers, hidden 256)" if args.make_tiny else model,
         "dtype": dtype_name,
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
         "ours": ours, "hf_generate": hf, "ratio": ratio,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"offline_{torch.device(args.device).type}_{dt.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write(result, args.out, f"offline_{torch.device(args.device).type}_{dt.date.today().isoformat()}.json")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return "cpu"
 
 
 def _version(pkg: str) -> str | None:
@@ -162,13 +143,6 @@ def _version(pkg: str) -> str | None:
     except Exception:  # noqa: BLE001
         return None
 
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_throughput import _cpu_name, _git_commit  # noqa: E402
+from results_file import device_name, header, write  # noqa: E402
 
 
 def _png() -> bytes:
@@ -74,17 +73,10 @@ def main(argv=None) -> int:
         prompt_tokens = res.usage["prompt_tokens"]
     ttft = statistics.median(times)
     print(f"GLM-4V TTFT (one image, {prompt_tokens} prompt tokens): {ttft * 1e3:.1f} ms (median of {args.runs})")
-    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    result = {"benchmark": "vision_ttft", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "device": device, "torch": torch.__version__, "git_commit": _git_commit(),
-              "command": " ".join(["vision_ttft.py", *(argv if argv is not None else sys.argv[1:])]),
+    result = {**header("vision_ttft", device_name(args.device), argv),
               "model": "tiny GLM-4V (make_tiny_vision)" if args.make_tiny else model,
               "prompt_tokens": prompt_tokens, "ttft_ms_median": ttft * 1e3, "ttft_ms_all": [t * 1e3 for t in times]}
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"vision_ttft_{torch.device(args.device).type}_{dt.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write(result, args.out, f"vision_ttft_{torch.device(args.device).type}_{dt.date.today().isoformat()}.json")
     return 0
 
 

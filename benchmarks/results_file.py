@@ -1,0 +1,59 @@
+"""What every benchmark's results JSON starts with (what ran, where, on which commit) and how it is written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def header(benchmark: str, device: str, argv: list[str] | None) -> dict:
+    """benchmark, date (UTC), device, torch, git_commit ("-dirty" with uncommitted changes), command."""
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+    }
+
+
+def device_name(device: str | torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write(record: dict, out: str | Path | None, default_name: str) -> Path:
+    """Write `record` to `out`, or to benchmarks/results/<default_name>; print and return the path."""
+    path = Path(out) if out else RESULTS / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
