@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import check_paged_cache, fold_key_tile
+from .paged_tile import LOG2E, check_paged_cache, fold_key_tile
 
-_LOG2E = 1.4426950408889634
 # A split shorter than this spends more time on its prologue and on the reduce than on reading K/V.
 _MIN_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
@@ -237,7 +236,7 @@ def paged_decode(
     group = num_heads // kv_heads
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # callers pass scale * LOG2E: scores in the log2 domain (see above)
+
 
 @triton.jit
 def _load_rows(ptrs, key_ok, offs_d, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):

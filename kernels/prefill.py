@@ -32,9 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import check_paged_cache, fold_key_tile
-
-_LOG2E = 1.4426950408889634
+from .paged_tile import LOG2E, check_paged_cache, fold_key_tile
 
 
 @triton.jit
@@ -157,7 +155,7 @@ def paged_prefill(
         num_warps = 8 if block_t * block_g * head_dim >= 128 * 128 else 4
     grid = (triton.cdiv(max_seqlen_q, block_t), batch, kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_M=block_t * block_g, HEAD_DIM=head_dim,
