@@ -136,35 +136,30 @@ class AsyncEngine:
         return outs
 
     def _send_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, in one wake-up of each event loop that waits for some: call_soon_threadsafe
-        writes to the loop's wake-up pipe, a system call that per output would cost more than the step."""
+        self._send_all([(out.request_id, out, out.finished) for out in outputs])
+
+    def _send(self, request_id: str, item, final: bool) -> None:
+        self._send_all([(request_id, item, final)])
+
+    def _send_all(self, items: list[tuple[str, object, bool]]) -> None:
+        """(request id, output or exception, final) to the callers, in one wake-up of each event loop that waits
+        for some: call_soon_threadsafe writes to the loop's wake-up pipe, a system call that once per output
+        would cost more than the step. A final item ends the request's sink."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         sinks = self._sinks
-        for out in outputs:
-            entry = sinks.pop(out.request_id, None) if out.finished else sinks.get(out.request_id)
+        for request_id, item, final in items:
+            entry = sinks.pop(request_id, None) if final else sinks.get(request_id)
             if entry is not None:
-                by_loop.setdefault(entry[1], []).append((entry[0], out))
-        for loop, items in by_loop.items():
+                by_loop.setdefault(entry[1], []).append((entry[0], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 pass
 
-    def _send(self, request_id: str, item, final: bool) -> None:
-        entry = self._sinks.get(request_id)
-        if entry is None:
-            return
-        if final:
-            self._sinks.pop(request_id, None)
-        sink, loop = entry
-        try:
-            loop.call_soon_threadsafe(sink.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-            pass
 
-
-def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    """On the event loop: hand each output to its request's queue."""
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    """On the event loop: hand each output (or exception) to its request's queue."""
     for sink, out in items:
         sink.put_nowait(out)
 
