@@ -337,7 +337,8 @@ class LLMEngine(OutputEmitter):
             self.seq_owner.pop(c.seq.seq_id, None)
 
     def _advance(self, c, token: int) -> None:
-        """One sampled token for one choice, before the next step is scheduled: constraint, stop ids, length."""
+        """One sampled token for one choice, before the next step is scheduled: constraint, stop ids, length.
+        _settle calls it only when one of these three can apply: a new finish condition belongs in both."""
         seq = c.seq
         if c.constraint is not None:
             c.constraint.accept(token)
