@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class Pending:
     """A landed step whose text and outputs are not emitted yet (see LLMEngine.step)."""
 
-    tokens: list = field(default_factory=list)  # (request, choice index, token id, TokenLogprob | None)
+    tokens: list = field(default_factory=list)  # (request, its ChoiceState, token id, TokenLogprob | None)
     touched: list = field(default_factory=list)  # requests to report whole: failed, or finished by the scheduler
 
 
@@ -34,11 +34,10 @@ class OutputEmitter:
         # collected once at the end. Single-choice requests (the common case) are emitted directly.
         touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
         live = self.requests
-        for req, i, token, lp in pending.tokens:
+        for req, c, token, lp in pending.tokens:
             rid = req.request_id
             if live.get(rid) is not req:
                 continue  # aborted since: its final output has gone out already
-            c = req.choices[i]
             try:
                 if c.finish_reason is None:  # still generating (the common case, inlined): text, stop strings
                     text, stopped = c.stopper.feed(c.detok.add(token))
@@ -66,7 +65,7 @@ class OutputEmitter:
             entry = touched.get(rid)
             if entry is None:
                 entry = touched[rid] = (req, {})
-            entry[1][i] = ([token], text, lps or [])
+            entry[1][c.index] = ([token], text, lps or [])
         outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
         return outputs
 

@@ -32,6 +32,7 @@ from glm_serve.engine.config import EngineConfig, kv_cache_blocks
 from glm_serve.engine.emit import OutputEmitter, Pending
 from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
 from glm_serve.engine.outputs import (
+    ChoiceState,
     RequestOutput,
     RequestState,
     TokenConstraint,
@@ -84,7 +85,7 @@ class LLMEngine(OutputEmitter):
         self.sampler = Sampler()
         torch.manual_seed(config.seed)
         self.requests: dict[str, RequestState] = {}
-        self.seq_owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, choice index)
+        self.seq_owner: dict[int, tuple[RequestState, ChoiceState]] = {}  # seq_id -> (request, its choice)
         self._ids = itertools.count()
         self._inflight: _Inflight | None = None  # the last step launched, its tokens not yet landed
         self._pending: Pending | None = None  # the last step landed, its text not yet emitted
@@ -154,7 +155,7 @@ class LLMEngine(OutputEmitter):
             constraint = constraints[i] if constraints else None
             c = make_choice(i, seq, self.tokenizer, params, self.stop_ids, gen, constraint)
             req.choices.append(c)
-            self.seq_owner[seq.seq_id] = (req, i)
+            self.seq_owner[seq.seq_id] = (req, c)
         for c in req.choices:
             self.scheduler.add(c.seq)
         self.requests[request_id] = req
@@ -280,8 +281,7 @@ class LLMEngine(OutputEmitter):
             return SamplingBatch(num_rows=len(seq_ids), vocab_size=vocab, all_greedy=True)
         rows, bitmask = [], None
         for r, seq_id in enumerate(seq_ids):
-            req, i = owner[seq_id]
-            c = req.choices[i]
+            req, c = owner[seq_id]
             seq = c.seq
             rows.append(SamplingRow(req.params, seq.prompt_token_ids, seq.output_token_ids, c.stop_ids, c.generator))
             if c.constraint is not None:
@@ -298,8 +298,8 @@ class LLMEngine(OutputEmitter):
         owner = self.seq_owner
         pending = Pending()
         for seq in out.finished:  # finished by the scheduler itself (length safety net)
-            req, i = owner[seq.seq_id]
-            self._finish(req.choices[i], "length")
+            req, c = owner[seq.seq_id]
+            self._finish(c, "length")
             pending.touched.append(req)
         finished = SeqStatus.FINISHED
         tokens = pending.tokens
@@ -308,16 +308,16 @@ class LLMEngine(OutputEmitter):
             entry = owner.get(seq.seq_id)
             if entry is None:
                 continue
-            req, i = entry
+            req, c = entry
             if req.error is not None:
                 pending.touched.append(req)
                 continue
             token = sampled.get(seq.seq_id)
             if token is None or seq.status is finished:  # (a sequence preempted since still takes its token)
                 continue
-            c = req.choices[i]
             # Only a constraint, a stop id or the length can end a choice here (the common case needs no call).
-            if c.constraint is not None or token in c.stop_ids or seq.num_tokens >= seq.max_num_tokens:
+            if (c.constraint is not None or token in c.stop_ids
+                    or len(seq.prompt_token_ids) + len(seq.output_token_ids) >= seq.max_num_tokens):
                 try:
                     self._advance(c, token)
                 except Exception as e:  # noqa: BLE001 (one request's failure must not touch the others)
@@ -326,7 +326,7 @@ class LLMEngine(OutputEmitter):
                     self._fail(req)
                     pending.touched.append(req)
                     continue
-            tokens.append((req, i, token, logprobs.get(seq.seq_id) if logprobs else None))
+            tokens.append((req, c, token, logprobs.get(seq.seq_id) if logprobs else None))
         return pending if pending.tokens or pending.touched else None
 
     def _forget(self, req: RequestState) -> None:

@@ -229,9 +229,12 @@ class Scheduler:
                 continue
             # A chunk of what is left. Only the newest running sequence can still have prompt left (it was
             # admitted when the budget ran out), so the decodes ahead of it always get their token.
-            n = min(total - start, budget)
+            n = total - start
+            if n > budget:
+                n = budget
+            end = start + n
             # Most decode steps need no new block; test that inline (this loop runs for every sequence).
-            if start + n > len(seq.block_ids) * bs:
+            if end > len(seq.block_ids) * bs:
                 while not bm.can_allocate(seq, n):
                     victim = running[-1]
                     self._preempt(victim, out)
@@ -240,7 +243,13 @@ class Scheduler:
                 if seq.status is not SeqStatus.RUNNING:
                     break  # seq preempted itself: it was the newest, nothing runs behind it
                 bm.allocate(seq, n)
-            scheduled.append(ScheduledSeq(seq, start, n, start + n == total))
+            # Commit at once: preemption only takes sequences this loop has not reached, never a scheduled one.
+            seq.num_computed_tokens = end
+            if end == total:
+                seq.num_inflight += 1
+                scheduled.append(ScheduledSeq(seq, start, n, True))
+            else:
+                scheduled.append(ScheduledSeq(seq, start, n, False))
             budget -= n
         for seq in capped:
             self.finish(seq, "length")
@@ -281,16 +290,15 @@ class Scheduler:
                 seq.status = SeqStatus.RUNNING
                 running.append(seq)
                 start = seq.num_computed_tokens
-                scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
+                s = ScheduledSeq(seq, start, n, start + n == seq.num_tokens)
+                scheduled.append(s)
+                seq.num_computed_tokens = start + n  # commit (as above)
+                seq.num_inflight += s.sample
                 if seq.num_preemptions == 0:
                     out.num_cached_tokens += cached
                 budget -= n
 
         out.num_batched_tokens = cfg.max_batch_tokens - budget
-        for s in scheduled:  # commit: the step will compute these tokens and sample where it samples
-            s.seq.num_computed_tokens = s.start + s.num_new_tokens
-            if s.sample:
-                s.seq.num_inflight += 1
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
