@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from glm_serve.engine.engine import LLMEngine
-from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenConstraint
+from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenConstraint, merge_outputs
 from glm_serve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
         self.step_count = 0
+        self.num_merged_outputs = 0  # outputs handed to a lagging caller inside another one (see generate)
         self.last_step_at = time.monotonic()
         self._thread.start()
 
@@ -50,8 +51,9 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        constraints: list[TokenConstraint | None] | None = None,
                        image=None) -> AsyncIterator[RequestOutput]:
-        """Yields RequestOutputs (deltas) until the request finishes. Raises ValueError at once for a request
-        that can never run. Leaving the iterator early (client gone, cancel) aborts the request.
+        """Yields RequestOutputs (deltas; several steps' worth at once when the caller lags) until the request
+        finishes. Raises ValueError at once for a request that can never run. Leaving the iterator early
+        (client gone, cancel) aborts the request.
         image (GLM-4V): a MultiModalPrompt from `engine.prepare_image` (preferred: its CPU work then stays off
         the engine thread) or image bytes."""
         self.engine.validate(getattr(image, "ids", None) or prompt_ids, params)
@@ -59,11 +61,18 @@ class AsyncEngine:
         self._commands.put(_Add(request_id, prompt_ids, params, constraints, image, sink,
                                 asyncio.get_running_loop()))
         finished = False
+        held = None  # an exception met while merging: raised after the outputs ahead of it are yielded
         try:
             while True:
-                item = await sink.get()
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await sink.get()
                 if isinstance(item, BaseException):
                     raise item
+                if not item.finished and not sink.empty():
+                    item, merged, held = merge_waiting(item, sink)
+                    self.num_merged_outputs += merged
                 yield item
                 if item.finished:
                     finished = True
@@ -164,26 +173,20 @@ def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
         sink.put_nowait(out)
 
 
+def merge_waiting(item: RequestOutput, sink: asyncio.Queue) -> tuple[RequestOutput, int, BaseException | None]:
+    """A caller that fell behind the engine (a busy event loop, a slow client) gets `item` and every output
+    waiting behind it as one delta, so its per-output work (parsing, JSON, SSE) shrinks under load instead of
+    piling up. -> (the merged output, how many were merged into the first, an exception met behind them)."""
+    batch, held = [item], None
+    while not batch[-1].finished and not sink.empty():
+        nxt = sink.get_nowait()
+        if isinstance(nxt, BaseException):
+            held = nxt  # raised once the outputs ahead of it are out
+            break
+        batch.append(nxt)
+    return (merge_outputs(batch) if len(batch) > 1 else item), len(batch) - 1, held
+
+
 def merge_final(outputs: list[RequestOutput]) -> list[CompletionOutput]:
-    """Concatenate a request's deltas into one CompletionOutput per choice (non-streaming callers).
-    Linear in the output: text pieces are joined once at the end."""
-    merged: dict[int, CompletionOutput] = {}
-    texts: dict[int, list[str]] = {}
-    for out in outputs:
-        for o in out.outputs:
-            m = merged.get(o.index)
-            if m is None:
-                m = merged[o.index] = CompletionOutput(o.index, "", [])
-                texts[o.index] = []
-            texts[o.index].append(o.text)
-            m.token_ids += o.token_ids
-            if o.logprobs is not None:
-                if m.logprobs is None:
-                    m.logprobs = []
-                m.logprobs += o.logprobs
-            m.finish_reason = o.finish_reason or m.finish_reason
-            m.stop_reason = o.stop_reason if o.stop_reason is not None else m.stop_reason
-            m.error = o.error or m.error
-    for i, m in merged.items():
-        m.text = "".join(texts[i])
-    return [merged[i] for i in sorted(merged)]
+    """Concatenate a request's deltas into one CompletionOutput per choice (non-streaming callers)."""
+    return merge_outputs(outputs).outputs

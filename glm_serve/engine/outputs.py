@@ -58,6 +58,33 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """One request's consecutive deltas as one: per choice, text, token ids and logprobs concatenated and the
+    last finish; counts from the last. Linear in the output (text pieces are joined once)."""
+    merged: dict[int, CompletionOutput] = {}
+    texts: dict[int, list[str]] = {}
+    for out in outputs:
+        for o in out.outputs:
+            m = merged.get(o.index)
+            if m is None:
+                m = merged[o.index] = CompletionOutput(o.index, "", [])
+                texts[o.index] = []
+            texts[o.index].append(o.text)
+            m.token_ids += o.token_ids
+            if o.logprobs is not None:
+                if m.logprobs is None:
+                    m.logprobs = []
+                m.logprobs += o.logprobs
+            m.finish_reason = o.finish_reason or m.finish_reason
+            m.stop_reason = o.stop_reason if o.stop_reason is not None else m.stop_reason
+            m.error = o.error or m.error
+    for i, m in merged.items():
+        m.text = "".join(texts[i])
+    last = outputs[-1]
+    return RequestOutput(last.request_id, [merged[i] for i in sorted(merged)], last.finished, last.prompt_tokens,
+                         last.completion_tokens, last.cached_tokens)
+
+
 @dataclass(slots=True)
 class ChoiceState:
     """Engine-side state of one choice (one Sequence)."""

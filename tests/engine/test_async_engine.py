@@ -1,0 +1,74 @@
+"""AsyncEngine under a caller that falls behind: the outputs waiting for it arrive merged, and they add up to
+exactly what the synchronous engine produces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from glm_serve.engine.async_engine import AsyncEngine, merge_final, merge_waiting
+from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from glm_serve.llm import LLM
+from glm_serve.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf):
+    return LLM(str(tiny_hf), kv_cache_tokens=4096, max_batch_tokens=256)
+
+
+def test_a_lagging_caller_gets_the_waiting_outputs_merged(llm):
+    prompt = [5, 77, 1203, 9, 31, 400, 12]
+    params = SamplingParams(n=2, temperature=0.9, seed=11, max_tokens=24, logprobs=2, ignore_eos=True)
+    want = llm.generate([prompt], params, use_tqdm=False)[0].choices
+
+    async def run():
+        aeng = AsyncEngine(llm.engine)
+        try:
+            stream = aeng.generate("lag", prompt, params)
+            first = await stream.__anext__()
+            deadline = time.monotonic() + 60
+            while "lag" in llm.engine.requests and time.monotonic() < deadline:
+                time.sleep(0.01)  # blocks the event loop: the engine thread runs the request to its end
+            rest = [o async for o in stream]
+            return [first, *rest], aeng.num_merged_outputs
+        finally:
+            aeng.shutdown()
+
+    outs, merged = asyncio.run(run())
+    assert merged > 0 and len(outs) < 1 + 24  # the steps that waited came as fewer outputs
+    assert outs[-1].finished and outs[-1].completion_tokens == 2 * 24
+    got = merge_final(outs)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [[lp.token_id for lp in c.logprobs] for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == ["length", "length"]
+
+
+def _out(index: int, tokens: list[int], text: str, finished=False, reason=None) -> RequestOutput:
+    lps = [TokenLogprob(t, -1.0, []) for t in tokens]
+    return RequestOutput("r", [CompletionOutput(index, text, tokens, lps, reason)], finished, 3, len(tokens), 0)
+
+
+def test_merge_waiting_stops_at_an_exception_and_at_the_final_output():
+    async def run():
+        sink: asyncio.Queue = asyncio.Queue()
+        for item in (_out(1, [8], "b"), _out(0, [9, 10], "cd"), RuntimeError("late"), _out(0, [11], "e", True)):
+            sink.put_nowait(item)
+        merged, n, held = merge_waiting(_out(0, [7], "a"), sink)
+        behind = sink.qsize()
+        sink = asyncio.Queue()
+        for item in (_out(0, [2], "y", True, "stop"), _out(0, [3], "never")):
+            sink.put_nowait(item)
+        last, m, none = merge_waiting(_out(0, [1], "x"), sink)
+        return merged, n, held, behind, last, m, none, sink.qsize()
+
+    merged, n, held, behind, last, m, none, left = asyncio.run(run())
+    assert n == 2 and isinstance(held, RuntimeError)  # the exception is handed back, not swallowed
+    assert behind == 1  # what came after the exception stays queued
+    assert [(o.index, o.token_ids, o.text) for o in merged.outputs] == [(0, [7, 9, 10], "acd"), (1, [8], "b")]
+    assert [lp.token_id for lp in merged.outputs[0].logprobs] == [7, 9, 10]
+    assert (m, none, left) == (1, None, 1)  # nothing past a finished output is taken
+    assert last.finished and last.outputs[0].text == "xy" and last.outputs[0].finish_reason == "stop"
