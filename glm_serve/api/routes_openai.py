@@ -159,16 +159,22 @@ class _Completion:
 
     async def body(self) -> dict:
         n = len(self.prompts) * self.params.n
-        texts, lps, reasons = [""] * n, [None] * n, [None] * n
+        # Pieces are collected and joined once: linear over a long answer.
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[dict | None] = [None] * n
+        reasons: list[str | None] = [None] * n
         async for i, o in self._events():
             if o.finish_reason in ("error", "abort"):
                 raise APIError("500", f"generation failed: {o.error or o.finish_reason}")
             text, lp = self._piece(i, o)
-            texts[i] += text
+            texts[i].append(text)
             if lp is not None:
-                lps[i] = lp if lps[i] is None else {key: lps[i][key] + lp[key] for key in lp}
+                if lps[i] is None:
+                    lps[i] = {key: [] for key in lp}
+                for key, values in lp.items():
+                    lps[i][key] += values
             reasons[i] = o.finish_reason or reasons[i]
-        choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": reasons[i] or "stop"}
+        choices = [{"index": i, "text": "".join(texts[i]), "logprobs": lps[i], "finish_reason": reasons[i] or "stop"}
                    for i in range(n)]
         return completion_body(self.id, self.created, self.model, choices, self._total())
 

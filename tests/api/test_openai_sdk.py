@@ -109,7 +109,14 @@ def test_completions(client, server):
     assert "".join(c.choices[0].text for c in stream[:-1]) == by_ids.choices[0].text
     assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == by_ids.usage.completion_tokens
     lp = client.completions.create(model="glm-4-tiny", prompt=ids, temperature=0, max_tokens=5, logprobs=2)
-    assert len(lp.choices[0].logprobs.tokens) == 5 and "".join(lp.choices[0].logprobs.tokens) != ""
+    lps = lp.choices[0].logprobs
+    assert len(lps.tokens) == 5 and "".join(lps.tokens) != ""
+    assert len(lps.token_logprobs) == len(lps.top_logprobs) == 5
+    assert lps.text_offset == [sum(len(t) for t in lps.tokens[:k]) for k in range(5)]
+    pieces = [c.choices[0].logprobs for c in client.completions.create(
+        model="glm-4-tiny", prompt=ids, temperature=0, max_tokens=5, logprobs=2, stream=True)]
+    assert sum((p.tokens for p in pieces if p), []) == lps.tokens
+    assert sum((p.token_logprobs for p in pieces if p), []) == pytest.approx(lps.token_logprobs)
 
 
 def test_models(client):
