@@ -14,7 +14,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def header(benchmark: str, device: str, argv: list[str] | None) -> dict:
-    """benchmark, date (UTC), device, torch, git_commit ("-dirty" with uncommitted changes), command."""
+    """benchmark, date (UTC), device, torch, git_commit ("-dirty" with uncommitted changes
+    outside benchmarks/results), command."""
     return {
         "benchmark": benchmark,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -42,7 +43,9 @@ def git_commit() -> str | None:
     repo = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+        # Results files written by an earlier run of the same code do not make the tree dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+                               cwd=repo, capture_output=True, text=True, timeout=10)
     except OSError:
         return None
     if head.returncode != 0:
