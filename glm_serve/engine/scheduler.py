@@ -245,11 +245,9 @@ class Scheduler:
                 bm.allocate(seq, n)
             # Commit at once: preemption only takes sequences this loop has not reached, never a scheduled one.
             seq.num_computed_tokens = end
-            if end == total:
-                seq.num_inflight += 1
-                scheduled.append(ScheduledSeq(seq, start, n, True))
-            else:
-                scheduled.append(ScheduledSeq(seq, start, n, False))
+            sample = end == total
+            seq.num_inflight += sample  # the token this step samples
+            scheduled.append(ScheduledSeq(seq, start, n, sample))
             budget -= n
         for seq in capped:
             self.finish(seq, "length")
@@ -290,10 +288,10 @@ class Scheduler:
                 seq.status = SeqStatus.RUNNING
                 running.append(seq)
                 start = seq.num_computed_tokens
-                s = ScheduledSeq(seq, start, n, start + n == seq.num_tokens)
-                scheduled.append(s)
+                sample = start + n == seq.num_tokens
                 seq.num_computed_tokens = start + n  # commit (as above)
-                seq.num_inflight += s.sample
+                seq.num_inflight += sample
+                scheduled.append(ScheduledSeq(seq, start, n, sample))
                 if seq.num_preemptions == 0:
                     out.num_cached_tokens += cached
                 budget -= n
