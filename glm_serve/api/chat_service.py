@@ -83,7 +83,7 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
             updates.append(ChoiceUpdate(o.index, deltas, o.logprobs, reason,
                                         (o.error or "generation failed") if o.finish_reason in ("error", "abort")
                                         else None))
-        timer.on_tokens(new_tokens)
+        timer.on_tokens(new_tokens, steps=max((len(o.token_ids) for o in out.outputs), default=0))
         usage.prompt_tokens, usage.completion_tokens = out.prompt_tokens, out.completion_tokens
         usage.cached_tokens = out.cached_tokens
         if out.finished:

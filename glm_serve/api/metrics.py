@@ -66,14 +66,21 @@ class RequestTimer:
         self.start = time.monotonic()
         self._last: float | None = None
 
-    def on_tokens(self, num_tokens: int) -> None:
+    def on_tokens(self, num_tokens: int, steps: int = 1) -> None:
+        """`num_tokens` arrived now, made by `steps` engine steps (one token per running choice each): more
+        than one when the caller lagged and the engine merged its outputs. The time since the last arrival is
+        spread evenly over those steps, one inter-token latency each."""
         if num_tokens <= 0:
             return
         now = time.monotonic()
         if self._last is None:
             self.metrics.ttft.observe(now - self.start)
-        else:  # one engine step adds one token per running choice: the gap is the inter-token latency
-            self.metrics.itl.observe(now - self._last)
+            self._last = now
+            steps -= 1  # the first step made the first token; any others came with it
+        if steps > 0:
+            gap = (now - self._last) / steps
+            for _ in range(steps):
+                self.metrics.itl.observe(gap)
         self._last = now
         self.metrics.generation_tokens.inc(num_tokens)
 

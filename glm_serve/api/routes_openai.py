@@ -110,15 +110,18 @@ class _Completion:
     async def _events(self) -> AsyncIterator[tuple[int, object]]:
         """(global choice index, CompletionOutput) for every prompt, merged as they arrive."""
         queue: asyncio.Queue = asyncio.Queue()
-        timer = RequestTimer(self.ctx.metrics)
 
         async def pump(k: int, ids: list[int]):
+            timer = RequestTimer(self.ctx.metrics)  # each prompt is a generation of its own, at its own pace
             try:
                 async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params):
                     u = self.usage[k]
                     u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                     u.cached_tokens = out.cached_tokens
+                    timer.on_tokens(sum(len(o.token_ids) for o in out.outputs),
+                                    steps=max((len(o.token_ids) for o in out.outputs), default=0))
                     await queue.put((k, out.outputs))
+                timer.on_finish(self.usage[k].prompt_tokens)
                 await queue.put((k, None))
             except Exception as e:  # noqa: BLE001 (handed to the consumer)
                 await queue.put((k, e))
@@ -134,9 +137,7 @@ class _Completion:
                     raise item
                 else:
                     for o in item:
-                        timer.on_tokens(len(o.token_ids))
                         yield k * self.params.n + o.index, o
-            timer.on_finish(sum(u.prompt_tokens for u in self.usage))
         finally:
             for p in pumps:
                 p.cancel()  # a pump still running aborts its engine request

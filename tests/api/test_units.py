@@ -1,5 +1,6 @@
 """Pieces of the API without a server: the streaming answer parser against glm_serve.chat's one-shot parser on
-random chunkings, key and JWT checks against PyJWT-made tokens, admission limits, sampling-parameter mapping."""
+random chunkings, key and JWT checks against PyJWT-made tokens, admission limits, sampling-parameter mapping,
+latency metrics of merged outputs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from glm_serve.api.auth import Admission, KeyStore
 from glm_serve.api.context import GenerationDefaults
 from glm_serve.api.errors import APIError
+from glm_serve.api.metrics import Metrics, RequestTimer
 from glm_serve.api.params import OPENAI, VENDOR, sampling_params
 from glm_serve.api.parser import ChoiceParser, assemble
 from glm_serve.chat import parse_assistant_output
@@ -157,3 +159,30 @@ def test_sampling_params_mapping():
         with pytest.raises(APIError) as e:
             sampling_params(_req(**fields), flavor, ctx)
         assert e.value.code == code, fields
+
+
+def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    metrics = Metrics(SimpleNamespace(stats=dict))
+    value = metrics.registry.get_sample_value
+
+    def at(timer, t, tokens, steps=1):
+        clock[0] = t
+        timer.on_tokens(tokens, steps)
+
+    one = RequestTimer(metrics)
+    at(one, 100.5, 1)  # first token: 0.5 s to first token
+    at(one, 100.6, 1)  # one step later: 0.1 s
+    at(one, 101.2, 6, steps=3)  # three steps of two choices, merged: 0.2 s each
+    assert value("glm_serve_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert value("glm_serve_inter_token_latency_seconds_count") == 4
+    assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(0.7)
+    clock[0] = 101.2
+    late = RequestTimer(metrics)
+    at(late, 101.5, 3, steps=3)  # its first three steps came together: 0.3 s, then two gaps of 0
+    assert value("glm_serve_time_to_first_token_seconds_count") == 2
+    assert value("glm_serve_time_to_first_token_seconds_sum") == pytest.approx(0.8)
+    assert value("glm_serve_inter_token_latency_seconds_count") == 6
+    assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(0.7)
+    assert value("glm_serve_generation_tokens_total") == 11
