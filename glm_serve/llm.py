@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from glm_serve.engine.config import EngineConfig
 from glm_serve.engine.engine import LLMEngine
-from glm_serve.engine.outputs import TokenLogprob
+from glm_serve.engine.outputs import TokenLogprob, merge_outputs
 from glm_serve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]  # raw text | token ids | a conversation (list of messages)
@@ -91,36 +91,28 @@ class LLM:
             ids, image = self.encode(prompt, tools)
             engine.add_request(rid, ids, p, image=image)
             is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            choices = [Choice(i, "", [], None) for i in range(p.n)]
-            states[rid] = (ids, is_chat, choices, {}, [[] for _ in range(p.n)])  # last: text pieces per choice
+            states[rid] = (ids, is_chat, [])  # last: the request's outputs, merged once at the end
             order.append(rid)
         bar = _progress(len(order), use_tqdm)
         while engine.has_unfinished():
             for out in engine.step():
-                _, _, choices, usage, texts = states[out.request_id]
-                for o in out.outputs:
-                    ch = choices[o.index]
-                    texts[o.index].append(o.text)  # joined at the end: linear however long the answer
-                    ch.token_ids += o.token_ids
-                    if o.logprobs is not None:
-                        ch.logprobs = ch.logprobs or []
-                        ch.logprobs += o.logprobs
-                    ch.finish_reason, ch.error = o.finish_reason or ch.finish_reason, o.error or ch.error
-                usage.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                             cached_tokens=out.cached_tokens)
+                states[out.request_id][2].append(out)
                 if out.finished and bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
         results = []
         for rid in order:
-            ids, is_chat, choices, usage, texts = states[rid]
-            for ch, pieces in zip(choices, texts):
-                ch.text = "".join(pieces)
+            ids, is_chat, outs = states[rid]
+            total = merge_outputs(outs)
+            choices = [Choice(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs, error=o.error)
+                       for o in total.outputs]
             if is_chat:
                 for ch in choices:
                     parsed = parse_assistant_output(ch.text)
                     ch.content, ch.tool_calls = parsed.content, parsed.tool_calls
+            usage = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+                     "cached_tokens": total.cached_tokens}
             results.append(GenerationResult(rid, ids, choices, usage))
         return results
 

@@ -69,12 +69,11 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics)
     async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm):
-        updates, new_tokens = [], 0
+        updates = []
         for o in out.outputs:
             parser = parsers[o.index]
             deltas = parser.feed(o.text)
             produced[o.index] += len(o.token_ids)
-            new_tokens += len(o.token_ids)
             reason = None
             if o.finish_reason is not None:
                 deltas += parser.finish()
@@ -83,7 +82,7 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
             updates.append(ChoiceUpdate(o.index, deltas, o.logprobs, reason,
                                         (o.error or "generation failed") if o.finish_reason in ("error", "abort")
                                         else None))
-        timer.on_tokens(new_tokens, steps=max((len(o.token_ids) for o in out.outputs), default=0))
+        timer.on_output(out)
         usage.prompt_tokens, usage.completion_tokens = out.prompt_tokens, out.completion_tokens
         usage.cached_tokens = out.cached_tokens
         if out.finished:

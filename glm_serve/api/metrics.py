@@ -66,6 +66,12 @@ class RequestTimer:
         self.start = time.monotonic()
         self._last: float | None = None
 
+    def on_output(self, out) -> None:
+        """One RequestOutput from the engine: each choice gets at most one token per step, so the longest
+        choice delta is the number of steps it spans (more than one when the caller lagged, see on_tokens)."""
+        self.on_tokens(sum(len(o.token_ids) for o in out.outputs),
+                       steps=max((len(o.token_ids) for o in out.outputs), default=0))
+
     def on_tokens(self, num_tokens: int, steps: int = 1) -> None:
         """`num_tokens` arrived now, made by `steps` engine steps (one token per running choice each): more
         than one when the caller lagged and the engine merged its outputs. The time since the last arrival is

@@ -118,8 +118,7 @@ class _Completion:
                     u = self.usage[k]
                     u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                     u.cached_tokens = out.cached_tokens
-                    timer.on_tokens(sum(len(o.token_ids) for o in out.outputs),
-                                    steps=max((len(o.token_ids) for o in out.outputs), default=0))
+                    timer.on_output(out)
                     await queue.put((k, out.outputs))
                 timer.on_finish(self.usage[k].prompt_tokens)
                 await queue.put((k, None))

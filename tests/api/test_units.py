@@ -186,3 +186,8 @@ def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     assert value("glm_serve_inter_token_latency_seconds_count") == 6
     assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(0.7)
     assert value("glm_serve_generation_tokens_total") == 11
+    clock[0] = 102.1  # an engine output with two choices of two tokens each: two steps of 0.3 s
+    late.on_output(SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2]), SimpleNamespace(token_ids=[3, 4])]))
+    assert value("glm_serve_inter_token_latency_seconds_count") == 8
+    assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(1.3)
+    assert value("glm_serve_generation_tokens_total") == 15
