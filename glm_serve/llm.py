@@ -89,7 +89,7 @@ class LLM:
             rid = f"offline-{self._n}"
             self._n += 1
             ids, image = self.encode(prompt, tools)
-            engine.add_request(rid, ids, p, image=image)
+            engine.add_request(rid, ids, p, image=image, final_only=True)
             is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
             states[rid] = (ids, is_chat, [])  # last: the request's outputs, merged once at the end
             order.append(rid)

@@ -63,12 +63,14 @@ def api_finish_reason(flavor: str, engine_reason: str, is_call: bool, context_fu
 
 
 async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_rid: str,
-                   usage: Usage) -> AsyncIterator[list[ChoiceUpdate]]:
-    """Yield each engine step as parsed choice updates; `usage` is kept current."""
+                   usage: Usage, final_only: bool = False) -> AsyncIterator[list[ChoiceUpdate]]:
+    """Yield each engine step as parsed choice updates; `usage` is kept current. final_only: the engine sends
+    the first tokens and then the rest at the end (a body, not a stream)."""
     parsers = [ChoiceParser(prep.tool_names) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics)
-    async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm):
+    async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
+                                         final_only=final_only):
         updates = []
         for o in out.outputs:
             parser = parsers[o.index]
@@ -96,7 +98,7 @@ async def chat_result(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     deltas: list[list[Delta]] = [[] for _ in range(prep.params.n)]
     logprobs: list[list | None] = [None] * prep.params.n
     reasons: list[str | None] = [None] * prep.params.n
-    async for updates in run_chat(ctx, prep, meta.flavor, engine_rid, usage):
+    async for updates in run_chat(ctx, prep, meta.flavor, engine_rid, usage, final_only=True):
         for u in updates:
             if u.error is not None:
                 raise APIError("500", f"generation failed: {u.error}")

@@ -107,14 +107,16 @@ class _Completion:
         self.started = [False] * n  # echo prefix sent
         self.offsets = [0] * n  # text length so far (logprobs text_offset)
 
-    async def _events(self) -> AsyncIterator[tuple[int, object]]:
-        """(global choice index, CompletionOutput) for every prompt, merged as they arrive."""
+    async def _events(self, final_only: bool) -> AsyncIterator[tuple[int, object]]:
+        """(global choice index, CompletionOutput) for every prompt, merged as they arrive. final_only: the
+        engine sends each prompt's first tokens and then the rest at the end (a body, not a stream)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(k: int, ids: list[int]):
             timer = RequestTimer(self.ctx.metrics)  # each prompt is a generation of its own, at its own pace
             try:
-                async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params):
+                async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params,
+                                                          final_only=final_only):
                     u = self.usage[k]
                     u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                     u.cached_tokens = out.cached_tokens
@@ -163,7 +165,7 @@ class _Completion:
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[dict | None] = [None] * n
         reasons: list[str | None] = [None] * n
-        async for i, o in self._events():
+        async for i, o in self._events(final_only=True):
             if o.finish_reason in ("error", "abort"):
                 raise APIError("500", f"generation failed: {o.error or o.finish_reason}")
             text, lp = self._piece(i, o)
@@ -179,7 +181,7 @@ class _Completion:
         return completion_body(self.id, self.created, self.model, choices, self._total())
 
     async def stream(self, release) -> AsyncIterator[str]:
-        events = self._events()
+        events = self._events(final_only=False)
         try:
             async for i, o in events:
                 if o.finish_reason in ("error", "abort"):

@@ -32,6 +32,7 @@ class _Add:
     image: object | None  # GLM-4V: a MultiModalPrompt from LLMEngine.prepare_image, or image bytes
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    final_only: bool  # the caller wants the result: first tokens, then one final output (LLMEngine.add_request)
 
 
 class AsyncEngine:
@@ -50,16 +51,17 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        constraints: list[TokenConstraint | None] | None = None,
-                       image=None) -> AsyncIterator[RequestOutput]:
+                       image=None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (deltas; several steps' worth at once when the caller lags) until the request
         finishes. Raises ValueError at once for a request that can never run. Leaving the iterator early
-        (client gone, cancel) aborts the request.
+        (client gone, cancel) aborts the request. final_only: only the first tokens' output and the final
+        one, which holds all the rest (for callers that do not stream).
         image (GLM-4V): a MultiModalPrompt from `engine.prepare_image` (preferred: its CPU work then stays off
         the engine thread) or image bytes."""
         self.engine.validate(getattr(image, "ids", None) or prompt_ids, params)
         sink: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt_ids, params, constraints, image, sink,
-                                asyncio.get_running_loop()))
+                                asyncio.get_running_loop(), final_only))
         finished = False
         held = None  # an exception met while merging: raised after the outputs ahead of it are yielded
         try:
@@ -127,7 +129,8 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints, cmd.image)
+                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints, cmd.image,
+                                        cmd.final_only)
             except Exception as e:  # noqa: BLE001 (reported to that caller only)
                 self._send(cmd.request_id, e if isinstance(e, ValueError) else RuntimeError(str(e)), final=True)
         elif cmd[0] == "abort":

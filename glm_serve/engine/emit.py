@@ -51,6 +51,11 @@ class OutputEmitter:
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
                 continue
+            if req.started and req.final_only:  # held until the request finishes (see RequestState.final_only)
+                _hold(c, [token], text, [lp] if lp else None)
+                if c.finish_reason is not None and req.finished:
+                    touched.setdefault(rid, (req, {}))
+                continue
             lps = None if req.params.logprobs is None else [lp] if lp else []
             if len(req.choices) == 1 and (not touched or rid not in touched):
                 reason = c.finish_reason
@@ -58,6 +63,7 @@ class OutputEmitter:
                 outputs.append(RequestOutput(
                     rid, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
                     reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens))
+                req.started = True
                 if reason is not None:
                     c.reported = True
                     self._forget(req)
@@ -66,7 +72,11 @@ class OutputEmitter:
             if entry is None:
                 entry = touched[rid] = (req, {})
             entry[1][c.index] = ([token], text, lps or [])
-        outputs.extend(self._collect(req, d) for req, d in touched.values() if live.get(req.request_id) is req)
+        for req, d in touched.values():
+            if live.get(req.request_id) is req:
+                out = self._collect(req, d)
+                if out is not None:
+                    outputs.append(out)
         return outputs
 
     def _text(self, c, token: int) -> str:
@@ -83,8 +93,14 @@ class OutputEmitter:
             text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
         return text
 
-    def _collect(self, req: RequestState, deltas: dict) -> RequestOutput:
-        """The step's RequestOutput for one request: its choices that changed, or finished unreported."""
+    def _collect(self, req: RequestState, deltas: dict) -> RequestOutput | None:
+        """The step's RequestOutput for one request: its choices that changed, or finished unreported. A
+        final_only request that has started reports nothing until it finishes, and then all it held."""
+        hold = req.final_only and req.started
+        if hold and not req.finished:
+            for i, d in deltas.items():
+                _hold(req.choices[i], *d)
+            return None
         outs = []
         want_lp = req.params.logprobs is not None
         finished = True
@@ -95,6 +111,8 @@ class OutputEmitter:
             if reason is None:
                 finished = False
             d = deltas.get(i)
+            if c.held is not None:
+                d = _take_held(c, d)
             if d is None:
                 if reason is None or c.reported:
                     continue
@@ -103,7 +121,30 @@ class OutputEmitter:
                                          req.error if reason == "error" else None))
             if reason is not None:
                 c.reported = True
+            if d[0]:
+                req.started = True
         if finished:
             self._forget(req)
         cached = req.choices[0].seq.num_cached_tokens
         return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
+
+
+def _hold(c, ids: list[int], text: str, lps: list | None) -> None:
+    """Keep a delta of a final_only choice for the request's final output."""
+    held = c.held
+    if held is None:
+        held = c.held = ([], [], [])
+    held[0].extend(ids)
+    held[1].append(text)
+    if lps:
+        held[2].extend(lps)
+
+
+def _take_held(c, delta: tuple | None) -> tuple[list[int], str, list]:
+    """What choice c held, followed by this step's delta, as one delta (token ids, text, logprobs)."""
+    ids, texts, lps = c.held
+    c.held = None
+    if delta is not None:
+        ids, lps = ids + delta[0], lps + delta[2]
+        texts.append(delta[1])
+    return ids, "".join(texts), lps

@@ -131,15 +131,17 @@ class LLMEngine(OutputEmitter):
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     constraints: list[TokenConstraint | None] | None = None,
-                    image: bytes | torch.Tensor | MultiModalPrompt | None = None) -> None:
+                    image: bytes | torch.Tensor | MultiModalPrompt | None = None, final_only: bool = False) -> None:
         """Queue a request. `image` (GLM-4V): encoded image bytes or [3, S, S] pixels, with the prompt holding
-        the `<|begin_of_image|><|endoftext|><|end_of_image|>` placeholder; or an already prepared prompt."""
+        the `<|begin_of_image|><|endoftext|><|end_of_image|>` placeholder; or an already prepared prompt.
+        final_only: after the output with the first tokens, one output when the request finishes, with all
+        since (merged, the outputs are the same as a stream's): for callers that want the result only."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         mm = image if isinstance(image, MultiModalPrompt) else self.prepare_image(prompt_ids, image)
         prompt_ids = mm.ids
         self.validate(prompt_ids, params)
-        req = RequestState(request_id, params, len(prompt_ids))
+        req = RequestState(request_id, params, len(prompt_ids), final_only=final_only)
         req.mm = mm if mm.pixels is not None else None
         # Rows of this request need nothing but an argmax: no temperature, penalties, min_tokens, logprobs, masks.
         req.plain_greedy = (params.greedy and not params.uses_penalties and params.min_tokens == 0

@@ -100,6 +100,8 @@ class ChoiceState:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     reported: bool = False  # the final output for this choice was sent
     stop_token: bool = False  # finished by a stop token id (which is not text)
+    # final_only requests: what was made since the first output, sent in one piece when the request finishes
+    held: tuple[list[int], list[str], list[TokenLogprob]] | None = None  # (token ids, text pieces, logprobs)
 
 
 @dataclass(slots=True)
@@ -112,6 +114,10 @@ class RequestState:
     mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt (pixels, span, cached embeddings)
     plain_greedy: bool = False  # sampling is a bare argmax (the sampler's fast path)
     needs_host_tokens: bool = False  # sampling reads the previous token on the host: no overlap scheduling
+    # The caller wants the result, not a stream: after the first tokens (time to first token) the engine holds
+    # every delta and sends it all in the request's final output (LLM.generate, non-streaming API requests).
+    final_only: bool = False
+    started: bool = False  # an output with tokens has gone out
 
     @property
     def finished(self) -> bool:
