@@ -150,7 +150,14 @@ def load_config(model_dir: str | Path, rope_theta_override: float | None = None)
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_dict(cfg, rope_theta_override)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        return ModelConfig.from_dict(cfg, rope_theta_override)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. "rms_norm_eps": null
+        raise CheckpointError(f"{path}: a field has a value of the wrong type ({e})") from None
 
 
 class _Getter:

@@ -34,6 +34,11 @@ def resolve_model_path(model: str) -> Path:
     when online. Offline and not cached -> a CheckpointError that says which files are missing."""
     p = Path(model).expanduser()
     if p.is_dir():
+        ref = p / "refs" / "main"  # a repo folder of the HF cache (models--org--name): its current snapshot
+        if not (p / "config.json").is_file() and ref.is_file():
+            snapshot = p / "snapshots" / ref.read_text().strip()
+            if snapshot.is_dir():
+                return snapshot
         return p
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CheckpointError(f"{model}: not a checkpoint folder (and not a hub id like 'THUDM/glm-4-9b-chat')")
@@ -62,8 +67,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
@@ -96,8 +103,13 @@ def load_model(
     filled: dict[str, int] = {}  # our param name -> rows filled so far
     params = _materialise(model, device, dtype, skip=quant.module_names if quant else set())
     vision = _vision_loader(cfg, device, dtype)  # GLM-4V: the tower streams in beside the LM, never quantized
+    seen: dict[str, str] = {}  # checkpoint tensor name -> the file it came from
     for path in files:
         for name, tensor in _iter_tensors(path):
+            if name in seen:  # counted twice, it would read as a wrong row count ("missing") further down
+                raise CheckpointError(f"{model_dir}: tensor {name} is in both {seen[name]} and {path.name} "
+                                      "(a stray extra .safetensors file in the folder?)")
+            seen[name] = path.name
             if vision is not None and is_vision_name(name):
                 _with_dir(model_dir, vision.place, name, tensor)
             else:
@@ -172,6 +184,9 @@ def _place(cfg: ModelConfig, model_dir: Path, name: str, tensor: torch.Tensor, p
         full_shape = tuple(params[target.param].shape)
     else:
         raise CheckpointError(f"{model_dir}: unexpected tensor {name} (no {target.param} in this configuration)")
+    if not tensor.dtype.is_floating_point:  # copy_ would cast it silently (bool -> 1.0, int8 codes -> numbers)
+        raise CheckpointError(f"{model_dir}: tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+                              "glm-serve loads float weights (a quantized or damaged checkpoint?)")
     lo, hi = target.rows or (0, full_shape[0])
     want = (hi - lo, *full_shape[1:])
     if tuple(tensor.shape) != want:

@@ -128,3 +128,52 @@ def test_quantized_load_generates_and_stays_close(tiny_hf, method, bound, agree)
 def test_quantization_unknown_method(tiny_hf):
     with pytest.raises(CheckpointError, match="unknown quantization"):
         load_model(tiny_hf, quantization="fp3")
+
+
+def test_non_float_tensor_is_refused(ckpt):
+    shard = _shards(ckpt)[-1]
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("norm.weight"))
+    tensors[name] = torch.ones(tensors[name].shape, dtype=torch.bool)  # copy_ used to turn it into 1.0s
+    save_file(tensors, shard, metadata={"format": "pt"})
+    msg = _error(ckpt)
+    assert name in msg and "bool" in msg
+
+
+def test_tensor_in_two_files_is_named(tiny_chatglm, tmp_path):
+    dst = tmp_path / "dup"
+    shutil.copytree(tiny_chatglm, dst)
+    (dst / "model.safetensors.index.json").unlink()  # a folder of files, one of them stray
+    save_file({"transformer.encoder.final_layernorm.weight": torch.ones(128)}, dst / "zz-extra.safetensors")
+    msg = _error(dst)
+    assert "transformer.encoder.final_layernorm.weight" in msg and "zz-extra.safetensors" in msg
+    assert "missing" not in msg
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c.__setitem__("rms_norm_eps", None),
+    lambda c: c.__setitem__("num_key_value_heads", "two"),
+])
+def test_config_field_of_wrong_type(ckpt, edit):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    edit(cfg)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert "config.json" in _error(ckpt)
+
+
+def test_config_and_index_of_the_wrong_shape(ckpt):
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ["model-00001-of-00002.safetensors"]}')
+    assert "weight_map" in _error(ckpt)
+    (ckpt / "config.json").write_text("[1, 2]")
+    assert "config.json" in _error(ckpt)
+
+
+def test_hf_cache_repo_folder_resolves_to_its_snapshot(tiny_hf, tmp_path):
+    repo = tmp_path / "models--THUDM--glm-4-9b-chat-hf"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_hf, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    assert resolve_model_path(str(repo)) == repo / "snapshots" / rev
+    assert resolve_model_path(str(tiny_hf)) == tiny_hf
