@@ -61,8 +61,17 @@ def cmd_generate(args) -> int:
     path = resolve_model_arg(args.model)
     tok = load_tokenizer(path)
     if args.messages:
-        data = json.loads(Path(args.messages).read_text())
-        messages, tools = (data, None) if isinstance(data, list) else (data["messages"], data.get("tools"))
+        try:
+            data = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"--messages: cannot read {args.messages} ({e.strerror or e})") from None
+        if isinstance(data, dict) and "messages" in data:
+            messages, tools = data["messages"], data.get("tools")
+        elif isinstance(data, list):
+            messages, tools = data, None
+        else:
+            raise ValueError(f"--messages: {args.messages} must hold a list of messages or "
+                             "{\"messages\": [...], \"tools\": [...]}")
     else:
         messages, tools = [{"role": "user", "content": args.prompt}], None
     ids = encode_chat(tok, messages, tools=tools, chat_template=tok.chat_template)

@@ -72,3 +72,30 @@ def test_make_tiny_vision(tmp_path):
     assert main(["make-tiny", str(out), "--vision", "--seed", "2"]) == 0
     cfg = load_config(out)
     assert cfg.model_type == "chatglm" and cfg.vision["image_size"] == 56
+
+
+def test_generate_bad_messages_file_is_one_line(tiny_hf, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"msgs": []}')
+    for path in (bad, tmp_path / "missing.json"):
+        assert main(["generate", "--model", str(tiny_hf), "--messages", str(path), "--max-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("glm-serve: error: --messages") and err.count("\n") == 1
+
+
+def test_llm_generate_parses_only_the_requests_tools(tiny_hf, monkeypatch):
+    import glm_serve.chat as chat
+
+    seen = []
+    real = chat.parse_assistant_output
+    monkeypatch.setattr(chat, "parse_assistant_output",
+                        lambda text, names=None: seen.append(names) or real(text, names))
+    llm = LLM(str(tiny_hf), kv_cache_tokens=1024)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    conv = [{"role": "user", "content": "hi"}]
+    llm.generate(conv, SamplingParams(temperature=0, max_tokens=2), tools=[tool], use_tqdm=False)
+    llm.generate(conv, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert seen == [frozenset({"get_weather"}), frozenset()]
+    # what that means for a text shaped like a call: a call only of a function the request offered
+    assert real('Note:\n{"a": 1}', frozenset()).tool_calls == []
+    assert real('get_weather\n{"a": 1}', frozenset({"get_weather"})).tool_calls[0].name == "get_weather"
