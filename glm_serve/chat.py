@@ -233,6 +233,13 @@ def render_template(items: list[dict], chat_template: str, tools=None, add_gener
     """Render GLM items with a checkpoint's jinja chat template, exactly as transformers' apply_chat_template."""
     import jinja2  # noqa: PLC0415
 
+    # to_glm_items puts the tools on an item of their own (a system item with no content). GLM-4-9B-chat's
+    # template renders the tools block from any item carrying `tools` and drops items without content; GLM-4-0414's
+    # renders the tools from the `tools` variable and EVERY system item, so the tools-only item would add an
+    # empty "<|system|>\n" turn. Carried by the next item instead, the tools render the same with the first
+    # template and are not a turn at all with the second.
+    if len(items) > 1 and "tools" in items[0] and items[0].get("role") == "system" and not items[0].get("content"):
+        items = [{**items[1], "tools": items[0]["tools"]}, *items[2:]]
     try:
         return _compile(chat_template).render(messages=items, tools=tools, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as e:  # raise_exception() in a template reports a bad conversation

@@ -84,6 +84,8 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        tool_names = frozenset(t["function"]["name"] for t in tools or () if isinstance(t, dict)
+                               and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
         engine, order, states = self.engine, [], {}
         for prompt, p in zip(prompts, plist):
             rid = f"offline-{self._n}"
@@ -108,8 +110,8 @@ class LLM:
             choices = [Choice(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs, error=o.error)
                        for o in total.outputs]
             if is_chat:
-                for ch in choices:
-                    parsed = parse_assistant_output(ch.text)
+                for ch in choices:  # like the API: only calls of the request's own functions are calls
+                    parsed = parse_assistant_output(ch.text, tool_names)
                     ch.content, ch.tool_calls = parsed.content, parsed.tool_calls
             usage = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
                      "cached_tokens": total.cached_tokens}

@@ -3,6 +3,7 @@ the built-in renderer against the template, validation errors, and the tool-call
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -222,3 +223,67 @@ def test_tool_call_round_trip(tok_dirs):
         ids = tok.encode(generated)  # through ids and back, as the engine sees it
         parsed = parse_assistant_output(tok.decode(ids), tool_names={"get_weather", "get_stock_price", "now"})
         assert parsed.content is None and [(c.name, c.arguments) for c in parsed.tool_calls] == [(name, args)], SEED
+
+
+# GLM-4-9B-0414's chat template (its tokenizer_config.json; the GLM-Z1 template is the same plus </think>):
+# tools come from the `tools` variable, and every system item renders, empty or not.
+GLM4_0414_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# 可用工具
+{% for tool in tools %}
+    {%- set function = tool.function if tool.get("function") else tool %}
+
+## {{ function.name }}
+
+{{ function | tojson(indent=4, ensure_ascii=False) }}
+在调用上述函数时，请使用 Json 格式表示调用的参数。
+{%- endfor %}
+{%- endif -%}
+
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- endif %}
+{%- endfor %}
+
+{%- for message in messages if message.role != 'system' %}
+    {%- set role = message['role'] %}
+    {%- set content = message['content'] %}
+    {%- set meta = message.get("metadata", "") %}
+
+    {%- if role == 'user' %}
+<|user|>
+{{ content }}
+    {%- elif role == 'assistant' and not meta %}
+<|assistant|>
+{{ content }}
+    {%- elif role == 'assistant' and meta %}
+<|assistant|>{{ meta }}
+{{ content }}
+    {%- elif role == 'observation' %}
+<|observation|>
+{{ content }}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
+def test_glm4_0414_template_gets_no_empty_system_turn(tok_dirs, tmp_path):
+    """Our tools-only item must not become an empty <|system|> turn under a template that renders every system
+    item; the oracle is transformers rendering the conversation's own items with `tools=`."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "glm4_0414"
+    shutil.copytree(tok_dirs / "hf", d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = GLM4_0414_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    tok, oracle = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    for msgs, tools in all_conversations():
+        tools = [t for t in tools if t["type"] == "function"] if tools else None
+        items = [item for item in to_glm_items(msgs, tools) if "tools" not in item]
+        assert encode_chat(tok, msgs, tools) == oracle_ids(oracle, items, tools), (SEED, msgs, tools)
+    text = render_prompt([{"role": "user", "content": "q"}], [WEATHER], GLM4_0414_TEMPLATE)
+    assert "<|system|>\n<|user|>" not in text and text.endswith("调用的参数。<|user|>\nq<|assistant|>")
