@@ -10,7 +10,10 @@ waits for `serial` (schedule + prepare + sampling batch + land) between two step
 Then the same decode runs through AsyncEngine, the server's path: the engine thread plus one asyncio task
 reading each stream, all under one GIL. Its wall time per step counts the readers' work too.
 
-    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--out FILE]
+With --final-only the requests want their result only (LLM.generate, non-streaming API calls): after the first
+tokens the engine holds each delta for the final output instead of building and delivering one per token.
+
+    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--no-overlap] [--final-only] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3, help="whole measurements (this VM's speed drifts between them)")
     p.add_argument("--no-overlap", action="store_true", help="measure with --no-overlap-scheduling")
+    p.add_argument("--final-only", action="store_true",
+                   help="requests that want the result only (LLM.generate, non-streaming API calls): no per-token "
+                        "outputs after the first")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     runs = [_measure(args) for _ in range(args.repeats)]
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
           f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
     result = {
         **header("engine_overhead", device_name("cpu"), argv),
-        "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap,
+        "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap, "final_only": args.final_only,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
         "median_us_per_step": med, "runs": runs,
@@ -60,7 +66,7 @@ def main(argv=None) -> int:
         # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
         "python_sum_range_1000_us": _python_speed(),
     }
-    mode = "sync" if args.no_overlap else "overlap"
+    mode = ("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
     write(result, args.out, f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
     return 0
 
@@ -85,7 +91,7 @@ def _measure(args) -> dict:
     eng, fixed = _engine(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True, stop=["never-here"])
     for i in range(args.seqs):
-        eng.add_request(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params)
+        eng.add_request(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params, final_only=args.final_only)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
         eng.step()  # prefill everything first: the measured steps are pure decode
     eng.step()
@@ -137,7 +143,8 @@ def _measure_async(args) -> dict:
 
     async def stream(i: int) -> int:
         n = 0
-        async for out in server.generate(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params):
+        async for out in server.generate(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params,
+                                         final_only=args.final_only):
             n += sum(len(o.token_ids) for o in out.outputs)
         return n
 

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("mode", [[], ["--no-overlap"]])
+@pytest.mark.parametrize("mode", [[], ["--no-overlap"], ["--final-only"]])
 def test_engine_overhead_benchmark_small_run(tmp_path, mode):
     out = tmp_path / "overhead.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine_overhead.py"), "--seqs", "8",
@@ -21,7 +21,8 @@ def test_engine_overhead_benchmark_small_run(tmp_path, mode):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert record["overlap_scheduling"] is not bool(mode) and record["running_sequences"] == 8
+    assert record["overlap_scheduling"] is ("--no-overlap" not in mode) and record["running_sequences"] == 8
+    assert record["final_only"] is ("--final-only" in mode)
     med = record["median_us_per_step"]
     for part in ("schedule", "prepare", "land", "emit"):
         assert 0 < med[part] < med["host_total"]
