@@ -42,6 +42,12 @@ def _workload(llm):
         ("ab", prompts[4], SamplingParams(max_tokens=40, **GREEDY), 16),
         ("ab2", prompts[5], SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=40, ignore_eos=True), 19),
         ("lp", prompts[6], SamplingParams(max_tokens=12, logprobs=0, **GREEDY), None),
+        # a stop token id met mid-answer (not text: the held text is released), and sampled answers that end on
+        # the checkpoint's own stop tokens or at max_tokens, whichever comes first
+        ("stop_id", prompts[0], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[probe.token_ids[9]]),
+         None),
+        *((f"eos{k}", prompts[7], SamplingParams(n=2, temperature=1.5, seed=k, max_tokens=120), None)
+          for k in range(2)),
     ]
 
 
@@ -77,13 +83,15 @@ def test_final_only_adds_up_to_the_stream(llm, tiny_hf):
     streamed, held = _run(tiny_hf, work, final_only=False), _run(tiny_hf, work, final_only=True)
     for rid, outs in held.items():
         assert outs[-1].finished and all(not o.finished for o in outs[:-1])
-        assert len(outs) == (1 if rid == "one" else 2) < len(streamed[rid]) + (rid == "one")
+        assert len(outs) == (1 if rid == "one" else 2) <= len(streamed[rid])
         assert outs[0].outputs and outs[0].outputs[0].token_ids  # the first output carries tokens (TTFT)
         assert _summary(merge_outputs(outs)) == _summary(merge_outputs(streamed[rid]))
     reasons = {rid: [o.finish_reason for o in merge_outputs(outs).outputs] for rid, outs in held.items()}
     assert reasons["stop"] == ["stop"] and reasons["one"] == ["length"] and reasons["ab"] == ["abort"]
     assert reasons["ab2"] == ["abort", "abort"] and reasons["n2"] == ["length", "length"]
     assert merge_outputs(held["ab"]).completion_tokens >= 5  # the abort came mid-answer, with what was held
+    assert reasons["stop_id"] == ["stop"] and len(merge_outputs(held["stop_id"]).outputs[0].token_ids) <= 10
+    assert "stop" in {r for k in range(2) for r in reasons[f"eos{k}"]}  # some ended on a checkpoint stop token
 
 
 def test_final_only_failure_reports_what_was_held(llm):
