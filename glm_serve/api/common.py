@@ -4,6 +4,7 @@ JSON body, admission, and the chat handler both schemas use."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import weakref
 
@@ -33,6 +34,42 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A UTF-16 surrogate written as a JSON escape (\ud800) or as raw (CESU-8) bytes, which json.loads lets through.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def lone_surrogate(raw: bytes, data) -> str | None:
+    """Where parsed JSON holds a string with a lone UTF-16 surrogate (not Unicode text: it cannot be encoded,
+    tokenized or answered), as a dotted path; None when it holds none. `raw` (the JSON text) lets the common
+    case skip the walk."""
+    if not _MAYBE_SURROGATE.search(raw):
+        return None
+    stack = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                where = f"{path}.{k}" if path else str(k)
+                if not _encodable(k):
+                    return path or "body"
+                stack.append((where, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+        elif isinstance(v, str) and not _encodable(v):
+            return path or "body"
+    return None
+
+
+def _encodable(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 async def read_json(request: Request) -> dict:
     """The body as a JSON object; 413 beyond max_body_bytes, 1210 for anything that is not a JSON object."""
     limit = ctx_of(request).settings.max_body_bytes
@@ -52,6 +89,10 @@ async def read_json(request: Request) -> dict:
         raise APIError("1210", f"the request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise APIError("1210", f"the request body must be a JSON object, got {type(data).__name__}")
+    where = lone_surrogate(raw, data)
+    if where is not None:
+        raise APIError("1210", f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                       where)
     return data
 
 

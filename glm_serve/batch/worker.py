@@ -36,6 +36,8 @@ from glm_serve.batch.store import Item, Store
 
 log = logging.getLogger(__name__)
 
+MAX_VALIDATION_ATTEMPTS = 3  # a batch whose validation raises this many times fails instead of being retried
+
 
 @dataclass
 class _Running:
@@ -53,6 +55,7 @@ class BatchWorker:
         self.peak_in_flight = 0  # most lines in flight at once so far
         self._running: dict[tuple[str, int], _Running] = {}  # (batch id, line) -> its task
         self._validating: dict[str, asyncio.Task] = {}  # batch id -> its validation
+        self._validation_failures: dict[str, int] = {}  # batch id -> validations that raised so far
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task | None = None
 
@@ -151,6 +154,7 @@ class BatchWorker:
             self.wake()
 
     async def _validate(self, b: BatchRecord) -> None:
+        retry_later = False
         try:
             errors = None
             if await asyncio.to_thread(self.store.get_file, b.input_file_id) is None:
@@ -170,11 +174,19 @@ class BatchWorker:
             bad = [(x.line, x.custom_id, x.error) for x in lines if not x.ok]
             if await asyncio.to_thread(self.store.start_batch, b.id, items, bad):
                 log.info("batch %s: %d lines to run, %d malformed", b.id, len(items), len(bad))
-        except Exception:  # noqa: BLE001 (stays validating: retried on the next pass)
+        except Exception as e:  # noqa: BLE001 (stays validating: retried on a later pass, a few times)
             log.exception("validating batch %s failed", b.id)
+            failures = self._validation_failures[b.id] = self._validation_failures.get(b.id, 0) + 1
+            retry_later = failures < MAX_VALIDATION_ATTEMPTS
+            if not retry_later:  # not a passing fault: fail the batch rather than spin on it
+                await asyncio.to_thread(self.store.fail_batch, b.id, [{
+                    "code": "500", "message": f"internal error while validating the input: {type(e).__name__}",
+                    "param": "input_file_id", "line": None}])
         finally:
             self._validating.pop(b.id, None)
-            self.wake()
+            if not retry_later:  # a retry waits for the next pass (no wake: that would retry at once)
+                self._validation_failures.pop(b.id, None)
+                self.wake()
 
     async def _close(self, b: BatchRecord, status: str) -> None:
         """Cancel the batch's lines in flight (their lines stay pending), then write its files and close it."""
