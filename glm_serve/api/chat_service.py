@@ -182,5 +182,7 @@ async def until_disconnect(request: Request, work: Awaitable):
             await task
         except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 (nobody is left to answer)
             log.debug("request abandoned by its client: %s", type(e).__name__)
-        raise APIError("500", "client disconnected")
+        # Nobody reads this answer; its status is for /metrics, where a client that left is not a server fault
+        # (499: nginx's "client closed request").
+        raise APIError("500", "client disconnected", status=499)
     return task.result()

@@ -45,8 +45,15 @@ def test_stream_disconnect_aborts_and_frees(server):
     assert _metric(server, "glm_serve_generation_tokens_total") - before < 50  # aborted, not run to 1500
 
 
+def _requests(server, status: str) -> float:
+    route = 'route="/v1/chat/completions"'
+    return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
+               if line.startswith("glm_serve_requests_total{") and route in line and f'status="{status}"' in line)
+
+
 def test_non_stream_disconnect_aborts_and_frees(server):
     before = _metric(server, "glm_serve_generation_tokens_total")
+    errors, left = _requests(server, "500"), _requests(server, "499")
     with frozen_engine(server.engine):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.openai_base + "/chat/completions", timeout=0.5,
@@ -55,6 +62,8 @@ def test_non_stream_disconnect_aborts_and_frees(server):
     wait_idle(server.engine)
     _wait_admission_empty(server)
     assert _metric(server, "glm_serve_generation_tokens_total") - before < 50
+    # counted as a client that left (499), not as a server error
+    assert _requests(server, "499") == left + 1 and _requests(server, "500") == errors
 
 
 def test_duplicate_request_id_in_flight(server):
