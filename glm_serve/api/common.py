@@ -100,12 +100,14 @@ class Admitted:
     """A request's admission slot plus its client request_id reservation; `release()` is idempotent."""
 
     def __init__(self, ctx: ServingContext, key_id: str | None, client_request_id: str | None):
-        if client_request_id is not None and client_request_id in ctx.active_request_ids:
+        # request_ids are the client's: one key's ids never collide with another key's
+        rid = None if client_request_id is None else (key_id, client_request_id)
+        if rid is not None and rid in ctx.active_request_ids:
             raise APIError("1231", f"request_id {client_request_id!r} is already in flight", "request_id")
         self._slot = ctx.admission.acquire(key_id)
-        self._ctx, self._rid = ctx, client_request_id
-        if client_request_id is not None:
-            ctx.active_request_ids.add(client_request_id)
+        self._ctx, self._rid = ctx, rid
+        if rid is not None:
+            ctx.active_request_ids.add(rid)
 
     def release(self) -> None:
         self._slot.release()

@@ -96,7 +96,7 @@ class ServingContext:
         self.admission = Admission(settings.max_concurrency_per_key, in_flight)
         self.metrics = Metrics(core)
         self.created = int(time.time())
-        self.active_request_ids: set[str] = set()  # client request_ids in flight (duplicates -> 1231)
+        self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231
         self._factory = None
         self._factory_lock = threading.Lock()
 

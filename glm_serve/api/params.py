@@ -221,10 +221,10 @@ def expanded_ids(ctx: ServingContext, ids: list[int]) -> list[int]:
         raise invalid_value("messages", str(e)) from None
 
 
-def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams) -> None:
+def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, field: str = "messages") -> None:
     try:
         ctx.core.validate(ids, params)
     except PromptTooLongError as e:
-        raise APIError("1261", str(e), "messages") from None
+        raise APIError("1261", str(e), field) from None
     except ValueError as e:
         raise invalid_value("prompt", str(e)) from None

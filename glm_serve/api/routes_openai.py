@@ -80,7 +80,7 @@ async def completions(request: Request):
     if len(prompts) * params.n > ctx.max_n:
         raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
     for ids in prompts:
-        check_prompt(ctx, ids, params)
+        check_prompt(ctx, ids, params, "prompt")
     admitted = Admitted(ctx, key_id, None)
     run = _Completion(ctx, req, params, prompts)
     if req.stream:

@@ -3,6 +3,7 @@ every error has the API's body and code, 400s are not retried, the server keeps 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -192,3 +193,28 @@ def test_queue_full(tiny_hf):
         server.should_exit = True
         thread.join(timeout=10)
         small.shutdown()
+
+
+def test_request_ids_are_per_key(keyed, engine):
+    """Key B may use a request_id that key A has in flight: one tenant's ids never block another's."""
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 2, "request_id": "shared-id"}
+    active = keyed.app.state.ctx.active_request_ids
+    results = {}
+
+    def post(key):
+        results[key] = httpx.post(keyed.vendor_base + "chat/completions", json=body, timeout=30,
+                                  headers={"Authorization": f"Bearer {key}"})
+
+    with frozen_engine(engine):
+        threads = []
+        for key in (KEY_A, KEY_B):
+            threads.append(threading.Thread(target=post, args=(key,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 5
+            while sum(rid == "shared-id" for _, rid in active) < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert sorted(k for k, rid in active if rid == "shared-id") == ["testida", "testidb"]
+    for t in threads:
+        t.join()
+    for key in (KEY_A, KEY_B):
+        assert results[key].status_code == 200 and results[key].json()["request_id"] == "shared-id"

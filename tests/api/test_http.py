@@ -74,7 +74,7 @@ def test_duplicate_request_id_in_flight(server):
                                                                       json=body, timeout=30)))
         t.start()
         deadline = time.monotonic() + 5
-        while "same-id" not in server.app.state.ctx.active_request_ids and time.monotonic() < deadline:
+        while (None, "same-id") not in server.app.state.ctx.active_request_ids and time.monotonic() < deadline:
             time.sleep(0.01)
         r = httpx.post(server.vendor_base + "chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "1231"

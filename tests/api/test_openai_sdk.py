@@ -137,3 +137,10 @@ def test_errors_in_openai_shape(client, kwargs, status, code):
     assert e.value.status_code == status
     err = e.value.response.json()["error"]
     assert err["code"] == code and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_completions_prompt_too_long_names_the_prompt(client):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="glm-4-tiny", prompt="x " * 3000, max_tokens=1)
+    err = e.value.response.json()["error"]
+    assert e.value.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
