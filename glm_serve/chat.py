@@ -129,6 +129,11 @@ def _check_tools(tools) -> list[dict]:
             fn = tool.get("function")
             if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ChatFormatError(f"tools[{i}].function.name", "must be a non-empty string")
+            if any(c.isspace() for c in fn["name"]):  # a call is emitted as "name\n{args}": it could not be read back
+                raise ChatFormatError(f"tools[{i}].function.name", f"must hold no whitespace, got {fn['name']!r}")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], Mapping):
+                raise ChatFormatError(f"tools[{i}].function.parameters",
+                                      f"must be a JSON Schema object, got {type(fn['parameters']).__name__}")
     return [dict(t) for t in tools]
 
 

@@ -177,6 +177,10 @@ def test_images_are_kept_and_rejected_when_not_supported(tok_dirs):
     ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"description": "d"}}],
      "tools[0].function.name"),
     ([{"role": "user", "content": "x"}], {"type": "function"}, "tools"),
+    ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "get\nweather"}}],
+     "tools[0].function.name"),
+    ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+     "tools[0].function.parameters"),
 ])
 def test_validation_errors_name_the_field(messages, tools, field):
     with pytest.raises(ChatFormatError) as e:
