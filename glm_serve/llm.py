@@ -87,22 +87,31 @@ class LLM:
         tool_names = frozenset(t["function"]["name"] for t in tools or () if isinstance(t, dict)
                                and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
         engine, order, states = self.engine, [], {}
-        for prompt, p in zip(prompts, plist):
-            rid = f"offline-{self._n}"
-            self._n += 1
-            ids, image = self.encode(prompt, tools)
-            engine.add_request(rid, ids, p, image=image, final_only=True)
-            is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            states[rid] = (ids, is_chat, [])  # last: the request's outputs, merged once at the end
-            order.append(rid)
-        bar = _progress(len(order), use_tqdm)
-        while engine.has_unfinished():
-            for out in engine.step():
-                states[out.request_id][2].append(out)
-                if out.finished and bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        bar = None
+        try:
+            for prompt, p in zip(prompts, plist):
+                rid = f"offline-{self._n}"
+                self._n += 1
+                ids, image = self.encode(prompt, tools)
+                engine.add_request(rid, ids, p, image=image, final_only=True)
+                is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+                states[rid] = (ids, is_chat, [])  # last: the request's outputs, merged once at the end
+                order.append(rid)
+            bar = _progress(len(order), use_tqdm)
+            while engine.has_unfinished():
+                for out in engine.step():
+                    states[out.request_id][2].append(out)
+                    if out.finished and bar is not None:
+                        bar.update(1)
+        except BaseException:
+            # A prompt that fails to encode or validate (or an interrupt): drop what this call queued, so the
+            # engine is left empty for the next call instead of holding requests nobody collects.
+            for rid in order:
+                engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         results = []
         for rid in order:
             ids, is_chat, outs = states[rid]

@@ -71,7 +71,8 @@ class AsyncEngine:
                 else:
                     item = await sink.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    finished = True  # the engine refused the request: nothing of ours to abort (the id may be
+                    raise item  # another caller's, in flight)
                 if not item.finished and not sink.empty():
                     item, merged, held = merge_waiting(item, sink)
                     self.num_merged_outputs += merged
@@ -127,6 +128,14 @@ class AsyncEngine:
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Add):
+            if cmd.request_id in self._sinks or cmd.request_id in self.engine.requests:
+                # Another caller's request is in flight under this id: refuse this one without touching its sink.
+                err = ValueError(f"duplicate request id {cmd.request_id!r}")
+                try:
+                    cmd.loop.call_soon_threadsafe(_deliver, [(cmd.sink, err)])
+                except RuntimeError:  # that loop is closed: nobody is listening any more
+                    pass
+                return
             self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.constraints, cmd.image,

@@ -138,6 +138,8 @@ class LLMEngine(OutputEmitter):
         since (merged, the outputs are the same as a stream's): for callers that want the result only."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
+        if constraints is not None and len(constraints) != params.n:
+            raise ValueError(f"{len(constraints)} constraints for n={params.n} choices (one per choice, or None)")
         mm = image if isinstance(image, MultiModalPrompt) else self.prepare_image(prompt_ids, image)
         prompt_ids = mm.ids
         self.validate(prompt_ids, params)

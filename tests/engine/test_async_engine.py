@@ -72,3 +72,26 @@ def test_merge_waiting_stops_at_an_exception_and_at_the_final_output():
     assert [lp.token_id for lp in merged.outputs[0].logprobs] == [7, 9, 10]
     assert (m, none, left) == (1, None, 1)  # nothing past a finished output is taken
     assert last.finished and last.outputs[0].text == "xy" and last.outputs[0].finish_reason == "stop"
+
+
+def test_a_duplicate_request_id_is_refused_without_touching_the_request_in_flight(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = llm.generate([[3, 1, 4, 1, 5]], params, use_tqdm=False)[0].token_ids
+
+    async def run():
+        aeng = AsyncEngine(llm.engine)
+        try:
+            first = aeng.generate("dup", [3, 1, 4, 1, 5], params)
+            outs = [await first.__anext__()]  # "dup" is running in the engine now
+            with pytest.raises(ValueError, match="duplicate request id"):
+                async for _ in aeng.generate("dup", [9, 9], params):
+                    pass
+            outs += [o async for o in first]  # still streams to its end (it used to hang here, aborted)
+            return outs
+        finally:
+            aeng.shutdown()
+
+    outs = asyncio.run(asyncio.wait_for(run(), 60))
+    got = merge_final(outs)[0]
+    assert got.finish_reason == "length" and got.token_ids == want
+    assert not llm.engine.requests

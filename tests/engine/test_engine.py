@@ -316,3 +316,19 @@ def test_async_engine_wakes_the_event_loop_once_per_step(llm, monkeypatch):
     assert [r.token_ids for r in res] == want
     assert all(r.finish_reason == "length" for r in res)
     assert 0 < wakeups <= steps < 12 * 9  # one per step at most, never one per output
+
+
+def test_a_bad_prompt_in_generate_leaves_the_engine_empty(llm):
+    long = list(range(llm.engine.max_model_len))  # no room for one generated token
+    with pytest.raises(ValueError):
+        llm.generate([[1, 2, 3], long], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    _all_blocks_free(llm.engine)  # the good prompt queued before the bad one was dropped with the call
+    res = llm.generate([[4, 5, 6]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)  # used to KeyError
+    assert res[0].token_ids == _solo(llm, [4, 5, 6], 4)
+
+
+def test_constraints_must_match_n_and_a_refusal_leaves_nothing_behind(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="constraints"):
+        eng.add_request("short", [1, 2, 3], SamplingParams(n=2, **GREEDY), constraints=[None])
+    assert "short" not in eng.requests and not eng.seq_owner  # used to leak the first choice's seq_owner entry
