@@ -26,7 +26,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, never emitted unless include_stop_str
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids; the engine adds the checkpoint's
     max_tokens: int | None = 256  # None = up to the context window
-    min_tokens: int = 0  # stop ids are masked until this many tokens were generated
+    min_tokens: int = 0  # stop ids are masked and stop strings ignored until this many tokens exist (vLLM)
     ignore_eos: bool = False  # keep generating past the checkpoint's stop ids
     logprobs: int | None = None  # None = off; k = sampled token's logprob plus the top-k alternatives
     skip_special_tokens: bool = True  # detokenizer drops special tokens from the text

@@ -85,12 +85,12 @@ class OutputEmitter:
         if c.stopper.stopped:
             return ""
         if c.stop_token:  # the stop token itself is not text: release what was held back
-            return c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+            return c.stopper.feed(c.detok.flush(), token=False)[0] + c.stopper.flush()
         text, stopped = c.stopper.feed(c.detok.add(token))
         if stopped:  # wins over a length finish decided for the same token
             c.finish_reason, c.stop_reason = "stop", c.stopper.matched
         else:
-            text += c.stopper.feed(c.detok.flush())[0] + c.stopper.flush()
+            text += c.stopper.feed(c.detok.flush(), token=False)[0] + c.stopper.flush()
         return text
 
     def _collect(self, req: RequestState, deltas: dict) -> RequestOutput | None:

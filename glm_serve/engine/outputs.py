@@ -139,7 +139,7 @@ def make_choice(index: int, seq: Sequence, tokenizer: GlmTokenizer, params: Samp
         index=index,
         seq=seq,
         detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
-        stopper=StopChecker(params.stop, params.include_stop_str),
+        stopper=StopChecker(params.stop, params.include_stop_str, params.min_tokens),
         stop_ids=frozenset(stop_ids),
         generator=generator,
         constraint=constraint,

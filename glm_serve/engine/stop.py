@@ -19,7 +19,7 @@ from typing import Sequence
 class StopChecker:
     """One request's stop strings. Feed it text deltas; it returns what may be emitted and whether to stop."""
 
-    def __init__(self, stop_strings: Sequence[str], include_stop_str: bool = False) -> None:
+    def __init__(self, stop_strings: Sequence[str], include_stop_str: bool = False, min_tokens: int = 0) -> None:
         if isinstance(stop_strings, str):
             raise ValueError("stop_strings must be a list of strings, not a single string")
         if any(not isinstance(s, str) or s == "" for s in stop_strings):
@@ -31,15 +31,25 @@ class StopChecker:
         self._first_chars = frozenset(s[0] for s in self.stop_strings)  # a match or a partial one starts here
         self._max_held = max((len(s) for s in self.stop_strings), default=1) - 1
         self._held = ""  # text received but not emitted: a possible start of a stop string
+        # min_tokens (vLLM's rule): a stop string can end generation from the min_tokens-th token on; before it,
+        # matches are ignored (the held-back tail is still kept, so a match that ends later is still found).
+        self._unchecked = max(0, min_tokens - 1)
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended generation, once stopped
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Take the next text delta; return (text to emit now, stopped). After a stop, returns ("", True)."""
+    def feed(self, delta: str, token: bool = True) -> tuple[str, bool]:
+        """Take the next text delta (one token's text; token=False for text that is no token of its own, such as
+        the detokenizer's flush); return (text to emit now, stopped). After a stop, returns ("", True)."""
         if self.stopped:
             return "", True
         if not self.stop_strings:
             return delta, False
+        if self._unchecked:
+            self._unchecked -= token
+            text = self._held + delta
+            keep = self._partial_start(text)
+            self._held = text[keep:]
+            return text[:keep], False
         if not self._held and self._first_chars.isdisjoint(delta):
             return delta, False  # fast path: no stop string can start (or end) in this delta
         text = self._held + delta

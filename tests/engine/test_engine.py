@@ -128,6 +128,17 @@ def test_stop_string_split_across_tokens(llm):
     assert got.choices[0].finish_reason == "stop"
     assert got.text == text[: text.index(stop)]
     assert stop not in got.text
+    # min_tokens (vLLM's rule): a stop string that ends before the min_tokens-th token is ignored; the first one
+    # that ends at or after it stops generation.
+    m = k + 4
+    got = llm.generate([prompt], SamplingParams(max_tokens=30, stop=[stop], min_tokens=m, **GREEDY),
+                       use_tqdm=False)[0]
+    unchecked = len("".join(pieces[:m - 1]))
+    later = text.find(stop, max(0, unchecked - len(stop) + 1))
+    if later < 0:
+        assert got.choices[0].finish_reason == "length" and got.token_ids == full.token_ids
+    else:
+        assert got.choices[0].finish_reason == "stop" and got.text == text[:later] and len(got.token_ids) >= m
 
 
 class ForcedText:

@@ -126,3 +126,48 @@ def test_held_text_is_bounded_by_longest_stop():
 def test_bad_stop_strings_rejected(bad):
     with pytest.raises(ValueError, match="stop_strings"):
         StopChecker(bad)
+
+
+def _reference_min_tokens(deltas: list[str], stops: list[str], include: bool, min_tokens: int) -> tuple[str, bool]:
+    """vLLM's min_tokens rule on the whole text: only a match that ends in the min_tokens-th delta or later
+    counts (earliest end first, ties: the longest)."""
+    text, unchecked = "".join(deltas), len("".join(deltas[:max(0, min_tokens - 1)]))
+    best = None  # (end, -length, start, stop)
+    for stop in stops:
+        start = text.find(stop)
+        while start >= 0:
+            end = start + len(stop)
+            if end > unchecked and (best is None or (end, -len(stop)) < best[:2]):
+                best = (end, -len(stop), start, stop)
+            start = text.find(stop, start + 1)
+    if best is None:
+        return text, False
+    return text[:best[0] if include else best[2]], True
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_min_tokens_ignores_matches_ending_before_it(include):
+    rng = random.Random(f"min{include}")
+    for _ in range(600):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        deltas = _split("".join(rng.choice("abc") for _ in range(rng.randint(0, 30))), rng)
+        min_tokens = rng.randint(0, len(deltas) + 1)
+        checker = StopChecker(stops, include_stop_str=include, min_tokens=min_tokens)
+        out, stopped = [], False
+        for delta in deltas:
+            emit, stopped = checker.feed(delta)
+            out.append(emit)
+            if stopped:
+                break
+        if not stopped:
+            out.append(checker.flush())
+        assert ("".join(out), stopped) == _reference_min_tokens(deltas, stops, include, min_tokens), \
+            (deltas, stops, min_tokens)
+
+
+def test_min_tokens_counts_tokens_not_flushed_text():
+    checker = StopChecker(["ab"], min_tokens=3)
+    assert checker.feed("ab") == ("ab", False)  # token 1: not checked
+    assert checker.feed("", token=False) == ("", False)  # a flush is no token: still one checked token to go
+    assert checker.feed("ab") == ("ab", False)  # token 2
+    assert checker.feed("xab") == ("x", True)  # token 3: checked
