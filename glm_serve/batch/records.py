@@ -25,13 +25,19 @@ _WINDOW = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MAX_WINDOW_S = 365 * 86400  # a year: expiry times stay ordinary timestamps
+
+
 def parse_window(text: str) -> int:
-    """'24h' -> 86400 seconds. Accepts <n>s, <n>m, <n>h, <n>d with n >= 1; ValueError otherwise."""
-    m = _WINDOW.match(text) if isinstance(text, str) else None
+    """'24h' -> 86400 seconds. Accepts <n>s, <n>m, <n>h, <n>d with n >= 1, up to a year; ValueError otherwise."""
+    m = _WINDOW.match(text) if isinstance(text, str) and len(text) <= 32 else None
     if m is None or int(m.group(1)) < 1:
         raise ValueError(f"completion_window must look like '24h' (a positive number of s, m, h or d), "
                          f"got {text!r}")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds > MAX_WINDOW_S:
+        raise ValueError(f"completion_window must be at most 365d, got {text!r}")
+    return seconds
 
 
 @dataclass

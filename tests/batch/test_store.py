@@ -32,7 +32,8 @@ def _started(store: Store, n: int, bad: int = 0, auto_delete: bool = False) -> t
 
 def test_parse_window():
     assert [parse_window(w) for w in ("24h", "1s", " 30m", "2d")] == [86400, 1, 1800, 172800]
-    for bad in ("0h", "24", "h", "-1h", "1w", "", None, 24):
+    assert parse_window("365d") == 365 * 86400
+    for bad in ("0h", "24", "h", "-1h", "1w", "", None, 24, "366d", "99999999999999999999d"):
         with pytest.raises(ValueError, match="completion_window"):
             parse_window(bad)
 
