@@ -17,14 +17,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-theta", type=float, default=None, help="override the checkpoint's RoPE base")
 
 
+# make-tiny's text-model shape options and their defaults (a --vision checkpoint takes none of them)
+_TINY_SIZES = {"arch": "glm", "kv_heads": 2, "heads": None, "head_dim": 32, "layers": 2, "hidden": 128, "ffn": None,
+               "shards": 1, "rope_ratio": 500.0}
+
+
 def cmd_make_tiny(args) -> int:
     from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415 (keep `--help` fast)
 
+    if (args.device or "cpu").startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device on this machine (leave it out to use the CPU)")
     if args.vision:  # GLM-4V: remote-code layout, tiny ViT + tiny LM (or the real shapes with --preset)
         from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision  # noqa: PLC0415
 
         if args.layout == "hf":
             raise ValueError("--vision checkpoints exist only in the chatglm layout (as glm-4v-9b)")
+        changed = [k for k, v in _TINY_SIZES.items() if getattr(args, k) != v]
+        if changed:
+            raise ValueError("--vision writes a fixed tiny GLM-4V (or GLM-4V-9B's shapes with --preset); it takes no "
+                             + ", ".join("--" + k.replace("_", "-") for k in changed))
         preset = "glm-4v-9b" if args.preset else None
         out = make_tiny_vision(args.dir, spec=TinyVisionSpec(seed=args.seed, preset=preset), device=args.device or "cpu")
         print(f"wrote a random-weight GLM-4V checkpoint (chatglm layout) to {out}")
@@ -102,16 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight GLM-4 checkpoint in a real layout")
     t.add_argument("dir")
     t.add_argument("--layout", choices=["hf", "chatglm"], default=None, help="default hf (chatglm with --vision)")
-    t.add_argument("--arch", choices=["glm", "glm4"], default="glm", help="glm = GLM-4, glm4 = GLM-4-0414")
-    t.add_argument("--kv-heads", type=int, default=2)
-    t.add_argument("--heads", type=int, default=None, help="default: hidden / head-dim")
-    t.add_argument("--head-dim", type=int, default=32)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--hidden", type=int, default=128)
-    t.add_argument("--ffn", type=int, default=None, help="default: 2 * hidden")
-    t.add_argument("--shards", type=int, default=1)
+    d = _TINY_SIZES
+    t.add_argument("--arch", choices=["glm", "glm4"], default=d["arch"], help="glm = GLM-4, glm4 = GLM-4-0414")
+    t.add_argument("--kv-heads", type=int, default=d["kv_heads"])
+    t.add_argument("--heads", type=int, default=d["heads"], help="default: hidden / head-dim")
+    t.add_argument("--head-dim", type=int, default=d["head_dim"])
+    t.add_argument("--layers", type=int, default=d["layers"])
+    t.add_argument("--hidden", type=int, default=d["hidden"])
+    t.add_argument("--ffn", type=int, default=d["ffn"], help="default: 2 * hidden")
+    t.add_argument("--shards", type=int, default=d["shards"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--rope-ratio", type=float, default=500.0)
+    t.add_argument("--rope-ratio", type=float, default=d["rope_ratio"])
     t.add_argument("--preset", choices=["glm-4-9b"], default=None,
                    help="real GLM-4-9B dimensions (18.8 GB; with --vision: GLM-4V-9B, 27.8 GB)")
     t.add_argument("--vision", action="store_true", help="a GLM-4V checkpoint (tiny ViT + LM, chatglm layout)")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
+
 from glm_serve.cli import main
 from glm_serve.config import load_config
 from glm_serve.llm import LLM
@@ -29,6 +32,17 @@ def test_make_tiny_layouts(tmp_path):
 def test_make_tiny_rejects_bad_options(tmp_path, capsys):
     assert main(["make-tiny", str(tmp_path / "x"), "--kv-heads", "3"]) == 2
     assert "kv-heads" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "v"), "--vision", "--layers", "4", "--hidden", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--layers" in err and "--hidden" in err and "Traceback" not in err
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_make_tiny_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "x"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "Traceback" not in err
 
 
 def test_generate_prompt_matches_engine(tiny_hf, capsys):
