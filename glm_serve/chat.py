@@ -61,11 +61,13 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class ChatFormatError(ValueError):
-    """A request's messages or tools cannot be rendered. `field` names the bad value (API code 1214)."""
+    """A request's messages or tools cannot be rendered. `field` names the bad value (API code 1214), or the
+    required one that is missing (`missing`: 1213)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, missing: bool = False):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.missing = missing
 
 
 @dataclass
@@ -171,6 +173,8 @@ def to_glm_items(messages, tools=None, allow_images: bool = False) -> list[dict]
         role = msg.get("role")
         if role not in ROLES:
             raise ChatFormatError(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if role != "assistant" and msg.get("content") is None:  # only an assistant's tool-call turn may have none
+            raise ChatFormatError(f"{where}.content", f"required for a {role} message", missing=True)
         text, images = _text_of(msg.get("content"), f"{where}.content", allow_images, role == "user")
         if role == "assistant":
             calls = msg.get("tool_calls") or []

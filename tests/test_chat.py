@@ -177,6 +177,8 @@ def test_images_are_kept_and_rejected_when_not_supported(tok_dirs):
     ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"description": "d"}}],
      "tools[0].function.name"),
     ([{"role": "user", "content": "x"}], {"type": "function"}, "tools"),
+    ([{"role": "user"}], None, "messages[0].content"),
+    ([{"role": "system", "content": None}, {"role": "user", "content": "x"}], None, "messages[0].content"),
     ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "get\nweather"}}],
      "tools[0].function.name"),
     ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f", "parameters": "x"}}],

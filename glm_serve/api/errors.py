@@ -63,6 +63,13 @@ def bad_param(param: str, message: str) -> APIError:
     return APIError("1210", f"{param}: {message}", param)
 
 
+def chat_format_error(e) -> APIError:
+    """A ChatFormatError (glm_serve.chat) as the API's error: 1213 for a missing field, else 1214."""
+    if e.missing:
+        return APIError("1213", str(e), e.field)  # "<field>: required ..."
+    return invalid_value(e.field, str(e).split(": ", 1)[-1])
+
+
 def invalid_value(param: str, message: str) -> APIError:
     return APIError("1214", f"{param}: {message}", param)
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from glm_serve.api.context import MAX_TOOLS, ServingContext
-from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.api.errors import APIError, bad_param, chat_format_error, invalid_value
 from glm_serve.chat import ChatFormatError, encode_chat, image_urls
 from glm_serve.engine.engine import PromptTooLongError
 from glm_serve.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -185,7 +185,7 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
         ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
                           allow_images=image_url is not None)
     except ChatFormatError as e:
-        raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
+        raise chat_format_error(e) from None
     check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params)
     constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
     parse = fmt == "text" and choice != "none"

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from glm_serve.api.chat_service import chat_result
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, read_json
-from glm_serve.api.errors import invalid_value
+from glm_serve.api.errors import chat_format_error
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, check_images, check_tools, expanded_ids, prepare_chat
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
@@ -62,7 +62,7 @@ async def tokenizer(request: Request):
         if image is not None:  # an image takes the tower's slots in the context, not 3 tokens
             ids = expanded_ids(ctx, ids)
     except ChatFormatError as e:
-        raise invalid_value(e.field, str(e).split(": ", 1)[-1]) from None
+        raise chat_format_error(e) from None
     rid = ctx.new_id("tok")
     return JSONResponse({"id": rid, "created": int(time.time()), "request_id": req.request_id or rid,
                          "usage": {"prompt_tokens": len(ids)}})

@@ -60,6 +60,7 @@ def _requests_400(server) -> float:
         {"type": "image_url", "image_url": {"url": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="}}]}]),
      "1214"),
     (dict(model="glm-4-plus", messages=[{"role": "user", "content": "长" * 4000}]), "1261"),
+    (dict(model="glm-4-plus", messages=[{"role": "user"}]), "1213"),
 ])
 def test_bad_requests_get_their_code_and_are_not_retried(client, server, kwargs, code):
     before = _requests_400(server)
