@@ -7,6 +7,7 @@ Codes and HTTP statuses follow the table in /work/shared/docs/api.md ("Errors").
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -93,13 +94,24 @@ def error_response(err: APIError, path: str) -> JSONResponse:
 def from_validation_errors(errors: list[dict]) -> APIError:
     """Pydantic / FastAPI validation errors -> 1213 (a required field is missing) or 1210 (wrong type)."""
     first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = _field_loc(first)
     where = _dotted(loc) or "body"
     if first.get("type") == "missing":
         return APIError("1213", f"{where}: required field missing", where)
     if first.get("type") in ("json_invalid", "model_attributes_type", "dict_type", "model_type") and not loc:
         return APIError("1210", "the request body must be a JSON object", None)
-    return APIError("1210", f"{where}: {first.get('msg', 'invalid value')}", where)
+    # A field of several accepted types fails once per type, each error tagged with it: say them all.
+    msgs = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors if _field_loc(e) == loc))
+    return APIError("1210", f"{where}: {', or '.join(msgs)}", where)
+
+
+# pydantic's tag for the member of a union that a value was tried against (str, list[int], function-after[...])
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
+
+
+def _field_loc(error: dict) -> list[str]:
+    """The error's field path without "body" and without pydantic's union-member tags."""
+    return [str(p) for p in error.get("loc", ()) if p != "body" and not (isinstance(p, str) and _UNION_TAG.match(p))]
 
 
 def _dotted(loc: list[str]) -> str:

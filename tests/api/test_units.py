@@ -191,3 +191,18 @@ def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     assert value("glm_serve_inter_token_latency_seconds_count") == 8
     assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(1.3)
     assert value("glm_serve_generation_tokens_total") == 15
+
+
+def test_validation_error_of_a_union_field_names_the_field_and_every_accepted_type():
+    from pydantic import BaseModel, ValidationError
+
+    from glm_serve.api.errors import from_validation_errors
+
+    class Body(BaseModel):
+        tool_choice: str | dict | None = None
+
+    with pytest.raises(ValidationError) as e:
+        Body.model_validate({"tool_choice": 5})
+    err = from_validation_errors(e.value.errors())
+    assert err.code == "1210" and err.param == "tool_choice"
+    assert err.message == "tool_choice: Input should be a valid string, or Input should be a valid dictionary"
