@@ -122,6 +122,8 @@ def cmd_serve(args) -> int:
                  core.load_seconds)
         log.info("KV cache: %d tokens (%d-token blocks); context window %d tokens; up to %d sequences per batch",
                  core.kv_capacity_tokens, config.block_size, core.max_model_len, config.max_num_seqs)
+        if core.warm_up_seconds:
+            log.info("warm-up (kernels compiled, first steps run) in %.1fs", core.warm_up_seconds)
         log.info("model names: %s", ", ".join(ctx.model_names))
         log.info("files and batches in %s (batch lines in flight: %d at most)", settings.data_dir,
                  app.state.batches.worker.concurrency)

@@ -95,7 +95,33 @@ class LLMEngine(OutputEmitter):
         self.vocab_limit = self.model_config.vocab_size
         for skip in (True, False):  # the detokenizer's per-token tables, built now rather than on a first request
             self.tokenizer.token_texts(skip)
+        self.warm_up_seconds = self.warm_up() if self.device.type == "cuda" else 0.0
         _tune_gc()
+
+    def warm_up(self) -> float:
+        """Run two short requests through the real step path before serving: Triton compiles each kernel on its
+        first launch (seconds), which the first user request would otherwise wait for, and a kernel that cannot
+        compile or launch here (no C compiler for Triton's launcher, say) stops the start-up with its cause
+        instead of failing every request. Prefill, prefill over a cached prefix, and decode at batch 2 run.
+        Leaves nothing behind: no request, no cached block, no hit counted. -> seconds taken."""
+        t0 = time.monotonic()
+        bs = self.config.block_size
+        prompt = [i % self.vocab_limit for i in range(1, 2 * bs + 4)]  # two full blocks (cacheable) and a bit
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        errors = []
+        for round_ in (["warm-up-0"], ["warm-up-1", "warm-up-2"]):  # the second round finds the first's blocks
+            for rid in round_:
+                self.add_request(rid, prompt, params)
+            while self.has_unfinished():
+                errors += [o.error for out in self.step() for o in out.outputs if o.error]
+        bm = self.block_manager
+        bm.reset_prefix_cache()
+        bm.num_query_tokens = bm.num_hit_tokens = 0
+        if errors:
+            raise RuntimeError(f"the engine failed its warm-up on {self.device}: {errors[0]} (with the triton attention "
+                               "backend, Triton needs a C compiler and the Python headers at run time; "
+                               "--attention-backend torch runs without it)")
+        return time.monotonic() - t0
 
     def _enable_graphs(self, config: EngineConfig) -> None:
         from glm_serve.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415

@@ -343,3 +343,34 @@ def test_constraints_must_match_n_and_a_refusal_leaves_nothing_behind(llm):
     with pytest.raises(ValueError, match="constraints"):
         eng.add_request("short", [1, 2, 3], SamplingParams(n=2, **GREEDY), constraints=[None])
     assert "short" not in eng.requests and not eng.seq_owner  # used to leak the first choice's seq_owner entry
+
+
+def test_warm_up_leaves_nothing_behind_and_fails_loudly(tiny_hf, monkeypatch):
+    """The start-up warm-up (run on CUDA) runs real steps, then leaves no request, no cached block and no
+    counted hit; a kernel that fails in it stops the start-up with its cause."""
+    eng = LLM(str(tiny_hf), kv_cache_tokens=1024).engine
+    seconds = eng.warm_up()
+    assert seconds > 0
+    _all_blocks_free(eng)
+    bm = eng.block_manager
+    assert bm.num_cached_blocks == 0 and bm.num_query_tokens == 0 and bm.hit_rate == 0.0
+    prompt = [1, 2, 3, 4, 5]
+    assert LLM(str(tiny_hf), kv_cache_tokens=1024).generate([prompt], SamplingParams(max_tokens=6, **GREEDY),
+                                                            use_tqdm=False)[0].token_ids \
+        == _greedy_tokens(eng, prompt, 6)
+
+    def broken(*args, **kw):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(eng.runner, "execute", broken)
+    with pytest.raises(RuntimeError, match="warm-up.*Failed to find C compiler.*attention-backend torch"):
+        eng.warm_up()
+
+
+def _greedy_tokens(eng, prompt, n):
+    eng.add_request("after-warm-up", prompt, SamplingParams(max_tokens=n, **GREEDY))
+    tokens = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens += out.outputs[0].token_ids
+    return tokens
