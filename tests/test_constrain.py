@@ -301,6 +301,25 @@ def test_accept_rejects_what_the_mask_forbids(llm, factory):
         content.accept(tok.special_ids["<|assistant|>"])
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grammar_that_ends_before_min_tokens_stops(llm, factory, temperature):
+    # "\n1" is all the schema allows: then only a stop id fits, and min_tokens must not block it (that left no
+    # token at all, and the request failed with "token 0 does not fit the JSON schema constraint").
+    stop_ids = set(llm.tokenizer.stop_token_ids)
+    params = SamplingParams(temperature=temperature, seed=0, min_tokens=6, max_tokens=20)
+    results = _generate(llm, _prompt(llm, "one"), lambda: factory.json_schema({"enum": [1]}), seeds=[0])
+    engine = llm.engine
+    engine.add_request("min", _prompt(llm, "one"), params, constraints=[factory.json_schema({"enum": [1]})])
+    outs = []
+    while engine.has_unfinished():
+        outs += [c for out in engine.step() for c in out.outputs]
+    assert all(c.error is None for c in outs), outs
+    ids = [t for c in outs for t in c.token_ids]
+    text = "".join(c.text for c in outs)
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason in stop_ids and ids[-1] in stop_ids
+    assert json.loads(text[1:]) == 1 and text == results[0][0]
+
+
 def test_same_schema_compiles_once(factory):
     before = factory.num_cached
     schema = {"type": "object", "properties": {"k": {"type": "integer"}}}

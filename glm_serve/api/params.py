@@ -188,6 +188,11 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
         raise chat_format_error(e) from None
     check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params)
     constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
+    if fmt != "text" or choice in ("required", "named"):
+        # The grammar decides where the answer ends (on a checkpoint stop id, once the JSON is complete): a stop
+        # string or an extra stop id met inside the JSON would cut it, and a cut call would still be reported
+        # as finish_reason "tool_calls" with arguments that do not parse.
+        params.stop, params.stop_token_ids = [], []
     parse = fmt == "text" and choice != "none"
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}

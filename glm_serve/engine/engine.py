@@ -370,12 +370,15 @@ class LLMEngine(OutputEmitter):
         """One sampled token for one choice, before the next step is scheduled: constraint, stop ids, length.
         _settle calls it only when one of these three can apply: a new finish condition belongs in both."""
         seq = c.seq
+        terminated = False
         if c.constraint is not None:
             c.constraint.accept(token)
-        if token in c.stop_ids and len(seq.output_token_ids) >= seq.params.min_tokens:
+            terminated = c.constraint.is_terminated()
+        # A grammar ends on a stop id even before min_tokens (the sampler lets it: nothing else fits then).
+        if token in c.stop_ids and (len(seq.output_token_ids) >= seq.params.min_tokens or terminated):
             self._finish(c, "stop", stop_reason=token)
             c.stop_token = True
-        elif c.constraint is not None and c.constraint.is_terminated():
+        elif terminated:
             self._finish(c, "stop")
         elif seq.num_tokens >= seq.max_num_tokens:  # max_tokens, or the context window is full (hit_length_limit)
             self._finish(c, "length")

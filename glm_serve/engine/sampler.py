@@ -88,6 +88,7 @@ class SamplingBatch:
         n = len(rows)
         if n == 0:
             raise ValueError("rows must not be empty")
+        host_bitmask = token_bitmask
         if token_bitmask is not None:
             words = (vocab_size + 31) // 32
             if token_bitmask.dtype != torch.int32 or tuple(token_bitmask.shape) != (n, words):
@@ -102,9 +103,15 @@ class SamplingBatch:
         if sampled:
             batch._build_sampled(params, greedy, sampled, rows, device)
         batch._build_penalties(rows, device)
-        block = [(i, t) for i, row in enumerate(rows)
-                 if len(row.output_ids) < row.params.min_tokens
-                 for t in dict.fromkeys(row.stop_token_ids) if 0 <= t < vocab_size]
+        block = []
+        for i, row in enumerate(rows):
+            if len(row.output_ids) >= row.params.min_tokens:
+                continue
+            stops = [t for t in dict.fromkeys(row.stop_token_ids) if 0 <= t < vocab_size]
+            # A constraint that allows nothing but a stop id (a complete grammar) wins over min_tokens:
+            # blocking them would leave no token at all (an all -inf row samples garbage).
+            if stops and (host_bitmask is None or _allows_more_than(host_bitmask[i], stops, vocab_size)):
+                block += [(i, t) for t in stops]
         if block:
             batch.min_tokens_block = _to(torch.tensor(block, dtype=torch.int64).T.contiguous(), device)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -259,6 +266,13 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [N, W, 32]; arithmetic shift is fine: only bit 0 is read
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def _allows_more_than(row_bitmask: torch.Tensor, ids: list[int], vocab_size: int) -> bool:
+    """Whether one host bitmask row [ceil(V/32)] int32 allows some token outside `ids`."""
+    allowed = unpack_bitmask(row_bitmask.cpu().unsqueeze(0), vocab_size)[0]
+    allowed[ids] = False
+    return bool(allowed.any())
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

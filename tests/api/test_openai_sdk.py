@@ -87,6 +87,22 @@ def test_forced_tool_call_stream(client):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+def test_stop_strings_do_not_cut_constrained_json(client):
+    # Every call and JSON answer holds "{": a stop string (or stop id) inside the grammar's output cut it, and a
+    # cut call still came back as finish_reason "tool_calls" with arguments "" (not JSON).
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], temperature=0, max_tokens=100,
+              stop=["{", ":"])
+    r = client.chat.completions.create(**kw, tools=[WEATHER, TIME], tool_choice="required")
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+    r = client.chat.completions.create(**kw, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert "{" in r.choices[0].message.content
+
+
 def test_completions(client, server):
     tok = server.engine.engine.tokenizer
     ids = tok.encode("[gMASK]<sop><|user|>\nhello<|assistant|>")

@@ -265,6 +265,23 @@ def test_min_tokens_blocks_stop_ids():
         assert tokens[1] in stops and tokens[3] in stops
 
 
+def test_min_tokens_yields_to_a_constraint_that_can_only_stop():
+    """A complete grammar allows only stop ids: min_tokens must not block them too (the row would have no token
+    left and sample garbage); a constraint that still allows other tokens is blocked as usual."""
+    vocab, stops = 64, [5, 17]
+    bitmask = torch.zeros(4, 2, dtype=torch.int32)
+    bitmask[:2, 0] = (1 << 5) | (1 << 17)  # rows 0, 1: nothing but the stop ids
+    bitmask[2:, 0] = (1 << 5) | (1 << 9)  # rows 2, 3: a stop id or token 9
+    params = [SamplingParams(min_tokens=4, temperature=0.0), SamplingParams(min_tokens=4, seed=3)] * 2
+    rows = [SamplingRow(p, output_ids=[1], stop_token_ids=stops,
+                        generator=make_generator(p.seed, "cpu") if p.seed is not None else None) for p in params]
+    for _ in range(10):
+        logits = torch.randn(4, vocab)
+        tokens = _sample(logits, rows, bitmask).token_ids.tolist()
+        assert tokens[0] in stops and tokens[1] in stops
+        assert tokens[2] == 9 and tokens[3] == 9
+
+
 def test_sampled_and_greedy_rows_mix():
     vocab = 500
     logits = torch.randn(6, vocab)
