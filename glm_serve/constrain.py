@@ -72,6 +72,35 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples", "required"})
 
 
+# Keywords xgrammar (0.2.x) accepts but does not enforce: output held to a schema using them could still break
+# it, so such a schema is refused (as OpenAI's strict mode refuses what it cannot enforce) rather than trusted.
+_UNENFORCED = ("not", "allOf", "dependentRequired", "dependentSchemas")
+
+
+def _check_enforceable(node: Any, where: str) -> None:
+    """Raise ValueError naming the first keyword the grammar would silently ignore (see _UNENFORCED)."""
+    if isinstance(node, list):
+        for i, x in enumerate(node):
+            _check_enforceable(x, f"{where}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    bad = next((k for k in _UNENFORCED if k in node), None)
+    if bad is None and node.get("uniqueItems") is True:
+        bad = "uniqueItems"
+    if bad is None and ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+        bad = "minLength/maxLength together with " + ("pattern" if "pattern" in node else "format")
+    if bad is not None:
+        raise ValueError(f"{where}: '{bad}' cannot be enforced by constrained decoding (the output could break the "
+                         "schema); leave it out or express it another way")
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                _check_enforceable(sub, f"{where}.{key}.{name}")
+        elif key not in _DATA_KEYS:
+            _check_enforceable(value, f"{where}.{key}")
+
+
 def _strict_string_lengths(node: Any) -> Any:
     """Copy of a schema where length-bounded strings carry an equivalent `pattern`.
 
@@ -271,6 +300,7 @@ class ConstraintFactory:
             raise ValueError(f"{where}: not JSON-serialisable ({e})") from None
 
     def _schema_grammar(self, schema: dict, where: str):
+        _check_enforceable(schema, where)
         text = self._dumps(_strict_string_lengths(schema), where)
         try:
             return self._xgr.Grammar.from_json_schema(text, any_whitespace=True,

@@ -269,6 +269,26 @@ def test_bad_schema_raises_value_error(factory, schema, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("schema, words", [
+    ({"not": {"type": "integer"}}, "'not'"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, "'allOf'"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems'"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
+     "'dependentRequired'"),
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}},
+     "properties.s: 'minLength/maxLength together with pattern'"),
+    ({"type": "string", "format": "email", "maxLength": 5}, "format"),
+])
+def test_schema_keywords_the_grammar_cannot_enforce_are_refused(factory, schema, words):
+    with pytest.raises(ValueError, match="cannot be enforced") as info:
+        factory.json_schema(schema)
+    assert words in str(info.value)
+    # names that look like keywords are fine as property names, and harmless values pass
+    factory.json_schema({"type": "object", "properties": {"not": {"type": "integer"}, "allOf": {"type": "string"}},
+                         "required": ["not"]})
+    factory.json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": False})
+
+
 @pytest.mark.parametrize("tools, name, words", [
     (TOOLS, "nope", "no function named 'nope'"),
     ([{"type": "python"}], None, "at least one tool of type 'function'"),
