@@ -16,8 +16,13 @@ nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -m gpu tests/ 2>&1 | tail -20
-  python3 -m pytest -q tests/kernels 2>&1 | tail -5
+  # tests/api and tests/batch hold no GPU test and import SDKs the GPU image lacks (openai, zai-sdk, PyJWT,
+  # jsonschema): collected, they stop pytest before any test runs. A failing test is reported in the log
+  # under $results and does not stop the benchmarks below (set -e with pipefail would end the script here).
+  python3 -m pytest -q -m gpu tests/ --ignore=tests/api --ignore=tests/batch 2>&1 | tee "$results/gpu_tests.log" | tail -20 \
+    || echo "gpu-run.sh: GPU tests FAILED (rc ${PIPESTATUS[0]}), see $results/gpu_tests.log"
+  python3 -m pytest -q tests/kernels 2>&1 | tee "$results/kernel_tests.log" | tail -5 \
+    || echo "gpu-run.sh: kernel tests FAILED (rc ${PIPESTATUS[0]}), see $results/kernel_tests.log"
 fi
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   python3 benchmarks/kernels.py --out "$results/kernels_$(date +%F).json"
