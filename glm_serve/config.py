@@ -110,7 +110,7 @@ class ModelConfig:
                 head_dim=head_dim,
                 intermediate_size=get.int("intermediate_size"),
                 vocab_size=get.int("vocab_size"),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1.5625e-07)),  # GlmConfig/Glm4Config default
                 rope_theta=theta,
                 rotary_dim=int(head_dim * factor),
                 max_position=get.int("max_position_embeddings"),

@@ -158,3 +158,19 @@ def test_torch_backend_groups_decode_and_prefill_rows_exactly():
         outs.append(TorchPagedAttention().forward(q, kk, vv, kc.clone(), vc.clone(), meta, D**-0.5))
         assert len(meta.cache["torch_groups"]) == (2 if host else 1)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_torch_store_kv_padding_rows_never_undo_a_real_store():
+    """slot_mapping -1 (a CUDA-graph padding row) stores nothing, even beside a real token stored in slot 0: the
+    padding row used to re-write slot 0's old contents in the same index_copy_, and could win."""
+    from glm_serve.model.attention import store_kv
+
+    kc = torch.zeros(2, 4, 1, 2)
+    vc = torch.zeros_like(kc)
+    k = torch.tensor([[[1.0, 2.0]], [[9.0, 9.0]], [[3.0, 4.0]], [[8.0, 8.0]]])
+    store_kv(k, -k, kc, vc, torch.tensor([0, -1, 5, -1]))
+    assert kc[0, 0, 0].tolist() == [1.0, 2.0] and vc[0, 0, 0].tolist() == [-1.0, -2.0]
+    assert kc[1, 1, 0].tolist() == [3.0, 4.0]
+    assert (kc != 0).any(-1).flatten().nonzero().flatten().tolist() == [0, 5]  # nothing else written
+    store_kv(k, k, kc, vc, torch.full((4,), -1))  # padding only: the cache is unchanged
+    assert kc[0, 0, 0].tolist() == [1.0, 2.0] and (kc != 0).any(-1).sum().item() == 2

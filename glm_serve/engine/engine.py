@@ -63,6 +63,7 @@ class LLMEngine(OutputEmitter):
         self.model_path = resolve_model_arg(config.model)
         self.tokenizer = load_tokenizer(self.model_path)
         backend = make_backend(config.resolved_backend(self.device))
+        backend.check_supported(self.device, self.dtype)
         t0 = time.monotonic()
         self.model = load_model(self.model_path, self.device, self.dtype, config.quantization, backend,
                                 config.rope_theta)

@@ -60,6 +60,9 @@ class AttentionBackend(abc.ABC):
 
     name = "base"
 
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise ValueError when this backend cannot compute correctly on `device` in `dtype`."""
+
     @abc.abstractmethod
     def forward(
         self,
@@ -85,11 +88,17 @@ def store_kv(
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
     valid = slot_mapping >= 0
-    # Padding rows (CUDA-graph buckets) carry -1; index_copy with a mask keeps this free of host syncs.
-    slots = torch.where(valid, slot_mapping, torch.zeros_like(slot_mapping))
-    keep = valid.view(-1, 1, 1)
-    flat_k.index_copy_(0, slots, torch.where(keep, k.to(flat_k.dtype), flat_k.index_select(0, slots)))
-    flat_v.index_copy_(0, slots, torch.where(keep, v.to(flat_v.dtype), flat_v.index_select(0, slots)))
+    # Padding rows (CUDA-graph buckets) carry -1. Without host syncs, each padding row re-writes the first real
+    # row (same slot, same values), so no two writes to one slot disagree: index_copy_ keeps one of duplicate
+    # indices unpredictably, and a padding row re-writing slot 0's old contents could undo a real row's store.
+    # When every row is padding, they all re-write slot 0 with what it holds.
+    rows = torch.arange(slot_mapping.shape[0], device=slot_mapping.device)
+    src = torch.where(valid, rows, valid.to(torch.uint8).argmax())  # [T] row whose K/V each row writes
+    src_slots = slot_mapping[src]
+    keep = (src_slots >= 0).view(-1, 1, 1)
+    slots = src_slots.clamp(min=0)
+    flat_k.index_copy_(0, slots, torch.where(keep, k[src].to(flat_k.dtype), flat_k.index_select(0, slots)))
+    flat_v.index_copy_(0, slots, torch.where(keep, v[src].to(flat_v.dtype), flat_v.index_select(0, slots)))
 
 
 class TorchPagedAttention(AttentionBackend):

@@ -26,6 +26,23 @@ class TritonPagedAttention(AttentionBackend):
         self.decode_splits = decode_splits
         self._num_sms: dict[int, int] = {}  # CUDA device index -> SM count
 
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Off CUDA the kernels only run in Triton's interpreter (TRITON_INTERPRET=1 before they are imported),
+        which computes bfloat16 dots and adds wrongly without raising (docs/gpu.md): refuse both cases up front
+        rather than fail every request ('0 active drivers') or generate garbage."""
+        if device.type == "cuda":
+            return
+        from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+        from glm_serve.kernels import decode  # noqa: PLC0415
+
+        if not isinstance(decode._decode_split_kernel, InterpretedFunction):
+            raise ValueError(f"the triton attention backend needs a CUDA device; on {device.type} it runs only in "
+                             "Triton's interpreter (TRITON_INTERPRET=1, slow, for tests): use --attention-backend torch")
+        if dtype == torch.bfloat16:
+            raise ValueError("the Triton interpreter computes bfloat16 wrongly: on the CPU use the triton attention "
+                             "backend with float32 or float16, or --attention-backend torch")
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.max_seqlen_q == 1 and q.shape[0] == meta.num_seqs:

@@ -282,6 +282,23 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_hf):
         LLM(str(tiny_hf), kv_cache_tokens=1024, attention_backend="torch", cuda_graphs=True)
 
 
+def test_triton_backend_off_cuda_refuses_what_the_interpreter_cannot_run(tiny_hf, monkeypatch):
+    """Off CUDA the Triton kernels run only in the interpreter, which computes bfloat16 wrongly without raising
+    (docs/gpu.md): the engine refuses bf16 there, and refuses outright when the kernels are not interpreted
+    (they used to fail every request with '0 active drivers'), before loading anything."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(ValueError, match="bfloat16"):
+        LLM(str(tiny_hf), kv_cache_tokens=1024, dtype="bfloat16", attention_backend="triton")
+    from glm_serve.kernels import decode
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", object())  # as compiled without TRITON_INTERPRET=1
+    with pytest.raises(ValueError, match="CUDA device"):
+        LLM(str(tiny_hf), kv_cache_tokens=1024, attention_backend="triton")
+    LLM(str(tiny_hf), kv_cache_tokens=1024, dtype="bfloat16", attention_backend="torch")  # torch: fine
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_gives_the_same_tokens_on_gpu(tiny_hf):
     """On a GPU: decode steps captured as CUDA graphs and replayed give the eager triton backend's tokens."""
