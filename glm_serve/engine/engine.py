@@ -106,9 +106,11 @@ class LLMEngine(OutputEmitter):
         instead of failing every request. Prefill, prefill over a cached prefix, and decode at batch 2 run.
         Leaves nothing behind: no request, no cached block, no hit counted. -> seconds taken."""
         t0 = time.monotonic()
-        bs = self.config.block_size
-        prompt = [i % self.vocab_limit for i in range(1, 2 * bs + 4)]  # two full blocks (cacheable) and a bit
-        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        # Two full blocks (cacheable) and a bit, in whatever context window the KV cache leaves.
+        length = max(1, min(2 * self.config.block_size + 3, self.max_model_len - 3))
+        prompt = [i % self.vocab_limit for i in range(1, length + 1)]
+        params = SamplingParams(temperature=0.0, max_tokens=max(1, min(3, self.max_model_len - length)),
+                                ignore_eos=True)
         errors = []
         for round_ in (["warm-up-0"], ["warm-up-1", "warm-up-2"]):  # the second round finds the first's blocks
             for rid in round_:
