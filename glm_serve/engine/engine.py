@@ -120,6 +120,7 @@ class LLMEngine(OutputEmitter):
         bm = self.block_manager
         bm.reset_prefix_cache()
         bm.num_query_tokens = bm.num_hit_tokens = 0
+        self.scheduler.num_preemptions = 0  # a small cache may preempt the second round: not a user's
         if errors:
             raise RuntimeError(f"the engine failed its warm-up on {self.device}: {errors[0]} (with the triton attention "
                                "backend, Triton needs a C compiler and the Python headers at run time; "

@@ -382,6 +382,7 @@ def test_warm_up_leaves_nothing_behind_and_fails_loudly(tiny_hf, monkeypatch):
     tiny = LLM(str(tiny_hf), kv_cache_tokens=16, block_size=16, max_batch_tokens=16, max_num_seqs=2).engine
     assert tiny.max_model_len == 16 and tiny.warm_up() > 0  # a cache smaller than the usual warm-up prompt
     _all_blocks_free(tiny)
+    assert tiny.scheduler.num_preemptions == 0 and tiny.block_manager.num_query_tokens == 0
 
     monkeypatch.setattr(eng.runner, "execute", broken)
     with pytest.raises(RuntimeError, match="warm-up.*Failed to find C compiler.*attention-backend torch"):
