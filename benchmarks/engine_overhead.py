@@ -13,7 +13,8 @@ reading each stream, all under one GIL. Its wall time per step counts the reader
 With --final-only the requests want their result only (LLM.generate, non-streaming API calls): after the first
 tokens the engine holds each delta for the final output instead of building and delivering one per token.
 
-    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--no-overlap] [--final-only] [--out FILE]
+    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--no-overlap] [--final-only]
+                                         [--stream-interval N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3, help="whole measurements (this VM's speed drifts between them)")
     p.add_argument("--no-overlap", action="store_true", help="measure with --no-overlap-scheduling")
+    p.add_argument("--stream-interval", type=int, default=1, help="the engine's stream_interval (streamed requests)")
     p.add_argument("--final-only", action="store_true",
                    help="requests that want the result only (LLM.generate, non-streaming API calls): no per-token "
                         "outputs after the first")
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     result = {
         **header("engine_overhead", device_name("cpu"), argv),
         "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap, "final_only": args.final_only,
+        "stream_interval": args.stream_interval,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
         "median_us_per_step": med, "runs": runs,
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
         # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
         "python_sum_range_1000_us": _python_speed(),
     }
-    mode = ("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
+    mode = (("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
+            + (f"_interval{args.stream_interval}" if args.stream_interval > 1 else ""))
     write(result, args.out, f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
     return 0
 
@@ -79,7 +83,8 @@ def _engine(args):
     model = make_tiny(tempfile.mkdtemp(prefix="overhead-"), TinySpec(layout="hf", layers=1, hidden=64, heads=2,
                                                                     head_dim=32, ffn=128))
     llm = LLM(str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
-              max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap)
+              max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap,
+              stream_interval=args.stream_interval)
     return llm.engine, torch.randn(args.seqs, llm.engine.model_config.vocab_size)
 
 

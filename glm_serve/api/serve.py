@@ -59,6 +59,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--no-overlap-scheduling", action="store_true",
                    help="schedule each step only after the previous one's tokens reached the host")
     p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="a streamed request gets an output every N tokens per choice (the first token alone, the "
+                        "end at once): above 1, less host work per token under heavy load, burstier streams")
 
 
 def api_keys(args_keys: list[str] | None) -> list[str]:
@@ -85,7 +88,8 @@ def engine_config(args):
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed,
-        cuda_graphs=args.cuda_graphs, overlap_scheduling=not args.no_overlap_scheduling)
+        cuda_graphs=args.cuda_graphs, overlap_scheduling=not args.no_overlap_scheduling,
+        stream_interval=args.stream_interval)
 
 
 def cmd_serve(args) -> int:

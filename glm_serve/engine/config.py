@@ -34,6 +34,9 @@ class EngineConfig:
     cuda_graphs: bool = False
     # Schedule and prepare step N+1 while the device runs step N (glm_serve/engine/engine.py).
     overlap_scheduling: bool = True
+    # Streamed requests get an output every this many tokens per choice (and at the end); above 1, fewer
+    # outputs (less host work per token under heavy load) for burstier streams. The first token always goes alone.
+    stream_interval: int = 1
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_batch_tokens < self.max_num_seqs:
             raise ValueError("max_batch_tokens must be >= max_num_seqs >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
 

@@ -51,10 +51,11 @@ class OutputEmitter:
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
                 continue
-            if req.started and req.final_only:  # held until the request finishes (see RequestState.final_only)
+            if req.started and req.holds:  # held until the request finishes, or for stream_interval tokens
                 _hold(c, [token], text, [lp] if lp else None)
-                if c.finish_reason is not None and req.finished:
-                    touched.setdefault(rid, (req, {}))
+                if ((c.finish_reason is not None and req.finished)
+                        or (not req.final_only and len(c.held[0]) >= self.config.stream_interval)):
+                    touched.setdefault(rid, (req, {}))  # _collect sends what every choice holds
                 continue
             lps = None if req.params.logprobs is None else [lp] if lp else []
             if len(req.choices) == 1 and (not touched or rid not in touched):
@@ -94,10 +95,9 @@ class OutputEmitter:
         return text
 
     def _collect(self, req: RequestState, deltas: dict) -> RequestOutput | None:
-        """The step's RequestOutput for one request: its choices that changed, or finished unreported. A
-        final_only request that has started reports nothing until it finishes, and then all it held."""
-        hold = req.final_only and req.started
-        if hold and not req.finished:
+        """The step's RequestOutput for one request: its choices that changed (with what they held), or finished
+        unreported. A final_only request that has started reports nothing until it finishes."""
+        if req.final_only and req.started and not req.finished:
             for i, d in deltas.items():
                 _hold(req.choices[i], *d)
             return None
@@ -130,7 +130,7 @@ class OutputEmitter:
 
 
 def _hold(c, ids: list[int], text: str, lps: list | None) -> None:
-    """Keep a delta of a final_only choice for the request's final output."""
+    """Keep a delta of a held choice (RequestState.holds) for a later output."""
     held = c.held
     if held is None:
         held = c.held = ([], [], [])

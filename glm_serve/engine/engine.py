@@ -173,7 +173,8 @@ class LLMEngine(OutputEmitter):
         mm = image if isinstance(image, MultiModalPrompt) else self.prepare_image(prompt_ids, image)
         prompt_ids = mm.ids
         self.validate(prompt_ids, params)
-        req = RequestState(request_id, params, len(prompt_ids), final_only=final_only)
+        req = RequestState(request_id, params, len(prompt_ids), final_only=final_only,
+                           holds=final_only or self.config.stream_interval > 1)
         req.mm = mm if mm.pixels is not None else None
         # Rows of this request need nothing but an argmax: no temperature, penalties, min_tokens, logprobs, masks.
         req.plain_greedy = (params.greedy and not params.uses_penalties and params.min_tokens == 0

@@ -100,7 +100,7 @@ class ChoiceState:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     reported: bool = False  # the final output for this choice was sent
     stop_token: bool = False  # finished by a stop token id (which is not text)
-    # final_only requests: what was made since the first output, sent in one piece when the request finishes
+    # held requests (RequestState.holds): what was made since the last output, sent in one piece later
     held: tuple[list[int], list[str], list[TokenLogprob]] | None = None  # (token ids, text pieces, logprobs)
 
 
@@ -117,6 +117,7 @@ class RequestState:
     # The caller wants the result, not a stream: after the first tokens (time to first token) the engine holds
     # every delta and sends it all in the request's final output (LLM.generate, non-streaming API requests).
     final_only: bool = False
+    holds: bool = False  # after the first output, deltas are held: final_only, or a stream_interval above 1
     started: bool = False  # an output with tokens has gone out
 
     @property

@@ -1,5 +1,6 @@
-"""final_only requests (LLM.generate, non-streaming API calls): the engine sends the first tokens' output and
-then one final output holding the rest, and those add up to exactly what a streamed request gets."""
+"""Held outputs. final_only requests (LLM.generate, non-streaming API calls): the engine sends the first tokens'
+output and then one final output holding the rest. With a stream_interval above 1, streamed requests get an
+output every that many tokens. Either way the outputs add up to exactly what a plain stream gets."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from .test_engine import ForcedText, _all_blocks_free, _prompts
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def _llm(tiny_hf):
-    return LLM(str(tiny_hf), kv_cache_tokens=4096, max_batch_tokens=128, max_num_seqs=16)  # long prompts: chunks
+def _llm(tiny_hf, **kw):
+    return LLM(str(tiny_hf), kv_cache_tokens=4096, max_batch_tokens=128, max_num_seqs=16, **kw)  # long: chunks
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,9 @@ def _workload(llm):
     ]
 
 
-def _run(tiny_hf, work, final_only: bool) -> dict[str, list]:
+def _run(tiny_hf, work, final_only: bool, **kw) -> dict[str, list]:
     """The workload on a fresh engine (the same steps, the same batches, whatever ran before)."""
-    eng, outs = _llm(tiny_hf).engine, {}
+    eng, outs = _llm(tiny_hf, **kw).engine, {}
     for rid, prompt, params, _ in work:
         eng.add_request(rid, prompt, params, final_only=final_only)
         outs[rid] = []
@@ -92,6 +93,20 @@ def test_final_only_adds_up_to_the_stream(llm, tiny_hf):
     assert merge_outputs(held["ab"]).completion_tokens >= 5  # the abort came mid-answer, with what was held
     assert reasons["stop_id"] == ["stop"] and len(merge_outputs(held["stop_id"]).outputs[0].token_ids) <= 10
     assert "stop" in {r for k in range(2) for r in reasons[f"eos{k}"]}  # some ended on a checkpoint stop token
+
+
+def test_stream_interval_sends_every_k_tokens_and_adds_up_to_the_stream(llm, tiny_hf):
+    work = _workload(llm)
+    streamed, chunked = _run(tiny_hf, work, final_only=False), _run(tiny_hf, work, False, stream_interval=4)
+    for rid, outs in chunked.items():
+        assert _summary(merge_outputs(outs)) == _summary(merge_outputs(streamed[rid]))
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        sizes = [max((len(o.token_ids) for o in out.outputs), default=0) for out in outs]
+        assert sizes[0] == 1  # the first token goes alone (time to first token)
+        # then every 4 tokens per choice, save a finish (or an abort) that flushes early
+        assert all(size <= 4 for size in sizes) and all(size == 4 for size in sizes[1:-1] if rid != "n2")
+        total = max(len(o.token_ids) for o in merge_outputs(outs).outputs)
+        assert len(outs) <= 2 + total // 4 and (total < 9 or len(outs) < len(streamed[rid]))
 
 
 def test_final_only_failure_reports_what_was_held(llm):
