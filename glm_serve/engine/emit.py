@@ -52,9 +52,15 @@ class OutputEmitter:
                 touched.setdefault(req.request_id, (req, {}))
                 continue
             if req.started and req.holds:  # held until the request finishes, or for stream_interval tokens
-                _hold(c, [token], text, [lp] if lp else None)
+                held = c.held  # (_hold, inlined for one token: this runs per token)
+                if held is None:
+                    held = c.held = ([], [], [])
+                held[0].append(token)
+                held[1].append(text)
+                if lp is not None:
+                    held[2].append(lp)
                 if ((c.finish_reason is not None and req.finished)
-                        or (not req.final_only and len(c.held[0]) >= self.config.stream_interval)):
+                        or (not req.final_only and len(held[0]) >= self.config.stream_interval)):
                     touched.setdefault(rid, (req, {}))  # _collect sends what every choice holds
                 continue
             lps = None if req.params.logprobs is None else [lp] if lp else []
