@@ -100,32 +100,10 @@ class LLMEngine(OutputEmitter):
         _tune_gc()
 
     def warm_up(self) -> float:
-        """Run two short requests through the real step path before serving: Triton compiles each kernel on its
-        first launch (seconds), which the first user request would otherwise wait for, and a kernel that cannot
-        compile or launch here (no C compiler for Triton's launcher, say) stops the start-up with its cause
-        instead of failing every request. Prefill, prefill over a cached prefix, and decode at batch 2 run.
-        Leaves nothing behind: no request, no cached block, no hit counted. -> seconds taken."""
-        t0 = time.monotonic()
-        # Two full blocks (cacheable) and a bit, in whatever context window the KV cache leaves.
-        length = max(1, min(2 * self.config.block_size + 3, self.max_model_len - 3))
-        prompt = [i % self.vocab_limit for i in range(1, length + 1)]
-        params = SamplingParams(temperature=0.0, max_tokens=max(1, min(3, self.max_model_len - length)),
-                                ignore_eos=True)
-        errors = []
-        for round_ in (["warm-up-0"], ["warm-up-1", "warm-up-2"]):  # the second round finds the first's blocks
-            for rid in round_:
-                self.add_request(rid, prompt, params)
-            while self.has_unfinished():
-                errors += [o.error for out in self.step() for o in out.outputs if o.error]
-        bm = self.block_manager
-        bm.reset_prefix_cache()
-        bm.num_query_tokens = bm.num_hit_tokens = 0
-        self.scheduler.num_preemptions = 0  # a small cache may preempt the second round: not a user's
-        if errors:
-            raise RuntimeError(f"the engine failed its warm-up on {self.device}: {errors[0]} (with the triton attention "
-                               "backend, Triton needs a C compiler and the Python headers at run time; "
-                               "--attention-backend torch runs without it)")
-        return time.monotonic() - t0
+        """Run short requests through the real step path before serving (see engine/warm_up.py). -> seconds."""
+        from glm_serve.engine.warm_up import warm_up  # noqa: PLC0415
+
+        return warm_up(self)
 
     def _enable_graphs(self, config: EngineConfig) -> None:
         from glm_serve.engine.cuda_graphs import DecodeGraphs  # noqa: PLC0415
