@@ -52,7 +52,7 @@ class OutputEmitter:
                 touched.setdefault(req.request_id, (req, {}))
                 continue
             if req.started and req.holds:  # held until the request finishes, or for stream_interval tokens
-                held = c.held  # (_hold, inlined for one token: this runs per token)
+                held = c.held  # (token ids, text pieces, logprobs) since the last output
                 if held is None:
                     held = c.held = ([], [], [])
                 held[0].append(token)
@@ -104,9 +104,7 @@ class OutputEmitter:
         """The step's RequestOutput for one request: its choices that changed (with what they held), or finished
         unreported. A final_only request that has started reports nothing until it finishes."""
         if req.final_only and req.started and not req.finished:
-            for i, d in deltas.items():
-                _hold(req.choices[i], *d)
-            return None
+            return None  # (deltas is empty: a started holding request's tokens go to its choices' `held`)
         outs = []
         want_lp = req.params.logprobs is not None
         finished = True
@@ -133,17 +131,6 @@ class OutputEmitter:
             self._forget(req)
         cached = req.choices[0].seq.num_cached_tokens
         return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
-
-
-def _hold(c, ids: list[int], text: str, lps: list | None) -> None:
-    """Keep a delta of a held choice (RequestState.holds) for a later output."""
-    held = c.held
-    if held is None:
-        held = c.held = ([], [], [])
-    held[0].extend(ids)
-    held[1].append(text)
-    if lps:
-        held[2].extend(lps)
 
 
 def _take_held(c, delta: tuple | None) -> tuple[list[int], str, list]:

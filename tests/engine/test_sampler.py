@@ -348,3 +348,26 @@ def test_mixed_step_without_host_sync(device):
     alone = _sample(logits[1:2].to(device), [SamplingRow(seeded, generator=make_generator(5, device))])
     assert int(alone.token_ids[0]) == int(tokens[1])
     torch.testing.assert_close(out.logprobs.cpu(), torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
+def test_allows_more_than_matches_the_unpacked_mask():
+    """The bit-level check min_tokens uses against a complete grammar, against unpacking the row."""
+    import random
+
+    from glm_serve.engine.sampler import _allows_more_than, unpack_bitmask
+
+    rng = random.Random(0)
+    for _ in range(500):
+        vocab = rng.randint(4, 200)
+        words = (vocab + 31) // 32
+        if rng.random() < 0.5:  # anything, pad bits included
+            row = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32)
+        else:  # a few tokens, as a near-complete grammar leaves
+            allowed = torch.zeros(words * 32, dtype=torch.int64)
+            allowed[rng.sample(range(vocab), rng.randint(0, 3))] = 1
+            packed = (allowed.view(words, 32) << torch.arange(32)).sum(-1)
+            row = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+        ids = rng.sample(range(vocab), rng.randint(1, 3))
+        want = unpack_bitmask(row.unsqueeze(0), vocab)[0].clone()
+        want[ids] = False
+        assert _allows_more_than(row, ids, vocab) == bool(want.any())
