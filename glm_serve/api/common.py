@@ -36,6 +36,7 @@ def _reject_constant(name: str):
 
 # A UTF-16 surrogate written as a JSON escape (\ud800) or as raw (CESU-8) bytes, which json.loads lets through.
 _MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+SURROGATE_MESSAGE = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
 
 
 def lone_surrogate(raw: bytes, data) -> str | None:
@@ -91,8 +92,7 @@ async def read_json(request: Request) -> dict:
         raise APIError("1210", f"the request body must be a JSON object, got {type(data).__name__}")
     where = lone_surrogate(raw, data)
     if where is not None:
-        raise APIError("1210", f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
-                       where)
+        raise APIError("1210", f"{where}: {SURROGATE_MESSAGE}", where)
     return data
 
 

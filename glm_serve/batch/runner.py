@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from glm_serve.api.chat_service import chat_result
-from glm_serve.api.common import lone_surrogate, new_meta
+from glm_serve.api.common import SURROGATE_MESSAGE, lone_surrogate, new_meta
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, from_validation_errors
 from glm_serve.api.images import attach_image
@@ -98,8 +98,7 @@ def check_line(ctx: ServingContext, line: int, raw: bytes, seen: dict[str, int])
     where = lone_surrogate(raw, obj)
     if where is not None:  # not text: it could be neither stored nor tokenized
         cid = obj.get("custom_id") if where != "custom_id" else None
-        return bad("1210", f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
-                   cid if isinstance(cid, str) else None)
+        return bad("1210", f"{where}: {SURROGATE_MESSAGE}", cid if isinstance(cid, str) else None)
     cid = obj.get("custom_id")
     if cid is None:
         return bad("1213", "custom_id: required field missing")
