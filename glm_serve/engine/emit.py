@@ -35,14 +35,16 @@ class OutputEmitter:
         touched: dict[str, tuple[RequestState, dict]] = {r.request_id: (r, {}) for r in pending.touched}
         live = self.requests
         for req, c, token, lp in pending.tokens:
-            rid = req.request_id
-            if live.get(rid) is not req:
+            if req.forgotten:
                 continue  # aborted since: its final output has gone out already
+            rid = req.request_id
             try:
                 if c.finish_reason is None:  # still generating (the common case, inlined): text, stop strings
-                    text, stopped = c.stopper.feed(c.detok.add(token))
-                    if stopped:
-                        self._finish(c, "stop", stop_reason=c.stopper.matched)
+                    text = c.detok.add(token)
+                    if c.stopper.stop_strings:
+                        text, stopped = c.stopper.feed(text)
+                        if stopped:
+                            self._finish(c, "stop", stop_reason=c.stopper.matched)
                 else:  # this token ended the choice
                     text = self._text(c, token)
             except Exception as e:  # noqa: BLE001

@@ -343,6 +343,7 @@ class LLMEngine(OutputEmitter):
         return pending if pending.tokens or pending.touched else None
 
     def _forget(self, req: RequestState) -> None:
+        req.forgotten = True
         if self.requests.pop(req.request_id, None) is req:
             self._num_host_token_requests -= req.needs_host_tokens
             self._num_sampling_requests -= not req.plain_greedy

@@ -119,6 +119,7 @@ class RequestState:
     final_only: bool = False
     holds: bool = False  # after the first output, deltas are held: final_only, or a stream_interval above 1
     started: bool = False  # an output with tokens has gone out
+    forgotten: bool = False  # its final output went out and the engine let go of it (LLMEngine._forget)
 
     @property
     def finished(self) -> bool:
