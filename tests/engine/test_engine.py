@@ -253,6 +253,25 @@ def test_triton_backend_serves_the_torch_backends_tokens(tiny_hf):
     assert a == b
 
 
+def test_triton_backend_under_preemption_and_sharing(tiny_hf):
+    """The Triton kernels on a cache so small that requests are preempted and recomputed, with block size 4,
+    n = 2 siblings sharing their prompt's blocks and prompts sharing a prefix: every choice gets the tokens the
+    torch backend gives on a roomy cache."""
+    pytest.importorskip("triton")
+    rng = random.Random(0)
+    base = [rng.randrange(100, 1000) for _ in range(60)]
+    prompts = [base[:rng.randrange(16, 60)] + _prompts(1, seed=i, lo=1, hi=20)[0] if i % 3 == 0
+               else _prompts(1, seed=100 + i, lo=1, hi=90)[0] for i in range(8)]
+    params = [SamplingParams(max_tokens=rng.randrange(1, 40), n=1 + i % 2, **GREEDY) for i in range(8)]
+    want = LLM(str(tiny_hf), kv_cache_tokens=4096, max_num_seqs=8, max_batch_tokens=48, attention_backend="torch")
+    got = LLM(str(tiny_hf), kv_cache_tokens=256, block_size=4, max_num_seqs=8, max_batch_tokens=48,
+              attention_backend="triton")
+    a = [[c.token_ids for c in r.choices] for r in want.generate(prompts, params, use_tqdm=False)]
+    b = [[c.token_ids for c in r.choices] for r in got.generate(prompts, params, use_tqdm=False)]
+    assert got.engine.scheduler.num_preemptions > 0 and got.engine.block_manager.hit_rate > 0
+    assert a == b
+
+
 def test_padded_decode_graph_path_gives_the_same_tokens(tiny_hf):
     """--cuda-graphs on the CPU runs the padded static-buffer decode path eagerly (capture itself needs a GPU):
     batch sizes between buckets, padding rows and stale block-table columns must not change any token."""
