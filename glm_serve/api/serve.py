@@ -37,6 +37,9 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--batch-concurrency", type=int, default=32,
                    help="batch lines in flight at most (capped at half of --max-num-seqs; a quarter of it while "
                         "interactive requests are in flight)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; then they are aborted "
+                        "and their connections closed (batch jobs resume at the next start)")
     add_engine_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
@@ -102,6 +105,8 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
@@ -139,7 +144,10 @@ def cmd_serve(args) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         log.info("serving on http://%s:%d  (vendor SDK base_url: http://%s:%d/api/paas/v4/ ; openai base_url: "
                  "http://%s:%d/v1)", host, args.port, host, args.port, host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # Without a bound, uvicorn waits on every open connection: one 128K-token answer could hold a restart
+        # for many minutes, until a supervisor's SIGKILL skips the app's shutdown (batch worker, async tasks).
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         engine.shutdown()
     return 0
