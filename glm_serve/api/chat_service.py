@@ -79,7 +79,8 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
             reason = None
             if o.finish_reason is not None:
                 deltas += parser.finish()
-                full = len(prep.prompt_ids) + produced[o.index] >= ctx.max_model_len
+                # out.prompt_tokens: the KV slots (a GLM-4V image counts n + 2, not its 3 placeholder ids)
+                full = out.prompt_tokens + produced[o.index] >= ctx.max_model_len
                 reason = api_finish_reason(flavor, o.finish_reason, parser.is_call, full)
             updates.append(ChoiceUpdate(o.index, deltas, o.logprobs, reason,
                                         (o.error or "generation failed") if o.finish_reason in ("error", "abort")

@@ -186,7 +186,7 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
                           allow_images=image_url is not None)
     except ChatFormatError as e:
         raise chat_format_error(e) from None
-    check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params)
+    check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params, has_image=image_url is not None)
     constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
     if fmt != "text" or choice in ("required", "named"):
         # The grammar decides where the answer ends (on a checkpoint stop id, once the JSON is complete): a stop
@@ -226,10 +226,25 @@ def expanded_ids(ctx: ServingContext, ids: list[int]) -> list[int]:
         raise invalid_value("messages", str(e)) from None
 
 
-def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, field: str = "messages") -> None:
+def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, field: str = "messages",
+                 has_image: bool = False) -> None:
+    if not has_image:
+        check_no_image_tokens(ctx, ids, field)
     try:
         ctx.core.validate(ids, params)
     except PromptTooLongError as e:
         raise APIError("1261", str(e), field) from None
     except ValueError as e:
         raise invalid_value("prompt", str(e)) from None
+
+
+def check_no_image_tokens(ctx: ServingContext, ids: list[int], field: str) -> None:
+    """GLM-4V: a prompt sent without an image must hold no <|begin_of_image|> / <|end_of_image|> token (text that
+    spells them becomes those ids); the engine would refuse it, too late for a 400."""
+    if ctx.core.model.vision is None:
+        return
+    sp = ctx.tokenizer.special_ids
+    marks = {sp["<|begin_of_image|>"], sp["<|end_of_image|>"]}
+    if any(t in marks for t in ids):
+        raise invalid_value(field, "holds <|begin_of_image|> or <|end_of_image|> but no image was sent; "
+                                   "send the image as an image_url part")

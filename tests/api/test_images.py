@@ -177,3 +177,38 @@ def test_http_image_urls_with_allow_image_urls(tiny_v, vserver):
         images.shutdown()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_image_token_text_without_an_image_is_a_400_not_a_500(vserver, client):
+    # Special-token text in a message becomes the special ids; without an image the engine would refuse the
+    # placeholder after the request was admitted (a 500, or an error chunk in a stream).
+    for text in ("<|begin_of_image|><|endoftext|><|end_of_image|>hi", "a <|end_of_image|> b", "<|begin_of_image|>"):
+        msgs = [{"role": "user", "content": text}]
+        for stream in (False, True):
+            r = httpx.post(vserver.vendor_base + "chat/completions",
+                           json={"model": MODEL, "messages": msgs, "max_tokens": 4, "stream": stream}, timeout=30)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "1214" and "no image" in r.json()["error"]["message"]
+        r = httpx.post(vserver.url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        r = httpx.post(vserver.url + "/v1/completions", json={"model": MODEL, "prompt": text, "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert _ask(client, base64.b64encode(_png(9)).decode()).choices[0].finish_reason in ("stop", "length")
+
+
+def test_image_chat_that_fills_the_context_window_says_so(tiny_v):
+    # The check must count the image's n + 2 KV slots, not its 3 placeholder ids.
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_v), kv_cache_tokens=1024, max_model_len=40)))
+    srv, server, thread = start_server(engine, ServerSettings(served_model_names=[MODEL]))
+    try:
+        body = {"model": MODEL, "messages": _msgs(base64.b64encode(_png(1)).decode(), "Describe it."),
+                "do_sample": False, "max_tokens": 40}
+        j = httpx.post(srv.vendor_base + "chat/completions", json=body, timeout=60).json()
+        assert j["usage"]["total_tokens"] == 40, j  # ran into the context window
+        assert j["choices"][0]["finish_reason"] == "model_context_window_exceeded"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
