@@ -8,13 +8,21 @@ The embedding and lm_head stay in the model dtype (standard practice: they are g
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 QUANT_METHODS = ("nf4", "int8")
 
 # Linear modules inside each decoder layer that are quantized.
 _QUANTIZED_SUFFIXES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def _bnb():
@@ -28,6 +36,11 @@ def _bnb():
 class QuantizedLoader:
     def __init__(self, model: nn.Module, method: str, device: torch.device, dtype: torch.dtype):
         self.bnb = _bnb()
+        if method == "int8" and dtype != torch.float16:
+            # LLM.int8 multiplies in float16 whatever the model dtype; bitsandbytes logs a warning saying so on
+            # every linear call, which floods the log of a float32 (CPU) or bf16 server: say it once here.
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_warning)
+            log.info("int8: the quantized linears compute in float16 (inputs cast from %s)", dtype)
         self.model, self.method, self.device, self.dtype = model, method, device, dtype
         self.linears: dict[str, nn.Linear] = {
             name: mod for name, mod in model.named_modules()

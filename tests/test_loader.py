@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -123,6 +124,15 @@ def test_quantized_load_generates_and_stays_close(tiny_hf, method, bound, agree)
     assert same >= agree, f"{method}: argmax agrees at only {same:.0%} of positions"
     out = generate_simple(q, ids, 8)
     assert len(out) == 8
+
+
+def test_int8_in_float32_logs_its_float16_cast_once_not_per_call(tiny_hf, caplog):
+    caplog.set_level(logging.INFO)
+    q = load_model(tiny_hf, quantization="int8")
+    generate_simple(q, list(range(5, 15)), 4)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("MatMul8bitLt") for m in messages)  # bitsandbytes: one per linear call
+    assert sum("compute in float16" in m for m in messages) == 1
 
 
 def test_quantization_unknown_method(tiny_hf):
