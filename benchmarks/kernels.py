@@ -3,6 +3,7 @@ ceilings and torch SDPA (and flex attention when available) on the same data, an
 
     python benchmarks/kernels.py            full sweep (decode batch 1..256 x context 1K..128K, prefill 1K..32K)
     python benchmarks/kernels.py --quick    a few points
+    python benchmarks/kernels.py --tune     also sweep launch parameters at the target points (figures["tune"])
     python benchmarks/kernels.py --smoke    no GPU: tiny contexts on the CPU through TRITON_INTERPRET=1, fp32 (checks
                                             that the script and the kernels' calls work; its timings mean nothing)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -129,6 +131,89 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     return row
 
 
+def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> dict:
+    """Launch parameters swept at the points the targets are set at (decode at batch 1 over 32K and 128K, a
+    mid batch; prefill at 32K and a chunk over a 30K prefix), so the defaults can be chosen from data: every
+    config's time, the default's, and the best. A config the GPU cannot run (shared memory) is recorded as
+    its error; each config's output is compared with the default's on the same data."""
+    from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode, paged_prefill  # noqa: PLC0415
+
+    figures = {"decode": [], "prefill": []}
+    for batch, context in [(1, 40), (2, 300)] if smoke else [(1, 32768), (1, 131072), (32, 8192)]:
+        k_cache, v_cache, tables = paged_cache(batch, context)
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+        kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
+        splits0 = choose_num_splits(batch, KV_HEADS, context, num_sms)
+        default = {"splits": splits0, "block_n": 64, "num_warps": 4, "num_stages": 2}
+        splits = sorted({n for n in (splits0 // 2, splits0, splits0 * 2, splits0 * 4) if 1 <= n <= 256})
+        grid = ([(splits0, 64, 4, 2), (splits0 * 2, 32, 4, 2)] if smoke
+                else itertools.product(splits, (32, 64, 128), (4, 8), (2, 3)))
+
+        def decode(cfg: dict, out: torch.Tensor):
+            n = cfg["splits"]
+            partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, n, DEVICE) if n > 1 else None
+            return lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, n, out=out, partials=partials,
+                                        block_n=cfg["block_n"], num_warps=cfg["num_warps"],
+                                        num_stages=cfg["num_stages"])
+
+        rows = _sweep(decode, default, [dict(zip(default, c)) for c in grid], torch.empty_like(q))
+        for row in rows:
+            if "ms" in row:
+                row["frac_of_copy"] = round(kv_bytes / row["ms"] / 1e6 / copy_gbs, 3)
+        figures["decode"].append(_summary({"batch": batch, "context": context}, default, rows, "frac_of_copy"))
+        print("tune decode", figures["decode"][-1]["best"], flush=True)
+        k_cache = v_cache = None
+        _empty_cache()
+    for prefix, chunk in [(0, 37)] if smoke else [(0, 32768), (30720, 2048)]:
+        context = prefix + chunk
+        k_cache, v_cache, tables = paged_cache(1, context)
+        q = torch.randn(chunk, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.tensor([context], dtype=torch.int32, device=DEVICE)
+        flops = 4 * HEADS * HEAD_DIM * (chunk * prefix + chunk * (chunk + 1) / 2)
+        default = {"block_m": 128, "block_n": 64, "num_warps": None, "num_stages": 2}  # None: paged_prefill picks
+        grid = ([(128, 64, None, 2), (64, 32, 4, 2)] if smoke
+                else [(128, 64, None, 2)] + list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))))
+
+        def prefill(cfg: dict, out: torch.Tensor):
+            return lambda: paged_prefill(q, k_cache, v_cache, cu, seq_lens, tables, chunk, SCALE, out=out, **cfg)
+
+        rows = _sweep(prefill, default, [dict(zip(default, c)) for c in grid], torch.empty_like(q), reps=10)
+        for row in rows:
+            if "ms" in row:
+                row["frac_of_matmul"] = round(flops / row["ms"] / 1e9 / matmul_tflops, 3)
+        figures["prefill"].append(_summary({"prefix": prefix, "chunk": chunk}, default, rows, "frac_of_matmul"))
+        print("tune prefill", figures["prefill"][-1]["best"], flush=True)
+        k_cache = v_cache = None
+        _empty_cache()
+    return figures
+
+
+def _sweep(make, default: dict, configs: list[dict], out: torch.Tensor, reps: int = 30) -> list[dict]:
+    """Time make(cfg, out) for the default and every config: [{**cfg, ms, max_abs_diff} or {**cfg, error}]."""
+    make(default, out)()
+    ref = out.clone()
+    rows = []
+    for cfg in [default] + [c for c in configs if c != default]:
+        try:
+            fn = make(cfg, out)
+            out.fill_(float("nan"))  # an element a config leaves unwritten shows in its max_abs_diff
+            ms = bench(fn, reps=reps)
+            rows.append({**cfg, "ms": round(ms, 4), "max_abs_diff": _diff(out, ref)})
+        except Exception as exc:  # noqa: BLE001 (out of shared memory or registers: that config cannot run here)
+            rows.append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+            _empty_cache()
+    return rows
+
+
+def _summary(point: dict, default: dict, rows: list[dict], ratio: str) -> dict:
+    ok = [r for r in rows if "ms" in r and r["max_abs_diff"] < 0.05]  # bf16 outputs: a wrong config is far off
+    return {**point, "default": rows[0], "best": min(ok, key=lambda r: r["ms"]) if ok else None,
+            "best_speedup_over_default": round(rows[0]["ms"] / min(r["ms"] for r in ok), 3) if ok and "ms" in rows[0]
+            else None, "ratio": ratio, "configs": rows}
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(f"{(a.float() - b.float()).abs().max().item():.3g}")
 
@@ -231,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     global DTYPE, DEVICE  # noqa: PLW0603 (--smoke switches the whole script to the CPU interpreter)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few points only")
+    parser.add_argument("--tune", action="store_true", help="also sweep launch parameters at the target points")
     parser.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes through TRITON_INTERPRET=1")
     parser.add_argument("--max-decode-tokens", type=int, default=8 << 20,
                         help="skip decode points with batch * context above this (memory)")  # fmt: skip
@@ -280,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     for tokens in stores:
         results["kv_store"].append(bench_store(tokens, ceilings["copy_GBps"]))
         print("kv_store", results["kv_store"][-1], flush=True)
+    if args.tune:
+        results["tune"] = tune(num_sms, ceilings["copy_GBps"], ceilings["matmul_bf16_TFLOPs"], args.smoke)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {

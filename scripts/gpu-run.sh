@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
 # writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along.
-#   bash scripts/gpu-run.sh [tests|kernels|offline|vision|overhead|serve|all]
+#   bash scripts/gpu-run.sh [tests|kernels|tune|offline|vision|overhead|serve|all]
+# (tune: the kernel launch-parameter sweep at the target points, with the quick sweep; not part of all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -26,6 +27,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   python3 benchmarks/kernels.py --out "$results/kernels_$(date +%F).json"
+fi
+if [ "$what" = tune ]; then
+  python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$(date +%F).json"
 fi
 if [ "$what" = vision ] || [ "$what" = all ]; then
   vckpt=/tmp/glm-4v-9b-random

@@ -18,7 +18,7 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "kernels.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--tune", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -26,6 +26,11 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     assert len(figures["decode"]) == 4 and len(figures["prefill"]) == 2 and len(figures["kv_store"]) == 2
     assert any(row["splits"] > 1 for row in figures["decode"])  # the split-K + reduce path ran
     assert any(row["prefix"] > 0 for row in figures["prefill"])  # a chunk over a cached prefix ran
+    tune = figures.pop("tune")  # the launch-parameter sweep: every config ran and agrees with the default's output
+    assert [len(tune["decode"]), len(tune["prefill"])] == [2, 1]
+    for point in tune["decode"] + tune["prefill"]:
+        assert len(point["configs"]) == 2 and all(c["max_abs_diff"] < 1e-4 for c in point["configs"])
+        assert point["best"] in point["configs"] and point["best_speedup_over_default"] >= 1.0
     for kind, rows in figures.items():
         for row in rows:
             assert row["triton_ms"] > 0
