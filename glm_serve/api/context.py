@@ -32,7 +32,7 @@ class ServerSettings:
     task_ttl_s: float = 3600.0  # how long finished async-task results are kept
     max_tasks: int = 10000  # async-task records kept at most (oldest finished ones dropped first)
     data_dir: Path | None = None  # batch files and state (glm_serve/batch); None = a temporary folder
-    batch_concurrency: int = 32  # batch lines in flight at most (glm_serve/batch/worker.py)
+    batch_concurrency: int = 32  # batch sequences in flight at most, a line counting its n (glm_serve/batch/worker.py)
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
 
     def __post_init__(self):

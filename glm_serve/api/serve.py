@@ -35,8 +35,8 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="where uploaded files, batch state and batch outputs live (default: "
                         "$XDG_DATA_HOME/glm-serve, else ~/.local/share/glm-serve)")
     s.add_argument("--batch-concurrency", type=int, default=32,
-                   help="batch lines in flight at most (capped at half of --max-num-seqs; a quarter of it while "
-                        "interactive requests are in flight)")
+                   help="batch sequences in flight at most (a line asking for n choices counts n; capped at half "
+                        "of --max-num-seqs; a quarter of it while interactive requests are in flight)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; then they are aborted "
                         "and their connections closed (batch jobs resume at the next start)")
@@ -134,7 +134,7 @@ def cmd_serve(args) -> int:
         if core.warm_up_seconds:
             log.info("warm-up (kernels compiled, first steps run) in %.1fs", core.warm_up_seconds)
         log.info("model names: %s", ", ".join(ctx.model_names))
-        log.info("files and batches in %s (batch lines in flight: %d at most)", settings.data_dir,
+        log.info("files and batches in %s (batch sequences in flight: %d at most)", settings.data_dir,
                  app.state.batches.worker.concurrency)
         if settings.api_keys:
             log.info("authentication on: %d key(s)", len(settings.api_keys))  # never the keys themselves

@@ -6,10 +6,11 @@ validate `validating` batches in the background -> close `cancelling` ones -> ex
 input order. Each line runs as its own task and records its result in its own transaction; cancelling the
 task (cancel, expiry, shutdown) aborts its engine request and leaves the line pending.
 
-Priority: batch lines go to the engine below interactive traffic. At most `concurrency` lines are in flight
-(capped at half of the engine's max_num_seqs, so chats always find running slots), and only a quarter of that
-while any interactive request is in flight: a running batch adds a few sequences to the engine's batch rather
-than a queue that chats would wait behind.
+Priority: batch lines go to the engine below interactive traffic. At most `concurrency` sequences are in
+flight (a line asking for n choices counts n; capped at half of the engine's max_num_seqs, so chats always find
+running slots), and only a quarter of that while any interactive request is in flight: a running batch adds a
+few sequences to the engine's batch rather than a queue that chats would wait behind. A line whose n alone
+exceeds the share runs by itself.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ MAX_VALIDATION_ATTEMPTS = 3  # a batch whose validation raises this many times f
 class _Running:
     task: asyncio.Task | None = field(default=None, repr=False)
     recording: bool = False  # the answer is being recorded: let it finish even when its batch closes
+    seqs: int = 1  # engine sequences the line runs (its n)
+
+
+def _num_seqs(body: dict) -> int:
+    """The sequences a checked line runs in the engine: its n (validated: an int in [1, max_n], or absent)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 class BatchWorker:
@@ -82,8 +90,13 @@ class BatchWorker:
     def in_flight(self) -> int:
         return len(self._running)
 
+    @property
+    def seqs_in_flight(self) -> int:
+        """Engine sequences of the lines in flight (a line with n choices runs n)."""
+        return sum(r.seqs for r in self._running.values())
+
     def limit(self) -> int:
-        """Lines allowed in flight now: fewer while interactive requests hold admission slots."""
+        """Sequences allowed in flight now: fewer while interactive requests hold admission slots."""
         return self.busy_concurrency if self.ctx.admission.in_flight > 0 else self.concurrency
 
     async def _loop(self) -> None:
@@ -103,7 +116,13 @@ class BatchWorker:
     async def tick(self) -> None:
         now = time.time()
         for b in await asyncio.to_thread(self.store.active_batches):
-            if b.status in (VALIDATING, IN_PROGRESS) and now >= b.expires_at and b.id not in self._validating:
+            answered = b.status == IN_PROGRESS and not self._busy(b.id) and \
+                not await asyncio.to_thread(self.store.has_pending, b.id)
+            if answered:  # every line is answered: completed, even if its window passed before this pass came
+                await asyncio.to_thread(self.store.set_status, b.id, FINALIZING, (IN_PROGRESS,))
+                rec = await asyncio.to_thread(self.store.close_batch, b.id, COMPLETED)
+                log.info("batch %s completed: %d answered, %d failed", b.id, rec.completed, rec.failed)
+            elif b.status in (VALIDATING, IN_PROGRESS) and now >= b.expires_at and b.id not in self._validating:
                 await self._close(b, EXPIRED)
             elif b.status == VALIDATING:
                 if b.id not in self._validating:
@@ -113,18 +132,13 @@ class BatchWorker:
                     await self._close(b, CANCELLED)
             elif b.status == FINALIZING:
                 await asyncio.to_thread(self.store.close_batch, b.id, COMPLETED)
-            elif b.status == IN_PROGRESS and not self._busy(b.id) and \
-                    not await asyncio.to_thread(self.store.has_pending, b.id):
-                await asyncio.to_thread(self.store.set_status, b.id, FINALIZING, (IN_PROGRESS,))
-                rec = await asyncio.to_thread(self.store.close_batch, b.id, COMPLETED)
-                log.info("batch %s completed: %d answered, %d failed", b.id, rec.completed, rec.failed)
         await self._fill()
 
     def _busy(self, batch_id: str) -> bool:
         return any(bid == batch_id for bid, _ in self._running)
 
     async def _fill(self) -> None:
-        free = self.limit() - len(self._running)
+        free = self.limit() - self.seqs_in_flight  # in sequences: a line with n choices takes n
         if free <= 0:
             return
         now = time.time()
@@ -133,13 +147,16 @@ class BatchWorker:
                 continue
             skip = {line for bid, line in self._running if bid == b.id}
             for item in await asyncio.to_thread(self.store.pending_items, b.id, free, skip):
-                self._start(item)
-                free -= 1
-            if free <= 0:
-                return
+                seqs = _num_seqs(item.body)
+                if seqs > free and self._running:
+                    return  # input order: the next line waits until its sequences fit (alone, if it must)
+                self._start(item, seqs)
+                free -= seqs
+                if free <= 0:
+                    return
 
-    def _start(self, item: Item) -> None:
-        entry = _Running()
+    def _start(self, item: Item, seqs: int = 1) -> None:
+        entry = _Running(seqs=seqs)
         self._running[(item.batch_id, item.line)] = entry
         entry.task = asyncio.ensure_future(self._run_item(item, entry))
         self.peak_in_flight = max(self.peak_in_flight, len(self._running))

@@ -4,6 +4,8 @@ traffic, and a graceful restart on the same data dir."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -143,6 +145,26 @@ def test_worker_concurrency_stays_below_interactive_traffic(make_server, tmp_pat
         wait_for(lambda: worker.in_flight == 32, timeout=10, what="the batch to fill its idle share")
     assert wait_batch(base, b["id"])["request_counts"]["completed"] == 50
     assert worker.peak_in_flight == 32
+    srv.stop()
+
+
+def test_worker_share_counts_each_lines_choices(make_server, tmp_path):
+    """A line with n choices runs n engine sequences: 8 lines of n=3 in flight would be 24 sequences against a
+    share of 8, and a chat would queue behind them (the scheduler is FCFS) for the whole batch."""
+    srv = make_server(data_dir=tmp_path / "prio_n", batch_concurrency=8)
+    worker, base = srv.worker, srv.vendor_base
+    lines = [batch_line(f"n-{i}", chat_body(f"choices {i}", n=3)) for i in range(6)]
+    lines.append(batch_line("wide", chat_body("more choices than the share", n=12)))  # runs, alone
+    fid = upload(base, write_jsonl(tmp_path / "n.jsonl", lines))
+    with frozen(srv.engine):
+        b = create(base, fid)
+        wait_for(lambda: worker.in_flight >= 2, what="the batch to fill its share")
+        time.sleep(1.5)  # a worker poll (every second) later, nothing more has started
+        assert (worker.in_flight, worker.seqs_in_flight) == (2, 6)
+    done = wait_batch(base, b["id"])
+    assert done["request_counts"] == {"total": 7, "completed": 7, "failed": 0}
+    out = {o["custom_id"]: o["response"]["body"] for o in read_jsonl(content(base, done["output_file_id"]))}
+    assert len(out["wide"]["choices"]) == 12 and all(len(out[f"n-{i}"]["choices"]) == 3 for i in range(6))
     srv.stop()
 
 

@@ -3,15 +3,18 @@ list slicing, results recorded once, and what a crash between writing a file and
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
 import time
+import types
 
 import pytest
 
 from glm_serve.batch.records import BatchRecord, parse_window
 from glm_serve.batch.store import Store, default_data_dir
+from glm_serve.batch.worker import BatchWorker
 
 
 def _batch(file_id: str, window_s: int = 3600, auto_delete: bool = False) -> BatchRecord:
@@ -143,4 +146,23 @@ def test_transitions_guard_the_state(tmp_path):
     page, more = store.list_batches(None, 1)
     assert [x.id for x in page] == [b2.id] and more
     assert [x.id for x in store.list_batches(b2.id, 5)[0]] == [b.id]
+    store.close()
+
+
+def test_a_batch_answered_in_full_completes_even_past_its_window(tmp_path):
+    """Every line answered, not finalized yet when the window passed (the server was killed right after the last
+    answer and restarted later, or the last answer came within a poll of the deadline): completed, not expired."""
+    store = Store(tmp_path)
+    b, _ = _started(store, 2)
+    for line in (1, 2):
+        assert store.record_result(b.id, line, True, json.dumps({"custom_id": f"c{line - 1}"}))
+    with store._tx() as db:  # the window has passed
+        rec = store._load(db, b.id)
+        rec.expires_at = int(time.time()) - 1
+        store._save(db, rec)
+    ctx = types.SimpleNamespace(core=types.SimpleNamespace(config=types.SimpleNamespace(max_num_seqs=8)),
+                                admission=types.SimpleNamespace(in_flight=0))
+    asyncio.run(BatchWorker(store, ctx).tick())
+    done = store.get_batch(b.id)
+    assert (done.status, done.completed, done.failed, done.error_file_id) == ("completed", 2, 0, None)
     store.close()
