@@ -69,28 +69,31 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
     parsers = [ChoiceParser(prep.tool_names) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics)
-    async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
-                                         final_only=final_only):
-        updates = []
-        for o in out.outputs:
-            parser = parsers[o.index]
-            deltas = parser.feed(o.text)
-            produced[o.index] += len(o.token_ids)
-            reason = None
-            if o.finish_reason is not None:
-                deltas += parser.finish()
-                # out.prompt_tokens: the KV slots (a GLM-4V image counts n + 2, not its 3 placeholder ids)
-                full = out.prompt_tokens + produced[o.index] >= ctx.max_model_len
-                reason = api_finish_reason(flavor, o.finish_reason, parser.is_call, full)
-            updates.append(ChoiceUpdate(o.index, deltas, o.logprobs, reason,
-                                        (o.error or "generation failed") if o.finish_reason in ("error", "abort")
-                                        else None))
-        timer.on_output(out)
-        usage.prompt_tokens, usage.completion_tokens = out.prompt_tokens, out.completion_tokens
-        usage.cached_tokens = out.cached_tokens
-        if out.finished:
-            timer.on_finish(out.prompt_tokens)
-        yield updates
+    try:
+        async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
+                                             final_only=final_only):
+            updates = []
+            for o in out.outputs:
+                parser = parsers[o.index]
+                deltas = parser.feed(o.text)
+                produced[o.index] += len(o.token_ids)
+                reason = None
+                if o.finish_reason is not None:
+                    deltas += parser.finish()
+                    # out.prompt_tokens: the KV slots (a GLM-4V image counts n + 2, not its 3 placeholder ids)
+                    full = out.prompt_tokens + produced[o.index] >= ctx.max_model_len
+                    reason = api_finish_reason(flavor, o.finish_reason, parser.is_call, full)
+                updates.append(ChoiceUpdate(o.index, deltas, o.logprobs, reason,
+                                            (o.error or "generation failed") if o.finish_reason in ("error", "abort")
+                                            else None))
+            timer.on_output(out)
+            usage.prompt_tokens, usage.completion_tokens = out.prompt_tokens, out.completion_tokens
+            usage.cached_tokens = out.cached_tokens
+            if out.finished:
+                timer.on_finish(out.prompt_tokens)
+            yield updates
+    finally:
+        timer.on_end(usage.prompt_tokens)  # aborted (client gone, shutdown) or failed: still counted
 
 
 async def chat_result(ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
@@ -29,11 +29,14 @@ class _EngineCollector:
             ("glm_serve_prefix_cache_hit_rate", "prefix_cache_hit_rate",
              "Prompt tokens served from the prefix cache / prompt tokens looked up"),
             ("glm_serve_kv_cache_capacity_tokens", "kv_capacity_tokens", "KV-cache capacity in tokens"),
-            ("glm_serve_num_preemptions", "num_preemptions", "Sequences preempted so far"),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(s.get(key, 0)))
             yield g
+        # A running total: a counter (exposed as ..._total), so that rate() and restarts read right.
+        c = CounterMetricFamily("glm_serve_num_preemptions", "Sequences preempted (their blocks freed, recomputed)")
+        c.add_metric([], float(s.get("num_preemptions", 0)))
+        yield c
 
 
 class Metrics:
@@ -65,6 +68,7 @@ class RequestTimer:
         self.metrics = metrics
         self.start = time.monotonic()
         self._last: float | None = None
+        self._finished = False
 
     def on_output(self, out) -> None:
         """One RequestOutput from the engine: each choice gets at most one token per step, so the longest
@@ -91,5 +95,15 @@ class RequestTimer:
         self.metrics.generation_tokens.inc(num_tokens)
 
     def on_finish(self, prompt_tokens: int) -> None:
+        if self._finished:
+            return
+        self._finished = True
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.e2e.observe(time.monotonic() - self.start)
+
+    def on_end(self, prompt_tokens: int) -> None:
+        """The request is over, finished or not (client gone, cancelled, failed): one that got as far as a first
+        token has had its prompt computed, so its prompt and its end-to-end time count like a finished one's
+        (and every time to first token has its end-to-end time). Once per request, whichever comes first."""
+        if self._last is not None:
+            self.on_finish(prompt_tokens)

@@ -126,6 +126,8 @@ class _Completion:
                 await queue.put((k, None))
             except Exception as e:  # noqa: BLE001 (handed to the consumer)
                 await queue.put((k, e))
+            finally:
+                timer.on_end(self.usage[k].prompt_tokens)  # cancelled (client gone) or failed: still counted
 
         pumps = [asyncio.ensure_future(pump(k, ids)) for k, ids in enumerate(self.prompts)]
         try:

@@ -45,6 +45,26 @@ def test_stream_disconnect_aborts_and_frees(server):
     assert _metric(server, "glm_serve_generation_tokens_total") - before < 50  # aborted, not run to 1500
 
 
+def test_a_stream_left_after_its_first_tokens_counts_its_prompt_and_e2e(server):
+    names = ("glm_serve_prompt_tokens_total", "glm_serve_time_to_first_token_seconds_count",
+             "glm_serve_e2e_request_latency_seconds_count", "glm_serve_generation_tokens_total")
+    counts = [_metric(server, name) for name in names]
+    body = {"model": "glm-4-plus", "messages": USER, "stream": True, "max_tokens": 1500, "ignore_eos": True}
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", server.openai_base + "/chat/completions", json=body) as r:
+            tokens = 0
+            for line in r.iter_lines():
+                tokens += '"content":' in line and '"content":""' not in line
+                if tokens >= 3:
+                    break
+    wait_idle(server.engine)
+    _wait_admission_empty(server)
+    # Its prompt was computed and its first tokens sent: the prompt and an end-to-end time count, as they do for
+    # a finished request (every time to first token has its end-to-end time).
+    prompt, ttft, e2e, generated = (_metric(server, name) - c for name, c in zip(names, counts))
+    assert prompt > 0 and ttft == e2e == 1 and 3 <= generated < 1500
+
+
 def _requests(server, status: str) -> float:
     route = 'route="/v1/chat/completions"'
     return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()

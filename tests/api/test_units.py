@@ -193,6 +193,24 @@ def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     assert value("glm_serve_generation_tokens_total") == 15
 
 
+def test_request_timer_counts_an_ended_request_once_and_only_after_a_first_token():
+    metrics = Metrics(SimpleNamespace(stats=lambda: {"num_preemptions": 3}))
+    value = metrics.registry.get_sample_value
+    never = RequestTimer(metrics)
+    never.on_end(12)  # cancelled before any token: its prompt may never have run
+    assert value("glm_serve_prompt_tokens_total") == 0 and value("glm_serve_e2e_request_latency_seconds_count") == 0
+    dropped = RequestTimer(metrics)
+    dropped.on_tokens(1)
+    dropped.on_end(7)  # the client left after the first token
+    done = RequestTimer(metrics)
+    done.on_tokens(2)
+    done.on_finish(5)
+    done.on_end(5)  # the generator's finally after the finish: not twice
+    assert value("glm_serve_prompt_tokens_total") == 12 and value("glm_serve_e2e_request_latency_seconds_count") == 2
+    assert value("glm_serve_time_to_first_token_seconds_count") == 2
+    assert value("glm_serve_num_preemptions_total") == 3  # a running total is a counter
+
+
 def test_validation_error_of_a_union_field_names_the_field_and_every_accepted_type():
     from pydantic import BaseModel, ValidationError
 
