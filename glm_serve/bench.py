@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
+import os
 import random
 import statistics
 import time
@@ -168,9 +170,18 @@ def cmd_bench(args) -> int:
     from glm_serve.cli import resolve_model_arg  # noqa: PLC0415
     from glm_serve.tokenizer import load_tokenizer  # noqa: PLC0415
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the results
     for name in ("num_prompts", "concurrency", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.request_rate > 0:  # 0 would divide by zero between arrivals, < 0 would mean "all at once"
+        raise ValueError(f"--request-rate must be > 0 (leave it out for all at once), got {args.request_rate}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    # Where the results go is checked before the run, not after it: a long benchmark must not be lost to a typo.
+    out = Path(args.out or f"glm-serve-bench-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    if out.is_dir() or not out.parent.resolve().is_dir() or not os.access(out.parent.resolve(), os.W_OK):
+        raise ValueError(f"--out {out}: cannot write a file there (is the folder there and writable?)")
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.served_model or _first_model(httpx, url, headers)
@@ -184,7 +195,6 @@ def cmd_bench(args) -> int:
     record = {"benchmark": "glm-serve bench", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "served_model": model, "settings": settings, "summary": summary,
               "requests": [asdict(r) for r in results]}
-    out = Path(args.out or f"glm-serve-bench-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     _print(summary, out)
     return 0 if summary["completed"] else 1

@@ -1,7 +1,9 @@
 """`glm-serve chat`: a terminal chat with multi-turn history, streaming the answer as it is generated, either
 against a running server (OpenAI-compatible /v1, over httpx) or in-process on a checkpoint (`--model`).
 
-Lines starting with "/" are commands: /reset (forget the conversation), /exit (or Ctrl-D)."""
+Lines starting with "/" are commands: /reset (forget the conversation), /exit (or Ctrl-D, or Ctrl-C at the prompt).
+A failed turn (the server's error, a server gone away, a conversation longer than the context) is reported and
+forgotten; the chat goes on."""
 
 from __future__ import annotations
 
@@ -36,12 +38,24 @@ def server_backend(url: str, model: str | None, api_key: str | None, temperature
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-    if model is None:
-        r = client.get("/v1/models")
-        _raise_for(r)
+    if model is None:  # before the first prompt: a server that cannot be used is a one-line error (ValueError)
+        try:
+            r = client.get("/v1/models")
+        except httpx.HTTPError as e:
+            raise ValueError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+        try:
+            _raise_for(r)
+        except RuntimeError as e:
+            raise ValueError(f"{url}/v1/models: {e}") from None
         model = r.json()["data"][0]["id"]
 
     def send(messages: list[dict]) -> Iterator[str]:
+        try:
+            yield from _stream(messages)
+        except httpx.HTTPError as e:  # the server went away mid-conversation: this turn fails, the chat goes on
+            raise RuntimeError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+
+    def _stream(messages: list[dict]) -> Iterator[str]:
         body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens}
         if temperature is not None:
             body["temperature"] = temperature
@@ -102,7 +116,10 @@ def local_backend(args) -> Backend:
         ids = encode_chat(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
         rid = f"chat-{turn[0]}"
         turn[0] += 1
-        engine.add_request(rid, ids, params)
+        try:
+            engine.add_request(rid, ids, params)
+        except ValueError as e:  # e.g. the conversation outgrew the context window: this turn fails, not the chat
+            raise RuntimeError(str(e)) from None
         parser = ChoiceParser()  # drops the answer's leading "\n"
         try:
             while engine.has_unfinished():
@@ -126,7 +143,7 @@ def chat_loop(send: Backend, read: Callable[[str], str], write: Callable[[str], 
     while True:
         try:
             line = read("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: quit quietly
             write("\n")
             return history
         text = line.strip()

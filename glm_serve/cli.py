@@ -9,9 +9,17 @@ import sys
 from pathlib import Path
 
 
+def device_arg(value: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N (anything else is a usage error, not a torch traceback)."""
+    kind, _, index = value.partition(":")
+    if value == "cpu" or (kind == "cuda" and (not _ or index.isdigit())):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device {value!r} (choose cpu, cuda or cuda:N)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="checkpoint folder, hub id, or 'demo' (a tiny random model)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=["none", "nf4", "int8"])
     p.add_argument("--rope-theta", type=float, default=None, help="override the checkpoint's RoPE base")
@@ -25,6 +33,11 @@ _TINY_SIZES = {"arch": "glm", "kv_heads": 2, "heads": None, "head_dim": 32, "lay
 def cmd_make_tiny(args) -> int:
     from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415 (keep `--help` fast)
 
+    # The shape options default to None in the parser, so that one given explicitly is known even at its default.
+    given = [k for k in _TINY_SIZES if getattr(args, k) is not None]
+    for k, v in _TINY_SIZES.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if (args.device or "cpu").startswith("cuda"):
         import torch  # noqa: PLC0415
 
@@ -35,14 +48,20 @@ def cmd_make_tiny(args) -> int:
 
         if args.layout == "hf":
             raise ValueError("--vision checkpoints exist only in the chatglm layout (as glm-4v-9b)")
-        changed = [k for k, v in _TINY_SIZES.items() if getattr(args, k) != v]
-        if changed:
+        if given:
             raise ValueError("--vision writes a fixed tiny GLM-4V (or GLM-4V-9B's shapes with --preset); it takes no "
-                             + ", ".join("--" + k.replace("_", "-") for k in changed))
+                             + ", ".join("--" + k.replace("_", "-") for k in given))
         preset = "glm-4v-9b" if args.preset else None
         out = make_tiny_vision(args.dir, spec=TinyVisionSpec(seed=args.seed, preset=preset), device=args.device or "cpu")
         print(f"wrote a random-weight GLM-4V checkpoint (chatglm layout) to {out}")
         return 0
+    if args.preset:  # the real dimensions: a shape option would be silently overwritten
+        shape = [k for k in given if k in ("kv_heads", "heads", "head_dim", "layers", "hidden", "ffn")]
+        if shape:
+            raise ValueError(f"--preset {args.preset} writes the real dimensions; it takes no "
+                             + ", ".join("--" + k.replace("_", "-") for k in shape))
+    if args.head_dim < 1:
+        raise ValueError(f"--head-dim must be >= 1, got {args.head_dim}")
     spec = TinySpec(layout=args.layout or "hf", arch=args.arch, layers=args.layers, hidden=args.hidden,
                     heads=args.heads or max(args.hidden // args.head_dim, args.kv_heads), kv_heads=args.kv_heads,
                     head_dim=args.head_dim, ffn=args.ffn or 2 * args.hidden, shards=args.shards, seed=args.seed,
@@ -116,21 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight GLM-4 checkpoint in a real layout")
     t.add_argument("dir")
     t.add_argument("--layout", choices=["hf", "chatglm"], default=None, help="default hf (chatglm with --vision)")
-    d = _TINY_SIZES
-    t.add_argument("--arch", choices=["glm", "glm4"], default=d["arch"], help="glm = GLM-4, glm4 = GLM-4-0414")
-    t.add_argument("--kv-heads", type=int, default=d["kv_heads"])
-    t.add_argument("--heads", type=int, default=d["heads"], help="default: hidden / head-dim")
-    t.add_argument("--head-dim", type=int, default=d["head_dim"])
-    t.add_argument("--layers", type=int, default=d["layers"])
-    t.add_argument("--hidden", type=int, default=d["hidden"])
-    t.add_argument("--ffn", type=int, default=d["ffn"], help="default: 2 * hidden")
-    t.add_argument("--shards", type=int, default=d["shards"])
+    d = _TINY_SIZES  # the parser's defaults are None: cmd_make_tiny fills these in (and knows what was given)
+    t.add_argument("--arch", choices=["glm", "glm4"], default=None, help=f"glm = GLM-4, glm4 = GLM-4-0414 "
+                                                                        f"(default {d['arch']})")
+    t.add_argument("--kv-heads", type=int, default=None, help=f"default {d['kv_heads']}")
+    t.add_argument("--heads", type=int, default=None, help="default: hidden / head-dim")
+    t.add_argument("--head-dim", type=int, default=None, help=f"default {d['head_dim']}")
+    t.add_argument("--layers", type=int, default=None, help=f"default {d['layers']}")
+    t.add_argument("--hidden", type=int, default=None, help=f"default {d['hidden']}")
+    t.add_argument("--ffn", type=int, default=None, help="default: 2 * hidden")
+    t.add_argument("--shards", type=int, default=None, help=f"default {d['shards']}")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--rope-ratio", type=float, default=d["rope_ratio"])
+    t.add_argument("--rope-ratio", type=float, default=None, help=f"default {d['rope_ratio']}")
     t.add_argument("--preset", choices=["glm-4-9b"], default=None,
                    help="real GLM-4-9B dimensions (18.8 GB; with --vision: GLM-4V-9B, 27.8 GB)")
     t.add_argument("--vision", action="store_true", help="a GLM-4V checkpoint (tiny ViT + LM, chatglm layout)")
-    t.add_argument("--device", default=None, help="where to draw the random weights (cuda is much faster)")
+    t.add_argument("--device", type=device_arg, default=None,
+                   help="where to draw the random weights: cpu (default), cuda or cuda:N (cuda is much faster)")
     t.set_defaults(fn=cmd_make_tiny)
 
     g = sub.add_parser("generate", help="answer one prompt (or a messages JSON file) and print it")

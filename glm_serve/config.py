@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -138,11 +139,15 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: {self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
             )
+        if not math.isfinite(self.rope_theta) or self.rope_theta <= 0:  # a RoPE base <= 0 makes NaN logits
+            raise CheckpointError(f"config.json: the RoPE base (rope_theta) must be > 0, got {self.rope_theta}")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise CheckpointError(f"config.json: rotary dims {self.rotary_dim} invalid for head_dim {self.head_dim}")
 
 
 def load_config(model_dir: str | Path, rope_theta_override: float | None = None) -> ModelConfig:
+    if rope_theta_override is not None and not (math.isfinite(rope_theta_override) and rope_theta_override > 0):
+        raise ValueError(f"--rope-theta must be > 0, got {rope_theta_override}")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (not a checkpoint folder)")

@@ -8,8 +8,13 @@ the same model in both layouts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +55,48 @@ class TinySpec:
             self.dtype = "bfloat16"
         elif self.preset is not None:
             raise ValueError(f"unknown preset {self.preset!r} (known: glm-4-9b)")
+        for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.rope_ratio) or self.rope_ratio <= 0:
+            raise ValueError(f"--rope-ratio must be > 0, got {self.rope_ratio}")
         if self.heads % self.kv_heads:
             raise ValueError(f"--kv-heads {self.kv_heads} must divide the {self.heads} attention heads")
         if self.shards < 1:
             raise ValueError("--shards must be >= 1")
 
 
+@contextlib.contextmanager
+def fresh_checkpoint_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir`, renamed to it once the block completes: `out_dir` never holds half a
+    checkpoint (an interrupted run leaves nothing there, so a rerun, or a script that tests for config.json,
+    starts over), and never a mix of an older checkpoint's files with ours (stale shards and index beside a new
+    model.safetensors would load the old weights). ValueError when `out_dir` exists and is not an empty folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder: make-tiny writes a new checkpoint "
+                         "(choose a new folder, or remove this one first)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.make-tiny-", dir=out.parent))
+    try:
+        yield tmp
+        os.replace(tmp, out)  # onto a missing or empty folder: atomic on POSIX
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def make_tiny(out_dir: str | Path, spec: TinySpec, device: str = "cpu") -> Path:
+    """Write the checkpoint into `out_dir`, a new or empty folder (see fresh_checkpoint_dir)."""
+    with fresh_checkpoint_dir(out_dir) as tmp:
+        write_tiny(tmp, spec, device)
+    return Path(out_dir)
+
+
+def write_tiny(out: Path, spec: TinySpec, device: str = "cpu") -> Path:
+    """Write the checkpoint's files into the folder `out` (no atomicity: make_tiny is the public entry)."""
     from glm_serve.tiny_tokenizer import write_tokenizer_files  # noqa: PLC0415 (heavy; only when writing)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer_files(out, spec.layout, max_position=spec.max_position)
     # The real vocab is padded (151343 tokens -> 151552 rows); pad ours to a multiple of 64 the same way.
     vocab = 151552 if spec.preset else int(math.ceil(tok.vocab_size / 64) * 64)

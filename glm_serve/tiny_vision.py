@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from glm_serve.tiny import TinySpec, make_tiny
+from glm_serve.tiny import TinySpec, fresh_checkpoint_dir, write_tiny
 from glm_serve.vision_config import VisionConfig
 
 BOI, EOI = "<|begin_of_image|>", "<|end_of_image|>"
@@ -66,7 +66,13 @@ def make_tiny_vision(out_dir: str | Path, seed: int = 0, spec: TinyVisionSpec | 
                      device: str = "cpu") -> Path:
     """Write a complete GLM-4V checkpoint (config, generation config, tokenizer, LM + vision weights)."""
     spec = spec or TinyVisionSpec(seed=seed)
-    out = make_tiny(out_dir, spec.lm, device)
+    with fresh_checkpoint_dir(out_dir) as tmp:  # all or nothing, as make_tiny
+        _write_vision(tmp, spec, device)
+    return Path(out_dir)
+
+
+def _write_vision(out: Path, spec: TinyVisionSpec, device: str) -> None:
+    write_tiny(out, spec.lm, device)
     vcfg = spec.vision_config()
     config = json.loads((out / "config.json").read_text())
     specials = _special_ids(out)
@@ -82,7 +88,6 @@ def make_tiny_vision(out_dir: str | Path, seed: int = 0, spec: TinyVisionSpec | 
     tensors = vision_tensors(vcfg, config["hidden_size"], config["ffn_hidden_size"], spec.seed,
                              getattr(torch, spec.lm.dtype), device)
     _add_shards(out, tensors, spec.vision_shards)
-    return out
 
 
 def vision_tensors(vcfg: VisionConfig, lm_hidden: int, lm_ffn: int, seed: int, dtype: torch.dtype,

@@ -1,0 +1,140 @@
+"""The command line's failure paths: a one-line error and exit 2 (never a traceback), make-tiny never leaving half a
+checkpoint or a mix of two, and a terminal chat that survives a failed turn and Ctrl-C at its prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+
+import pytest
+
+from glm_serve import tiny
+from glm_serve.chat_cli import chat_loop, local_backend, server_backend
+from glm_serve.cli import main
+from glm_serve.config import CheckpointError, load_config
+from glm_serve.tiny import TinySpec, make_tiny
+
+
+def _one_line_error(capsys, *words: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    for w in words:
+        assert w in err, err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_tiny_refuses_a_folder_holding_files(tmp_path, capsys):
+    # Before: a 1-shard model.safetensors was written beside a 3-shard index and shards of an earlier run, and the
+    # loader silently loaded the OLD weights (same shapes) or failed on a shape mismatch.
+    out = tmp_path / "ckpt"
+    assert main(["make-tiny", str(out), "--shards", "3", "--seed", "1"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["make-tiny", str(out), "--seed", "2"]) == 2
+    _one_line_error(capsys, "not an empty folder")
+    assert sorted(p.name for p in out.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty folder (mktemp) is fine
+    assert main(["make-tiny", str(empty)]) == 0 and (empty / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_make_tiny_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    # Before: config.json was written before the weights, so an interrupted (e.g. 18.8 GB --preset) run left a folder
+    # that scripts/gpu-run.sh's `[ -f DIR/config.json ]` took for a finished checkpoint.
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "_write_weights", boom)
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        make_tiny(out, TinySpec())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,word", [(["--kv-heads", "0"], "--kv-heads"), (["--head-dim", "0"], "--head-dim"),
+                                        (["--layers", "-1"], "--layers"), (["--rope-ratio", "0"], "--rope-ratio"),
+                                        (["--preset", "glm-4-9b", "--layers", "2"], "--layers")])
+def test_make_tiny_bad_sizes_are_one_line(tmp_path, capsys, flags, word):
+    assert main(["make-tiny", str(tmp_path / "x"), *flags]) == 2
+    _one_line_error(capsys, word)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x"], ["serve"], ["chat"], ["batch", "in.jsonl", "-o", "o"],
+                                  ["make-tiny", "x"]])
+def test_bad_device_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--device", "foo"])
+    assert e.value.code == 2
+    assert "invalid device 'foo'" in capsys.readouterr().err
+
+
+def test_rope_theta_must_be_positive(tiny_hf, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "x", "--rope-theta", "0", "--device", "cpu"]) == 2
+    _one_line_error(capsys, "--rope-theta must be > 0")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_theta": 0.0}))
+    with pytest.raises(CheckpointError, match="rope_theta"):
+        load_config(bad)
+
+
+def test_chat_ctrl_c_at_the_prompt_quits_quietly():
+    def read(prompt):
+        raise KeyboardInterrupt
+
+    out = []
+    assert chat_loop(lambda m: iter(["x"]), read, out.append) == []
+    assert out == ["\n"]
+
+
+def test_chat_server_gone_is_an_error_line_not_a_traceback():
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(ValueError, match="cannot reach"):
+        server_backend(url, None, None, 0.0, 4)  # at start: one line from main, exit 2
+    send = server_backend(url, "m", None, 0.0, 4)  # mid-conversation: the turn fails, the chat goes on
+    lines = iter(["hello", "again"])
+    out = []
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    assert chat_loop(send, read, out.append) == []
+    assert "".join(out).count("[error] cannot reach") == 2
+
+
+def test_chat_in_process_too_long_turn_keeps_the_chat(tiny_hf):
+    args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
+                              temperature=0.0, max_tokens=4, kv_cache_tokens=128)
+    lines = iter(["word " * 300, "hi"])
+    out = []
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    history = chat_loop(local_backend(args), read, out.append)
+    assert "[error]" in "".join(out) and "context window" in "".join(out)
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hi"
+
+
+@pytest.mark.parametrize("flags,word", [(["--request-rate", "0"], "--request-rate"),
+                                        (["--out", "/nonexistent-dir/x.json"], "--out")])
+def test_bench_checks_its_flags_before_the_run(capsys, flags, word):
+    # Before: --request-rate 0 was a ZeroDivisionError traceback mid-run, and an --out in a missing folder a
+    # FileNotFoundError traceback after the whole benchmark had run (its results lost).
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["bench", "--url", url, "--served-model", "m", *flags]) == 2
+    _one_line_error(capsys, word)
