@@ -5,11 +5,16 @@ at once. Each result is appended as it finishes (output lines to OUTPUT, errors 
 flushed and fsynced, so an interrupted run loses nothing written; a rerun skips the custom_ids already in
 OUTPUT and the line numbers already in the error file, after cutting a torn last line left by a crash.
 Output lines therefore come in finishing order, not input order; match them by custom_id.
+
+A rerun resumes only the job it belongs to: OUTPUT.source.json records the input's path and SHA-256 when the
+job starts, and a run whose input differs (another file with the same custom_ids, or the input edited since)
+is refused instead of skipping lines that were never answered for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -40,14 +45,46 @@ def add_batch_parser(sub, add_model_args) -> None:
     b.set_defaults(fn=cmd_batch)
 
 
+OUTPUT_KEYS = ("response", "error")  # besides custom_id, every output line has these (api.md's batch format)
+
+
 def errors_path(output: Path) -> Path:
     name = output.name.removesuffix(".jsonl")
     return output.with_name(name + ".errors.jsonl")
 
 
-def read_done(path: Path, key: str) -> set:
+def source_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".jsonl") + ".source.json")
+
+
+def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path) -> None:
+    """Tie OUTPUT to this input (see the module docstring): record the input's fingerprint when the job starts,
+    or check it when resuming. ValueError when OUTPUT belongs to another input."""
+    digest = hashlib.sha256(data).hexdigest()
+    side = source_path(out_path)
+    started = any(p.exists() and p.stat().st_size > 0 for p in (out_path, err_path))
+    if side.exists():
+        try:
+            known = json.loads(side.read_text())["sha256"]
+        except (ValueError, KeyError, TypeError, OSError):
+            raise ValueError(f"{side} is not a source record of `glm-serve batch`; move it away") from None
+        if started and known != digest:
+            raise ValueError(f"{out_path} holds answers to another input (or {src} changed since that run); "
+                             "choose another output, or remove it and its .errors/.source files to start over")
+        if started:
+            return
+    elif started:  # written before source records existed: resumed as it was
+        log.warning("%s has no source record: resuming by custom_id without checking the input", out_path)
+        return
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps({"input": str(src.resolve()), "sha256": digest}) + "\n")
+    os.replace(tmp, side)  # before any answer is written: a crash leaves a record and no answers
+
+
+def read_done(path: Path, key: str, required: tuple[str, ...] = ()) -> set:
     """The `key` values of the complete lines of a file this command wrote, after cutting a torn last line
-    (a crash in the middle of a write) off the file. ValueError for a line this command did not write."""
+    (a crash in the middle of a write) off the file. ValueError for a line this command did not write (one
+    without `key` or any of `required`: an input file given as the output has custom_ids too)."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -60,7 +97,10 @@ def read_done(path: Path, key: str) -> set:
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)[key]
+            row = json.loads(raw)
+            value = row[key]
+            if any(k not in row for k in required):
+                raise KeyError(required)
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}:{n} is not a line `glm-serve batch` wrote (no {key!r}); move the file "
                              "away or choose another output") from None
@@ -199,10 +239,12 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     if len({out_path.resolve(), err_path.resolve(), src.resolve()}) < 3:
         raise ValueError("the input, output and error files must be three different files")
-    lines = list(iter_lines(src.read_bytes()))
+    data = src.read_bytes()
+    lines = list(iter_lines(data))
     if not lines:
         raise ValueError(f"{src} holds no request lines")
-    done_ids, done_lines = read_done(out_path, "custom_id"), read_done(err_path, "line")
+    done_ids, done_lines = read_done(out_path, "custom_id", OUTPUT_KEYS), read_done(err_path, "line")
+    claim_output(src, data, out_path, err_path)
     names = args.served_model_name
     if not names:  # one model runs here: every model name the lines use is accepted
         names = sorted({b["model"] for b in (_body(raw) for _, raw in lines) if isinstance(b.get("model"), str)})
@@ -224,7 +266,7 @@ def cmd_batch(args) -> int:
         out.close()
         err.close()
         engine.shutdown()
-    total_ok = len(read_done(out_path, "custom_id"))
+    total_ok = len(read_done(out_path, "custom_id", OUTPUT_KEYS))
     total_failed = len(read_done(err_path, "line"))
     print(f"glm-serve batch: {total_ok} completed, {total_failed} failed, of {len(lines)} lines "
           f"({answered} answered and {failed} failed in this run); output {out_path}, errors {err_path}")

@@ -140,3 +140,28 @@ def test_cli_answers_equal_the_server_batch(tiny_hf, tmp_path, make_server):
         assert body["usage"]["completion_tokens"] == by_server[cid]["usage"]["completion_tokens"]
     assert not os.path.exists(tmp_path / "cli.errors.jsonl") or not (tmp_path / "cli.errors.jsonl").read_text()
     srv.stop()
+
+
+def test_cli_output_belongs_to_its_input(tiny_hf, tmp_path, capsys):
+    """Two jobs that both number their lines k-0..: the second one, pointed at the first one's output, is refused
+    (it used to skip every line as answered and report success); an input file given as the output is refused."""
+    flags = ["--model", str(tiny_hf), "--no-progress", *ENGINE_FLAGS]
+    job_a = write_jsonl(tmp_path / "a.jsonl", _lines(3, 4))
+    job_b = write_jsonl(tmp_path / "b.jsonl", [batch_line(f"k-{i}", chat_body(f"another question {i}", max_tokens=4))
+                                               for i in range(3)])
+    out = tmp_path / "results.jsonl"
+    assert cli_main(["batch", str(job_a), "-o", str(out), *flags]) == 0
+    answers = out.read_text()
+    assert cli_main(["batch", str(job_b), "-o", str(out), *flags]) == 2
+    assert "holds answers to another input" in capsys.readouterr().err
+    assert out.read_text() == answers
+    # The same job again resumes (nothing left), also from a copy of its input elsewhere.
+    copy = tmp_path / "moved" / "a.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(job_a.read_bytes())
+    assert cli_main(["batch", str(copy), "-o", str(out), *flags]) == 0
+    assert "(0 answered and 0 failed in this run)" in capsys.readouterr().out
+    # Another job's input file as the output: its lines carry custom_ids but are no answers.
+    assert cli_main(["batch", str(job_b), "-o", str(job_a), *flags]) == 2
+    assert "is not a line `glm-serve batch` wrote" in capsys.readouterr().err
+    assert len(read_jsonl(job_a.read_text())) == 3
