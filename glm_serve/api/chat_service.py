@@ -152,6 +152,10 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
                 chunks[-1]["usage"] = usage.to_dict()
             for c in chunks:
                 yield sse(c)
+            if ctx.closing.is_set() and done < n:  # the shutdown grace runs out: an end the SDKs understand
+                yield sse(stream_error(flavor, ctx.shutting_down_error().message))
+                yield sse("[DONE]")
+                return
         if include_usage:
             yield sse(usage_chunk(meta.response_id, meta.created, meta.model, usage, "chat.completion.chunk"))
         yield sse("[DONE]")
@@ -166,7 +170,9 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
 
 async def until_disconnect(request: Request, work: Awaitable):
     """Run `work` (a non-streaming generation); if the client disconnects first, cancel it, which aborts the
-    engine request and frees its KV blocks."""
+    engine request and frees its KV blocks. If the server's shutdown grace runs out first (ctx.closing), cancel
+    it too and answer 503 in the API's format (uvicorn's own answer would be a plain-text 500)."""
+    ctx: ServingContext = request.app.state.ctx
     task = asyncio.ensure_future(work)
 
     async def watch():
@@ -176,16 +182,20 @@ async def until_disconnect(request: Request, work: Awaitable):
                 return
 
     watcher = asyncio.ensure_future(watch())
+    closing = asyncio.ensure_future(ctx.closing.wait())
     try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, watcher, closing], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        closing.cancel()
     if not task.done():
         task.cancel()
         try:
             await task
         except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 (nobody is left to answer)
-            log.debug("request abandoned by its client: %s", type(e).__name__)
+            log.debug("request abandoned: %s", type(e).__name__)
+        if ctx.closing.is_set():
+            raise ctx.shutting_down_error()
         # Nobody reads this answer; its status is for /metrics, where a client that left is not a server fault
         # (499: nginx's "client closed request").
         raise APIError("500", "client disconnected", status=499)

@@ -3,6 +3,7 @@ model names, generation defaults, keys, admission, metrics, the constraint facto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -99,6 +100,19 @@ class ServingContext:
         self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231
         self._factory = None
         self._factory_lock = threading.Lock()
+        # Set when the server's shutdown grace is about to run out: answers still running end now, in the API's
+        # own format (an error body, an in-band stream error), before the server cancels them (begin_shutdown).
+        self.closing = asyncio.Event()
+
+    def begin_shutdown(self, grace_s: float | None) -> None:
+        """The server stopped accepting requests and gives those in flight `grace_s` seconds (None: no limit).
+        Shortly before that runs out, `closing` is set (on the running event loop)."""
+        if grace_s is not None:
+            at = max(0.0, grace_s - min(1.0, grace_s / 10))  # leave time to send the error answers
+            asyncio.get_running_loop().call_later(at, self.closing.set)
+
+    def shutting_down_error(self) -> APIError:
+        return APIError("500", "the server is shutting down; send the request again", status=503)
 
     def check_model(self, name: str) -> str:
         if name not in self.model_names:

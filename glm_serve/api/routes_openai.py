@@ -193,6 +193,10 @@ class _Completion:
                 if text or o.finish_reason or lp:
                     yield sse(completion_chunk(self.id, self.created, self.model, i, text, o.finish_reason, lp,
                                                self.include_usage))
+                if self.ctx.closing.is_set():  # the shutdown grace runs out: an end the SDKs understand
+                    yield sse(stream_error(OPENAI, self.ctx.shutting_down_error().message))
+                    yield sse("[DONE]")
+                    return
             if self.include_usage:
                 yield sse(usage_chunk(self.id, self.created, self.model, self._total(), "text_completion"))
             yield sse("[DONE]")

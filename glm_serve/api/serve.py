@@ -146,8 +146,24 @@ def cmd_serve(args) -> int:
                  "http://%s:%d/v1)", host, args.port, host, args.port, host, args.port)
         # Without a bound, uvicorn waits on every open connection: one 128K-token answer could hold a restart
         # for many minutes, until a supervisor's SIGKILL skips the app's shutdown (batch worker, async tasks).
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                        timeout_graceful_shutdown=args.shutdown_timeout))
+        server.run()
     finally:
         engine.shutdown()
     return 0
+
+
+def _server_class():
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app when its shutdown starts (ServingContext.begin_shutdown), so that
+        answers still running when the grace period ends finish in the API's format rather than being cut off
+        or answered with uvicorn's plain-text 500."""
+
+        async def shutdown(self, sockets=None) -> None:
+            self.config.app.state.ctx.begin_shutdown(self.config.timeout_graceful_shutdown)
+            await super().shutdown(sockets)
+
+    return Server

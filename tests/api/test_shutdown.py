@@ -1,9 +1,11 @@
-"""A real `glm-serve serve` told to stop (SIGTERM) while a long answer streams: the answer gets
---shutdown-timeout seconds, then its connection is closed and the process exits cleanly, instead of waiting for
-the answer to finish (minutes on a long context) or for a supervisor's SIGKILL."""
+"""A real `glm-serve serve` told to stop (SIGTERM) while long answers run: they get --shutdown-timeout seconds,
+then end in the API's own format (a 503 error body; an in-band error event and [DONE] in a stream, which the
+SDKs raise) and the process exits cleanly, instead of waiting for the answers to finish (minutes on a long
+context) or for a supervisor's SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -20,11 +22,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_ends_a_long_stream_after_the_shutdown_timeout(tiny_hf):
+def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
                              str(port), "--served-model-name", "m", "--kv-cache-tokens", "65536",
-                             "--shutdown-timeout", "1", "--log-level", "warning"],
+                             "--shutdown-timeout", "2", "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -35,31 +37,48 @@ def test_sigterm_ends_a_long_stream_after_the_shutdown_timeout(tiny_hf):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        got: dict = {}
+        long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60000, "ignore_eos": True}
+        got: dict = {}  # far more tokens than the test's whole run could generate
 
-        def stream() -> None:  # far more tokens than the test's whole run could generate
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60000,
-                    "ignore_eos": True, "stream": True}
+        def stream(name: str, url: str) -> None:
             try:
-                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
-                                  timeout=120) as r:
-                    got["chunks"] = sum(1 for line in r.iter_lines() if line)
-                got["ended"] = "complete"
+                req = {**long, "model": "m", "stream": True}
+                if url.endswith("/v1/completions"):
+                    req["prompt"] = req.pop("messages")[0]["content"]
+                with httpx.stream("POST", url, json=req, timeout=120) as r:
+                    got[name] = [line for line in r.iter_lines() if line][-2:]
             except httpx.HTTPError as e:
-                got["ended"] = type(e).__name__
+                got[name] = type(e).__name__
 
-        reader = threading.Thread(target=stream)
-        reader.start()
-        time.sleep(2)  # the answer streams
-        assert reader.is_alive(), f"the answer ended before the signal: {got}"
+        def whole() -> None:
+            try:
+                r = httpx.post(f"{base}/v1/chat/completions", json={**long, "model": "m"}, timeout=120)
+                got["whole"] = (r.status_code, r.json())
+            except (httpx.HTTPError, ValueError) as e:
+                got["whole"] = type(e).__name__
+
+        base = f"http://127.0.0.1:{port}"
+        readers = [threading.Thread(target=stream, args=("v1", f"{base}/v1/chat/completions")),
+                   threading.Thread(target=stream, args=("completions", f"{base}/v1/completions")),
+                   threading.Thread(target=whole)]
+        for r in readers:
+            r.start()
+        time.sleep(2)  # the answers run
+        assert all(r.is_alive() for r in readers), f"an answer ended before the signal: {got}"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down (the app's shutdown runs), then re-raises the signal it caught, as a process
         # stopped by SIGTERM should report
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        reader.join(timeout=30)
+        for r in readers:
+            r.join(timeout=30)
         assert time.monotonic() - t0 < 30
-        assert got.get("ended") == "RemoteProtocolError", got  # cut short, not finished
+        status, body = got["whole"]
+        assert status == 503 and "shutting down" in body["error"]["message"], got
+        for name in ("v1", "completions"):
+            error, done = got[name]
+            assert done == "data: [DONE]", got
+            assert "shutting down" in json.loads(error.removeprefix("data: "))["error"]["message"], got
     finally:
         if proc.poll() is None:
             proc.kill()
