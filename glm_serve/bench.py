@@ -32,7 +32,8 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="measure a running server: TTFT, TPOT, inter-token latency, throughput")
     b.add_argument("--model", default="demo", help="the checkpoint folder the server loaded (for its tokenizer)")
     b.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
-    b.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    b.add_argument("--api-key", default=os.environ.get("GLM_SERVE_API_KEY"),
+                   help="sent as a Bearer token (default: $GLM_SERVE_API_KEY, as glm-serve chat)")
     b.add_argument("--served-model", default=None, help="model name to request (default: the server's first)")
     b.add_argument("--num-prompts", type=int, default=100)
     b.add_argument("--concurrency", type=int, default=16, help="most requests in flight at once")

@@ -1,7 +1,8 @@
 """`glm-serve chat`: a terminal chat with multi-turn history, streaming the answer as it is generated, either
 against a running server (OpenAI-compatible /v1, over httpx) or in-process on a checkpoint (`--model`).
 
-Lines starting with "/" are commands: /reset (forget the conversation), /exit (or Ctrl-D, or Ctrl-C at the prompt).
+A line that is one word starting with "/" is a command: /reset (forget the conversation), /exit (or Ctrl-D, or
+Ctrl-C at the prompt); an unknown one is said so, not sent.
 A failed turn (the server's error, a server gone away, a conversation longer than the context) is reported and
 forgotten; the chat goes on."""
 
@@ -154,6 +155,9 @@ def chat_loop(send: Backend, read: Callable[[str], str], write: Callable[[str], 
         if text == "/reset":
             history = history[:1] if system else []
             write("(conversation cleared)\n")
+            continue
+        if text.startswith("/") and len(text.split()) == 1:  # a lone /word is a command, never a message
+            write(f"unknown command {text}; the commands are /reset and /exit\n")
             continue
         history.append({"role": "user", "content": line})
         write("glm> ")

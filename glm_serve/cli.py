@@ -90,6 +90,10 @@ def cmd_generate(args) -> int:
     from glm_serve.model.simple import generate_simple  # noqa: PLC0415
     from glm_serve.tokenizer import IncrementalDetokenizer, load_tokenizer  # noqa: PLC0415
 
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_model_arg(args.model)
     tok = load_tokenizer(path)
@@ -98,6 +102,8 @@ def cmd_generate(args) -> int:
             data = json.loads(Path(args.messages).read_text(encoding="utf-8"))
         except OSError as e:
             raise ValueError(f"--messages: cannot read {args.messages} ({e.strerror or e})") from None
+        except ValueError as e:
+            raise ValueError(f"--messages: {args.messages} is not JSON ({e})") from None
         if isinstance(data, dict) and "messages" in data:
             messages, tools = data["messages"], data.get("tools")
         elif isinstance(data, list):

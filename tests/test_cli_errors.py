@@ -138,3 +138,37 @@ def test_bench_checks_its_flags_before_the_run(capsys, flags, word):
     url = f"http://127.0.0.1:{_closed_port()}"
     assert main(["bench", "--url", url, "--served-model", "m", *flags]) == 2
     _one_line_error(capsys, word)
+
+
+def test_chat_unknown_command_is_said_not_sent():
+    lines = iter(["/help", "/usr/bin holds programs"])
+    sent = []
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    def send(messages):
+        sent.append(messages[-1]["content"])
+        return iter(["ok"])
+
+    out = []
+    history = chat_loop(send, read, out.append)
+    assert "unknown command /help" in "".join(out)
+    assert sent == ["/usr/bin holds programs"] and len(history) == 2  # a line with more words is a message
+
+
+@pytest.mark.parametrize("flags,word", [(["--max-tokens", "-3"], "--max-tokens"),
+                                        (["--temperature", "-1"], "--temperature")])
+def test_generate_checks_its_flags(tiny_hf, capsys, flags, word):
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "hi", "--device", "cpu", *flags]) == 2
+    _one_line_error(capsys, word)
+
+
+def test_generate_names_a_messages_file_that_is_not_json(tiny_hf, tmp_path, capsys):
+    bad = tmp_path / "m.json"
+    bad.write_text('[{"role": "user", "content": "hi"}]\n[]')
+    assert main(["generate", "--model", str(tiny_hf), "--messages", str(bad), "--device", "cpu"]) == 2
+    _one_line_error(capsys, str(bad), "not JSON")
