@@ -157,12 +157,9 @@ def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> di
                                         block_n=cfg["block_n"], num_warps=cfg["num_warps"],
                                         num_stages=cfg["num_stages"])
 
-        rows = _sweep(decode, default, [dict(zip(default, c)) for c in grid], torch.empty_like(q))
-        for row in rows:
-            if "ms" in row:
-                row["frac_of_copy"] = round(kv_bytes / row["ms"] / 1e6 / copy_gbs, 3)
-        figures["decode"].append(_summary({"batch": batch, "context": context}, default, rows, "frac_of_copy"))
-        print("tune decode", figures["decode"][-1]["best"], flush=True)
+        figures["decode"].append(_tune_point(
+            {"batch": batch, "context": context}, decode, default, grid, torch.empty_like(q),
+            "frac_of_copy", lambda ms: kv_bytes / ms / 1e6 / copy_gbs))  # fmt: skip
         k_cache = v_cache = None
         _empty_cache()
     for prefix, chunk in [(0, 37)] if smoke else [(0, 32768), (30720, 2048)]:
@@ -179,39 +176,36 @@ def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> di
         def prefill(cfg: dict, out: torch.Tensor):
             return lambda: paged_prefill(q, k_cache, v_cache, cu, seq_lens, tables, chunk, SCALE, out=out, **cfg)
 
-        rows = _sweep(prefill, default, [dict(zip(default, c)) for c in grid], torch.empty_like(q), reps=10)
-        for row in rows:
-            if "ms" in row:
-                row["frac_of_matmul"] = round(flops / row["ms"] / 1e9 / matmul_tflops, 3)
-        figures["prefill"].append(_summary({"prefix": prefix, "chunk": chunk}, default, rows, "frac_of_matmul"))
-        print("tune prefill", figures["prefill"][-1]["best"], flush=True)
+        figures["prefill"].append(_tune_point(
+            {"prefix": prefix, "chunk": chunk}, prefill, default, grid, torch.empty_like(q),
+            "frac_of_matmul", lambda ms: flops / ms / 1e9 / matmul_tflops, reps=10))  # fmt: skip
         k_cache = v_cache = None
         _empty_cache()
     return figures
 
 
-def _sweep(make, default: dict, configs: list[dict], out: torch.Tensor, reps: int = 30) -> list[dict]:
-    """Time make(cfg, out) for the default and every config: [{**cfg, ms, max_abs_diff} or {**cfg, error}]."""
+def _tune_point(point: dict, make, default: dict, grid, out: torch.Tensor, ratio: str, ratio_of_ms,
+                reps: int = 30) -> dict:
+    """Time make(cfg, out) for the default and every config of `grid` (tuples in default's key order): each row
+    {**cfg, ms, ratio, max_abs_diff (against the default's output)} or {**cfg, error}; plus the best row."""
     make(default, out)()
     ref = out.clone()
     rows = []
-    for cfg in [default] + [c for c in configs if c != default]:
+    for cfg in [default] + [c for c in (dict(zip(default, values)) for values in grid) if c != default]:
         try:
             fn = make(cfg, out)
             out.fill_(float("nan"))  # an element a config leaves unwritten shows in its max_abs_diff
             ms = bench(fn, reps=reps)
-            rows.append({**cfg, "ms": round(ms, 4), "max_abs_diff": _diff(out, ref)})
+            rows.append({**cfg, "ms": round(ms, 4), ratio: round(ratio_of_ms(ms), 3), "max_abs_diff": _diff(out, ref)})
         except Exception as exc:  # noqa: BLE001 (out of shared memory or registers: that config cannot run here)
             rows.append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
             _empty_cache()
-    return rows
-
-
-def _summary(point: dict, default: dict, rows: list[dict], ratio: str) -> dict:
     ok = [r for r in rows if "ms" in r and r["max_abs_diff"] < 0.05]  # bf16 outputs: a wrong config is far off
-    return {**point, "default": rows[0], "best": min(ok, key=lambda r: r["ms"]) if ok else None,
-            "best_speedup_over_default": round(rows[0]["ms"] / min(r["ms"] for r in ok), 3) if ok and "ms" in rows[0]
-            else None, "ratio": ratio, "configs": rows}
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    print("tune", point, "best", best, flush=True)
+    return {**point, "default": rows[0], "best": best,
+            "best_speedup_over_default": round(rows[0]["ms"] / best["ms"], 3) if best and "ms" in rows[0] else None,
+            "configs": rows}
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

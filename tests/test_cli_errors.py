@@ -3,14 +3,12 @@ checkpoint or a mix of two, and a terminal chat that survives a failed turn and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 
 import pytest
 
 from glm_serve import tiny
-from glm_serve.chat_cli import chat_loop, local_backend, server_backend
 from glm_serve.cli import main
 from glm_serve.config import CheckpointError, load_config
 from glm_serve.tiny import TinySpec, make_tiny
@@ -86,50 +84,6 @@ def test_rope_theta_must_be_positive(tiny_hf, tmp_path, capsys):
         load_config(bad)
 
 
-def test_chat_ctrl_c_at_the_prompt_quits_quietly():
-    def read(prompt):
-        raise KeyboardInterrupt
-
-    out = []
-    assert chat_loop(lambda m: iter(["x"]), read, out.append) == []
-    assert out == ["\n"]
-
-
-def test_chat_server_gone_is_an_error_line_not_a_traceback():
-    url = f"http://127.0.0.1:{_closed_port()}"
-    with pytest.raises(ValueError, match="cannot reach"):
-        server_backend(url, None, None, 0.0, 4)  # at start: one line from main, exit 2
-    send = server_backend(url, "m", None, 0.0, 4)  # mid-conversation: the turn fails, the chat goes on
-    lines = iter(["hello", "again"])
-    out = []
-
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    assert chat_loop(send, read, out.append) == []
-    assert "".join(out).count("[error] cannot reach") == 2
-
-
-def test_chat_in_process_too_long_turn_keeps_the_chat(tiny_hf):
-    args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
-                              temperature=0.0, max_tokens=4, kv_cache_tokens=128)
-    lines = iter(["word " * 300, "hi"])
-    out = []
-
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    history = chat_loop(local_backend(args), read, out.append)
-    assert "[error]" in "".join(out) and "context window" in "".join(out)
-    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hi"
-
-
 @pytest.mark.parametrize("flags,word", [(["--request-rate", "0"], "--request-rate"),
                                         (["--out", "/nonexistent-dir/x.json"], "--out")])
 def test_bench_checks_its_flags_before_the_run(capsys, flags, word):
@@ -138,26 +92,6 @@ def test_bench_checks_its_flags_before_the_run(capsys, flags, word):
     url = f"http://127.0.0.1:{_closed_port()}"
     assert main(["bench", "--url", url, "--served-model", "m", *flags]) == 2
     _one_line_error(capsys, word)
-
-
-def test_chat_unknown_command_is_said_not_sent():
-    lines = iter(["/help", "/usr/bin holds programs"])
-    sent = []
-
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    def send(messages):
-        sent.append(messages[-1]["content"])
-        return iter(["ok"])
-
-    out = []
-    history = chat_loop(send, read, out.append)
-    assert "unknown command /help" in "".join(out)
-    assert sent == ["/usr/bin holds programs"] and len(history) == 2  # a line with more words is a message
 
 
 @pytest.mark.parametrize("flags,word", [(["--max-tokens", "-3"], "--max-tokens"),

@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from glm_serve.api.serve import api_keys, engine_config
 from glm_serve.chat_cli import chat_loop, local_backend, server_backend
@@ -99,3 +100,49 @@ def test_chat_in_process_equals_server(server, tiny_hf):
     direct = httpx.post(server.openai_base + "/chat/completions", json={
         "model": "glm-4-tiny", "messages": history[:1], "temperature": 0, "max_tokens": 12}).json()
     assert history[1]["content"] == direct["choices"][0]["message"]["content"]
+
+
+def test_chat_ctrl_c_at_the_prompt_quits_quietly():
+    def read(prompt):
+        raise KeyboardInterrupt
+
+    out = []
+    assert chat_loop(lambda m: iter(["x"]), read, out.append) == []
+    assert out == ["\n"]
+
+
+def test_chat_server_gone_is_an_error_line_not_a_traceback():
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(ValueError, match="cannot reach"):
+        server_backend(url, None, None, 0.0, 4)  # at start: one line from main, exit 2
+    send = server_backend(url, "m", None, 0.0, 4)  # mid-conversation: the turn fails, the chat goes on
+    read = _scripted(["hello", "again"])
+    out = []
+
+    assert chat_loop(send, read, out.append) == []
+    assert "".join(out).count("[error] cannot reach") == 2
+
+
+def test_chat_in_process_too_long_turn_keeps_the_chat(tiny_hf):
+    args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
+                              temperature=0.0, max_tokens=4, kv_cache_tokens=128)
+    read = _scripted(["word " * 300, "hi"])
+    out = []
+
+    history = chat_loop(local_backend(args), read, out.append)
+    assert "[error]" in "".join(out) and "context window" in "".join(out)
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hi"
+
+
+def test_chat_unknown_command_is_said_not_sent():
+    read = _scripted(["/help", "/usr/bin holds programs"])
+    sent = []
+
+    def send(messages):
+        sent.append(messages[-1]["content"])
+        return iter(["ok"])
+
+    out = []
+    history = chat_loop(send, read, out.append)
+    assert "unknown command /help" in "".join(out)
+    assert sent == ["/usr/bin holds programs"] and len(history) == 2  # a line with more words is a message
