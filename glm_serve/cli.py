@@ -11,8 +11,7 @@ from pathlib import Path
 
 def device_arg(value: str) -> str:
     """argparse type of --device: cpu, cuda or cuda:N (anything else is a usage error, not a torch traceback)."""
-    kind, _, index = value.partition(":")
-    if value == "cpu" or (kind == "cuda" and (not _ or index.isdigit())):
+    if value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return value
     raise argparse.ArgumentTypeError(f"invalid device {value!r} (choose cpu, cuda or cuda:N)")
 

@@ -228,23 +228,17 @@ def expanded_ids(ctx: ServingContext, ids: list[int]) -> list[int]:
 
 def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, field: str = "messages",
                  has_image: bool = False) -> None:
-    if not has_image:
-        check_no_image_tokens(ctx, ids, field)
+    if not has_image and ctx.core.model.vision is not None:
+        # GLM-4V: text that spells <|begin_of_image|> / <|end_of_image|> becomes those ids; the engine's own rule
+        # refuses a placeholder without its image, which would come after admission: ask it now, for a 400.
+        try:
+            ctx.core.prepare_image(ids, None)
+        except ValueError as e:
+            raise invalid_value(field, f"holds image tokens but no image was sent ({e}); send the image as an "
+                                       "image_url part") from None
     try:
         ctx.core.validate(ids, params)
     except PromptTooLongError as e:
         raise APIError("1261", str(e), field) from None
     except ValueError as e:
         raise invalid_value("prompt", str(e)) from None
-
-
-def check_no_image_tokens(ctx: ServingContext, ids: list[int], field: str) -> None:
-    """GLM-4V: a prompt sent without an image must hold no <|begin_of_image|> / <|end_of_image|> token (text that
-    spells them becomes those ids); the engine would refuse it, too late for a 400."""
-    if ctx.core.model.vision is None:
-        return
-    sp = ctx.tokenizer.special_ids
-    marks = {sp["<|begin_of_image|>"], sp["<|end_of_image|>"]}
-    if any(t in marks for t in ids):
-        raise invalid_value(field, "holds <|begin_of_image|> or <|end_of_image|> but no image was sent; "
-                                   "send the image as an image_url part")
