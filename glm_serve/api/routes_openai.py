@@ -184,6 +184,7 @@ class _Completion:
 
     async def stream(self, release) -> AsyncIterator[str]:
         events = self._events(final_only=False)
+        n, done = len(self.prompts) * self.params.n, 0
         try:
             async for i, o in events:
                 if o.finish_reason in ("error", "abort"):
@@ -193,7 +194,8 @@ class _Completion:
                 if text or o.finish_reason or lp:
                     yield sse(completion_chunk(self.id, self.created, self.model, i, text, o.finish_reason, lp,
                                                self.include_usage))
-                if self.ctx.closing.is_set():  # the shutdown grace runs out: an end the SDKs understand
+                done += o.finish_reason is not None
+                if self.ctx.closing.is_set() and done < n:  # the shutdown grace runs out: an end the SDKs understand
                     yield sse(stream_error(OPENAI, self.ctx.shutting_down_error().message))
                     yield sse("[DONE]")
                     return

@@ -82,3 +82,31 @@ def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _events(resp) -> list:
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_streams_that_end_as_the_grace_runs_out_end_normally_the_others_with_the_error(make_server):
+    """In-process: `closing` set (the grace is about to run out). A stream whose last event is already due ends
+    with its answer and [DONE]; only one that would go on gets the shutdown error (then [DONE])."""
+    srv = make_server(served_model_names=["m"])
+    srv.app.state.ctx.closing.set()  # no waiters yet: safe from this thread
+    with httpx.Client(base_url=srv.openai_base, timeout=60) as client:
+        for route, body in (("/completions", {"prompt": "hi"}),
+                            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            for max_tokens, ends_normally in ((1, True), (8, False)):
+                req = {"model": "m", "stream": True, "max_tokens": max_tokens, "ignore_eos": True, **body}
+                with client.stream("POST", route, json=req) as resp:
+                    assert resp.status_code == 200
+                    events = _events(resp)
+                assert events[-1] == "[DONE]", (route, max_tokens, events)
+                errors = [e for e in events[:-1] if "error" in json.loads(e)]
+                finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e).get("choices", [])
+                            if c.get("finish_reason")]
+                if ends_normally:
+                    assert not errors and finishes == ["length"], (route, events)
+                else:
+                    assert len(errors) == 1 and "shutting down" in json.dumps(errors[0]) and not finishes, \
+                        (route, events)
