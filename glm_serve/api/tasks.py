@@ -47,8 +47,11 @@ class TaskStore:
 
     def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> Task:
         self._purge()
+        self._make_room()
         if len(self._tasks) >= self.max_tasks:
             release()
+            if asyncio.iscoroutine(work):
+                work.close()  # never run: close it rather than leave a "never awaited" warning
             raise APIError("1305", f"too many async tasks held ({self.max_tasks}); fetch or wait for results")
         self._tasks[task.id] = task
         task.handle = asyncio.ensure_future(self._run(task, work, release))
@@ -75,10 +78,15 @@ class TaskStore:
             release()
 
     def _purge(self) -> None:
+        """Drop the results older than the ttl."""
         now = time.monotonic()
         for tid in [t.id for t in self._tasks.values() if t.finished_at is not None
                     and now - t.finished_at > self.ttl_s]:
             del self._tasks[tid]
+
+    def _make_room(self) -> None:
+        """Room for one more task, at the cost of the oldest finished results. Only a new task may evict: a
+        poll (get) that evicted would drop results nobody has fetched yet, the polled one among them."""
         over = len(self._tasks) - self.max_tasks + 1
         if over > 0:  # drop the oldest finished ones first
             for tid in [t.id for t in self._tasks.values() if t.finished_at is not None][:over]:
