@@ -46,6 +46,7 @@ def add_batch_parser(sub, add_model_args) -> None:
 
 
 OUTPUT_KEYS = ("response", "error")  # besides custom_id, every output line has these (api.md's batch format)
+_LINE_START = b'{"custom_id": '  # how every line this command writes begins (runner's output_line, error_line)
 
 
 def errors_path(output: Path) -> Path:
@@ -84,14 +85,15 @@ def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path) -> None
 def read_done(path: Path, key: str, required: tuple[str, ...] = ()) -> set:
     """The `key` values of the complete lines of a file this command wrote, after cutting a torn last line
     (a crash in the middle of a write) off the file. ValueError for a line this command did not write (one
-    without `key` or any of `required`: an input file given as the output has custom_ids too)."""
+    without `key` or any of `required`: an input file given as the output has custom_ids too), checked before
+    anything is cut: a file given as OUTPUT by mistake is refused untouched."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
-        os.truncate(path, end)
+    if end < len(data) and not data[end:].startswith(_LINE_START[:len(data) - end]):
+        raise ValueError(f"{path} ends in a line `glm-serve batch` did not write; move the file away or choose "
+                         "another output")
     done = set()
     for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not raw.strip():
@@ -105,6 +107,9 @@ def read_done(path: Path, key: str, required: tuple[str, ...] = ()) -> set:
             raise ValueError(f"{path}:{n} is not a line `glm-serve batch` wrote (no {key!r}); move the file "
                              "away or choose another output") from None
         done.add(value)
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        os.truncate(path, end)
     return done
 
 

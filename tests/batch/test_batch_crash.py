@@ -13,6 +13,8 @@ import time
 
 import httpx
 
+from glm_serve.batch.cli import OUTPUT_KEYS, read_done
+from glm_serve.batch.runner import output_line
 from glm_serve.cli import main as cli_main
 
 from .conftest import (
@@ -165,3 +167,23 @@ def test_cli_output_belongs_to_its_input(tiny_hf, tmp_path, capsys):
     assert cli_main(["batch", str(job_b), "-o", str(job_a), *flags]) == 2
     assert "is not a line `glm-serve batch` wrote" in capsys.readouterr().err
     assert len(read_jsonl(job_a.read_text())) == 3
+
+
+def test_cli_refuses_a_foreign_output_untouched(tmp_path, capsys):
+    """A file given as OUTPUT (or --errors) by mistake whose last line has no newline: refused as it is. The
+    torn-line cut used to run first and drop that line from the user's file."""
+    job = write_jsonl(tmp_path / "in.jsonl", _lines(2, 4))
+    for flag in ("-o", "--errors"):
+        notes = tmp_path / "notes.txt"
+        notes.write_bytes(b"my notes\nthe last line, with no newline")
+        before = notes.read_bytes()
+        args = ["-o", str(notes)] if flag == "-o" else ["-o", str(tmp_path / "out.jsonl"), "--errors", str(notes)]
+        assert cli_main(["batch", str(job), *args, "--model", str(tmp_path / "no-model"), "--no-progress"]) == 2
+        assert "move the file away" in capsys.readouterr().err
+        assert notes.read_bytes() == before
+    # A torn line this command left (a kill in the middle of a write) is still cut on resume.
+    out = tmp_path / "out.jsonl"
+    whole = output_line("k-0", {"choices": []}) + "\n"
+    out.write_text(whole + '{"custom_id": "k-1')
+    assert read_done(out, "custom_id", OUTPUT_KEYS) == {"k-0"}
+    assert out.read_text() == whole
