@@ -53,6 +53,15 @@ def _num_seqs(body: dict) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
+def _checked_rows(ctx: ServingContext, data: bytes) -> tuple[list[tuple[int, str, str]], list[tuple]]:
+    """An input file checked (check_input), as Store.start_batch takes it: (line, custom_id, body JSON) to run
+    and (line, custom_id, error line). Called in a worker thread: encoding the bodies of a large input takes
+    seconds (about one per 80 MB), which on the event loop would stall every chat."""
+    lines = check_input(ctx, data)
+    items = [(x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False)) for x in lines if x.ok]
+    return items, [(x.line, x.custom_id, x.error) for x in lines if not x.ok]
+
+
 class BatchWorker:
     def __init__(self, store: Store, ctx: ServingContext, concurrency: int = 32, poll_s: float = 1.0):
         if concurrency < 1:
@@ -180,15 +189,13 @@ class BatchWorker:
             else:
                 data = await asyncio.to_thread(self.store.file_path(b.input_file_id).read_bytes)
                 try:
-                    lines = await asyncio.to_thread(check_input, self.ctx, data)
+                    items, bad = await asyncio.to_thread(_checked_rows, self.ctx, data)
                 except ValueError as e:
                     errors = [{"code": "1214", "message": str(e), "param": "input_file_id", "line": None}]
             if errors is not None:
                 await asyncio.to_thread(self.store.fail_batch, b.id, errors)
                 log.info("batch %s failed: %s", b.id, errors[0]["message"])
                 return
-            items = [(x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False)) for x in lines if x.ok]
-            bad = [(x.line, x.custom_id, x.error) for x in lines if not x.ok]
             if await asyncio.to_thread(self.store.start_batch, b.id, items, bad):
                 log.info("batch %s: %d lines to run, %d malformed", b.id, len(items), len(bad))
         except Exception as e:  # noqa: BLE001 (stays validating: retried on a later pass, a few times)

@@ -4,10 +4,14 @@ traffic, and a graceful restart on the same data dir."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import httpx
 import pytest
+
+import glm_serve.batch.worker as worker_mod
 
 from .conftest import (
     batch_line,
@@ -183,3 +187,25 @@ def test_graceful_restart_resumes_on_the_same_data_dir(make_server, tmp_path):
     out = read_jsonl(content(srv2.vendor_base, done["output_file_id"]))
     assert [o["custom_id"] for o in out] == [f"c-{i}" for i in range(30)]
     srv2.stop()
+
+
+def test_validation_encodes_the_lines_off_the_event_loop(server, tmp_path, monkeypatch):
+    """Checking and encoding an input's lines is O(input): a second or more per 80 MB, so it runs in a worker
+    thread, never on the loop that serves the chats (it used to encode every body there)."""
+    threads = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(json, name)
+
+        @staticmethod
+        def dumps(*a, **kw):
+            threads.append(threading.current_thread())
+            return json.dumps(*a, **kw)
+
+    monkeypatch.setattr(worker_mod, "json", Spy())
+    base = server.vendor_base
+    fid = upload(base, write_jsonl(tmp_path / "in.jsonl", [batch_line(f"t-{i}", chat_body("hi", max_tokens=1))
+                                                           for i in range(3)]))
+    assert wait_batch(base, create(base, fid)["id"])["status"] == "completed"
+    assert len(threads) >= 3 and server.thread not in threads  # server.thread runs the server's event loop
