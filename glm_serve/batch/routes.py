@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 import uuid
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from glm_serve.api.common import authenticate, read_json
@@ -143,8 +145,23 @@ async def file_content(file_id: str, request: Request):
     rec = await asyncio.to_thread(svc.store.get_file, file_id)
     if rec is None:
         raise _not_found("file", file_id)
-    return FileResponse(svc.store.file_path(file_id), media_type="application/octet-stream",
-                        filename=rec.filename)
+    # Opened here and streamed from the open file: a DELETE (or a batch's auto-delete) landing after the lookup
+    # answers 404, or lets this download finish, where a path handed to FileResponse would raise (500).
+    try:
+        f = await asyncio.to_thread(open, svc.store.file_path(file_id), "rb")
+    except FileNotFoundError:
+        raise _not_found("file", file_id) from None
+
+    def chunks():
+        with f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    name = quote(rec.filename)
+    disposition = f"attachment; filename*=utf-8''{name}" if name != rec.filename else \
+        f'attachment; filename="{rec.filename}"'
+    return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+        "content-length": str(os.fstat(f.fileno()).st_size), "content-disposition": disposition})
 
 
 @router.delete("/files/{file_id}")

@@ -209,3 +209,24 @@ def test_validation_encodes_the_lines_off_the_event_loop(server, tmp_path, monke
                                                            for i in range(3)]))
     assert wait_batch(base, create(base, fid)["id"])["status"] == "completed"
     assert len(threads) >= 3 and server.thread not in threads  # server.thread runs the server's event loop
+
+
+def test_file_deleted_during_a_download_request_is_a_404(server, tmp_path, monkeypatch):
+    """A DELETE (or a batch's auto-delete) landing between the content route's lookup and its answer: 404 in
+    the API's format, not the 500 that FileResponse raised for a path gone missing."""
+    base = server.vendor_base
+    src = write_jsonl(tmp_path / "数据.jsonl", [batch_line("a", chat_body("hi"))])
+    fid = upload(base, src)
+    r = httpx.get(f"{base}files/{fid}/content")
+    assert r.content == src.read_bytes() and r.headers["content-length"] == str(src.stat().st_size)
+    assert r.headers["content-disposition"] == "attachment; filename*=utf-8''%E6%95%B0%E6%8D%AE.jsonl"
+    store = server.app.state.batches.store
+    lookup = store.get_file
+
+    def found_then_deleted(file_id):
+        rec = lookup(file_id)
+        store.delete_file(file_id)
+        return rec
+
+    monkeypatch.setattr(store, "get_file", found_then_deleted)
+    assert "no file" in _err(httpx.get(f"{base}files/{fid}/content"), 404, "1214")
