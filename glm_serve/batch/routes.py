@@ -96,10 +96,23 @@ def _page(data: list[dict], has_more: bool) -> dict:
 @router.post("/files")
 async def upload_file(request: Request):
     svc = _service(request)
+    most = MAX_FILE_BYTES + (1 << 20)  # the file and its multipart framing
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES + (1 << 20):
+    if declared is not None and declared.isdigit() and int(declared) > most:
         raise APIError("1210", f"file too large ({declared} bytes; the limit is {MAX_FILE_BYTES})", status=413)
-    async with request.form(max_files=1, max_fields=16) as form:
+    received = 0
+
+    async def receive():
+        # A body sent without a Content-Length (chunked) is counted as it arrives: the form parser would
+        # otherwise spool all of it to a temporary file before add_file could refuse it.
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > most:
+            raise APIError("1210", f"file too large (the limit is {MAX_FILE_BYTES} bytes)", "file", status=413)
+        return message
+
+    async with Request(request.scope, receive).form(max_files=1, max_fields=16) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose is None:
             raise APIError("1213", "purpose: required field missing", "purpose")

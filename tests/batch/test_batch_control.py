@@ -10,7 +10,9 @@ import time
 
 import httpx
 import pytest
+from starlette.datastructures import UploadFile
 
+import glm_serve.batch.routes as batch_routes
 import glm_serve.batch.worker as worker_mod
 
 from .conftest import (
@@ -230,3 +232,28 @@ def test_file_deleted_during_a_download_request_is_a_404(server, tmp_path, monke
 
     monkeypatch.setattr(store, "get_file", found_then_deleted)
     assert "no file" in _err(httpx.get(f"{base}files/{fid}/content"), 404, "1214")
+
+
+def test_an_upload_without_content_length_is_cut_off_at_the_limit(server, monkeypatch):
+    """A chunked upload (no Content-Length) past the file limit: 413 once the limit is passed, having spooled
+    about the limit, not the whole body (the form parser used to spool all of it before the size check)."""
+    monkeypatch.setattr(batch_routes, "MAX_FILE_BYTES", 4096)
+    spooled, real_write = [0], UploadFile.write
+
+    async def counting_write(self, data):
+        spooled[0] += len(data)
+        return await real_write(self, data)
+
+    monkeypatch.setattr(UploadFile, "write", counting_write)
+
+    def body():
+        yield (b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--xx\r\nContent-Disposition: '
+               b'form-data; name="file"; filename="a.jsonl"\r\n\r\n')
+        for _ in range(64):
+            yield b"x" * (1 << 20)
+        yield b"\r\n--xx--\r\n"
+
+    r = httpx.post(server.vendor_base + "files", content=body(), timeout=60,
+                   headers={"content-type": "multipart/form-data; boundary=xx"})
+    assert "limit" in _err(r, 413, "1210")
+    assert spooled[0] < 2 << 20, f"{spooled[0] >> 20} MiB spooled for a 4 KiB limit"
