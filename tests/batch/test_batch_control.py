@@ -5,6 +5,8 @@ traffic, and a graceful restart on the same data dir."""
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import threading
 import time
 
@@ -257,3 +259,20 @@ def test_an_upload_without_content_length_is_cut_off_at_the_limit(server, monkey
                    headers={"content-type": "multipart/form-data; boundary=xx"})
     assert "limit" in _err(r, 413, "1210")
     assert spooled[0] < 2 << 20, f"{spooled[0] >> 20} MiB spooled for a 4 KiB limit"
+
+
+def test_an_upload_cut_short_is_no_server_error(server, caplog, tmp_path):
+    """A client that disconnects in the middle of its upload: logged as what it is, not as an unhandled error
+    with a traceback (twice) and a 500 in /metrics; the server goes on."""
+    caplog.set_level(logging.INFO, logger="glm_serve.api.errors")
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (b"POST /api/paas/v4/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            b"Content-Length: 1000000\r\n\r\n--xx\r\nContent-Disposition: form-data; name=\"file\"; "
+            b"filename=\"a.jsonl\"\r\n\r\n")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + b"x" * 1000)
+        time.sleep(0.3)
+    wait_for(lambda: any("/api/paas/v4/files" in r.getMessage() for r in caplog.records), 10, "the log line")
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 'status="500"' not in httpx.get(server.url + "/metrics").text
+    upload(server.vendor_base, write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi"))]))
