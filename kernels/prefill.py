@@ -123,7 +123,7 @@ def paged_prefill(
     block_m: int = 128,
     block_n: int = 64,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of every new token over its sequence's cached keys (prefix + chunk), read through the
     block tables. max_seqlen_q (host int, >= every chunk length) only sizes the grid: no device reads."""
@@ -153,6 +153,10 @@ def paged_prefill(
     block_t = max(1, block_m // block_g)
     if num_warps is None:
         num_warps = 8 if block_t * block_g * head_dim >= 128 * 128 else 4
+    if num_stages is None:
+        # fp32 tiles (3xTF32 dots) take twice the shared memory of 16-bit ones: at 128 x 64 x head_dim 128 two
+        # stages need 256 KiB on sm_90 (the limit is 227 KiB; sm_80: 192 of 163 KiB) and fail at launch.
+        num_stages = 1 if q.element_size() == 4 else 2
     grid = (triton.cdiv(max_seqlen_q, block_t), batch, kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,

@@ -1,0 +1,95 @@
+"""Every launch the kernel wrappers make at GLM-4 shapes fits the shared memory of an A100 and an H100/H200.
+
+A kernel that needs more shared memory than the GPU has compiles fine and fails only at launch (Triton's
+OutOfResources), so neither the interpreter nor test_kernels_compile.py (fixed launch options) sees it. Here
+the wrappers run with their launches recorded instead of executed, so the test follows the block sizes,
+warps and stages the wrappers really choose per dtype; each recorded launch is then compiled for sm_80 and
+sm_90 with Triton's own compiler in a subprocess (no interpreter) and its shared memory checked against the
+device limit."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from glm_serve.kernels import decode, kv_store, paged_decode, paged_prefill, prefill, store_kv
+
+    # Max shared memory per block (opt-in) that Triton checks at launch: A100, H100/H200.
+    LIMITS = {80: 166912, 90: 232448}
+    TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+             torch.int64: "i64"}
+    launches = {}
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                sig = {}
+                for name, arg in zip(self.fn.arg_names, args):
+                    if isinstance(arg, torch.Tensor):
+                        sig[name] = "*" + TYPES[arg.dtype]
+                    else:
+                        sig[name] = "fp32" if isinstance(arg, float) else "i32"
+                opts = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+                sig.update({name: "constexpr" for name in kwargs})
+                key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(kwargs.items())),
+                       tuple(sorted(opts.items())))
+                launches[key] = (self.fn, sig, kwargs, opts)
+            return launch
+
+    for module, name in ((prefill, "_prefill_kernel"), (decode, "_decode_split_kernel"),
+                         (decode, "_decode_reduce_kernel"), (kv_store, "_store_kv_kernel")):
+        setattr(module, name, Recorder(getattr(module, name)))
+
+    H, KVH, D, BS, T = 32, 2, 128, 16, 64  # GLM-4-9B
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        k_cache = torch.zeros(T // BS + 1, BS, KVH, D, dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+        q = torch.zeros(T, H, D, dtype=dtype)
+        kv = torch.zeros(T, KVH, D, dtype=dtype)
+        tables = torch.zeros(1, T // BS, dtype=torch.int32)
+        cu = torch.tensor([0, T], dtype=torch.int32)
+        lens = torch.tensor([T], dtype=torch.int32)
+        store_kv(kv, kv, k_cache, v_cache, torch.arange(T))
+        paged_prefill(q, k_cache, v_cache, cu, lens, tables, T, 0.1)  # the defaults, as the backend calls it
+        paged_prefill(q, k_cache, v_cache, cu, lens, tables, T, 0.1, block_m=128, block_n=64)  # as the tests do
+        for splits, block_n in ((1, 64), (8, 64), (8, 128)):
+            paged_decode(q[:4], k_cache, v_cache, lens.repeat(4), tables.repeat(4, 1), 0.1, splits, block_n=block_n)
+
+    too_big = []
+    for fn, sig, constexprs, opts in launches.values():
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if sig[name].startswith("*") or name.startswith("stride")}
+        for capability, limit in LIMITS.items():
+            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                    target=GPUTarget("cuda", capability, 32), options=opts)
+            if kernel.metadata.shared > limit:
+                too_big.append((fn.__name__, capability, kernel.metadata.shared, limit, constexprs, opts,
+                                sig.get("q_ptr", sig.get("k_ptr"))))
+    for row in too_big:
+        print("too much shared memory:", row)
+    print(f"checked {len(launches)} launches", "FAILED" if too_big else "ok")
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the other kernel tests launch for real")
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend")
+def test_wrapper_launches_fit_shared_memory():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.rstrip().endswith(" ok"), done.stdout[-4000:]
