@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
-# writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along.
+# writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along;
+# pytest and Pillow are not among the box's packages (docs/gpu.md), and the tests and the vision benchmark need
+# them: make .whl/ with `../shared/tools/gpu-wheels.sh pytest iniconfig pluggy pygments pillow`.
 #   bash scripts/gpu-run.sh [tests|kernels|tune|offline|vision|overhead|serve|all]
 # (tune: the kernel launch-parameter sweep at the target points, with the quick sweep; not part of all)
 set -euo pipefail
@@ -16,7 +18,17 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-if [ "$what" = tests ] || [ "$what" = all ]; then
+missing() {  # missing LABEL MODULE...: says once which modules this Python lacks (status 0 when any is)
+  local label=$1 m gone=""
+  shift
+  for m in "$@"; do python3 -c "import $m" 2>/dev/null || gone="$gone $m"; done
+  [ -n "$gone" ] || return 1
+  echo "gpu-run.sh: $label NOT RUN, missing:$gone (see the wheels line at the top of this script)"
+}
+# Without pytest nothing runs; without Pillow two test files fail to import and stop pytest's collection.
+if { [ "$what" = tests ] || [ "$what" = all ]; } && missing "GPU tests" pytest PIL > "$results/gpu_tests.log"; then
+  cat "$results/gpu_tests.log"
+elif [ "$what" = tests ] || [ "$what" = all ]; then
   # tests/api and tests/batch hold no GPU test and import SDKs the GPU image lacks (openai, zai-sdk, PyJWT,
   # jsonschema): collected, they stop pytest before any test runs. A failing test is reported in the log
   # under $results and does not stop the benchmarks below (set -e with pipefail would end the script here).
@@ -31,7 +43,10 @@ fi
 if [ "$what" = tune ]; then
   python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$(date +%F).json"
 fi
-if [ "$what" = vision ] || [ "$what" = all ]; then
+# Under set -e the vision benchmark's ImportError would end `all` before offline, overhead and serve.
+if { [ "$what" = vision ] || [ "$what" = all ]; } && missing "vision benchmark" PIL; then
+  :
+elif [ "$what" = vision ] || [ "$what" = all ]; then
   vckpt=/tmp/glm-4v-9b-random
   [ -f "$vckpt/config.json" ] || glm-serve make-tiny "$vckpt" --vision --preset glm-4-9b --device cuda
   python3 benchmarks/vision_ttft.py --model "$vckpt" --device cuda --out "$results/vision_ttft_cuda_$(date +%F).json"
