@@ -44,7 +44,8 @@ _MIN_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
 
 
-@triton.jit
+# The block-table width follows the step's longest context: not specialised on (see prefill.py).
+@triton.jit(do_not_specialize=["stride_tb"])
 def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KVH, D]

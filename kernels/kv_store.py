@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The token count changes every step: specialising on it (== 1, multiple of 16) would compile new variants
+# mid-serving, long after the warm-up.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_kv_kernel(
     k_ptr,  # [T, KVH, D]
     v_ptr,  # [T, KVH, D]

@@ -35,7 +35,9 @@ import triton.language as tl
 from .paged_tile import LOG2E, check_paged_cache, fold_key_tile
 
 
-@triton.jit
+# The block-table width follows the step's longest context: not specialised on, or each new kind of width
+# (1, a multiple of 16, other) would compile another variant mid-serving.
+@triton.jit(do_not_specialize=["stride_tb"])
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KVH, D]

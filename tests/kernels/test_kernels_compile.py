@@ -78,3 +78,56 @@ def test_kernels_compile_for_ampere_and_hopper():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled all" in done.stdout, done.stderr[-4000:]
+
+
+_SPECIALIZE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+    from glm_serve.kernels import decode, kv_store, paged_decode, paged_prefill, prefill, store_kv
+
+    variants = {}  # kernel name -> the distinct argument specialisations (one compiled kernel each)
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                binder = create_function_from_signature(self.fn.signature, self.fn.params, CUDABackend)
+                variants.setdefault(self.fn.__name__, set()).add(repr(binder(*args, **kwargs)[1]))
+            return launch
+
+    for module, name in ((prefill, "_prefill_kernel"), (decode, "_decode_split_kernel"), (kv_store, "_store_kv_kernel")):
+        setattr(module, name, Recorder(getattr(module, name)))
+
+    H, KVH, D, BS = 32, 2, 128, 16  # GLM-4-9B
+    k_cache = torch.zeros(64, BS, KVH, D, dtype=torch.float16)
+    q = torch.zeros(32, H, D, dtype=torch.float16)
+    kv = torch.zeros(32, KVH, D, dtype=torch.float16)
+    for tokens in (1, 16, 17):  # a step's token count: decode of one sequence, a multiple of 16, any other
+        store_kv(kv[:tokens], kv[:tokens], k_cache, k_cache, torch.zeros(tokens, dtype=torch.int64))
+    for width in (1, 16, 3):  # block-table width: the step's longest context, in blocks
+        lens = torch.full((2,), BS * width, dtype=torch.int32)
+        tables = torch.zeros(2, width, dtype=torch.int32)
+        paged_decode(q[:2], k_cache, k_cache, lens, tables, 0.1)
+        cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+        paged_prefill(q[:10], k_cache, k_cache, cu, lens, tables, 5, 0.1)
+    for name, keys in sorted(variants.items()):
+        print(name, len(keys))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the other kernel tests launch for real")
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this triton build has no NVIDIA backend")
+def test_step_sizes_do_not_make_new_kernel_variants():
+    """Triton compiles a new variant of a kernel for each new specialisation of its int arguments (== 1, a
+    multiple of 16, neither): seconds of a stalled engine step on a GPU, long after the start-up warm-up.
+    The token count and the block-table width change every step, so they must not be specialised on."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SPECIALIZE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["_decode_split_kernel", "1", "_prefill_kernel", "1", "_store_kv_kernel", "1"]
