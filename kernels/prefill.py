@@ -159,13 +159,14 @@ def paged_prefill(
         # fp32 tiles (3xTF32 dots) take twice the shared memory of 16-bit ones: at 128 x 64 x head_dim 128 two
         # stages need 256 KiB on sm_90 (the limit is 227 KiB; sm_80: 192 of 163 KiB) and fail at launch.
         num_stages = 1 if q.element_size() == 4 else 2
+    block_d = max(16, triton.next_power_of_2(head_dim))  # compiled tl.dot needs K >= 16 (head_dim 8: masked)
     grid = (triton.cdiv(max_seqlen_q, block_t), batch, kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_M=block_t * block_g, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -18,6 +18,7 @@ CASES = {
     "padding_row_and_empty_splits": ([0, 20, 2], 16, 1, 64, 8, 16, 16),
     "long_context_splits8": ([3001], 32, 2, 128, 16, 8, 128),
     "head_dim_80": ([90, 7], 8, 2, 80, 16, 2, 32),
+    "head_dim_8": ([1, 40], 4, 2, 8, 16, 2, 16),  # below the dots' minimum width: padded to 16, masked
 }
 
 

@@ -1,4 +1,5 @@
-"""Every launch the kernel wrappers make at GLM-4 shapes fits the shared memory of an A100 and an H100/H200.
+"""Every launch the kernel wrappers make at GLM-4 shapes (and a tiny head_dim) compiles for an A100 and an
+H100/H200 and fits their shared memory.
 
 A kernel that needs more shared memory than the GPU has compiles fine and fails only at launch (Triton's
 OutOfResources), so neither the interpreter nor test_kernels_compile.py (fixed launch options) sees it. Here
@@ -54,8 +55,10 @@ _SCRIPT = textwrap.dedent(
                          (decode, "_decode_reduce_kernel"), (kv_store, "_store_kv_kernel")):
         setattr(module, name, Recorder(getattr(module, name)))
 
-    H, KVH, D, BS, T = 32, 2, 128, 16, 64  # GLM-4-9B
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # GLM-4-9B in every dtype; a tiny checkpoint's head_dim 8 (make-tiny --head-dim 8), whose dots must still be
+    # at least 16 wide: the compiler refuses narrower ones, the interpreter does not.
+    shapes = [(32, 2, 128, 16, 64, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    for H, KVH, D, BS, T, dtype in shapes + [(4, 2, 8, 16, 64, torch.float16)]:
         k_cache = torch.zeros(T // BS + 1, BS, KVH, D, dtype=dtype)
         v_cache = torch.zeros_like(k_cache)
         q = torch.zeros(T, H, D, dtype=dtype)

@@ -21,6 +21,8 @@ CASES = {
     "head_dim_80_gqa4": ([11, 6], [11, 70], 8, 2, 80, 16, 64, 32),
     # prefix of block_n - 2 keys: the first query row's position is one short of a key-tile boundary
     "diagonal_at_tile_edge": ([20, 9], [82, 39], 16, 2, 64, 16, 128, 64),
+    # head_dim below the dots' minimum width of 16: padded to 16 and masked
+    "head_dim_8": ([5, 9], [5, 30], 4, 2, 8, 16, 16, 16),
 }
 
 
