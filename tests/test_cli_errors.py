@@ -106,3 +106,21 @@ def test_generate_names_a_messages_file_that_is_not_json(tiny_hf, tmp_path, caps
     bad.write_text('[{"role": "user", "content": "hi"}]\n[]')
     assert main(["generate", "--model", str(tiny_hf), "--messages", str(bad), "--device", "cpu"]) == 2
     _one_line_error(capsys, str(bad), "not JSON")
+
+
+def test_serve_checks_max_concurrency_per_key_before_loading(tmp_path, capsys):
+    # Before: 0 passed argparse and was refused by Admission inside create_app, after the model had loaded; with a
+    # model that cannot load, the user saw the model's error instead of the flag's.
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"),
+            "--max-concurrency-per-key", "0"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "--max-concurrency-per-key")
+
+
+def test_serve_help_says_what_shutdown_does(capsys):
+    # The README's --shutdown-timeout row: answers still running end in the API's format (503), not cut off.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "503" in out and "connections closed" not in out
+    assert "needs --api-key" in out

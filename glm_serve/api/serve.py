@@ -25,7 +25,8 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help=f"require this key (raw, or the SDKs' JWT made from an id.secret key); repeatable; also "
                         f"${KEYS_ENV} (comma-separated). Default: no authentication")
     s.add_argument("--max-concurrency-per-key", type=int, default=None,
-                   help="in-flight requests per key before 429 / code 1302 (default: unlimited)")
+                   help="in-flight requests per api key before 429 / code 1302 (default: unlimited; counts per "
+                        "key, so it needs --api-key)")
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
@@ -38,8 +39,9 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="batch sequences in flight at most (a line asking for n choices counts n; capped at half "
                         "of --max-num-seqs; a quarter of it while interactive requests are in flight)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; then they are aborted "
-                        "and their connections closed (batch jobs resume at the next start)")
+                   help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; those still running "
+                        "then end in the API's format (HTTP 503 with an error body; in a stream an error event and "
+                        "[DONE]). Batch jobs resume at the next start; async task results are lost")
     add_engine_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
@@ -109,6 +111,9 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    # Checked here, not only by Admission inside create_app: that runs after the model has loaded (minutes for 9B).
+    if args.max_concurrency_per_key is not None and args.max_concurrency_per_key < 1:
+        raise ValueError(f"--max-concurrency-per-key must be >= 1, got {args.max_concurrency_per_key}")
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
                               max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
