@@ -67,8 +67,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         await batches.stop()  # lines in flight stay pending for the next start
         tasks.cancel_all()  # their engine requests abort; the engine itself belongs to the caller
 
+    # No /docs, /redoc or /openapi.json: FastAPI serves them without our key check (with keys, every route but
+    # /health must need one), the schema is empty (routes read raw bodies) and the docs page loads from a CDN.
     app = FastAPI(title="glm-serve", description="GLM-4 inference server: the vendor's v4 API and OpenAI's /v1",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     app.state.tasks = tasks
     install_handlers(app)

@@ -143,6 +143,15 @@ def test_bad_credentials(keyed):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
+def test_no_route_but_health_answers_without_a_key(keyed):
+    # Before: FastAPI's own /docs, /redoc and /openapi.json answered 200 with no key (README: every route but
+    # /health needs one).
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(keyed.url + path).status_code in (401, 404), path
+    for path in ("/metrics", "/v1/models", "/api/paas/v4/files", "/api/paas/v4/batches"):
+        assert httpx.get(keyed.url + path).status_code == 401, path
+
+
 def _hold_stream(srv, key):
     """A streaming request kept open (not read) by the caller; run it inside frozen_engine."""
     client = httpx.Client(timeout=30)
