@@ -124,3 +124,17 @@ def test_serve_help_says_what_shutdown_does(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "503" in out and "connections closed" not in out
     assert "needs --api-key" in out
+
+
+def test_serve_refuses_a_data_dir_in_use_before_loading(tmp_path, capsys):
+    # Before: the data dir's lock was first tried inside create_app, after the model had loaded (minutes for a 9B
+    # checkpoint); a second server on the default data dir learned it was refused only then.
+    from glm_serve.batch.store import Store  # noqa: PLC0415
+
+    held = Store(tmp_path / "d")
+    try:
+        assert main(["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d")]) == 2
+        _one_line_error(capsys, "in use by another glm-serve process")
+    finally:
+        held.close()
+    Store(tmp_path / "d").close()  # the early check left no lock behind

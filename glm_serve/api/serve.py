@@ -102,6 +102,7 @@ def cmd_serve(args) -> int:
 
     from glm_serve.api.app import create_app  # noqa: PLC0415
     from glm_serve.api.context import ServerSettings  # noqa: PLC0415
+    from glm_serve.batch.store import check_data_dir_free  # noqa: PLC0415
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 
@@ -119,6 +120,7 @@ def cmd_serve(args) -> int:
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency)
+    check_data_dir_free(settings.data_dir)  # one server per data dir: say so before the slow model load
     config = engine_config(args)
     if args.model == "demo":
         log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "

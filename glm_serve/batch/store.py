@@ -75,18 +75,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock_data_dir(data_dir: Path) -> int:
+    """Create data_dir and take its lock (a file descriptor holding the flock); ValueError when another
+    process holds it."""
+    (data_dir / "files").mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"data dir {data_dir} is in use by another glm-serve process "
+                         "(pass a different --data-dir)") from None
+    return fd
+
+
+def check_data_dir_free(data_dir: str | Path) -> None:
+    """Fail now, not after a model load of minutes, when another process holds data_dir (`glm-serve serve`)."""
+    os.close(_lock_data_dir(Path(data_dir).expanduser()))  # closing the descriptor releases the flock
+
+
 class Store:
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir).expanduser()
         self.files_dir = self.data_dir / "files"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise ValueError(f"data dir {self.data_dir} is in use by another glm-serve process "
-                             "(pass a different --data-dir)") from None
+        self._lock_fd = _lock_data_dir(self.data_dir)
         self._db = sqlite3.connect(self.data_dir / "batch.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
