@@ -138,3 +138,18 @@ def test_serve_refuses_a_data_dir_in_use_before_loading(tmp_path, capsys):
     finally:
         held.close()
     Store(tmp_path / "d").close()  # the early check left no lock behind
+
+
+def test_triton_backend_without_triton_is_one_line(tiny_hf, tmp_path, capsys, monkeypatch):
+    # Before: --attention-backend triton where triton is not installed (an optional extra) was an ImportError
+    # traceback. None in sys.modules makes the import fail as a missing package would.
+    import sys  # noqa: PLC0415
+
+    monkeypatch.setitem(sys.modules, "glm_serve.model.triton_backend", None)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v4/chat/completions",
+                               "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}) + "\n")
+    argv = ["batch", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model", str(tiny_hf), "--device", "cpu",
+            "--attention-backend", "triton", "--no-progress"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "needs triton", "--attention-backend torch")

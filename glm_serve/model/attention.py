@@ -199,7 +199,10 @@ def make_backend(name: str) -> AttentionBackend:
     if name == "torch":
         return TorchPagedAttention()
     if name == "triton":
-        from glm_serve.model.triton_backend import TritonPagedAttention  # noqa: PLC0415 (needs triton)
-
+        try:
+            from glm_serve.model.triton_backend import TritonPagedAttention  # noqa: PLC0415 (needs triton)
+        except ImportError as e:  # a one-line error from the CLI, not a traceback (triton is an optional extra)
+            raise ValueError(f"the triton attention backend needs triton ({e}): pip install 'glm-serve[triton]', "
+                             "or use --attention-backend torch") from None
         return TritonPagedAttention()
     raise ValueError(f"unknown attention backend {name!r} (choose 'torch' or 'triton')")
