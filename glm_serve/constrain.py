@@ -44,7 +44,7 @@ def _import_xgrammar():
         import xgrammar  # noqa: PLC0415 (optional dependency, heavy: imports transformers)
     except ImportError as e:
         raise ValueError("constrained decoding needs xgrammar (JSON mode, JSON schemas, forced tool calls): "
-                         f"pip install 'xgrammar>=0.1.25' ({e})") from None
+                         f"pip install 'glm-serve[structured]' ({e})") from None
     return xgrammar
 
 

@@ -157,8 +157,10 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
                        "response_format")
     if fmt == "text" and (choice == "auto" or not tools):
         return None
-    factory = ctx.constraint_factory()
     try:
+        # Inside the try: without xgrammar (an optional extra) building the factory raises a ValueError naming the
+        # fix, which the client gets as a 400 (a 500 would be retried three times by the SDKs, to no end).
+        factory = ctx.constraint_factory()
         if fmt == "json_object":
             make = factory.json_object
         elif fmt == "json_schema":

@@ -228,3 +228,20 @@ def test_request_ids_are_per_key(keyed, engine):
         t.join()
     for key in (KEY_A, KEY_B):
         assert results[key].status_code == 200 and results[key].json()["request_id"] == "shared-id"
+
+
+def test_json_mode_without_xgrammar_is_a_400_naming_it(make_server, monkeypatch):
+    # xgrammar is an optional extra ([structured]). Before: JSON mode or a forced tool call on a server without it
+    # was a 500 "internal error: ValueError", which the SDKs retried three times; the fix was only in the log.
+    import sys  # noqa: PLC0415
+
+    srv = make_server()  # a fresh app: no constraint factory built yet
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar fails as if it were not installed
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for url, extra in [(srv.openai_base + "/chat/completions", {"response_format": {"type": "json_object"}}),
+                       (srv.vendor_base + "chat/completions", {"tools": [tool], "tool_choice": "required"})]:
+        r = httpx.post(url, json={"model": "glm-4-plus", "messages": USER, "max_tokens": 2, **extra})
+        assert r.status_code == 400, r.text
+        assert r.headers["x-should-retry"] == "false" and "glm-serve[structured]" in r.text
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 2}
+    assert httpx.post(srv.vendor_base + "chat/completions", json=body).status_code == 200  # the rest works
