@@ -63,6 +63,11 @@ class AttentionBackend(abc.ABC):
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raise ValueError when this backend cannot compute correctly on `device` in `dtype`."""
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, max_seqlen_k: int) -> list:
+        """Compile ahead what the engine's short warm-up requests do not reach (engine/warm_up.py). -> what it
+        launched (nothing, by default)."""
+        return []
+
     @abc.abstractmethod
     def forward(
         self,

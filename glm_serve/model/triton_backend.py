@@ -54,6 +54,22 @@ class TritonPagedAttention(AttentionBackend):
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_seqlen_q, scale
         )  # [T, H, D]
 
+    def warm_up(self, k_cache, v_cache, num_heads: int, max_seqlen_k: int) -> list[int]:
+        """Launch the decode kernel once per split count a step can choose here (2, 4, ... up to batch 1 at
+        max_seqlen_k), over one empty sequence: NUM_SPLITS is a compile-time constant, so each count compiles its
+        own kernel and reduce on first use (seconds), which the first long-context decode would otherwise wait
+        for; the warm-up requests are short and reach 1 only. -> the split counts launched."""
+        if self.decode_splits is not None:
+            return []  # fixed: the warm-up requests ran it
+        top = choose_num_splits(1, k_cache.shape[2], max_seqlen_k, self._sm_count(k_cache.device))
+        q = k_cache.new_zeros(1, num_heads, k_cache.shape[3])  # [1, H, D]
+        seq_lens = torch.zeros(1, dtype=torch.int32, device=k_cache.device)  # an empty context: writes zeros
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=k_cache.device)
+        splits = [1 << i for i in range(1, top.bit_length())]
+        for s in splits:
+            paged_decode(q, k_cache, v_cache, seq_lens, tables, 1.0, s)
+        return splits
+
     def _decode_plan(self, q, k_cache, meta: AttnMetadata) -> tuple[int, DecodePartials | None]:
         """Split count and partials scratch, computed once per step and shared by all layers through
         meta.cache (layers run one after another on one stream, so one scratch buffer serves them all)."""

@@ -87,3 +87,31 @@ def test_tiny_model_generates_the_same_tokens(tiny_hf):
     want = generate_simple(model, prompt, max_tokens=6)
     model.set_backend(TritonPagedAttention())
     assert generate_simple(model, prompt, max_tokens=6) == want
+
+
+@pytest.mark.parametrize("num_sms, max_len, expected", [(132, 131072, [2, 4, 8, 16, 32, 64]),
+                                                        (132, 2048, [2, 4, 8]), (1, 131072, [])])
+def test_warm_up_launches_every_decode_split_count_a_step_can_choose(monkeypatch, num_sms, max_len, expected):
+    """NUM_SPLITS is compile-time: the warm-up launches each count choose_num_splits can return here, so no
+    first long-context decode compiles mid-serving; the launches leave the cache untouched."""
+    from glm_serve.kernels import choose_num_splits
+    from glm_serve.model import triton_backend
+
+    backend = TritonPagedAttention()
+    monkeypatch.setattr(backend, "_sm_count", lambda device: num_sms)
+    launched = []
+    real = triton_backend.paged_decode
+
+    def spy(q, k_cache, v_cache, seq_lens, tables, scale, num_splits, **kw):
+        out = real(q, k_cache, v_cache, seq_lens, tables, scale, num_splits, **kw)
+        assert torch.equal(out, torch.zeros_like(out))  # an empty context attends to nothing
+        launched.append(num_splits)
+        return out
+
+    monkeypatch.setattr(triton_backend, "paged_decode", spy)
+    k_cache = torch.randn(4, 16, 2, 32, device=DEVICE)
+    v_cache, before = torch.randn_like(k_cache), k_cache.clone()
+    assert backend.warm_up(k_cache, v_cache, num_heads=8, max_seqlen_k=max_len) == expected == launched
+    reachable = {choose_num_splits(b, 2, ctx, num_sms) for b in range(1, 257) for ctx in range(1, max_len + 1, 97)}
+    assert reachable - {1} == set(expected)  # every count a step can pick, and only those
+    assert torch.equal(k_cache, before)
