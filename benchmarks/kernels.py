@@ -131,14 +131,14 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     return row
 
 
-def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> dict:
+def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool, figures: dict, saved=lambda: None) -> dict:
     """Launch parameters swept at the points the targets are set at (decode at batch 1 over 32K and 128K, a
     mid batch; prefill at 32K and a chunk over a 30K prefix), so the defaults can be chosen from data: every
     config's time, the default's, and the best. A config the GPU cannot run (shared memory) is recorded as
-    its error; each config's output is compared with the default's on the same data."""
+    its error; each config's output is compared with the default's on the same data. Fills `figures`
+    ({"decode": [], "prefill": []}) point by point, calling saved() after each."""
     from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode, paged_prefill  # noqa: PLC0415
 
-    figures = {"decode": [], "prefill": []}
     for batch, context in [(1, 40), (2, 300)] if smoke else [(1, 32768), (1, 131072), (32, 8192)]:
         k_cache, v_cache, tables = paged_cache(batch, context)
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
@@ -160,6 +160,7 @@ def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> di
         figures["decode"].append(_tune_point(
             {"batch": batch, "context": context}, decode, default, grid, torch.empty_like(q),
             "frac_of_copy", lambda ms: kv_bytes / ms / 1e6 / copy_gbs))  # fmt: skip
+        saved()
         k_cache = v_cache = None
         _empty_cache()
     for prefix, chunk in [(0, 37)] if smoke else [(0, 32768), (30720, 2048)]:
@@ -179,6 +180,7 @@ def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool) -> di
         figures["prefill"].append(_tune_point(
             {"prefix": prefix, "chunk": chunk}, prefill, default, grid, torch.empty_like(q),
             "frac_of_matmul", lambda ms: flops / ms / 1e9 / matmul_tflops, reps=10))  # fmt: skip
+        saved()
         k_cache = v_cache = None
         _empty_cache()
     return figures
@@ -337,46 +339,56 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.smoke:
         batches, contexts, prefills, stores = [1, 3], [40, 300], [(0, 37), (50, 21)], [1, 19]
-    elif args.quick:
-        batches, contexts, stores = [1, 16, 64], [1024, 16384], [1, 8192]
-        prefills = [(0, 1024), (0, 8192), (30720, 2048)]
+    elif args.quick:  # the issue's target points (decode batch 1 at 32K, prefill 32K) and a few beside them
+        batches, contexts, stores = [1, 32], [4096, 32768, 131072], [1, 8192]
+        prefills = [(0, 2048), (0, 32768), (30720, 2048)]
     else:
         batches, contexts, stores = [1, 4, 16, 32, 64, 128, 256], [1024, 4096, 16384, 32768, 65536, 131072], [
             1, 64, 256, 8192]
         prefills = [(0, n) for n in (1024, 2048, 4096, 8192, 16384, 32768)] + [
             (8192, 2048), (30720, 2048), (129024, 2048)]
     results = {"decode": [], "prefill": [], "kv_store": []}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+
+    def save(complete: bool) -> None:
+        """Written after every point, so a run cut off at a time limit still leaves what it measured."""
+        record = {
+            **header("kernels", device, argv),
+            "complete": complete,  # False: cut off before the end (or still running); what is here was measured
+            "num_sms": num_sms,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+                       "dtype": str(DTYPE)},  # fmt: skip
+            "ceilings": ceilings,
+            "flex_attention": "compiled" if flex is not None else f"unavailable ({flex_error})",
+            "figures": results,
+        }
+        write(record, args.out, f"kernels-{slug}-{now:%Y%m%d-%H%M%S}.json")
+
     for batch in batches:
         for context in contexts:
             if batch * context > args.max_decode_tokens:
                 continue
             results["decode"].append(bench_decode(batch, context, num_sms, ceilings["copy_GBps"]))
             print("decode", results["decode"][-1], flush=True)
+            save(complete=False)
             _empty_cache()
     for prefix, chunk in prefills:
         results["prefill"].append(bench_prefill(prefix, chunk, ceilings["matmul_bf16_TFLOPs"], flex))
         print("prefill", results["prefill"][-1], flush=True)
+        save(complete=False)
         _empty_cache()
     for tokens in stores:
         results["kv_store"].append(bench_store(tokens, ceilings["copy_GBps"]))
         print("kv_store", results["kv_store"][-1], flush=True)
+        save(complete=False)
     if args.tune:
-        results["tune"] = tune(num_sms, ceilings["copy_GBps"], ceilings["matmul_bf16_TFLOPs"], args.smoke)
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    record = {
-        **header("kernels", device, argv),
-        "num_sms": num_sms,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
-                   "dtype": str(DTYPE)},  # fmt: skip
-        "ceilings": ceilings,
-        "flex_attention": "compiled" if flex is not None else f"unavailable ({flex_error})",
-        "figures": results,
-    }
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    write(record, args.out, f"kernels-{slug}-{now:%Y%m%d-%H%M%S}.json")
+        results["tune"] = {"decode": [], "prefill": []}
+        tune(num_sms, ceilings["copy_GBps"], ceilings["matmul_bf16_TFLOPs"], args.smoke, results["tune"],
+             lambda: save(complete=False))
+    save(complete=True)
 
 
 if __name__ == "__main__":

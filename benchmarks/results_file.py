@@ -57,6 +57,8 @@ def write(record: dict, out: str | Path | None, default_name: str) -> Path:
     """Write `record` to `out`, or to benchmarks/results/<default_name>; print and return the path."""
     path = Path(out) if out else RESULTS / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a run stopped mid-write leaves the last whole file, not half one
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
     print(f"wrote {path}")
     return path

@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Run on the GPU box (offline; torch/triton/transformers preinstalled): the GPU tests and the benchmarks,
-# writing results JSONs under $OUT (or benchmarks/results). Take ../shared/tools/gpu-wheels.sh's .whl/ along;
-# pytest and Pillow are not among the box's packages (docs/gpu.md), and the tests and the vision benchmark need
-# them: make .whl/ with `../shared/tools/gpu-wheels.sh pytest iniconfig pluggy pygments pillow`.
-#   bash scripts/gpu-run.sh [tests|kernels|tune|offline|vision|overhead|serve|all]
-# (tune: the kernel launch-parameter sweep at the target points, with the quick sweep; not part of all)
-set -euo pipefail
+# Run on the GPU box (offline; torch/triton/transformers/pytest/pillow preinstalled): the GPU tests and the
+# benchmarks, writing logs and results JSONs under $OUT (or benchmarks/results). Take
+# ../shared/tools/gpu-wheels.sh's .whl/ along (the server's packages, bitsandbytes, xgrammar).
+#
+#   bash scripts/gpu-run.sh [first|tests|kernels|tune|offline|vision|overhead|serve|all]
+#
+# first: what one call within a 15-minute device budget can do (run it with timeout_s 600): the GPU tests, the
+#   quick kernel benchmark, the 9B-shaped offline benchmark and the engine overhead, each under its own time
+#   limit so that the whole ends within about 9 minutes. The benchmarks write their results file as they go:
+#   a step cut off at its limit still leaves what it measured. 6 files under $OUT (the tool brings back 8).
+# tune: the kernel launch-parameter sweep at the target points (with the quick sweep); not part of all.
+# Each step says how it ended in $results/steps.log; a failing step does not stop the ones after it.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
 results="${OUT:-benchmarks/results}"
 mkdir -p "$results"
+today=$(date +%F)
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -17,53 +24,92 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+export PYTHONUNBUFFERED=1
 
-missing() {  # missing LABEL MODULE...: says once which modules this Python lacks (status 0 when any is)
+step() {  # step NAME SECONDS [--log FILE] CMD...: CMD under a time limit (SIGINT first), its output to FILE
+  local name=$1 limit=$2 t0=$SECONDS rc  # when given; says how it ended; never fails
+  shift 2
+  if [ "$1" = --log ]; then
+    local log=$2
+    shift 2
+    timeout --signal=INT --kill-after=20 "$limit" "$@" > "$log" 2>&1
+  else
+    timeout --signal=INT --kill-after=20 "$limit" "$@"
+  fi
+  rc=$?
+  local how="rc $rc"
+  [ $rc = 124 ] && how="cut off at its ${limit} s limit"
+  echo "gpu-run.sh: $name: $how, $((SECONDS - t0)) s" | tee -a "$results/steps.log"
+}
+missing() {  # missing LABEL MODULE...: status 0 (and says so) when this Python lacks any of the modules
   local label=$1 m gone=""
   shift
   for m in "$@"; do python3 -c "import $m" 2>/dev/null || gone="$gone $m"; done
   [ -n "$gone" ] || return 1
-  echo "gpu-run.sh: $label NOT RUN, missing:$gone (see the wheels line at the top of this script)"
+  echo "gpu-run.sh: $label: NOT RUN, missing:$gone (bring them in .whl/: ../shared/tools/gpu-wheels.sh NAME...)" \
+    | tee -a "$results/steps.log"
 }
-# Without pytest nothing runs; without Pillow two test files fail to import and stop pytest's collection.
-if { [ "$what" = tests ] || [ "$what" = all ]; } && missing "GPU tests" pytest PIL > "$results/gpu_tests.log"; then
-  cat "$results/gpu_tests.log"
-elif [ "$what" = tests ] || [ "$what" = all ]; then
-  # tests/api and tests/batch hold no GPU test and import SDKs the GPU image lacks (openai, zai-sdk, PyJWT,
-  # jsonschema): collected, they stop pytest before any test runs. A failing test is reported in the log
-  # under $results and does not stop the benchmarks below (set -e with pipefail would end the script here).
-  python3 -m pytest -q -m gpu tests/ --ignore=tests/api --ignore=tests/batch 2>&1 | tee "$results/gpu_tests.log" | tail -20 \
-    || echo "gpu-run.sh: GPU tests FAILED (rc ${PIPESTATUS[0]}), see $results/gpu_tests.log"
-  python3 -m pytest -q tests/kernels 2>&1 | tee "$results/kernel_tests.log" | tail -5 \
-    || echo "gpu-run.sh: kernel tests FAILED (rc ${PIPESTATUS[0]}), see $results/kernel_tests.log"
-fi
-if [ "$what" = kernels ] || [ "$what" = all ]; then
-  python3 benchmarks/kernels.py --out "$results/kernels_$(date +%F).json"
-fi
-if [ "$what" = tune ]; then
-  python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$(date +%F).json"
-fi
-# Under set -e the vision benchmark's ImportError would end `all` before offline, overhead and serve.
-if { [ "$what" = vision ] || [ "$what" = all ]; } && missing "vision benchmark" PIL; then
-  :
-elif [ "$what" = vision ] || [ "$what" = all ]; then
-  vckpt=/tmp/glm-4v-9b-random
-  [ -f "$vckpt/config.json" ] || glm-serve make-tiny "$vckpt" --vision --preset glm-4-9b --device cuda
-  python3 benchmarks/vision_ttft.py --model "$vckpt" --device cuda --out "$results/vision_ttft_cuda_$(date +%F).json"
-fi
-if [ "$what" = offline ] || [ "$what" = all ]; then
+checkpoint_9b() {  # the 9B-shaped random checkpoint, made on the GPU (never shipped: 18.8 GB)
   ckpt=/tmp/glm-4-9b-random
-  [ -f "$ckpt/config.json" ] || glm-serve make-tiny "$ckpt" --preset glm-4-9b --device cuda --shards 4
-  python3 benchmarks/offline_throughput.py --model "$ckpt" --device cuda --num-prompts 256 \
-    --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 --out "$results/offline_cuda_$(date +%F).json"
+  [ -f "$ckpt/config.json" ] || step "make-tiny glm-4-9b" 300 glm-serve make-tiny "$ckpt" --preset glm-4-9b \
+    --device cuda --shards 4
+}
+
+run_tests() {  # LIMIT_GPU LIMIT_KERNELS
+  # tests/api and tests/batch hold no GPU test and import SDKs the box lacks (openai, zai-sdk, PyJWT,
+  # jsonschema): collected, they would stop pytest before any test runs. Pillow: tests/test_image.py imports it.
+  missing "GPU tests" pytest PIL && return
+  step "GPU tests (-m gpu)" "$1" --log "$results/gpu_tests.log" \
+    python3 -m pytest -q -m gpu tests/ --ignore=tests/api --ignore=tests/batch
+  tail -15 "$results/gpu_tests.log"
+  step "kernel tests (tests/kernels on CUDA)" "$2" --log "$results/kernel_tests.log" \
+    python3 -m pytest -q tests/kernels
+  tail -5 "$results/kernel_tests.log"
+}
+run_offline() {  # LIMIT NUM_PROMPTS
+  checkpoint_9b
+  step "offline benchmark (9B-shaped)" "$1" python3 benchmarks/offline_throughput.py --model "$ckpt" --device cuda \
+    --num-prompts "$2" --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 \
+    --out "$results/offline_cuda_$today.json"
+}
+
+case "$what" in
+  first)
+    run_tests 150 150
+    step "kernel benchmark (--quick)" 120 python3 benchmarks/kernels.py --quick --out "$results/kernels_quick_$today.json"
+    run_offline 170 128
+    step "engine overhead (host CPU)" 45 python3 benchmarks/engine_overhead.py --repeats 1 \
+      --out "$results/engine_overhead_overlap_gpuhost_$today.json"
+    ;;
+  tests) run_tests 400 400 ;;
+  kernels) step "kernel benchmark" 580 python3 benchmarks/kernels.py --out "$results/kernels_$today.json" ;;
+  tune) step "kernel tune sweep" 580 python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$today.json" ;;
+  offline) run_offline 500 256 ;;
+  overhead) step "engine overhead (host CPU)" 300 python3 benchmarks/engine_overhead.py \
+    --out "$results/engine_overhead_overlap_gpuhost_$today.json" ;;
+  vision|serve|all) ;;
+  *) echo "gpu-run.sh: unknown target $what" >&2; exit 2 ;;
+esac
+
+if [ "$what" = all ]; then
+  run_tests 600 600
+  step "kernel benchmark" 900 python3 benchmarks/kernels.py --out "$results/kernels_$today.json"
 fi
-if [ "$what" = overhead ] || [ "$what" = all ]; then  # the engine's host work on this box's CPU
-  python3 benchmarks/engine_overhead.py --out "$results/engine_overhead_overlap_gpuhost_$(date +%F).json"
+if { [ "$what" = vision ] || [ "$what" = all ]; } && ! missing "vision benchmark" PIL; then
+  vckpt=/tmp/glm-4v-9b-random
+  [ -f "$vckpt/config.json" ] || step "make-tiny glm-4v-9b" 300 glm-serve make-tiny "$vckpt" --vision \
+    --preset glm-4-9b --device cuda
+  step "GLM-4V time to first token" 300 python3 benchmarks/vision_ttft.py --model "$vckpt" --device cuda \
+    --out "$results/vision_ttft_cuda_$today.json"
+fi
+if [ "$what" = all ]; then
+  run_offline 900 256
+  step "engine overhead (host CPU)" 300 python3 benchmarks/engine_overhead.py \
+    --out "$results/engine_overhead_overlap_gpuhost_$today.json"
 fi
 if [ "$what" = serve ] || [ "$what" = all ]; then  # the HTTP server on the 9B-shaped checkpoint, glm-serve bench
-  ckpt=/tmp/glm-4-9b-random
-  [ -f "$ckpt/config.json" ] || glm-serve make-tiny "$ckpt" --preset glm-4-9b --device cuda --shards 4
-  glm-serve serve --model "$ckpt" --port 8199 --max-model-len 8192 > /tmp/serve.log 2>&1 &
+  checkpoint_9b
+  glm-serve serve --model "$ckpt" --port 8199 --max-model-len 8192 > "$results/serve.log" 2>&1 &
   server=$!
   trap 'kill $server 2>/dev/null || true' EXIT
   python3 -c "
@@ -74,8 +120,10 @@ for _ in range(180):
     except httpx.HTTPError: pass
     time.sleep(1)"
   for c in 1 16 64; do
-    glm-serve bench --url http://127.0.0.1:8199 --model "$ckpt" --num-prompts $((c * 4 > 16 ? c * 4 : 16)) \
-      --concurrency "$c" --input-len 1024 --output-len 256 --out "$results/serve_bench_c${c}_cuda_$(date +%F).json"
+    step "glm-serve bench, concurrency $c" 300 glm-serve bench --url http://127.0.0.1:8199 --model "$ckpt" \
+      --num-prompts $((c * 4 > 16 ? c * 4 : 16)) --concurrency "$c" --input-len 1024 --output-len 256 \
+      --out "$results/serve_bench_c${c}_cuda_$today.json"
   done
   kill $server
 fi
+exit 0

@@ -1,8 +1,6 @@
-"""scripts/gpu-run.sh on a box whose Python lacks pytest and Pillow (neither is among the GPU box's packages,
-docs/gpu.md): it says which steps it skipped and why, and `all` still reaches the benchmarks after vision.
-
-The box's commands are stand-ins on PATH: `python3` fails to import pytest and PIL (and the vision benchmark
-fails as it would without Pillow), `nvidia-smi` and `glm-serve` do nothing; every call is logged."""
+"""scripts/gpu-run.sh, driven with stand-ins for the box's commands on PATH (`python3`, `nvidia-smi`,
+`glm-serve`; every call is logged): a step that fails or is missing a module is said in steps.log and the
+steps after it still run, and `first` (one call in a 15-minute device budget) cuts a step off at its limit."""
 
 from __future__ import annotations
 
@@ -18,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 _PYTHON = """#!/usr/bin/env bash
 echo "python3 $*" >> "$FAKE_LOG"
 case "$*" in
-  "-c import pytest" | "-c import PIL") exit 1 ;;
-  "-m pytest"*) echo "No module named pytest" >&2; exit 1 ;;
-  *vision_ttft.py*) echo "ModuleNotFoundError: No module named 'PIL'" >&2; exit 1 ;;
+  "-c import pytest" | "-c import PIL") [ -n "$FAKE_NO_PYTEST" ] && exit 1; exit 0 ;;
+  *offline_throughput.py*) exit 3 ;;  # a failing step
+  *kernels.py*) [ -n "$FAKE_SLOW_KERNELS" ] && exec sleep 600 ;;  # a step that outlasts its limit
 esac
 exit 0
 """
@@ -29,23 +27,49 @@ echo "glm-serve $*" >> "$FAKE_LOG"
 if [ "$1" = serve ]; then exec sleep 30; fi
 """
 
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_missing_pytest_and_pillow_are_named_and_the_rest_runs(tmp_path):
+
+def _run(tmp_path, target: str, script: Path = REPO / "scripts" / "gpu-run.sh",
+         **env_extra) -> tuple[subprocess.CompletedProcess, str, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("python3", _PYTHON), ("glm-serve", _GLM_SERVE), ("nvidia-smi", "#!/bin/sh\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log, out = tmp_path / "calls.log", tmp_path / "results"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log)}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu-run.sh"), "all"], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "FAKE_LOG": str(log),
+           **env_extra}
+    done = subprocess.run(["bash", str(script), target], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "GPU tests NOT RUN, missing: pytest PIL" in done.stdout
-    assert "vision benchmark NOT RUN, missing: PIL" in done.stdout
-    assert "missing: pytest PIL" in (out / "gpu_tests.log").read_text()
-    calls = log.read_text()
+    return done, log.read_text(), out
+
+
+def test_missing_pytest_and_pillow_are_named_and_the_rest_runs(tmp_path):
+    done, calls, out = _run(tmp_path, "all", FAKE_NO_PYTEST="1")
+    assert "GPU tests: NOT RUN, missing: pytest PIL" in done.stdout
+    assert "vision benchmark: NOT RUN, missing: PIL" in done.stdout
     assert "-m pytest" not in calls and "vision_ttft.py" not in calls
-    for later_step in ("benchmarks/offline_throughput.py", "benchmarks/engine_overhead.py", "glm-serve bench"):
+    for later_step in ("benchmarks/kernels.py", "benchmarks/offline_throughput.py", "benchmarks/engine_overhead.py",
+                       "glm-serve bench"):
         assert later_step in calls
+    steps = (out / "steps.log").read_text()
+    assert "offline benchmark (9B-shaped): rc 3" in steps  # failed, said, and the next steps ran
+
+
+def test_first_cuts_a_step_off_at_its_limit_and_goes_on(tmp_path):
+    script = (REPO / "scripts" / "gpu-run.sh").read_text()
+    limit = 'step "kernel benchmark (--quick)" 120 '
+    assert limit in script  # the limit this test shortens, in a copy of the script
+    copy = tmp_path / "repo" / "scripts" / "gpu-run.sh"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(script.replace(limit, limit.replace(" 120 ", " 2 ")))
+    done, calls, out = _run(tmp_path, "first", script=copy, FAKE_SLOW_KERNELS="1")
+    steps = (out / "steps.log").read_text().splitlines()
+    assert [s.split(":")[1].strip() for s in steps] == [
+        "GPU tests (-m gpu)", "kernel tests (tests/kernels on CUDA)", "kernel benchmark (--quick)",
+        "make-tiny glm-4-9b", "offline benchmark (9B-shaped)", "engine overhead (host CPU)"]
+    assert "kernel benchmark (--quick): cut off at its 2 s limit" in steps[2]
+    assert "--num-prompts 128" in calls and "engine_overhead.py --repeats 1" in calls

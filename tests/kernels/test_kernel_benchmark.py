@@ -22,6 +22,7 @@ def test_kernel_benchmark_smoke_run(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
+    assert record["complete"] is True and done.stdout.count(f"wrote {out}") > 1  # also written point by point
     figures = record["figures"]
     assert len(figures["decode"]) == 4 and len(figures["prefill"]) == 2 and len(figures["kv_store"]) == 2
     assert any(row["splits"] > 1 for row in figures["decode"])  # the split-K + reduce path ran
