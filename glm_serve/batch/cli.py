@@ -6,9 +6,10 @@ flushed and fsynced, so an interrupted run loses nothing written; a rerun skips 
 OUTPUT and the line numbers already in the error file, after cutting a torn last line left by a crash.
 Output lines therefore come in finishing order, not input order; match them by custom_id.
 
-A rerun resumes only the job it belongs to: OUTPUT.source.json records the input's path and SHA-256 when the
-job starts, and a run whose input differs (another file with the same custom_ids, or the input edited since)
-is refused instead of skipping lines that were never answered for it.
+A rerun resumes only the job it belongs to: OUTPUT.source.json records the input's path and SHA-256 and the
+model when the job starts, and a run whose input differs (another file with the same custom_ids, or the input
+edited since) is refused instead of skipping lines that were never answered for it, as is a run with another
+model (or quantization), whose answers would be mixed with the first model's in one output.
 """
 
 from __future__ import annotations
@@ -58,27 +59,41 @@ def source_path(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".source.json")
 
 
-def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path) -> None:
-    """Tie OUTPUT to this input (see the module docstring): record the input's fingerprint when the job starts,
-    or check it when resuming. ValueError when OUTPUT belongs to another input."""
+def model_identity(model: str, quantization: str | None) -> str:
+    """What answered a job, as recorded in OUTPUT.source.json: the checkpoint (a local folder's absolute path, or
+    the hub id / 'demo' as given) and its quantization."""
+    path = Path(model).expanduser()
+    name = str(path.resolve()) if path.is_dir() else model
+    return name if quantization in (None, "none") else f"{name} ({quantization})"
+
+
+def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path, model: str | None = None) -> None:
+    """Tie OUTPUT to this input and model (see the module docstring): record the input's fingerprint and the
+    model when the job starts, or check them when resuming. ValueError when OUTPUT belongs to another input, or
+    was answered by another model (a resumed job would mix the answers of two models)."""
     digest = hashlib.sha256(data).hexdigest()
     side = source_path(out_path)
     started = any(p.exists() and p.stat().st_size > 0 for p in (out_path, err_path))
     if side.exists():
         try:
-            known = json.loads(side.read_text())["sha256"]
+            record = json.loads(side.read_text())
+            known = record["sha256"]
         except (ValueError, KeyError, TypeError, OSError):
             raise ValueError(f"{side} is not a source record of `glm-serve batch`; move it away") from None
         if started and known != digest:
             raise ValueError(f"{out_path} holds answers to another input (or {src} changed since that run); "
                              "choose another output, or remove it and its .errors/.source files to start over")
+        was = record.get("model")  # absent in records written before models were recorded
+        if started and model is not None and was is not None and was != model:
+            raise ValueError(f"{out_path} holds answers from model {was}; this run loads {model}, and resuming "
+                             "would mix the answers of two models: rerun with that model, or choose another output")
         if started:
             return
     elif started:  # written before source records existed: resumed as it was
         log.warning("%s has no source record: resuming by custom_id without checking the input", out_path)
         return
     tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps({"input": str(src.resolve()), "sha256": digest}) + "\n")
+    tmp.write_text(json.dumps({"input": str(src.resolve()), "sha256": digest, "model": model}) + "\n")
     os.replace(tmp, side)  # before any answer is written: a crash leaves a record and no answers
 
 
@@ -249,7 +264,7 @@ def cmd_batch(args) -> int:
     if not lines:
         raise ValueError(f"{src} holds no request lines")
     done_ids, done_lines = read_done(out_path, "custom_id", OUTPUT_KEYS), read_done(err_path, "line")
-    claim_output(src, data, out_path, err_path)
+    claim_output(src, data, out_path, err_path, model_identity(args.model, args.quantization))
     names = args.served_model_name
     if not names:  # one model runs here: every model name the lines use is accepted
         names = sorted({b["model"] for b in (_body(raw) for _, raw in lines) if isinstance(b.get("model"), str)})

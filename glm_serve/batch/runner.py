@@ -13,6 +13,7 @@ Shared by the server's batch worker and `glm-serve batch`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections.abc import Iterator
@@ -61,8 +62,11 @@ def output_line(custom_id: str, body: dict) -> str:
 
 
 def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for every non-blank line."""
+    """(1-based line number, raw line) for every non-blank line. A UTF-8 byte order mark at the start (editors on
+    Windows write one) is no part of the first line."""
     for i, raw in enumerate(data.split(b"\n"), start=1):
+        if i == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
         if raw.strip():
             yield i, raw
 

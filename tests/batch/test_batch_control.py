@@ -86,6 +86,15 @@ def test_empty_input_fails_the_batch(server, tmp_path):
     assert b["output_file_id"] is None and b["error_file_id"] is None
 
 
+def test_a_byte_order_mark_is_no_part_of_the_first_line(server, tmp_path):
+    """Files saved by Windows editors start with a UTF-8 BOM: the first line is still a request."""
+    path = write_jsonl(tmp_path / "bom.jsonl", [batch_line(c, chat_body("hi", max_tokens=1)) for c in "ab"])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    b = wait_batch(server.vendor_base, create(server.vendor_base, upload(server.vendor_base, path))["id"])
+    assert b["status"] == "completed" and b["request_counts"] == {"total": 2, "completed": 2, "failed": 0}, b
+    assert [o["custom_id"] for o in read_jsonl(content(server.vendor_base, b["output_file_id"]))] == ["a", "b"]
+
+
 def test_routes_need_the_key(make_server, tmp_path):
     srv = make_server(api_keys=[KEY], data_dir=tmp_path / "keyed")
     base, auth = srv.vendor_base, {"Authorization": f"Bearer {KEY}"}

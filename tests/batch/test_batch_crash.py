@@ -163,6 +163,13 @@ def test_cli_output_belongs_to_its_input(tiny_hf, tmp_path, capsys):
     copy.write_bytes(job_a.read_bytes())
     assert cli_main(["batch", str(copy), "-o", str(out), *flags]) == 0
     assert "(0 answered and 0 failed in this run)" in capsys.readouterr().out
+    # The same job with another model, or the same one quantized: refused before loading (answers would mix).
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for model_flags in (["--model", str(other)], ["--model", str(tiny_hf), "--quantization", "int8"]):
+        assert cli_main(["batch", str(job_a), "-o", str(out), "--no-progress", *model_flags, *ENGINE_FLAGS]) == 2
+        assert f"holds answers from model {tiny_hf.resolve()}; this run loads" in capsys.readouterr().err
+    assert out.read_text() == answers
     # Another job's input file as the output: its lines carry custom_ids but are no answers.
     assert cli_main(["batch", str(job_b), "-o", str(job_a), *flags]) == 2
     assert "is not a line `glm-serve batch` wrote" in capsys.readouterr().err
