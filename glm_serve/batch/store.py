@@ -7,7 +7,10 @@ own transaction, and start-up sweeps what a crash left half done (temporary and 
     DATA_DIR/files/ID     file contents (uploads, outputs, error files)
     DATA_DIR/lock         held (flock) by the one process using this data dir
 
-Items have no "running" state on disk: what was in flight when a process died is simply still pending.
+Items have no "running" state on disk: what was in flight when a process died is simply still pending. Each
+item counts the runs that began and neither ended nor were stopped cleanly (`starts`): the worker stops re-running
+a line that was in flight at several crashes, in case it is what crashed the process. A closed batch's items
+are deleted with the close (its answers are in its files by then).
 All methods are synchronous and thread-safe (one connection behind a lock); async callers use to_thread.
 """
 
@@ -31,6 +34,7 @@ from glm_serve.batch.records import (
     CANCELLING,
     FAILED,
     IN_PROGRESS,
+    TERMINAL,
     VALIDATING,
     BatchRecord,
     FileRecord,
@@ -45,7 +49,7 @@ CREATE TABLE IF NOT EXISTS batches (
     input_file_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT, body TEXT, status TEXT NOT NULL,
-    result TEXT, PRIMARY KEY (batch_id, line));
+    result TEXT, starts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch_id, line));
 CREATE INDEX IF NOT EXISTS items_status ON items (batch_id, status, line);
 """
 PENDING, DONE, ITEM_FAILED = "pending", "done", "failed"
@@ -65,6 +69,7 @@ class Item:
     line: int  # 1-based line number in the input file
     custom_id: str
     body: dict = field(repr=False)
+    starts: int = 0  # runs of this line that began and never ended: each a crash while it was in flight
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,6 +108,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
         self._db.executescript(_SCHEMA)
+        if "starts" not in {row[1] for row in self._db.execute("PRAGMA table_info(items)")}:  # older data dirs
+            self._db.execute("ALTER TABLE items ADD COLUMN starts INTEGER NOT NULL DEFAULT 0")
         self._mutex = threading.RLock()
         self._sweep()
 
@@ -123,7 +130,11 @@ class Store:
             self._db.execute("COMMIT")
 
     def _sweep(self) -> None:
-        """Remove what a crash left between writing a file and recording it."""
+        """Remove what a crash left between writing a file and recording it, and the items of closed batches
+        (data dirs from before close_batch deleted them)."""
+        with self._tx() as db:
+            db.execute(f"DELETE FROM items WHERE batch_id IN (SELECT id FROM batches WHERE status IN "
+                       f"({', '.join('?' * len(TERMINAL))}))", TERMINAL)
         known = {r[0] for r in self._db.execute("SELECT id FROM files")}
         for p in self.files_dir.iterdir():
             if p.name.startswith(".tmp-") or p.name not in known:
@@ -295,9 +306,23 @@ class Store:
     def pending_items(self, batch_id: str, limit: int, skip: set[int]) -> list[Item]:
         """The first `limit` pending lines of a batch (input order), leaving out the lines in `skip`."""
         with self._mutex:
-            rows = self._db.execute("SELECT line, custom_id, body FROM items WHERE batch_id = ? AND status = ? "
-                                    "ORDER BY line LIMIT ?", (batch_id, PENDING, limit + len(skip))).fetchall()
-        return [Item(batch_id, line, cid, json.loads(body)) for line, cid, body in rows if line not in skip][:limit]
+            rows = self._db.execute("SELECT line, custom_id, body, starts FROM items WHERE batch_id = ? AND "
+                                    "status = ? ORDER BY line LIMIT ?",
+                                    (batch_id, PENDING, limit + len(skip))).fetchall()
+        return [Item(batch_id, line, cid, json.loads(body), starts)
+                for line, cid, body, starts in rows if line not in skip][:limit]
+
+    def begin_items(self, batch_id: str, lines: list[int]) -> None:
+        """These pending lines start running: count it (committed before they reach the engine)."""
+        with self._tx() as db:
+            db.executemany("UPDATE items SET starts = starts + 1 WHERE batch_id = ? AND line = ? AND status = ?",
+                           [(batch_id, line, PENDING) for line in lines])
+
+    def stop_items(self, lines: list[tuple[str, int]]) -> None:
+        """Runs of these (batch id, line)s stopped cleanly (a shutdown) before their result: no crash to count."""
+        with self._tx() as db:
+            db.executemany("UPDATE items SET starts = MAX(starts - 1, 0) WHERE batch_id = ? AND line = ? "
+                           "AND status = ?", [(batch_id, line, PENDING) for batch_id, line in lines])
 
     def has_pending(self, batch_id: str) -> bool:
         with self._mutex:
@@ -340,6 +365,11 @@ class Store:
         err_rec = self._write_lines(errs, f"{batch_id}_errors.jsonl", "batch_output") if errs else None
         with self._tx() as db:
             rec = self._load(db, batch_id)
+            if rec.status in TERMINAL:  # closed already (its items are gone): these files are not its files
+                for f in (out_rec, err_rec):
+                    if f is not None:
+                        self.file_path(f.id).unlink(missing_ok=True)
+                return rec
             for f in (out_rec, err_rec):
                 if f is not None:
                     self._insert_file(db, f)
@@ -351,6 +381,7 @@ class Store:
             rec.status = status
             setattr(rec, f"{status}_at", int(time.time()))
             self._save(db, rec)
+            db.execute("DELETE FROM items WHERE batch_id = ?", (batch_id,))  # its answers are in its files now
             # The input's lines are in the database since validation: only a batch still validating needs it.
             delete_input = rec.auto_delete_input_file and not db.execute(
                 "SELECT 1 FROM batches WHERE status = ? AND input_file_id = ? LIMIT 1",

@@ -38,6 +38,9 @@ from glm_serve.batch.store import Item, Store
 log = logging.getLogger(__name__)
 
 MAX_VALIDATION_ATTEMPTS = 3  # a batch whose validation raises this many times fails instead of being retried
+# A line that was in flight at this many crashes is not run again (an error line instead): if it is what crashes
+# the process (a GPU fault, the kernel's OOM killer), re-running it at every start would keep the server down.
+MAX_LINE_CRASHES = 3
 
 
 @dataclass
@@ -86,10 +89,12 @@ class BatchWorker:
         """Stop the loop and every line in flight; those lines stay pending for the next start."""
         tasks = [t for t in (self._main, *self._validating.values(), *(r.task for r in self._running.values()))
                  if t is not None]
+        stopped = list(self._running)  # (batch id, line): a clean stop, not a crash (see MAX_LINE_CRASHES)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._main = None
+        await asyncio.to_thread(self.store.stop_items, stopped)  # lines answered meanwhile are left as they are
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -155,14 +160,33 @@ class BatchWorker:
             if b.status != IN_PROGRESS or now >= b.expires_at:
                 continue
             skip = {line for bid, line in self._running if bid == b.id}
+            start: list[tuple[Item, int]] = []
+            blocked = False
             for item in await asyncio.to_thread(self.store.pending_items, b.id, free, skip):
+                if item.starts >= MAX_LINE_CRASHES:
+                    await asyncio.to_thread(self.store.record_result, b.id, item.line, False, error_line(
+                        item.custom_id, item.line, "500", f"the server stopped {item.starts} times while answering "
+                        "this line (a crash or kill each time); it is not run again", 500))
+                    continue
                 seqs = _num_seqs(item.body)
-                if seqs > free and self._running:
-                    return  # input order: the next line waits until its sequences fit (alone, if it must)
-                self._start(item, seqs)
+                if seqs > free and (self._running or start):
+                    blocked = True  # input order: the next line waits until its sequences fit (alone, if it must)
+                    break
+                start.append((item, seqs))
                 free -= seqs
                 if free <= 0:
-                    return
+                    break
+            if start:  # counted on disk before they reach the engine: a crash from here on is on their record
+                lines = [item.line for item, _ in start]
+                try:
+                    await asyncio.to_thread(self.store.begin_items, b.id, lines)
+                except asyncio.CancelledError:  # stop() while counting: these never ran
+                    await asyncio.to_thread(self.store.stop_items, [(b.id, line) for line in lines])
+                    raise
+                for item, seqs in start:
+                    self._start(item, seqs)
+            if blocked or free <= 0:
+                return
 
     def _start(self, item: Item, seqs: int = 1) -> None:
         entry = _Running(seqs=seqs)

@@ -166,3 +166,89 @@ def test_a_batch_answered_in_full_completes_even_past_its_window(tmp_path):
     done = store.get_batch(b.id)
     assert (done.status, done.completed, done.failed, done.error_file_id) == ("completed", 2, 0, None)
     store.close()
+
+
+def _ctx():
+    return types.SimpleNamespace(core=types.SimpleNamespace(config=types.SimpleNamespace(max_num_seqs=8)),
+                                 admission=types.SimpleNamespace(in_flight=0))
+
+
+def test_a_line_in_flight_at_repeated_crashes_is_not_run_again(tmp_path, monkeypatch):
+    """A line that may be what kills the process (a GPU fault, the OOM killer) would crash every restart: after
+    MAX_LINE_CRASHES crashes while it was in flight it becomes an error line. A clean stop counts nothing."""
+    import glm_serve.batch.worker as worker_mod
+
+    ran = []
+
+    async def hang(ctx, custom_id, line, body):  # the line is being answered when the process dies
+        ran.append(line)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(worker_mod, "run_line", hang)
+
+    async def run_until_crash(store: Store, clean_stop: bool) -> None:
+        worker = BatchWorker(store, _ctx())
+        await worker.tick()
+        await asyncio.sleep(0)
+        if clean_stop:
+            await worker.stop()
+        else:  # a kill: the tasks die with the process, nothing is written
+            for entry in list(worker._running.values()):
+                entry.task.cancel()
+            await asyncio.sleep(0)
+
+    store = Store(tmp_path)
+    b, _ = _started(store, 2)
+    store.close()
+    asyncio.run(run_until_crash(store := Store(tmp_path), clean_stop=True))
+    assert [i.starts for i in store.pending_items(b.id, 5, set())] == [0, 0] and ran == [1, 2]
+    for crash in range(worker_mod.MAX_LINE_CRASHES):
+        store.close()
+        asyncio.run(run_until_crash(store := Store(tmp_path), clean_stop=False))
+        assert [i.starts for i in store.pending_items(b.id, 5, set())] == [crash + 1] * 2
+    store.close()
+    ran.clear()
+    store = Store(tmp_path)
+    asyncio.run(BatchWorker(store, _ctx()).tick())  # records both as errors, then finalizes on the next pass
+    asyncio.run(BatchWorker(store, _ctx()).tick())
+    done = store.get_batch(b.id)
+    assert ran == [] and (done.status, done.completed, done.failed) == ("completed", 0, 2)
+    errors = [json.loads(x) for x in store.file_path(done.error_file_id).read_text().splitlines()]
+    assert [e["line"] for e in errors] == [1, 2] and all("not run again" in e["error"]["message"] for e in errors)
+    store.close()
+
+
+def test_close_deletes_a_batchs_items_and_a_second_close_changes_nothing(tmp_path):
+    store = Store(tmp_path)
+    b, _ = _started(store, 2)
+    for line in (1, 2):
+        store.record_result(b.id, line, True, json.dumps({"line": line}))
+    rec = store.close_batch(b.id, "completed")
+    count = "SELECT COUNT(*) FROM items WHERE batch_id = ?"
+    assert store._db.execute(count, (b.id,)).fetchone()[0] == 0  # its answers live in its output file
+    files = sorted(p.name for p in store.files_dir.iterdir())
+    again = store.close_batch(b.id, "expired")
+    assert (again.status, again.output_file_id, again.completed) == ("completed", rec.output_file_id, 2)
+    assert sorted(p.name for p in store.files_dir.iterdir()) == files  # no stray file from the second close
+    # A data dir from before: a closed batch's items still there are deleted at the next start.
+    with store._tx() as db:
+        db.execute("INSERT INTO items (batch_id, line, custom_id, status, result) VALUES (?, 1, 'x', 'done', '{}')",
+                   (b.id,))
+    store.close()
+    store = Store(tmp_path)
+    assert store._db.execute(count, (b.id,)).fetchone()[0] == 0
+    store.close()
+
+
+def test_a_data_dir_from_before_the_crash_count_gets_its_column(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "batch.db")
+    db.executescript("CREATE TABLE items (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT, body TEXT, "
+                     "status TEXT NOT NULL, result TEXT, PRIMARY KEY (batch_id, line));"
+                     "INSERT INTO items VALUES ('batch_old', 1, 'a', '{}', 'pending', NULL);")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store._db.execute("SELECT starts FROM items WHERE batch_id = 'batch_old'").fetchone() == (0,)
+    store.close()
