@@ -51,8 +51,9 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
 
     temperature, top_p = get("temperature"), get("top_p")
     if flavor == VENDOR:
-        _in_range("temperature", temperature, 0.0, 1.0)
-        _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+        if get("do_sample") is not False:  # do_sample=false: greedy, temperature and top_p ignored (api.md)
+            _in_range("temperature", temperature, 0.0, 1.0)
+            _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     else:
         _in_range("temperature", temperature, 0.0, 2.0)
         _in_range("top_p", top_p, 0.0, 1.0)

@@ -145,6 +145,8 @@ def test_sampling_params_mapping():
     p = sampling_params(_req(), VENDOR, ctx)
     assert (p.temperature, p.top_p, p.max_tokens) == (0.8, 0.7, None)  # checkpoint defaults, up to the context
     assert sampling_params(_req(do_sample=False, temperature=0.5), VENDOR, ctx).greedy
+    ignored = sampling_params(_req(do_sample=False, temperature=1.5, top_p=0.0), VENDOR, ctx)  # ignored, not checked
+    assert ignored.greedy and (ignored.temperature, ignored.top_p) == (0.0, 1.0)
     assert sampling_params(_req(temperature=0.0), VENDOR, ctx).greedy
     assert sampling_params(_req(temperature=1.7), OPENAI, ctx).temperature == 1.7
     assert sampling_params(_req(logprobs=True, top_logprobs=3), OPENAI, ctx).logprobs == 3

@@ -62,7 +62,7 @@ def test_sdk_batch_roundtrip_matches_the_chat_endpoint(client, server, tmp_path)
              for i, b in enumerate(bodies)]
     bad_at = sorted(rng.sample(range(len(lines) + 3), 3))  # where the three bad lines go
     bad = ["{not json", json.dumps({"method": "POST", "body": bodies[0]}),  # bad JSON, no custom_id
-           batch_line("refused", chat_body("x", temperature=5.0))]  # fails the chat endpoint's validation
+           batch_line("refused", chat_body("x", temperature=5.0, do_sample=True))]  # fails the chat endpoint's validation
     for pos, text in zip(bad_at, bad):
         lines.insert(pos, text)
     path = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -151,8 +151,8 @@ def test_thousand_lines_with_twenty_malformed(server, tmp_path):
         json.dumps({"custom_id": "m-nobody", "method": "POST", "url": "/v4/chat/completions"}),
         json.dumps({"custom_id": "m-bodylist", "body": [good]}),
         batch_line("m-model", chat_body("x", model="no-such-model")),
-        batch_line("m-temp", chat_body("x", temperature=3)),
-        batch_line("m-topp", chat_body("x", top_p=0)),
+        batch_line("m-temp", chat_body("x", temperature=3, do_sample=True)),
+        batch_line("m-topp", chat_body("x", top_p=0, do_sample=True)),
         batch_line("m-maxtok", chat_body("x", max_tokens=0)),
         batch_line("m-nomsg", {"model": "glm-4-plus", "messages": []}),
         batch_line("m-role", {"model": "glm-4-plus", "messages": [{"role": "robot", "content": "x"}]}),
