@@ -132,13 +132,16 @@ def check_line(ctx: ServingContext, line: int, raw: bytes, seen: dict[str, int])
     return BatchLine(line, cid, body, None)
 
 
-def check_input(ctx: ServingContext, data: bytes) -> list[BatchLine]:
-    """Every non-blank line of an input file, checked. ValueError when the file holds no line at all."""
+def check_input(ctx: ServingContext, data: bytes) -> Iterator[BatchLine]:
+    """Every non-blank line of an input file, checked, one at a time: the parsed bodies of a large input (several
+    times its size in Python objects) never all live at once. ValueError at the end when it held no line."""
     seen: dict[str, int] = {}
-    lines = [check_line(ctx, i, raw, seen) for i, raw in iter_lines(data)]
-    if not lines:
+    empty = True
+    for i, raw in iter_lines(data):
+        empty = False
+        yield check_line(ctx, i, raw, seen)
+    if empty:
         raise ValueError("the input file holds no request lines")
-    return lines
 
 
 async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict) -> tuple[bool, str, int]:

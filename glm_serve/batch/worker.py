@@ -60,9 +60,13 @@ def _checked_rows(ctx: ServingContext, data: bytes) -> tuple[list[tuple[int, str
     """An input file checked (check_input), as Store.start_batch takes it: (line, custom_id, body JSON) to run
     and (line, custom_id, error line). Called in a worker thread: encoding the bodies of a large input takes
     seconds (about one per 80 MB), which on the event loop would stall every chat."""
-    lines = check_input(ctx, data)
-    items = [(x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False)) for x in lines if x.ok]
-    return items, [(x.line, x.custom_id, x.error) for x in lines if not x.ok]
+    items, bad = [], []
+    for x in check_input(ctx, data):  # each line's parsed body is dropped once encoded
+        if x.ok:
+            items.append((x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False)))
+        else:
+            bad.append((x.line, x.custom_id, x.error))
+    return items, bad
 
 
 class BatchWorker:
