@@ -3,7 +3,8 @@ safetensors in tensor by tensor onto the target device and dtype (optionally qua
 
 Peak host memory stays at about one tensor: files are memory-mapped, each tensor is converted and copied to
 its place, then dropped. Every failure (missing shard, unknown tensor, wrong shape, truncated file) raises one
-CheckpointError whose message names the file or tensor.
+CheckpointError whose message names the file or tensor; all but a truncated file are found by a dry run over
+the files' headers before any weight is read.
 """
 
 from __future__ import annotations
@@ -96,16 +97,29 @@ def load_model(
         raise CheckpointError(f"unknown quantization {quantization!r} (choose from none, {', '.join(QUANT_METHODS)})")
     device = torch.device(device)
     files = safetensors_files(model_dir)
+    # A dry run over the files' headers first: a missing, extra or misshapen tensor is named in a second, not
+    # after minutes of streaming 18 GB onto the device.
+    _load_into(cfg, model_dir, files, torch.device("meta"), torch.float32, None, None, _iter_headers)
     with torch.device("meta"):
         model = GlmForCausalLM(cfg, backend)
     quant = QuantizedLoader(model, quantization, device, dtype) if quantization not in (None, "none") else None
+    _load_into(cfg, model_dir, files, device, dtype, quant, model, _iter_tensors)
+    model.eval()
+    return model
+
+
+def _load_into(cfg: ModelConfig, model_dir: Path, files: list[Path], device, dtype, quant, model, iter_tensors):
+    """Fill `model` (built on the meta device; None = a throwaway one) from `files`, read by `iter_tensors`."""
+    if model is None:
+        with torch.device("meta"):
+            model = GlmForCausalLM(cfg, None)
     # Materialise every non-quantized parameter on the target device, uninitialised; the checkpoint fills it.
     filled: dict[str, int] = {}  # our param name -> rows filled so far
     params = _materialise(model, device, dtype, skip=quant.module_names if quant else set())
     vision = _vision_loader(cfg, device, dtype)  # GLM-4V: the tower streams in beside the LM, never quantized
     seen: dict[str, str] = {}  # checkpoint tensor name -> the file it came from
     for path in files:
-        for name, tensor in _iter_tensors(path):
+        for name, tensor in iter_tensors(path):
             if name in seen:  # counted twice, it would read as a wrong row count ("missing") further down
                 raise CheckpointError(f"{model_dir}: tensor {name} is in both {seen[name]} and {path.name} "
                                       "(a stray extra .safetensors file in the folder?)")
@@ -123,8 +137,6 @@ def load_model(
         quant.finish()
     if vision is not None:
         model.vision = _with_dir(model_dir, vision.finish)
-    model.eval()
-    return model
 
 
 def _vision_loader(cfg: ModelConfig, device, dtype):
@@ -155,6 +167,28 @@ def _materialise(model: GlmForCausalLM, device, dtype, skip: set[str]) -> dict[s
             setattr(mod, pname, t)
             params[f"{mod_name}.{pname}" if mod_name else pname] = t
     return params
+
+
+def _iter_headers(path: Path):
+    """(name, an empty meta tensor of its shape) from the file's header alone: what the dry run checks (names,
+    shapes, float or not) without reading any data."""
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+        header = [(name, f.get_slice(name)) for name in f.keys()]
+        header = [(name, s.get_shape(), s.get_dtype()) for name, s in header]
+    except Exception as e:  # noqa: BLE001 (safetensors raises several types for damaged files)
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
+    for name, shape, dtype in header:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name} is stored as {dtype}; glm-serve loads float weights")
+        yield name, torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+
+
+# Header dtype names (safetensors' spelling) -> torch; the dry run only asks "float or not" of them.
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                       "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
 
 
 def _iter_tensors(path: Path):

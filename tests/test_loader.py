@@ -187,3 +187,39 @@ def test_hf_cache_repo_folder_resolves_to_its_snapshot(tiny_hf, tmp_path):
     (repo / "refs" / "main").write_text(rev)
     assert resolve_model_path(str(repo)) == repo / "snapshots" / rev
     assert resolve_model_path(str(tiny_hf)) == tiny_hf
+
+
+@pytest.mark.parametrize("damage,named", [("missing", "lm_head.weight"), ("shape", "lm_head.weight"),
+                                          ("extra", "mlp.up_proj.weight")])
+def test_bad_tensors_are_named_before_any_data_is_read(ckpt, monkeypatch, damage, named):
+    # A 9B checkpoint streams for minutes: its header already says what is missing, extra or misshapen.
+    shard = _shards(ckpt)[-1]
+    tensors = load_file(shard)
+    if damage == "missing":
+        del tensors["lm_head.weight"]
+    elif damage == "shape":
+        tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
+    else:
+        tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+    def read_data(path):
+        raise AssertionError(f"tensor data of {path.name} read before the checkpoint was checked")
+
+    monkeypatch.setattr("glm_serve.loader._iter_tensors", read_data)
+    assert named in _error(ckpt)
+
+
+def test_missing_vision_tensor_is_named_before_any_data_is_read(tmp_path, monkeypatch):
+    from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision
+
+    path = make_tiny_vision(tmp_path / "v", spec=TinyVisionSpec(seed=0))
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        name = next((n for n in tensors if n.startswith("transformer.vision.")), None)
+        if name:
+            del tensors[name]
+            save_file(tensors, shard, metadata={"format": "pt"})
+            break
+    monkeypatch.setattr("glm_serve.loader._iter_tensors", lambda p: (_ for _ in ()).throw(AssertionError("read")))
+    assert name in _error(path)
