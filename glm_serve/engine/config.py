@@ -43,6 +43,14 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:  # 0 is no "default": say so before the load
+            raise ValueError(f"max_model_len (--max-model-len) must be >= 2 (a prompt and one generated token), "
+                             f"got {self.max_model_len}")
+        if self.max_model_len is not None and self.kv_cache_tokens is not None and \
+                self.max_model_len > self.kv_cache_tokens // self.block_size * self.block_size:
+            raise ValueError(f"max_model_len (--max-model-len) {self.max_model_len} is more than the KV cache holds "
+                             f"({self.kv_cache_tokens // self.block_size * self.block_size} tokens of "
+                             f"--kv-cache-tokens {self.kv_cache_tokens} in {self.block_size}-token blocks)")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_batch_tokens < self.max_num_seqs:

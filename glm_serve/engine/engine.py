@@ -53,6 +53,7 @@ Sampled = tuple[dict[int, int], dict[int, TokenLogprob]]  # one step's tokens an
 class LLMEngine(OutputEmitter):
     def __init__(self, config: EngineConfig):
         from glm_serve.cli import resolve_model_arg  # noqa: PLC0415 (demo checkpoint lives with the CLI)
+        from glm_serve.config import load_config  # noqa: PLC0415
         from glm_serve.loader import load_model, parse_dtype  # noqa: PLC0415
         from glm_serve.model.attention import make_backend  # noqa: PLC0415
         from glm_serve.tokenizer import load_tokenizer  # noqa: PLC0415
@@ -61,6 +62,10 @@ class LLMEngine(OutputEmitter):
         self.device = config.resolved_device()
         self.dtype = parse_dtype(config.dtype, self.device)
         self.model_path = resolve_model_arg(config.model)
+        window = load_config(self.model_path, config.rope_theta).max_position  # checked before the slow load
+        if config.max_model_len is not None and config.max_model_len > window:
+            raise ValueError(f"max_model_len (--max-model-len) {config.max_model_len} is beyond the checkpoint's "
+                             f"context window of {window} tokens")
         self.tokenizer = load_tokenizer(self.model_path)
         backend = make_backend(config.resolved_backend(self.device))
         backend.check_supported(self.device, self.dtype)
@@ -72,7 +77,11 @@ class LLMEngine(OutputEmitter):
         kv_dtype = self.dtype
         bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8)
         num_blocks = kv_cache_blocks(config, bytes_per_token, self.device)
-        max_len = min(config.max_model_len or self.model_config.max_position, self.model_config.max_position)
+        if config.max_model_len is not None and config.max_model_len > num_blocks * config.block_size:
+            raise ValueError(f"max_model_len (--max-model-len) {config.max_model_len} is more than the KV cache "
+                             f"holds ({num_blocks * config.block_size} tokens): lower it, or give the cache more "
+                             "room (--kv-cache-tokens, --gpu-memory-utilization, --quantization)")
+        max_len = config.max_model_len or self.model_config.max_position  # without it: capped by the cache below
         self.sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens, max_model_len=max_len,
             block_size=config.block_size, num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching)

@@ -1,0 +1,54 @@
+"""--max-model-len against the checkpoint's window and the KV cache: what the README's flag table says, refused
+with one clear line at start (never silently capped, never a 0 read as "the default")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from glm_serve.engine.config import EngineConfig
+from glm_serve.engine.engine import LLMEngine
+
+
+@pytest.fixture
+def short_window(tiny_hf, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("bad", [0, 1, -5])
+def test_max_model_len_below_two_is_refused(bad):
+    with pytest.raises(ValueError, match=r"--max-model-len\) must be >= 2"):
+        EngineConfig(max_model_len=bad)
+
+
+def test_max_model_len_beyond_the_checkpoint_is_refused_before_the_load(short_window, monkeypatch):
+    def no_load(*a, **kw):
+        raise AssertionError("weights loaded before the flags were checked")
+
+    monkeypatch.setattr("glm_serve.loader.load_model", no_load)
+    with pytest.raises(ValueError, match="8192 is beyond the checkpoint's context window of 4096"):
+        LLMEngine(EngineConfig(model=str(short_window), max_model_len=8192))
+
+
+def test_max_model_len_beyond_the_cache_is_refused(short_window, monkeypatch):
+    with pytest.raises(ValueError, match=r"2048 is more than the KV cache holds \(1024 tokens"):
+        EngineConfig(model=str(short_window), max_model_len=2048, kv_cache_tokens=1030)
+    # Without --kv-cache-tokens the cache is sized after the load (on the CPU a fixed budget): checked there.
+    monkeypatch.setattr("glm_serve.engine.config._CPU_KV_BYTES", 1600 * 1024)  # 1600 tokens of 1 KiB (tiny, fp32)
+    with pytest.raises(ValueError, match=r"4096 is more than the KV cache holds \(1600 tokens"):
+        LLMEngine(EngineConfig(model=str(short_window), max_model_len=4096))
+
+
+def test_within_both_limits_it_is_the_context_window(short_window):
+    assert LLMEngine(EngineConfig(model=str(short_window), max_model_len=1000, kv_cache_tokens=2048)).max_model_len \
+        == 1000
+    # Not given: the checkpoint's window, capped by the cache (README).
+    assert LLMEngine(EngineConfig(model=str(short_window), kv_cache_tokens=1024)).max_model_len == 1024
+    assert LLMEngine(EngineConfig(model=str(short_window), kv_cache_tokens=8192)).max_model_len == 4096
