@@ -41,6 +41,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # dtype the checkpoint is stored in (informational)
+    # lm_head shares the embedding when the checkpoint has no lm_head tensor (as transformers does); no GLM-4
+    # release ties, but fine-tunes saved with the flag do
+    tie_word_embeddings: bool = False
     vision: dict | None = field(default=None, compare=False)  # GLM-4V vision_config, when present
 
     @property
@@ -119,6 +122,7 @@ class ModelConfig:
                 eos_token_ids=_ids(cfg.get("eos_token_id")),
                 pad_token_id=cfg.get("pad_token_id"),
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             )
             if mt == "glm" and c.max_position >= 131072 and c.rope_theta == 10000.0 and rope_theta_override is None:
                 log.warning(

@@ -128,6 +128,9 @@ def _load_into(cfg: ModelConfig, model_dir: Path, files: list[Path], device, dty
                 _with_dir(model_dir, vision.place, name, tensor)
             else:
                 _place(cfg, model_dir, name, tensor, params, quant, filled)
+    if cfg.tie_word_embeddings and "lm_head.weight" not in filled:
+        model.lm_head.weight = params["lm_head.weight"] = params["embed_tokens.weight"]
+        filled["lm_head.weight"] = filled.get("embed_tokens.weight", 0)
     expected = {n: p.shape[0] for n, p in params.items()} | (quant.expected_rows() if quant else {})
     missing = sorted(n for n, rows in expected.items() if filled.get(n, 0) != rows)
     if missing:

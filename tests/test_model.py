@@ -174,3 +174,27 @@ def test_torch_store_kv_padding_rows_never_undo_a_real_store():
     assert (kc != 0).any(-1).flatten().nonzero().flatten().tolist() == [0, 5]  # nothing else written
     store_kv(k, k, kc, vc, torch.full((4,), -1))  # padding only: the cache is unchanged
     assert kc[0, 0, 0].tolist() == [1.0, 2.0] and (kc != 0).any(-1).sum().item() == 2
+
+
+def test_tied_embeddings_without_lm_head_match_reference(tiny_hf, tmp_path):
+    """tie_word_embeddings with no lm_head tensor in the files: transformers uses the embedding as lm_head."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "tied"
+    shutil.copytree(tiny_hf, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"].pop("lm_head.weight")
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: v for k, v in load_file(shard).items() if k != "lm_head.weight"}, shard, metadata={"format": "pt"})
+    ours, ref = load_model(path), _hf(path)
+    ids = torch.randint(0, ours.config.vocab_size, (9,))
+    caches, nb = allocate_cache(ours, 9, 16, torch.float32, "cpu")
+    with torch.inference_mode():
+        got = ours.compute_logits(ours(ids, torch.arange(9), single_seq_meta(0, 9, 16, nb, "cpu"), caches))
+        want = ref(ids[None]).logits[0]
+    assert (got - want).abs().max().item() < 1e-4
