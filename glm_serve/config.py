@@ -64,6 +64,12 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: unsupported model_type {mt!r} (glm-serve loads {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        qc = cfg.get("quantization_config")
+        if qc:  # its tensors (qweight, scales, absmax...) would only fail later as "unexpected tensor"
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise CheckpointError(f"config.json: a pre-quantized checkpoint (quantization_config, {method}); glm-serve "
+                                  "loads float weights and quantizes them itself: use the original checkpoint with "
+                                  "--quantization nf4 or int8")
         get = _Getter(cfg)
         if mt == "chatglm":
             head_dim = get.int("kv_channels")

@@ -42,7 +42,8 @@ def resolve_model_path(model: str) -> Path:
                 return snapshot
         return p
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise CheckpointError(f"{model}: not a checkpoint folder (and not a hub id like 'THUDM/glm-4-9b-chat')")
+        what = "a file" if p.exists() else "no such folder"
+        raise CheckpointError(f"{model}: not a checkpoint folder ({what}; a hub id looks like 'THUDM/glm-4-9b-chat')")
     try:
         from huggingface_hub import snapshot_download  # noqa: PLC0415 (only for hub ids)
     except ImportError:
@@ -56,7 +57,8 @@ def resolve_model_path(model: str) -> Path:
             return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
         except Exception:  # noqa: BLE001
             raise CheckpointError(
-                f"{model}: not in the local HF cache and could not be downloaded ({type(e).__name__}: "
+                f"{model}: no such local folder, and as a hub id not in the local HF cache and could not be "
+                f"downloaded ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}). Needed: config.json, *.safetensors (+ index), tokenizer files. "
                 f"Download it where online (huggingface-cli download {model}) or pass a local folder."
             ) from None
@@ -177,7 +179,8 @@ def _iter_headers(path: Path):
     shapes, float or not) without reading any data."""
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
-        header = [(name, f.get_slice(name)) for name in f.keys()]
+        names = f.keys()  # a safe_open handle, not a dict
+        header = [(name, f.get_slice(name)) for name in names]
         header = [(name, s.get_shape(), s.get_dtype()) for name, s in header]
     except Exception as e:  # noqa: BLE001 (safetensors raises several types for damaged files)
         raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None

@@ -223,3 +223,23 @@ def test_missing_vision_tensor_is_named_before_any_data_is_read(tmp_path, monkey
             break
     monkeypatch.setattr("glm_serve.loader._iter_tensors", lambda p: (_ for _ in ()).throw(AssertionError("read")))
     assert name in _error(path)
+
+
+def test_pre_quantized_checkpoint_is_refused_by_its_config(ckpt):
+    # AWQ/GPTQ/bitsandbytes exports: their int tensors used to surface as one "unexpected tensor" after another.
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    msg = _error(ckpt)
+    assert "pre-quantized" in msg and "awq" in msg and "--quantization" in msg
+
+
+def test_a_missing_folder_is_not_called_a_hub_miss(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # "data/glm-4-9b-chat" is a mistyped relative folder as often as it is a hub id: say both.
+    with pytest.raises(CheckpointError, match="no such local folder, and as a hub id not in the local HF cache"):
+        resolve_model_path("data/glm-4-9b-chat")
+    a_file = tmp_path / "config.json"
+    a_file.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder \(a file"):
+        resolve_model_path(str(a_file))
