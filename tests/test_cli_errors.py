@@ -153,3 +153,15 @@ def test_triton_backend_without_triton_is_one_line(tiny_hf, tmp_path, capsys, mo
             "--attention-backend", "triton", "--no-progress"]
     assert main(argv) == 2
     _one_line_error(capsys, "needs triton", "--attention-backend torch")
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):
+    # Before: uvicorn bound the port only after the model had loaded (and logged "serving on ..."): a second server
+    # on a busy port learned it minutes into a 9B load. The model here cannot load: the port must be named first.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path / "missing"), "--port", str(port), "--data-dir", str(tmp_path / "d")]
+        assert main(argv) == 2
+    _one_line_error(capsys, f"cannot listen on 127.0.0.1:{port}", "--port")

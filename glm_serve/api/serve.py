@@ -121,6 +121,7 @@ def cmd_serve(args) -> int:
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency)
     check_data_dir_free(settings.data_dir)  # one server per data dir: say so before the slow model load
+    check_bindable(args.host, args.port)  # uvicorn binds only after the load: a port in use failed minutes in
     config = engine_config(args)
     if args.model == "demo":
         log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "
@@ -159,6 +160,21 @@ def cmd_serve(args) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def check_bindable(host: str, port: int) -> None:
+    """ValueError unless (host, port) can be bound now, as uvicorn will bind it (SO_REUSEADDR, so a port left in
+    TIME_WAIT by a previous run passes; one another process listens on does not)."""
+    import socket  # noqa: PLC0415
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:  # EADDRINUSE, EADDRNOTAVAIL (not this machine's address), gaierror (no such host)
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): another server there? "
+                         "(--host, --port)") from None
 
 
 def _server_class():
