@@ -40,8 +40,11 @@ def cmd_make_tiny(args) -> int:
     if (args.device or "cpu").startswith("cuda"):
         import torch  # noqa: PLC0415
 
+        from glm_serve.engine.config import resolve_device  # noqa: PLC0415
+
         if not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device on this machine (leave it out to use the CPU)")
+        resolve_device(args.device)  # cuda:N beyond the machine's devices
     if args.vision:  # GLM-4V: remote-code layout, tiny ViT + tiny LM (or the real shapes with --preset)
         from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision  # noqa: PLC0415
 
@@ -82,9 +85,8 @@ def resolve_model_arg(model: str) -> Path:
 
 
 def cmd_generate(args) -> int:
-    import torch  # noqa: PLC0415
-
     from glm_serve.chat import encode_chat  # noqa: PLC0415
+    from glm_serve.engine.config import resolve_device  # noqa: PLC0415
     from glm_serve.loader import load_model, parse_dtype  # noqa: PLC0415
     from glm_serve.model.simple import generate_simple  # noqa: PLC0415
     from glm_serve.tokenizer import IncrementalDetokenizer, load_tokenizer  # noqa: PLC0415
@@ -93,7 +95,7 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     path = resolve_model_arg(args.model)
     tok = load_tokenizer(path)
     if args.messages:

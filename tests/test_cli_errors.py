@@ -165,3 +165,18 @@ def test_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):
         argv = ["serve", "--model", str(tmp_path / "missing"), "--port", str(port), "--data-dir", str(tmp_path / "d")]
         assert main(argv) == 2
     _one_line_error(capsys, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_generate_on_a_cuda_device_that_is_not_there_is_one_line(tiny_hf, capsys, monkeypatch):
+    # Before: generate took --device cuda as given and torch raised "Torch not compiled with CUDA enabled" (an
+    # AssertionError traceback) at the first allocation; serve, chat and batch already said it in one line.
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--model", str(tiny_hf), "--device", "cuda", "--prompt", "hi"]) == 2
+    _one_line_error(capsys, "no CUDA device")
+    # cuda:N past the machine's devices: torch's "invalid device ordinal" at the first allocation, before.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["generate", "--model", str(tiny_hf), "--device", "cuda:1", "--prompt", "hi"]) == 2
+    _one_line_error(capsys, "--device cuda:1", "1 CUDA device")

@@ -61,17 +61,27 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
-        return dev
+        return resolve_device(self.device)
 
     def resolved_backend(self, device: torch.device) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if device.type == "cuda" else "torch"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: None = cuda when available; a CUDA device that is not there is a ValueError, not torch's
+    AssertionError or 'invalid device ordinal' at the first allocation."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
