@@ -239,7 +239,15 @@ def _place(cfg: ModelConfig, model_dir: Path, name: str, tensor: torch.Tensor, p
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if _native_bf16(device) else torch.float16
+
+
+def _native_bf16(device) -> bool:
+    # Before Ampere (sm_80; V100, T4) bfloat16 is only emulated (vLLM refuses it there too); our Triton kernels are
+    # built and checked for sm_80 and sm_90 only (scripts/triton-compat.sh).
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -250,4 +258,7 @@ def parse_dtype(name: str | None, device) -> torch.dtype:
         return default_dtype(device)
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    if DTYPES[name] == torch.bfloat16 and torch.device(device).type == "cuda" and not _native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        raise ValueError(f"--dtype bfloat16: this GPU (sm_{major}{minor}) has no native bfloat16; use --dtype float16")
     return DTYPES[name]

@@ -243,3 +243,20 @@ def test_a_missing_folder_is_not_called_a_hub_miss(monkeypatch, tmp_path):
     a_file.write_text("{}")
     with pytest.raises(CheckpointError, match=r"not a checkpoint folder \(a file"):
         resolve_model_path(str(a_file))
+
+
+@pytest.mark.parametrize("capability,auto", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)])
+def test_dtype_follows_what_the_gpu_computes(monkeypatch, capability, auto):
+    # Before: auto was bfloat16 on every GPU, and --dtype bfloat16 was taken on a V100/T4 too, where bf16 is only
+    # emulated and the Triton kernels do not compile for it (a failure at warm-up, after the whole load).
+    from glm_serve.loader import parse_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert parse_dtype("auto", "cuda") == auto
+    assert parse_dtype("float16", "cuda:0") == torch.float16
+    if auto == torch.bfloat16:
+        assert parse_dtype("bfloat16", "cuda") == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="sm_75.*--dtype float16"):
+            parse_dtype("bfloat16", "cuda")
+    assert parse_dtype("auto", "cpu") == torch.float32

@@ -17,7 +17,7 @@ _CPU_KV_BYTES = 1 << 30
 class EngineConfig:
     model: str = "demo"  # folder, hub id, or "demo"
     device: str | None = None  # cpu | cuda; None = cuda when available
-    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on cuda, fp16 before sm_80; fp32 on cpu) | float32 | bfloat16 | float16
     quantization: str | None = None  # None | nf4 | int8
     rope_theta: float | None = None  # override the checkpoint's RoPE base
     block_size: int = 16
