@@ -204,7 +204,10 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
 
 def _stop_ids(model_dir: Path, special_ids: dict[str, int]) -> list[int]:
     ids: list[int] = []
+    # As transformers: generation_config.json's eos ids, or config.json's when the checkpoint has no such file.
     path = model_dir / "generation_config.json"
+    if not path.is_file():
+        path = model_dir / "config.json"
     if path.is_file():
         eos = _read_json(path).get("eos_token_id")
         for i in eos if isinstance(eos, list) else [eos]:

@@ -229,3 +229,15 @@ def test_incremental_detokenizer_completes_a_character_begun_in_the_prompt(toks)
     assert detok.add(b[1]) == ""
     assert detok.add(b[2]) == "你"
     assert "".join(detok.add(i) for i in tok.encode("好!")) == "好!"
+
+
+def test_stop_ids_fall_back_to_config_json_without_generation_config(dirs, tmp_path):
+    # transformers derives the generation config from config.json when a checkpoint ships none; its eos ids
+    # (a fine-tune's own end token, say) were ignored here, so generation ran past them.
+    root, _ = dirs
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((root / "hf" / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm", "eos_token_id": [5, NUM_REGULAR]}))
+    assert load_tokenizer(tmp_path).stop_token_ids[:2] == [5, NUM_REGULAR]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))  # it wins, as in transformers
+    assert 5 not in load_tokenizer(tmp_path).stop_token_ids
