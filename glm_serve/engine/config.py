@@ -89,6 +89,10 @@ def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.devic
     device after the weights (minus an activation reserve); on the CPU a fixed budget."""
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens
+        need, free = tokens // cfg.block_size * cfg.block_size * bytes_per_token, _free_bytes(device)
+        if free is not None and need > free:  # else an allocator traceback or, on the CPU, the OOM killer
+            raise ValueError(f"--kv-cache-tokens {tokens} needs {need / 2**30:.1f} GiB of KV cache but only "
+                             f"{free / 2**30:.1f} GiB is free on {device.type} after the weights: lower it")
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
@@ -104,3 +108,17 @@ def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.devic
     if blocks < 1:
         raise ValueError("the KV cache would hold less than one block")
     return blocks
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory the KV cache may take now: the device's free memory, or the host's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -52,3 +52,14 @@ def test_within_both_limits_it_is_the_context_window(short_window):
     # Not given: the checkpoint's window, capped by the cache (README).
     assert LLMEngine(EngineConfig(model=str(short_window), kv_cache_tokens=1024)).max_model_len == 1024
     assert LLMEngine(EngineConfig(model=str(short_window), kv_cache_tokens=8192)).max_model_len == 4096
+
+
+def test_a_kv_cache_beyond_memory_is_refused(tiny_hf, monkeypatch):
+    # Before: 10**9 tokens of the tiny model (1 KiB each, 1 TB) reached torch.zeros: an allocator traceback on the
+    # CPU (or the OOM killer, for a size the kernel overcommits), torch.OutOfMemoryError on a GPU.
+    with pytest.raises(ValueError, match=r"--kv-cache-tokens 1000000000 needs 953\.7 GiB .* free on cpu"):
+        LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=10**9))
+    monkeypatch.setattr("glm_serve.engine.config._free_bytes", lambda device: 1 << 20)  # 1 MiB free
+    with pytest.raises(ValueError, match="--kv-cache-tokens 2048 needs"):
+        LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=2048))
+    assert LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=1024)).kv_capacity_tokens == 1024  # 1 MiB
