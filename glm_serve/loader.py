@@ -48,7 +48,7 @@ def resolve_model_path(model: str) -> Path:
         from huggingface_hub import snapshot_download  # noqa: PLC0415 (only for hub ids)
     except ImportError:
         raise CheckpointError(f"{model}: not a local folder, and huggingface_hub is not installed") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's reading
     patterns = _META_PATTERNS + ["*.safetensors"]
     try:
         return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=offline))

@@ -260,3 +260,21 @@ def test_dtype_follows_what_the_gpu_computes(monkeypatch, capability, auto):
         with pytest.raises(ValueError, match="sm_75.*--dtype float16"):
             parse_dtype("bfloat16", "cuda")
     assert parse_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("value,offline", [("1", True), ("true", True), ("ON", True), ("False", False),
+                                           ("no", False), ("0", False), ("", False)])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, tmp_path, value, offline):
+    # Before: anything but "0", "" or "false" meant offline, so HF_HUB_OFFLINE=False (or no, off) never downloaded.
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only):
+        calls.append(local_files_only)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert resolve_model_path("THUDM/glm-4-9b-chat") == tmp_path
+    assert calls == [offline]
