@@ -104,7 +104,12 @@ class ModelConfig:
             hidden = get.int("hidden_size")
             head_dim = int(cfg.get("head_dim") or hidden // num_heads)
             rope = cfg.get("rope_parameters") or {}
-            rope_type = rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type") or "default"
+            # GLM-4-0414's model card has users add {"type": "yarn", ...}: the older spelling of rope_type.
+            scaling = cfg.get("rope_scaling") or {}
+            if not isinstance(rope, dict) or not isinstance(scaling, dict):
+                raise CheckpointError("config.json: rope_parameters and rope_scaling must be objects")
+            rope_type = (rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type")
+                         or "default")
             if rope_type != "default":
                 raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
             theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))

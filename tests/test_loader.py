@@ -278,3 +278,17 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert resolve_model_path("THUDM/glm-4-9b-chat") == tmp_path
     assert calls == [offline]
+
+
+@pytest.mark.parametrize("scaling", [{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                                     {"rope_type": "yarn", "factor": 4.0}])
+def test_rope_scaling_in_either_spelling_is_refused(tiny_glm4, tmp_path, scaling):
+    # GLM-4-0414's model card tells users to add {"type": "yarn", ...} for long inputs; only "rope_type" was read,
+    # so the YaRN frequencies were silently dropped (logits unlike transformers' at every length).
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_glm4, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "rope_scaling": scaling}))
+    assert "rope_type 'yarn' is not supported" in _error(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "rope_scaling": "yarn"}))
+    assert "rope_scaling must be" in _error(ckpt)
