@@ -154,6 +154,8 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: {self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
             )
+        if not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps <= 0:  # <= 0 or NaN: NaN logits, silently
+            raise CheckpointError(f"config.json: the RMSNorm epsilon must be > 0, got {self.rms_norm_eps}")
         if not math.isfinite(self.rope_theta) or self.rope_theta <= 0:  # a RoPE base <= 0 makes NaN logits
             raise CheckpointError(f"config.json: the RoPE base (rope_theta) must be > 0, got {self.rope_theta}")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:

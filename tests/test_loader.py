@@ -292,3 +292,13 @@ def test_rope_scaling_in_either_spelling_is_refused(tiny_glm4, tmp_path, scaling
     assert "rope_type 'yarn' is not supported" in _error(ckpt)
     (ckpt / "config.json").write_text(json.dumps({**cfg, "rope_scaling": "yarn"}))
     assert "rope_scaling must be" in _error(ckpt)
+
+
+@pytest.mark.parametrize("key,layout", [("rms_norm_eps", "tiny_hf"), ("layernorm_epsilon", "tiny_chatglm")])
+@pytest.mark.parametrize("value", [0, -1e-5, float("nan")])
+def test_a_norm_epsilon_that_makes_nan_is_refused(request, tmp_path, key, layout, value):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(request.getfixturevalue(layout), ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, key: value}))
+    assert "RMSNorm epsilon must be > 0" in _error(ckpt)
