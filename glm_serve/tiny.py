@@ -80,6 +80,13 @@ def fresh_checkpoint_dir(out_dir: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.make-tiny-", dir=out.parent))
     try:
         yield tmp
+        # mkdtemp's folder is 0700 and safetensors writes 0600: give the checkpoint the modes a plain mkdir and
+        # open would (umask applied), so a server running as another user (a container) can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.rglob("*"):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        tmp.chmod(0o777 & ~umask)
         os.replace(tmp, out)  # onto a missing or empty folder: atomic on POSIX
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -180,3 +180,17 @@ def test_generate_on_a_cuda_device_that_is_not_there_is_one_line(tiny_hf, capsys
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["generate", "--model", str(tiny_hf), "--device", "cuda:1", "--prompt", "hi"]) == 2
     _one_line_error(capsys, "--device cuda:1", "1 CUDA device")
+
+
+def test_make_tiny_writes_files_others_may_read(tmp_path):
+    # Before: the folder kept mkdtemp's 0700 and the weights safetensors' 0600: a server run as another user (a
+    # container) could not read a checkpoint made for it.
+    import os  # noqa: PLC0415
+
+    umask = os.umask(0o022)
+    try:
+        out = make_tiny(tmp_path / "ckpt", TinySpec())
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}
