@@ -169,8 +169,8 @@ def load_config(model_dir: str | Path, rope_theta_override: float | None = None)
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (not a checkpoint folder)")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")

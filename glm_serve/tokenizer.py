@@ -9,6 +9,7 @@ same way for both, from the ids the checkpoint's own files give (never hard-code
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
 import json
 import re
@@ -63,13 +64,21 @@ def token_str_to_bytes(text: str, where: str) -> bytes:
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     """`base64(token bytes) rank` per line, like the vendor's tokenizer.model."""
     ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # ChatGLM2/ChatGLM3 (model_type chatglm too) ship a binary sentencepiece model here
+        raise ValueError(f"{path}: not a tiktoken rank file (a binary file: the sentencepiece model of ChatGLM2/3? "
+                         "glm-serve serves GLM-4 checkpoints)") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
             raise ValueError(f"{path}:{lineno}: expected 'base64 rank', got {line[:80]!r}")
-        ranks[base64.b64decode(parts[0])] = int(parts[1])
+        try:
+            ranks[base64.b64decode(parts[0])] = int(parts[1])  # as the vendor reads it (no validate=)
+        except binascii.Error as e:
+            raise ValueError(f"{path}:{lineno}: {parts[0][:40]!r} is not base64 ({e})") from None
     return ranks
 
 
@@ -184,7 +193,7 @@ class GlmTokenizer:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -248,8 +257,12 @@ def load_tokenizer(model_dir: str | Path, backend: str = "auto") -> GlmTokenizer
         if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise ValueError(f"{json_path}: expected a BPE model with a vocab")
         regular = {int(i): token_str_to_bytes(s, str(json_path)) for s, i in model["vocab"].items()}
-        added = [AddedToken(t["content"], int(t["id"]), bool(t.get("special", True)))
-                 for t in spec.get("added_tokens") or []]
+        added = []
+        for t in spec.get("added_tokens") or []:
+            if not (isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)):
+                raise ValueError(f"{json_path}: bad added_tokens entry {str(t)[:80]} (needs a string content and an "
+                                 "integer id)")
+            added.append(AddedToken(t["content"], t["id"], bool(t.get("special", True))))
         added = added or _added_from_config(config, cfg_path)
         for t in added:  # some files also list the added tokens in the model vocab: they are not text bytes
             regular.pop(t.id, None)

@@ -302,3 +302,8 @@ def test_a_norm_epsilon_that_makes_nan_is_refused(request, tmp_path, key, layout
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, key: value}))
     assert "RMSNorm epsilon must be > 0" in _error(ckpt)
+
+
+def test_config_json_not_utf8_names_the_file(ckpt):
+    (ckpt / "config.json").write_bytes(b"\xff\xfe{}")  # e.g. saved as UTF-16 by an editor
+    assert "config.json: not valid JSON" in _error(ckpt)

@@ -241,3 +241,31 @@ def test_stop_ids_fall_back_to_config_json_without_generation_config(dirs, tmp_p
     assert load_tokenizer(tmp_path).stop_token_ids[:2] == [5, NUM_REGULAR]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))  # it wins, as in transformers
     assert 5 not in load_tokenizer(tmp_path).stop_token_ids
+
+
+def _copy(root, layout, dst, *names):
+    for name in names:
+        (dst / name).write_bytes((root / layout / name).read_bytes())
+
+
+def test_damaged_tokenizer_files_are_one_line_naming_the_file(dirs, tmp_path):
+    # Before: a sentencepiece tokenizer.model (ChatGLM2/3, model_type chatglm too) was "'utf-8' codec can't
+    # decode byte 0x80", a bad base64 line "Incorrect padding", an added token without an id a KeyError traceback.
+    root, _ = dirs
+    (tmp_path / "tokenizer.model").write_bytes(b"\x80\x81\x00\x0a\x0bsentencepiece")
+    with pytest.raises(ValueError, match=r"tokenizer.model: not a tiktoken rank file .*sentencepiece"):
+        load_tokenizer(tmp_path)
+    lines = (root / "chatglm" / "tokenizer.model").read_text().splitlines()
+    (tmp_path / "tokenizer.model").write_text("\n".join([*lines[:5], "abc 5", *lines[6:]]))
+    with pytest.raises(ValueError, match=r"tokenizer.model:6: 'abc' is not base64"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    _copy(root, "hf", tmp_path, "tokenizer_config.json")
+    spec = json.loads((root / "hf" / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"content": "<x>"})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"tokenizer.json: bad added_tokens entry"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON"):
+        load_tokenizer(tmp_path)
