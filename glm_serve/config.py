@@ -172,6 +172,8 @@ def load_config(model_dir: str | Path, rope_theta_override: float | None = None)
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # e.g. a mounted model folder the server's user may not read
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     try:

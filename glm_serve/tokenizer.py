@@ -69,6 +69,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     except UnicodeDecodeError:  # ChatGLM2/ChatGLM3 (model_type chatglm too) ship a binary sentencepiece model here
         raise ValueError(f"{path}: not a tiktoken rank file (a binary file: the sentencepiece model of ChatGLM2/3? "
                          "glm-serve serves GLM-4 checkpoints)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -195,6 +197,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # e.g. a mounted model folder the server's user may not read
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data

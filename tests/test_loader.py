@@ -307,3 +307,29 @@ def test_a_norm_epsilon_that_makes_nan_is_refused(request, tmp_path, key, layout
 def test_config_json_not_utf8_names_the_file(ckpt):
     (ckpt / "config.json").write_bytes(b"\xff\xfe{}")  # e.g. saved as UTF-16 by an editor
     assert "config.json: not valid JSON" in _error(ckpt)
+
+
+def test_unreadable_files_are_one_line(ckpt, tiny_chatglm, tmp_path, monkeypatch):
+    # A model folder mounted into a container with the wrong owner: PermissionError tracebacks before. (chmod does
+    # not stop root, which CI may be, so the read itself is made to fail.)
+    from pathlib import Path
+
+    from glm_serve.tokenizer import load_tokenizer
+
+    read_text = Path.read_text
+
+    def denied(self, *a, **kw):
+        if self.name in ("config.json", "tokenizer_config.json", "tokenizer.model"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert "config.json: cannot read it (Permission denied)" in _error(ckpt)
+    for folder, name in ((ckpt, "tokenizer_config.json"), (tiny_chatglm, "tokenizer_config.json")):
+        with pytest.raises(ValueError, match=f"{name}: cannot read it"):
+            load_tokenizer(folder)
+    chatglm = tmp_path / "cg"
+    shutil.copytree(tiny_chatglm, chatglm)
+    (chatglm / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.model: cannot read it"):
+        load_tokenizer(chatglm)
