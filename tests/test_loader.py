@@ -333,3 +333,17 @@ def test_unreadable_files_are_one_line(ckpt, tiny_chatglm, tmp_path, monkeypatch
     (chatglm / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match="tokenizer.model: cannot read it"):
         load_tokenizer(chatglm)
+
+
+def test_non_float_vision_tensor_is_refused(tmp_path):
+    from glm_serve.tiny_vision import TinyVisionSpec, make_tiny_vision
+
+    path = make_tiny_vision(tmp_path / "v", spec=TinyVisionSpec(seed=0))
+    shards = {f: load_file(f) for f in path.glob("*.safetensors")}
+    shard, name = next((f, n) for f, ts in shards.items() for n in ts
+                       if n.startswith("transformer.vision.") and n.endswith("weight"))
+    tensors = shards[shard]
+    tensors[name] = tensors[name].to(torch.int8)  # the LM's tensors were checked; the tower's were cast silently
+    save_file(tensors, shard, metadata={"format": "pt"})
+    msg = _error(path)
+    assert name in msg and "int8" in msg

@@ -221,6 +221,9 @@ class VisionWeightLoader:
         want = (hi - lo, *param.shape[1:])
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"vision tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
+        if not tensor.dtype.is_floating_point:  # copy_ would cast it silently, as the LM loader refuses too
+            raise CheckpointError(f"vision tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+                                  "glm-serve loads float weights")
         param[lo:hi].copy_(tensor)
         self.filled[target.param] = self.filled.get(target.param, 0) + (hi - lo)
 
