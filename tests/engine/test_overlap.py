@@ -5,6 +5,7 @@ requests that force synchronous steps, and failures of a batched step."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -147,6 +148,21 @@ def test_steady_decode_batch_is_right(tiny_hf, monkeypatch):
     assert calls["steady"] > 20 and calls["general"] > 0
     assert calls["passed"] == calls["checked"] == calls["steady"]
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_sequences_leaving_a_decode_batch_need_no_rerun(tiny_hf, caplog):
+    """Sequences reaching max_tokens one after another leave the decode batch while the step in flight still
+    holds their tokens: the next step gathers the others' input tokens from it. No batched step may fail and be
+    re-run alone (which would hide a wrong gather from the token checks)."""
+    prompts = _prompts(6, seed=25)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (3, 5, 8, 11, 14, 17)]
+    llm = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=256)
+    with caplog.at_level(logging.ERROR, logger="glm_serve.engine.engine"):
+        got = llm.generate(prompts, params, use_tqdm=False)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r.token_ids for r in got] == [generate_simple(llm.engine.model, p, m.max_tokens)
+                                         for p, m in zip(prompts, params)]
+    assert llm.engine.runner.num_fed_tokens > 0
 
 
 @pytest.mark.parametrize("where", ["launch", "read"])
