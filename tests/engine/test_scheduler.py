@@ -355,3 +355,37 @@ def test_overlap_registers_only_blocks_whose_step_landed():
     assert seq.output_token_ids == [9] and seq.num_hashed_blocks == 1
     sched.update(second, {0: 10})
     assert seq.output_token_ids == [9, 10] and seq.num_hashed_blocks == 2 and seq.num_inflight == 0
+
+
+def test_a_step_that_preempts_admits_nobody():
+    """Blocks are short in a step that preempted: no waiting sequence is admitted in it, even one that would
+    fit in what the victim left (here the victim, its token still in flight, is skipped and a short one waits
+    behind it)."""
+    sched = _make(num_blocks=4, block_size=4)
+    a, c = _seq(0, [1, 2, 3, 4, 5, 6, 7], max_tokens=20), _seq(1, [8, 9, 1, 2, 3], max_tokens=20)
+    sched.add(a)
+    sched.add(c)
+    first = sched.schedule()  # a: 2 blocks, c: 2 blocks, the whole cache
+    second = sched.schedule()  # both decode their in-flight token inside their blocks
+    assert [s.seq for s in second.scheduled] == [a, c] and sched.block_manager.num_free_blocks == 0
+    d = _seq(2, [4, 5], max_tokens=20)
+    sched.add(d)
+    sched.update(first, {0: 11, 1: 12})
+    third = sched.schedule()  # a's next token needs a third block: c, the newest, is preempted
+    assert third.preempted == [c] and [s.seq for s in third.scheduled] == [a]
+    assert list(sched.waiting) == [c, d] and d.status is SeqStatus.WAITING and d.block_ids == []
+    assert sched.block_manager.num_free_blocks == 1
+
+
+def test_overlap_leaves_out_a_sequence_whose_inflight_token_is_its_last():
+    sched = _make()
+    one, two = _seq(0, [1, 2, 3], max_tokens=1), _seq(1, [4, 5, 6], max_tokens=2)
+    sched.add(one)
+    sched.add(two)
+    first = sched.schedule()
+    assert [(s.seq.seq_id, s.sample) for s in first.scheduled] == [(0, True), (1, True)]
+    second = sched.schedule()  # one's in-flight token is its only one: nothing more to compute for it
+    assert [(s.seq.seq_id, s.start, s.num_new_tokens) for s in second.scheduled] == [(1, 3, 1)]
+    assert one.num_computed_tokens == 3 and one.num_inflight == 1
+    third = sched.schedule()  # two's second in-flight token is its last too
+    assert third.scheduled == [] and two.num_inflight == 2
