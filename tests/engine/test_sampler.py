@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from glm_serve.engine import sampler as sampler_module
 from glm_serve.engine.sampler import Sampler, SamplingBatch, SamplingRow, make_generator, unpack_bitmask
 from glm_serve.sampling_params import SamplingParams
 
@@ -371,3 +372,15 @@ def test_allows_more_than_matches_the_unpacked_mask():
         want = unpack_bitmask(row.unsqueeze(0), vocab)[0].clone()
         want[ids] = False
         assert _allows_more_than(row, ids, vocab) == bool(want.any())
+
+
+def test_top_p_keeps_the_shortest_prefix_reaching_p_exactly():
+    """The cut at an exact boundary: four equal logits (probabilities exactly 0.25 in float32) and top_p 0.5
+    keep exactly two tokens, whose mass reaches 0.5 (vLLM's rule); a third would exceed the shortest prefix."""
+    logits = torch.zeros(1, 4)
+    rows = _rows(SamplingParams(temperature=1.0, top_p=0.5))
+    batch = SamplingBatch.build(rows, 4, "cpu")
+    sampler_module._apply_top_k_top_p(logits, batch.top_k, batch.max_top_k, batch.top_p)
+    assert int(torch.isfinite(logits).sum()) == 2
+    seen = {int(_sample(torch.zeros(1, 4), rows).token_ids[0]) for _ in range(200)}
+    assert len(seen) == 2
