@@ -141,6 +141,22 @@ def test_stop_string_split_across_tokens(llm):
         assert got.choices[0].finish_reason == "stop" and got.text == text[:later] and len(got.token_ids) >= m
 
 
+def test_stop_token_releases_text_held_for_a_stop_string(llm):
+    """A stop id ends generation while the stop-string checker holds back the text's tail (it could still
+    begin a stop string): that text is part of the output, not lost with the finish."""
+    tok = llm.tokenizer
+    prompt = _prompts(1, seed=8)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0]
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    # A stop id at its first occurrence, after a token whose text ends with a character to hold back.
+    j = next(i for i in range(2, len(pieces)) if full.token_ids[i] not in full.token_ids[:i] and pieces[i - 1])
+    held = pieces[j - 1][-1]
+    got = llm.generate([prompt], SamplingParams(max_tokens=30, stop=[held + "\x01never"],
+                                                stop_token_ids=[full.token_ids[j]], **GREEDY), use_tqdm=False)[0]
+    assert got.choices[0].finish_reason == "stop" and got.token_ids == full.token_ids[: j + 1]
+    assert got.text == "".join(pieces[:j]) and got.text.endswith(held)
+
+
 class ForcedText:
     """A TokenConstraint that allows exactly the next token of a fixed sequence (tests the mask hook)."""
 
