@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glm_serve.engine.async_engine import AsyncEngine, merge_final
+from glm_serve.engine.sequence import Sequence
 from glm_serve.llm import LLM
 from glm_serve.model.simple import generate_simple
 from glm_serve.sampling_params import SamplingParams
@@ -429,3 +430,18 @@ def _greedy_tokens(eng, prompt, n):
         for out in eng.step():
             tokens += out.outputs[0].token_ids
     return tokens
+
+
+def test_runner_rewrites_a_table_row_whose_blocks_were_taken_back(llm):
+    """A sequence that keeps its table row while its block list was replaced by a shorter one (its blocks
+    taken back and new ones given) gets the row rewritten, not the stale first entries kept."""
+    runner = llm.engine.runner
+    seq = Sequence(10**6, "row-test", [1, 2, 3], None, block_ids=[5, 6, 7])
+    try:
+        row = runner._row(seq)
+        assert runner.block_table_host[row, :3].tolist() == [5, 6, 7]
+        seq.block_ids = [9]
+        assert runner._row(seq) == row and runner.block_table_host[row, :1].tolist() == [9]
+        assert runner.row_len[row] == 1
+    finally:
+        runner.release(seq.seq_id)
