@@ -81,6 +81,26 @@ def test_parser_without_tools_only_drops_the_leading_newline():
     assert [d.content for d in ChoiceParser().feed("abc")] == ["abc"]
 
 
+def test_parser_name_that_is_no_tool_is_content():
+    """Only a known function name before the first newline opens a call: a prefix of one ("get_"), or any
+    other word, followed by a newline is content, whether it arrives in pieces or in one delta."""
+    for pieces in (["get_", "\n{}"], ["get", "_\n", "{}"], ["unknown_fn\n{}"], ["get_weather2\n{}"]):
+        parser = ChoiceParser(NAMES)
+        deltas = [d for piece in pieces for d in parser.feed(piece)] + parser.finish()
+        assert not parser.is_call and assemble(deltas).content == "".join(pieces), pieces
+        assert all(d.call_id is None and d.arguments is None for d in deltas)
+
+
+def test_parser_streams_content_as_soon_as_it_cannot_be_a_call():
+    """Text that can no longer begin a tool name is content at once, not held until the answer ends."""
+    parser = ChoiceParser(NAMES)
+    assert [d.content for d in parser.feed("Hel")] == ["Hel"]
+    assert [d.content for d in parser.feed("lo")] == ["lo"]
+    parser = ChoiceParser(NAMES)
+    assert parser.feed("get") == []  # might still become get_weather / get_time
+    assert [d.content for d in parser.feed(" a")] == ["get a"]  # a space: no name any more
+
+
 SECRET = "mysecret-mysecret-mysecret-mysecret"
 KEY = f"myid.{SECRET}"
 
