@@ -115,6 +115,11 @@ def test_completions(client, server):
                                      n=2)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert many.choices[0].text == many.choices[1].text == by_ids.choices[0].text
+    # Usage of a list of prompts: each prompt once, every choice's tokens (n = 2: four choices of 3 tokens).
+    both = client.completions.create(model="glm-4-tiny", prompt=[ids, [5, 6, 7]], temperature=0, max_tokens=3,
+                                     n=2, extra_body={"ignore_eos": True})
+    assert (both.usage.prompt_tokens, both.usage.completion_tokens) == (len(ids) + 3, 12)
+    assert both.usage.total_tokens == len(ids) + 15
     default = client.completions.create(model="glm-4-tiny", prompt="hi", temperature=0,
                                         extra_body={"ignore_eos": True})
     assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
