@@ -105,6 +105,22 @@ def test_results_are_recorded_once_and_close_writes_input_order(tmp_path):
     store.close()
 
 
+def test_a_result_landing_while_the_batch_is_cancelling_is_kept(tmp_path):
+    """A cancel lets a line that is already recording its answer finish (the worker does not cancel it): that
+    answer is counted and written to the cancelled batch's output; the lines never run are dropped."""
+    store = Store(tmp_path)
+    b, _ = _started(store, 3)
+    assert store.record_result(b.id, 1, True, json.dumps({"line": 1}))
+    assert store.set_status(b.id, "cancelling", ("validating", "in_progress")).status == "cancelling"
+    assert store.record_result(b.id, 2, True, json.dumps({"line": 2}))
+    assert store.get_batch(b.id).completed == 2
+    closed = store.close_batch(b.id, "cancelled")
+    assert (closed.status, closed.completed, closed.failed, closed.error_file_id) == ("cancelled", 2, 0, None)
+    out = store.file_path(closed.output_file_id).read_text().splitlines()
+    assert [json.loads(x)["line"] for x in out] == [1, 2]
+    store.close()
+
+
 def test_a_crash_between_writing_and_recording_leaves_nothing_behind(tmp_path, monkeypatch):
     store = Store(tmp_path)
     b, _ = _started(store, 3)
