@@ -295,7 +295,7 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_hf):
     pytest.importorskip("triton")
     prompts = _prompts(5, seed=13, lo=3, hi=40)
     lens = [3, 9, 14, 6, 11]  # sequences finish at different steps: the batch walks down through buckets
-    params = [SamplingParams(max_tokens=n, **GREEDY) for n in lens]
+    params = [SamplingParams(max_tokens=n, logprobs=0, **GREEDY) for n in lens]
     plain = LLM(str(tiny_hf), kv_cache_tokens=2048, max_num_seqs=8, max_batch_tokens=64,
                 attention_backend="triton")
     graphs = LLM(str(tiny_hf), kv_cache_tokens=2048, max_num_seqs=8, max_batch_tokens=64,
@@ -303,17 +303,29 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_hf):
     used = []
     run = graphs.engine.runner.graphs.run
 
+    static = graphs.engine.runner.graphs
+    padding = []  # (stored slots, attended lengths) of each padded step's padding rows
+
     def spy(*args):
         out = run(*args)
         if out is not None:
-            used.append(args[2].num_seqs)
+            b = args[2].num_seqs
+            used.append(b)
+            size = static.bucket(b)
+            padding.append((static.slot_mapping[b:size].tolist(), static.seq_lens[b:size].tolist()))
         return out
 
     graphs.engine.runner.graphs.run = spy
-    want = [r.token_ids for r in plain.generate(prompts, params, use_tqdm=False)]
-    got = [r.token_ids for r in graphs.generate(prompts, params, use_tqdm=False)]
-    assert got == want
+    want = plain.generate(prompts, params, use_tqdm=False)
+    got = graphs.generate(prompts, params, use_tqdm=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    # Logprobs too: greedy tokens of a tiny random model can survive a corrupted K/V slot (a padding row
+    # writing into a slot a live sequence used in the step before), its distribution cannot.
+    assert [lp.logprob for r in got for lp in r.choices[0].logprobs] == pytest.approx(
+        [lp.logprob for r in want for lp in r.choices[0].logprobs], abs=1e-3)
     assert {3, 5} & set(used)  # decode steps between buckets (3 -> 4, 5 -> 8) really took the padded path
+    # Padding rows store nothing and attend to nothing (the docstring's table), whatever the last step left.
+    assert all(set(slots) <= {-1} and set(lens) <= {0} for slots, lens in padding)
     with pytest.raises(ValueError, match="triton"):
         LLM(str(tiny_hf), kv_cache_tokens=1024, attention_backend="torch", cuda_graphs=True)
 
