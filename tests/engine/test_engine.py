@@ -72,6 +72,17 @@ def test_prefix_cache_hits_and_same_output(llm):
     assert bm.num_hit_tokens - hits_before == second.usage["cached_tokens"]
 
 
+def test_n_siblings_share_the_prompt_through_the_prefix_cache(llm):
+    """With n > 1 the prompt is computed once: the other choices wait for it and take its full blocks from the
+    prefix cache (each of them a hit of every full block but the one holding the last prompt token)."""
+    bm = llm.engine.block_manager
+    prompt = _prompts(1, seed=331, lo=100, hi=101)[0]
+    hits_before = bm.num_hit_tokens
+    got = llm.generate([prompt], SamplingParams(max_tokens=4, n=3, **GREEDY), use_tqdm=False)[0]
+    assert bm.num_hit_tokens - hits_before == 2 * (99 // bm.block_size * bm.block_size)
+    assert got.choices[0].token_ids == got.choices[1].token_ids == got.choices[2].token_ids
+
+
 def test_no_prefix_caching_flag(tiny_hf):
     plain = LLM(str(tiny_hf), kv_cache_tokens=4096, enable_prefix_caching=False)
     prompt = _prompts(1, seed=4, lo=70, hi=71)[0]
