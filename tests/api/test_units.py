@@ -183,6 +183,22 @@ def test_sampling_params_mapping():
         assert e.value.code == code, fields
 
 
+def test_sampling_params_mapping_of_the_openai_fields():
+    """Each request field reaches the engine's params: OpenAI's top_p 0 is greedy, a request that only sets
+    top_p samples on a greedy-by-default checkpoint, max_completion_tokens beats the deprecated max_tokens,
+    logprobs: true alone is the sampled token's logprob (0 alternatives), include_stop_str_in_output is kept."""
+    ctx = _ctx(temperature=0.8, top_p=0.7)
+    assert sampling_params(_req(top_p=0.0), OPENAI, ctx).greedy
+    p = sampling_params(_req(top_p=0.5), VENDOR, _ctx(do_sample=False, temperature=0.8))
+    assert not p.greedy and (p.temperature, p.top_p) == (0.8, 0.5)
+    assert sampling_params(_req(max_completion_tokens=5, max_tokens=9), OPENAI, ctx).max_tokens == 5
+    assert sampling_params(_req(max_tokens=9), OPENAI, ctx).max_tokens == 9
+    assert sampling_params(_req(logprobs=True), OPENAI, ctx).logprobs == 0
+    assert sampling_params(_req(logprobs=False), OPENAI, ctx).logprobs is None
+    assert sampling_params(_req(stop=["x"], include_stop_str_in_output=True), OPENAI, ctx).include_stop_str
+    assert not sampling_params(_req(stop=["x"]), OPENAI, ctx).include_stop_str
+
+
 def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
