@@ -95,3 +95,28 @@ def test_a_duplicate_request_id_is_refused_without_touching_the_request_in_fligh
     got = merge_final(outs)[0]
     assert got.finish_reason == "length" and got.token_ids == want
     assert not llm.engine.requests
+
+
+def test_leaving_the_stream_early_aborts_the_request(llm):
+    """A caller that stops reading (client gone, cancelled task) aborts its request: the engine finishes it
+    with reason "abort" and lets go of its blocks, instead of generating to the length limit for nobody."""
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+
+    async def run():
+        aeng = AsyncEngine(llm.engine)
+        try:
+            stream = aeng.generate("gone", [2, 7, 1, 8, 2, 8], params)
+            await stream.__anext__()
+            seq = llm.engine.requests["gone"].choices[0].seq
+            await stream.aclose()  # as a cancelled request handler does
+            deadline = time.monotonic() + 30
+            while "gone" in llm.engine.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return seq
+        finally:
+            aeng.shutdown()
+
+    seq = asyncio.run(asyncio.wait_for(run(), 60))
+    assert seq.finish_reason == "abort" and seq.num_tokens < seq.max_num_tokens
+    bm = llm.engine.block_manager
+    assert not llm.engine.requests and bm.num_free_blocks == bm.num_blocks
