@@ -468,3 +468,15 @@ def test_runner_rewrites_a_table_row_whose_blocks_were_taken_back(llm):
         assert runner.row_len[row] == 1
     finally:
         runner.release(seq.seq_id)
+
+
+def test_each_request_gets_its_own_number_of_top_logprobs(llm):
+    """Requests asking for different top-k alternatives share a step (the sampler computes the largest k):
+    each gets exactly its own k alternatives with every token."""
+    prompts = _prompts(3, seed=41)
+    params = [SamplingParams(max_tokens=4, logprobs=k, **GREEDY) for k in (0, 2, 5)]
+    got = llm.generate(prompts, params, use_tqdm=False)
+    for r, k in zip(got, (0, 2, 5)):
+        lps = r.choices[0].logprobs
+        assert [lp.token_id for lp in lps] == r.token_ids and all(len(lp.top) == k for lp in lps)
+        assert all(lp.top[0][0] == lp.token_id for lp in lps if k)  # greedy: the top alternative is the token
