@@ -13,6 +13,7 @@ import jwt
 import pytest
 
 from glm_serve.api.auth import Admission, KeyStore
+from glm_serve.api.chat_service import api_finish_reason
 from glm_serve.api.context import GenerationDefaults
 from glm_serve.api.errors import APIError
 from glm_serve.api.metrics import Metrics, RequestTimer
@@ -79,6 +80,19 @@ def test_parser_without_tools_only_drops_the_leading_newline():
     p = ChoiceParser()
     assert [d.content for d in p.feed("\nget_weather\n{}")] == ["get_weather\n{}"]
     assert [d.content for d in ChoiceParser().feed("abc")] == ["abc"]
+
+
+def test_finish_reason_of_a_tool_call_cut_short_is_not_tool_calls():
+    """Only a call that ended by itself is "tool_calls": one cut by max_tokens (its arguments unfinished) is
+    "length", and a failed one is an error, so a client never runs a truncated call."""
+    for flavor in (VENDOR, OPENAI):
+        assert api_finish_reason(flavor, "stop", True, False) == "tool_calls"
+        assert api_finish_reason(flavor, "length", True, False) == "length"
+        assert api_finish_reason(flavor, "stop", False, False) == "stop"
+    assert api_finish_reason(VENDOR, "length", True, True) == "model_context_window_exceeded"
+    assert api_finish_reason(OPENAI, "length", False, True) == "length"
+    assert api_finish_reason(VENDOR, "error", True, False) == "network_error"
+    assert api_finish_reason(OPENAI, "abort", True, False) == "error"
 
 
 def test_parser_name_that_is_no_tool_is_content():
