@@ -4,6 +4,9 @@ latency metrics of merged outputs."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import random
 import time
@@ -146,6 +149,43 @@ def test_keys_raw_and_jwt():
     assert _code(store, "Bearer a.b.c") == "1002"
     # exp in seconds (a stock JWT library) is read as seconds, not as a 1970 millisecond date
     assert store.authenticate("Bearer " + _sdk_token(SECRET, int(time.time()) + 60)) == "myid"
+
+
+def _hs256(header: dict, payload: dict, secret: str) -> str:
+    """A JWT written by hand (PyJWT would not sign a header that names another algorithm)."""
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+    signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    return f"{signing}.{b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())}"
+
+
+def test_each_key_check_refuses_what_it_is_for():
+    """Every check in KeyStore has a case that only it refuses (each passed every test when dropped)."""
+    store = KeyStore([KEY, "plainkey"])
+    exp = int(time.time() * 1000) + 60_000
+    assert store.authenticate(f"bearer {KEY}") == "myid"  # the scheme is case-insensitive (RFC 7235)
+    assert store.authenticate(KEY) == "myid"  # no scheme: the header is the key
+    # a raw key is compared whole: a longer token that starts with it is no key
+    assert _code(store, f"Bearer {KEY}x") == "1000"
+    # three dots is neither a key nor a JWT: 1000, not a 500 from unpacking the split
+    assert _code(store, "Bearer a.b.c.d") == "1000"
+    # the header must say HS256, even when the HMAC-SHA256 signature is right
+    assert _code(store, "Bearer " + _hs256({"alg": "none"}, {"api_key": "myid", "exp": exp}, SECRET)) == "1002"
+    assert store.authenticate("Bearer " + _hs256({"alg": "HS256"}, {"api_key": "myid", "exp": exp}, SECRET)) == "myid"
+    # a key without a secret cannot sign: a token naming it (signed with the empty secret) is refused
+    assert _code(store, "Bearer " + _hs256({"alg": "HS256"}, {"api_key": "plainkey", "exp": exp}, "")) == "1002"
+    # a signed token without a numeric exp never expires: refused as malformed (not a 500)
+    for payload in ({"api_key": "myid"}, {"api_key": "myid", "exp": str(exp)}, {"api_key": "myid", "exp": True}):
+        assert _code(store, "Bearer " + _hs256({"alg": "HS256"}, payload, SECRET)) == "1002", payload
+
+
+def test_admission_does_not_limit_requests_without_a_key():
+    # README: --max-concurrency-per-key counts per api key; without keys there is no key to count.
+    adm = Admission(max_concurrency_per_key=1, max_in_flight=None)
+    slots = [adm.acquire(None) for _ in range(3)]
+    assert adm.in_flight == 3
+    for s in slots:
+        s.release()
+    assert adm.in_flight == 0
 
 
 def test_admission_limits():
