@@ -149,10 +149,16 @@ def test_unexpected_bug_is_a_500_and_the_server_lives(server, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("a bug")
 
+    def errors():  # an earlier test's 500 already created the label: count this one, not the label
+        label = 'glm_serve_requests_total{route="/api/paas/v4/chat/completions",status="500"}'
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(label))
+
     monkeypatch.setattr(common, "prepare_chat", broken)
+    before = errors()
     r = httpx.post(server.vendor_base + "chat/completions", json={"model": "glm-4-plus", "messages": USER})
     assert r.status_code == 500 and r.json() == {"error": {"code": "500", "message": "internal error: RuntimeError"}}
-    assert 'route="/api/paas/v4/chat/completions",status="500"' in httpx.get(server.url + "/metrics").text
+    assert errors() == before + 1
     monkeypatch.undo()
     assert httpx.post(server.vendor_base + "chat/completions",
                       json={"model": "glm-4-plus", "messages": USER, "max_tokens": 2}).status_code == 200
