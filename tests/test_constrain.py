@@ -16,7 +16,7 @@ pytest.importorskip("xgrammar")  # optional dependency: constrained decoding is 
 jsonschema = pytest.importorskip("jsonschema")
 
 from glm_serve.chat import encode_chat, parse_assistant_output  # noqa: E402
-from glm_serve.constrain import ConstraintFactory  # noqa: E402
+from glm_serve.constrain import MAX_WHITESPACE, ConstraintFactory  # noqa: E402
 from glm_serve.engine.sampler import unpack_bitmask  # noqa: E402
 from glm_serve.llm import LLM  # noqa: E402
 from glm_serve.sampling_params import SamplingParams  # noqa: E402
@@ -350,6 +350,47 @@ def test_same_schema_compiles_once(factory):
     factory.json_object()
     factory.json_object()
     assert factory.num_cached - before <= 3
+
+
+def test_content_can_end_after_its_separator(llm, factory):
+    # tool_choice "none": after the "\n" every text token and every stop id is allowed; without the stop ids
+    # the answer could only end at max_tokens (random weights finish "length" anyway, so generation misses it).
+    tok = llm.tokenizer
+    content = factory.content_only()
+    content.accept(tok.encode("\n", allow_special=False)[0])
+    allowed = set(_allowed(content, factory.vocab_size))
+    assert set(tok.stop_token_ids) <= allowed
+    content.accept(tok.stop_token_ids[0])
+
+
+def test_grammar_cache_keeps_the_most_recently_used(llm, factory, monkeypatch):
+    """cache_size grammars stay compiled, and a hit makes its grammar the most recent: A, B, A, C with room
+    for two evicts B, not A (each compile costs up to a second on the real vocabulary)."""
+    small = ConstraintFactory(llm.tokenizer, factory.vocab_size, cache_size=2)
+    compiled = []
+    compile_grammar = small._compiler.compile_grammar
+    monkeypatch.setattr(small._compiler, "compile_grammar", lambda g: compiled.append(g) or compile_grammar(g))
+    schemas = [{"type": "object", "properties": {k: {"type": "integer"}}} for k in "abc"]
+    for k in (0, 1, 0, 2, 0):
+        small.json_schema(schemas[k])
+    assert len(compiled) == 3 and small.num_cached == 2
+    small.json_schema(schemas[1])  # B was the one evicted
+    assert len(compiled) == 4
+
+
+def test_whitespace_runs_are_bounded(llm, factory):
+    # Without a bound a (random or small) model can spin on blanks until max_tokens, never closing the JSON.
+    tok = llm.tokenizer
+    space = tok.encode(" ", allow_special=False)
+    assert len(space) == 1
+    constraint = factory.json_object()
+    for i in tok.encode("\n{", allow_special=False):
+        constraint.accept(i)
+    for _ in range(MAX_WHITESPACE):
+        constraint.accept(space[0])
+    assert space[0] not in _allowed(constraint, factory.vocab_size)
+    with pytest.raises(ValueError):
+        constraint.accept(space[0])
 
 
 def test_factory_checks_vocab_size(llm):
