@@ -190,6 +190,14 @@ def test_validation_errors_name_the_field(messages, tools, field):
     assert isinstance(e.value, ValueError) and e.value.field == field and str(e.value).startswith(field)
 
 
+def test_tool_call_without_arguments_renders_an_empty_object():
+    # The vendor SDKs may leave out arguments of a call that takes none; the prompt must still hold JSON.
+    call = {"id": "c1", "type": "function", "function": {"name": "ping"}}
+    items = to_glm_items([{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert items[-1] == {"role": "assistant", "metadata": "ping", "content": "{}"}
+
+
 def test_tool_message_without_a_call_is_allowed():
     text = render_prompt([{"role": "user", "content": "q"}, {"role": "tool", "content": "result"}])
     assert text.endswith("<|observation|>\nresult<|assistant|>")
