@@ -99,6 +99,17 @@ def test_stale_inv_freq_is_ignored(tiny_chatglm):
     assert model.config.rope_theta == 10000.0 * 500
 
 
+def test_hf_rotary_inv_freq_buffers_are_ignored(ckpt):
+    # Older transformers versions saved the rotary buffers into HF-layout files; they carry nothing we use and
+    # must not stop the load as unexpected tensors.
+    shard = _shards(ckpt)[-1]
+    tensors = load_file(str(shard))
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, str(shard))
+    load_model(ckpt)
+
+
 def _logits(model, ids):
     caches, nb = allocate_cache(model, len(ids), 16, torch.float32, "cpu")
     with torch.inference_mode():
