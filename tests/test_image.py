@@ -156,3 +156,9 @@ def test_http_streamed_size_limit_without_content_length():
     with pytest.raises(ImageError, match="larger"):
         parse_image_url("https://img.test/a.png", allow_http=True, max_bytes=1000,
                         transport=httpx.MockTransport(handler))
+
+
+def test_image_hash_of_pixels_tells_shapes_and_dtypes_apart():
+    # The same bytes in another shape or dtype are other pixels: their prefix-cache keys must differ.
+    assert image_hash(torch.zeros(2, 6)) != image_hash(torch.zeros(6, 2))
+    assert image_hash(torch.zeros(4, dtype=torch.float32)) != image_hash(torch.zeros(16, dtype=torch.uint8))
