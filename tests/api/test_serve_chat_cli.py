@@ -146,3 +146,19 @@ def test_chat_unknown_command_is_said_not_sent():
     history = chat_loop(send, read, out.append)
     assert "unknown command /help" in "".join(out)
     assert sent == ["/usr/bin holds programs"] and len(history) == 2  # a line with more words is a message
+
+
+def test_chat_in_process_interrupted_answer_leaves_the_engine(server, tiny_hf):
+    """Ctrl-C mid-answer drops the answer's generator: its request must leave the engine (abort), or the next
+    turn's step loop also runs it and mixes its text into the new answer."""
+    args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
+                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024)
+    send = local_backend(args)
+    first = send([{"role": "user", "content": "hello"}])
+    next(first)
+    first.close()  # what chat_loop's KeyboardInterrupt does to the generator it was reading
+    messages = [{"role": "user", "content": "你好"}]
+    answer = "".join(send(messages))
+    direct = httpx.post(server.openai_base + "/chat/completions", json={
+        "model": "glm-4-tiny", "messages": messages, "temperature": 0, "max_tokens": 12}).json()
+    assert answer == direct["choices"][0]["message"]["content"]
