@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ class KeyStore:
         if not hmac.compare_digest(expected, signature):
             raise APIError("1004", "token verification failed: bad signature")
         exp = payload.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+            # NaN and infinity (Python's json reads both) would make a token that never expires
             raise APIError("1002", "invalid token: exp must be a number (milliseconds since the epoch)")
         exp_ms = exp if exp >= _MS_THRESHOLD else exp * 1000
         if exp_ms <= time.time() * 1000:

@@ -174,7 +174,8 @@ def test_each_key_check_refuses_what_it_is_for():
     # a key without a secret cannot sign: a token naming it (signed with the empty secret) is refused
     assert _code(store, "Bearer " + _hs256({"alg": "HS256"}, {"api_key": "plainkey", "exp": exp}, "")) == "1002"
     # a signed token without a numeric exp never expires: refused as malformed (not a 500)
-    for payload in ({"api_key": "myid"}, {"api_key": "myid", "exp": str(exp)}, {"api_key": "myid", "exp": True}):
+    for payload in ({"api_key": "myid"}, {"api_key": "myid", "exp": str(exp)}, {"api_key": "myid", "exp": True},
+                    {"api_key": "myid", "exp": float("nan")}, {"api_key": "myid", "exp": float("inf")}):
         assert _code(store, "Bearer " + _hs256({"alg": "HS256"}, payload, SECRET)) == "1002", payload
 
 
