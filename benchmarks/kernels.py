@@ -14,6 +14,11 @@ written) for decode and kv_store, a bf16 8192^3 matmul for prefill. The baseline
 (they cannot read a paged cache); the Triton kernels read K/V scattered over shuffled 16-token blocks. Each
 row also records the kernel's largest difference from the baseline's output on the same data (`max_abs_diff`),
 so a figure from a kernel that computes the wrong thing shows.
+
+Decode is timed twice: eager (`triton_*`), and as replays of a CUDA graph holding the same call (`triton_graph_*`),
+the way the engine's decode runs with --cuda-graphs. At batch 1 a layer's decode is a few microseconds of GPU
+work, about what the Python launch of its two kernels costs, so the graph figure is the kernel's own speed; the
+--tune sweep times decode configs as graph replays for the same reason.
 """
 
 from __future__ import annotations
@@ -114,11 +119,14 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     splits = choose_num_splits(batch, KV_HEADS, context, num_sms)
     partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, splits, DEVICE) if splits > 1 else None
     out = torch.empty_like(q)
-    ms = bench(lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, splits, out=out, partials=partials))
+    call = lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, splits, out=out, partials=partials)  # noqa: E731
+    ms = bench(call)
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
-    gbs = (kv_bytes + 2 * q.numel() * q.element_size()) / ms / 1e6
+    moved = kv_bytes + 2 * q.numel() * q.element_size()
+    gbs = moved / ms / 1e6
     row = {"batch": batch, "context": context, "splits": splits, "triton_ms": round(ms, 4),
            "triton_GBps": round(gbs, 1), "triton_frac_of_copy": round(gbs / copy_gbs, 3)}  # fmt: skip
+    row.update(_graph_timing(call, moved, copy_gbs))
 
     # SDPA over dense K/V; the group's query heads are folded into query rows (no K/V repeat), like ours.
     k, v = dense_kv(k_cache, v_cache, tables, context)
@@ -129,6 +137,37 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     row.update(sdpa_ms=round(ms, 4), sdpa_GBps=round((kv_bytes + 2 * q.numel() * 2) / ms / 1e6, 1))
     row["max_abs_diff"] = _diff(out, sdpa(qs, k, v, scale=SCALE).view(batch, HEADS, HEAD_DIM))
     return row
+
+
+def _graph_timing(call, moved: int, copy_gbs: float) -> dict:
+    """The same decode captured in a CUDA graph and replayed, as the engine runs it when --cuda-graphs is on.
+    An eager call pays the Python launch of two kernels (split + reduce); at batch 1 the GPU work is a few
+    microseconds per layer, so eager timings can measure the launcher more than the kernel. Also proves the
+    launch capturable (fixed grid, no host reads). Nothing on the CPU (--smoke)."""
+    if DEVICE != "cuda":
+        return {"triton_graph_ms": None}
+    try:
+        ms = bench(captured(call))
+    except Exception as exc:  # noqa: BLE001 (recorded: a launch that cannot be captured is a finding)
+        return {"triton_graph_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    gbs = moved / ms / 1e6
+    return {"triton_graph_ms": round(ms, 4), "triton_graph_GBps": round(gbs, 1),
+            "triton_graph_frac_of_copy": round(gbs / copy_gbs, 3)}
+
+
+def captured(call):
+    """call() captured once in a CUDA graph: -> its replay (call itself on the CPU)."""
+    if DEVICE != "cuda":
+        return call
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture wants the kernels compiled and the allocator warm
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
 
 
 def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool, figures: dict, saved=lambda: None) -> dict:
@@ -153,9 +192,11 @@ def tune(num_sms: int, copy_gbs: float, matmul_tflops: float, smoke: bool, figur
         def decode(cfg: dict, out: torch.Tensor):
             n = cfg["splits"]
             partials = DecodePartials.empty(batch, HEADS, HEAD_DIM, n, DEVICE) if n > 1 else None
-            return lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, n, out=out, partials=partials,
-                                        block_n=cfg["block_n"], num_warps=cfg["num_warps"],
-                                        num_stages=cfg["num_stages"])
+            # Timed as replays of a CUDA graph (the engine's decode path): eager launches would hide the
+            # differences between configs behind the Python launcher at batch 1.
+            return captured(lambda: paged_decode(q, k_cache, v_cache, seq_lens, tables, SCALE, n, out=out,
+                                                 partials=partials, block_n=cfg["block_n"],
+                                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
         figures["decode"].append(_tune_point(
             {"batch": batch, "context": context}, decode, default, grid, torch.empty_like(q),
