@@ -37,15 +37,15 @@ async def async_chat_completions(request: Request):
     prep.stream = False  # a task's result is fetched whole
     meta = new_meta(ctx, VENDOR, req.model, req.request_id)
     admitted = Admitted(ctx, key_id, req.request_id)
-    task = Task(meta.response_id, meta.request_id, req.model)
+    task = Task(meta.response_id, meta.request_id, req.model, owner=key_id)
     request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release)
     return JSONResponse(task.to_dict())
 
 
 @router.get("/async-result/{task_id}")
 async def async_result(task_id: str, request: Request):
-    authenticate(request)
-    return JSONResponse(request.app.state.tasks.get(task_id).to_dict())
+    caller = authenticate(request)
+    return JSONResponse(request.app.state.tasks.get(task_id, caller).to_dict())
 
 
 @router.post("/tokenizer")

@@ -1,5 +1,7 @@
 """Async chat tasks (POST /async/chat/completions, GET /async-result/{id}): a chat that runs in the background
-on the server's event loop while the client polls. Finished results are kept for a while, then dropped."""
+on the server's event loop while the client polls. Finished results are kept for a while, then dropped.
+With API keys, a task's result is fetched with the key that submitted it (another key gets 404, as for an
+unknown id)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class Task:
     id: str
     request_id: str
     model: str
+    owner: str | None = None  # API key id that submitted it (None: the server has no keys)
     status: str = PROCESSING
     result: dict | None = None  # the chat body, on SUCCESS
     error: dict | None = None  # {"code", "message"}, on FAIL
@@ -57,10 +60,10 @@ class TaskStore:
         task.handle = asyncio.ensure_future(self._run(task, work, release))
         return task
 
-    def get(self, task_id: str) -> Task:
+    def get(self, task_id: str, caller: str | None = None) -> Task:
         self._purge()
         task = self._tasks.get(task_id)
-        if task is None:
+        if task is None or (caller is not None and task.owner != caller):
             raise APIError("1214", f"no async task with id {task_id!r} (unknown, or its result expired)",
                            "id", status=404)
         return task

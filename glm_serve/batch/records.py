@@ -47,6 +47,7 @@ class FileRecord:
     purpose: str  # "batch" (uploads) or "batch_output" (a batch's output and error files)
     bytes: int
     created_at: int  # unix seconds
+    owner: str | None = None  # API key id that made it (None: made with auth off); not shown by the API
 
     def to_dict(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -77,6 +78,7 @@ class BatchRecord:
     completed: int = 0  # lines answered (in the output file)
     failed: int = 0  # lines in the error file (malformed, refused, failed, or expired)
     errors: list[dict] = field(default_factory=list)  # why a failed batch failed: [{code, message, line?}]
+    owner: str | None = None  # API key id that made it (None: made with auth off); not shown by the API
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -98,3 +100,11 @@ class BatchRecord:
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "metadata": self.metadata,
         }
+
+
+def visible(owner: str | None, caller: str | None) -> bool:
+    """Whether a file or batch made by key `owner` shows to key `caller`. Each key sees its own; a server with
+    no keys (caller None) shows everything; what was made while the server had no keys (owner None) was
+    everyone's then and stays so."""
+    return caller is None or owner is None or owner == caller
+

@@ -1,7 +1,10 @@
 """The files and batches routes under /api/paas/v4 (contract: /work/shared/docs/api.md "Routes", "Batch files";
 objects: records.py), and BatchService, which create_app uses to open the store, mount the routes and run the
 worker for the app's lifetime. Every route authenticates like the chat routes; errors are APIErrors (unknown
-ids answer 404 with code 1214, as the async-result route does)."""
+ids answer 404 with code 1214, as the async-result route does).
+
+With API keys, files and batches belong to the key that made them (a batch's output files to the batch's key):
+another key's ids answer 404 as unknown ones do, and lists show the caller's own (records.visible)."""
 
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from glm_serve.batch.records import (
     IN_PROGRESS,
     VALIDATING,
     BatchRecord,
+    FileRecord,
     parse_window,
+    visible,
 )
 from glm_serve.batch.store import Store
 from glm_serve.batch.worker import BatchWorker
@@ -68,9 +73,24 @@ class BatchService:
             self._tmp.cleanup()
 
 
-def _service(request: Request) -> BatchService:
-    authenticate(request)
-    return request.app.state.batches
+def _service(request: Request) -> tuple[BatchService, str | None]:
+    """The app's batch service and the caller's key id (None: the server has no keys)."""
+    caller = authenticate(request)
+    return request.app.state.batches, caller
+
+
+async def _own_file(svc: BatchService, file_id: str, caller: str | None) -> FileRecord:
+    rec = await asyncio.to_thread(svc.store.get_file, file_id)
+    if rec is None or not visible(rec.owner, caller):
+        raise _not_found("file", file_id)
+    return rec
+
+
+async def _own_batch(svc: BatchService, batch_id: str, caller: str | None) -> BatchRecord:
+    rec = await asyncio.to_thread(svc.store.get_batch, batch_id)
+    if rec is None or not visible(rec.owner, caller):
+        raise _not_found("batch", batch_id)
+    return rec
 
 
 def _not_found(kind: str, obj_id: str) -> APIError:
@@ -95,7 +115,7 @@ def _page(data: list[dict], has_more: bool) -> dict:
 
 @router.post("/files")
 async def upload_file(request: Request):
-    svc = _service(request)
+    svc, caller = _service(request)
     most = MAX_FILE_BYTES + (1 << 20)  # the file and its multipart framing
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > most:
@@ -122,7 +142,7 @@ async def upload_file(request: Request):
             raise APIError("1213", "file: required field missing (send it as a multipart file part)", "file")
         try:
             rec = await asyncio.to_thread(svc.store.add_file, upload.file, upload.filename or "upload.jsonl",
-                                          "batch", MAX_FILE_BYTES)
+                                          "batch", MAX_FILE_BYTES, caller)
         except ValueError as e:
             raise APIError("1210", str(e), "file", status=413) from None
     return JSONResponse(rec.to_dict())
@@ -130,14 +150,15 @@ async def upload_file(request: Request):
 
 @router.get("/files")
 async def list_files(request: Request):
-    svc = _service(request)
+    svc, caller = _service(request)
     q = request.query_params
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise invalid_value("order", f"must be asc or desc, got {order!r}")
     try:
         recs, more = await asyncio.to_thread(svc.store.list_files, q.get("after") or None,
-                                             _limit(request, 10000, 10000), order, q.get("purpose") or None)
+                                             _limit(request, 10000, 10000), order, q.get("purpose") or None,
+                                             caller)
     except KeyError:
         raise invalid_value("after", f"no file with id {q.get('after')!r}") from None
     return JSONResponse(_page([r.to_dict() for r in recs], more))
@@ -145,19 +166,14 @@ async def list_files(request: Request):
 
 @router.get("/files/{file_id}")
 async def get_file(file_id: str, request: Request):
-    svc = _service(request)
-    rec = await asyncio.to_thread(svc.store.get_file, file_id)
-    if rec is None:
-        raise _not_found("file", file_id)
-    return JSONResponse(rec.to_dict())
+    svc, caller = _service(request)
+    return JSONResponse((await _own_file(svc, file_id, caller)).to_dict())
 
 
 @router.get("/files/{file_id}/content")
 async def file_content(file_id: str, request: Request):
-    svc = _service(request)
-    rec = await asyncio.to_thread(svc.store.get_file, file_id)
-    if rec is None:
-        raise _not_found("file", file_id)
+    svc, caller = _service(request)
+    rec = await _own_file(svc, file_id, caller)
     # Opened here and streamed from the open file: a DELETE (or a batch's auto-delete) landing after the lookup
     # answers 404, or lets this download finish, where a path handed to FileResponse would raise (500).
     try:
@@ -179,7 +195,8 @@ async def file_content(file_id: str, request: Request):
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, request: Request):
-    svc = _service(request)
+    svc, caller = _service(request)
+    await _own_file(svc, file_id, caller)
     if not await asyncio.to_thread(svc.store.delete_file, file_id):
         raise _not_found("file", file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
@@ -210,7 +227,7 @@ def _metadata(value) -> dict | None:
 
 @router.post("/batches")
 async def create_batch(request: Request):
-    svc = _service(request)
+    svc, caller = _service(request)
     body = await read_json(request)
     unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata",
                                   "auto_delete_input_file"})
@@ -230,14 +247,14 @@ async def create_batch(request: Request):
     if auto_delete is not None and not isinstance(auto_delete, bool):
         raise bad_param("auto_delete_input_file", "must be a boolean")
     rec = await asyncio.to_thread(svc.store.get_file, file_id)
-    if rec is None:
+    if rec is None or not visible(rec.owner, caller):
         raise invalid_value("input_file_id", f"no file with id {file_id!r}")
     if rec.purpose != "batch":
         raise invalid_value("input_file_id", f"file {file_id!r} has purpose {rec.purpose!r}, not 'batch'")
     now = int(time.time())
     batch = BatchRecord(id=f"batch_{uuid.uuid4().hex}", endpoint=endpoint, input_file_id=file_id,
                         completion_window=window, created_at=now, expires_at=now + window_s, metadata=metadata,
-                        auto_delete_input_file=bool(auto_delete))
+                        auto_delete_input_file=bool(auto_delete), owner=caller)
     await asyncio.to_thread(svc.store.create_batch, batch)
     svc.worker.wake()
     return JSONResponse(batch.to_dict())
@@ -245,19 +262,16 @@ async def create_batch(request: Request):
 
 @router.get("/batches/{batch_id}")
 async def get_batch(batch_id: str, request: Request):
-    svc = _service(request)
-    rec = await asyncio.to_thread(svc.store.get_batch, batch_id)
-    if rec is None:
-        raise _not_found("batch", batch_id)
-    return JSONResponse(rec.to_dict())
+    svc, caller = _service(request)
+    return JSONResponse((await _own_batch(svc, batch_id, caller)).to_dict())
 
 
 @router.get("/batches")
 async def list_batches(request: Request):
-    svc = _service(request)
+    svc, caller = _service(request)
     after = request.query_params.get("after") or None
     try:
-        recs, more = await asyncio.to_thread(svc.store.list_batches, after, _limit(request, 20, 100))
+        recs, more = await asyncio.to_thread(svc.store.list_batches, after, _limit(request, 20, 100), caller)
     except KeyError:
         raise invalid_value("after", f"no batch with id {after!r}") from None
     return JSONResponse(_page([r.to_dict() for r in recs], more))
@@ -265,9 +279,8 @@ async def list_batches(request: Request):
 
 @router.post("/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request):
-    svc = _service(request)
-    if await asyncio.to_thread(svc.store.get_batch, batch_id) is None:
-        raise _not_found("batch", batch_id)
+    svc, caller = _service(request)
+    await _own_batch(svc, batch_id, caller)
     rec = await asyncio.to_thread(svc.store.set_status, batch_id, CANCELLING, (VALIDATING, IN_PROGRESS))
     if rec.status not in (CANCELLING, CANCELLED):
         raise invalid_value("id", f"batch {batch_id} is {rec.status}: only a validating or in_progress batch "

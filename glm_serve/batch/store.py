@@ -43,16 +43,22 @@ from glm_serve.batch.records import (
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, filename TEXT NOT NULL,
-    purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, owner TEXT);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL,
-    input_file_id TEXT NOT NULL, data TEXT NOT NULL);
+    input_file_id TEXT NOT NULL, data TEXT NOT NULL, owner TEXT);
 CREATE TABLE IF NOT EXISTS items (
     batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT, body TEXT, status TEXT NOT NULL,
     result TEXT, starts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch_id, line));
 CREATE INDEX IF NOT EXISTS items_status ON items (batch_id, status, line);
 """
 PENDING, DONE, ITEM_FAILED = "pending", "done", "failed"
+# Columns added since the first data dirs: (table, column, its definition), added to older databases at open.
+_ADDED_COLUMNS = (("items", "starts", "INTEGER NOT NULL DEFAULT 0"), ("files", "owner", "TEXT"),
+                  ("batches", "owner", "TEXT"))
+# Rows the key `caller` may see (visible() in records.py, in SQL): args (caller, caller).
+_VISIBLE = "(? IS NULL OR owner IS NULL OR owner = ?)"
+_FILE_COLUMNS = "id, filename, purpose, bytes, created_at, owner"
 
 
 def default_data_dir() -> Path:
@@ -108,8 +114,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
         self._db.executescript(_SCHEMA)
-        if "starts" not in {row[1] for row in self._db.execute("PRAGMA table_info(items)")}:  # older data dirs
-            self._db.execute("ALTER TABLE items ADD COLUMN starts INTEGER NOT NULL DEFAULT 0")
+        for table, column, definition in _ADDED_COLUMNS:  # older data dirs
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._mutex = threading.RLock()
         self._sweep()
 
@@ -145,8 +152,9 @@ class Store:
     def file_path(self, file_id: str) -> Path:
         return self.files_dir / file_id
 
-    def add_file(self, src: BinaryIO, filename: str, purpose: str, max_bytes: int) -> FileRecord:
-        """Copy a stream into the store; ValueError when it is larger than max_bytes."""
+    def add_file(self, src: BinaryIO, filename: str, purpose: str, max_bytes: int,
+                 owner: str | None = None) -> FileRecord:
+        """Copy a stream into the store (owned by API key `owner`); ValueError when it is larger than max_bytes."""
         file_id = f"file-{uuid.uuid4().hex}"
         tmp = self.files_dir / f".tmp-{file_id}"
         size = 0
@@ -162,22 +170,22 @@ class Store:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return self._commit_file(tmp, file_id, filename, purpose, size)
+        return self._commit_file(tmp, file_id, filename, purpose, size, owner)
 
-    def _write_lines(self, lines: Iterable[str], filename: str, purpose: str) -> FileRecord:
+    def _write_lines(self, lines: Iterable[str], filename: str, purpose: str, owner: str | None) -> FileRecord:
         file_id = f"file-{uuid.uuid4().hex}"
         tmp = self.files_dir / f".tmp-{file_id}"
         with open(tmp, "w", encoding="utf-8") as out:
             out.writelines(line + "\n" for line in lines)
             out.flush()
             os.fsync(out.fileno())
-        return self._commit_file(tmp, file_id, filename, purpose, tmp.stat().st_size, record=False)
+        return self._commit_file(tmp, file_id, filename, purpose, tmp.stat().st_size, owner, record=False)
 
-    def _commit_file(self, tmp: Path, file_id: str, filename: str, purpose: str, size: int,
+    def _commit_file(self, tmp: Path, file_id: str, filename: str, purpose: str, size: int, owner: str | None,
                      record: bool = True) -> FileRecord:
         os.replace(tmp, self.files_dir / file_id)
         _fsync_dir(self.files_dir)
-        rec = FileRecord(file_id, filename, purpose, size, int(time.time()))
+        rec = FileRecord(file_id, filename, purpose, size, int(time.time()), owner)
         if record:
             with self._tx() as db:
                 self._insert_file(db, rec)
@@ -185,23 +193,23 @@ class Store:
 
     @staticmethod
     def _insert_file(db: sqlite3.Connection, rec: FileRecord) -> None:
-        db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
-                   (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at))
+        db.execute(f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                   (rec.id, rec.filename, rec.purpose, rec.bytes, rec.created_at, rec.owner))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         with self._mutex:
-            row = self._db.execute("SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?",
-                                   (file_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
         return FileRecord(*row) if row else None
 
-    def list_files(self, after: str | None, limit: int, order: str = "desc",
-                   purpose: str | None = None) -> tuple[list[FileRecord], bool]:
-        """One cursor page: (files after the `after` id in the given order, whether more follow).
-        KeyError for an unknown `after`."""
-        where, args = [], []
+    def list_files(self, after: str | None, limit: int, order: str = "desc", purpose: str | None = None,
+                   caller: str | None = None) -> tuple[list[FileRecord], bool]:
+        """One cursor page of the files key `caller` sees: (files after the `after` id in the given order,
+        whether more follow). KeyError for an unknown `after` (or one the caller does not see)."""
+        where, args = [_VISIBLE], [caller, caller]
         with self._mutex:
             if after is not None:
-                row = self._db.execute("SELECT seq FROM files WHERE id = ?", (after,)).fetchone()
+                row = self._db.execute(f"SELECT seq FROM files WHERE id = ? AND {_VISIBLE}",
+                                       (after, caller, caller)).fetchone()
                 if row is None:
                     raise KeyError(after)
                 where.append("seq < ?" if order == "desc" else "seq > ?")
@@ -209,8 +217,7 @@ class Store:
             if purpose is not None:
                 where.append("purpose = ?")
                 args.append(purpose)
-            sql = ("SELECT id, filename, purpose, bytes, created_at FROM files"
-                   + (" WHERE " + " AND ".join(where) if where else "")
+            sql = (f"SELECT {_FILE_COLUMNS} FROM files WHERE " + " AND ".join(where)
                    + f" ORDER BY seq {'DESC' if order == 'desc' else 'ASC'} LIMIT ?")
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
         return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
@@ -226,8 +233,8 @@ class Store:
 
     def create_batch(self, rec: BatchRecord) -> BatchRecord:
         with self._tx() as db:
-            db.execute("INSERT INTO batches (id, status, input_file_id, data) VALUES (?, ?, ?, ?)",
-                       (rec.id, rec.status, rec.input_file_id, json.dumps(rec.to_row())))
+            db.execute("INSERT INTO batches (id, status, input_file_id, data, owner) VALUES (?, ?, ?, ?, ?)",
+                       (rec.id, rec.status, rec.input_file_id, json.dumps(rec.to_row()), rec.owner))
         return rec
 
     def get_batch(self, batch_id: str) -> BatchRecord | None:
@@ -235,18 +242,21 @@ class Store:
             row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return BatchRecord.from_row(json.loads(row[0])) if row else None
 
-    def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
-        """Newest first; KeyError for an unknown `after`."""
+    def list_batches(self, after: str | None, limit: int, caller: str | None = None
+                     ) -> tuple[list[BatchRecord], bool]:
+        """The batches key `caller` sees, newest first; KeyError for an unknown (or unseen) `after`."""
         with self._mutex:
             seq = None
             if after is not None:
-                row = self._db.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone()
+                row = self._db.execute(f"SELECT seq FROM batches WHERE id = ? AND {_VISIBLE}",
+                                       (after, caller, caller)).fetchone()
                 if row is None:
                     raise KeyError(after)
                 seq = row[0]
             rows = self._db.execute(
-                "SELECT data FROM batches" + (" WHERE seq < ?" if seq is not None else "")
-                + " ORDER BY seq DESC LIMIT ?", ((seq,) if seq is not None else ()) + (limit + 1,)).fetchall()
+                f"SELECT data FROM batches WHERE {_VISIBLE}" + (" AND seq < ?" if seq is not None else "")
+                + " ORDER BY seq DESC LIMIT ?",
+                (caller, caller) + ((seq,) if seq is not None else ()) + (limit + 1,)).fetchall()
         return [BatchRecord.from_row(json.loads(r[0])) for r in rows[:limit]], len(rows) > limit
 
     def active_batches(self) -> list[BatchRecord]:
@@ -355,14 +365,15 @@ class Store:
         with self._mutex:
             rows = self._db.execute("SELECT line, custom_id, status, result FROM items WHERE batch_id = ? "
                                     "ORDER BY line", (batch_id,)).fetchall()
+            owner = self._load(self._db, batch_id).owner  # the batch's files are its owner's
         late = [(line, pending_error(cid, line))
                 for line, cid, st, _ in rows if st == PENDING] if pending_error else []
         late_by_line = dict(late)
         outputs = [r for _, _, st, r in rows if st == DONE]
         errs = [r if st == ITEM_FAILED else late_by_line[line] for line, _, st, r in rows
                 if st == ITEM_FAILED or line in late_by_line]
-        out_rec = self._write_lines(outputs, f"{batch_id}_output.jsonl", "batch_output") if outputs else None
-        err_rec = self._write_lines(errs, f"{batch_id}_errors.jsonl", "batch_output") if errs else None
+        out_rec = self._write_lines(outputs, f"{batch_id}_output.jsonl", "batch_output", owner) if outputs else None
+        err_rec = self._write_lines(errs, f"{batch_id}_errors.jsonl", "batch_output", owner) if errs else None
         with self._tx() as db:
             rec = self._load(db, batch_id)
             if rec.status in TERMINAL:  # closed already (its items are gone): these files are not its files

@@ -55,3 +55,16 @@ def test_a_store_full_of_running_tasks_refuses_without_leaking():
         assert store.get("a").status == SUCCESS and released == ["b", "a"]
 
     asyncio.run(main())
+
+
+def test_a_task_result_is_fetched_with_the_key_that_submitted_it():
+    async def main():
+        store = TaskStore(ttl_s=3600, max_tasks=4)
+        store.submit(Task("t", "t", "m", owner="ka"), _answer(), lambda: None)
+        await asyncio.sleep(0.01)
+        assert store.get("t", "ka").status == SUCCESS
+        with pytest.raises(APIError) as e:
+            store.get("t", "kb")
+        assert e.value.status == 404 and e.value.code == "1214"
+
+    asyncio.run(main())

@@ -245,3 +245,16 @@ def test_json_mode_without_xgrammar_is_a_400_naming_it(make_server, monkeypatch)
         assert r.headers["x-should-retry"] == "false" and "glm-serve[structured]" in r.text
     body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 2}
     assert httpx.post(srv.vendor_base + "chat/completions", json=body).status_code == 200  # the rest works
+
+
+def test_an_async_result_is_fetched_with_its_own_key(keyed):
+    """Key A's task id is unknown to key B (404 / 1214), whether A signs with a JWT or sends the raw key."""
+    task = _sdk(keyed, KEY_A).chat.asyncCompletions.create(model="glm-4-plus", messages=USER, max_tokens=2)
+    url = keyed.vendor_base + f"async-result/{task.id}"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {KEY_B}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "1214")
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(url, headers={"Authorization": f"Bearer {KEY_A}"})).json()["task_status"] == "PROCESSING":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 200 and r.json()["task_status"] == "SUCCESS"

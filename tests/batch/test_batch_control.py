@@ -108,6 +108,36 @@ def test_routes_need_the_key(make_server, tmp_path):
     srv.stop()
 
 
+def test_each_key_sees_only_its_own_files_and_batches(make_server, tmp_path):
+    """Two keys on one server: neither can list, read, download, delete, cancel or run the other's files and
+    batches (404 / 1214 as for unknown ids); a batch's output file belongs to the batch's key."""
+    other_key = "otherid.other-secret-other-secret-other-secret"
+    srv = make_server(api_keys=[KEY, other_key], data_dir=tmp_path / "two-keys")
+    base = srv.vendor_base
+    mine, theirs = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {other_key}"}
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi", max_tokens=1))])
+    f = upload(base, path, headers=mine)
+    b = wait_batch(base, create(base, f, headers=mine)["id"], headers=mine)
+    assert b["status"] == "completed"
+    out_id = b["output_file_id"]
+    their_file = upload(base, path, headers=theirs)
+    for r in (httpx.get(f"{base}files/{f}", headers=theirs), httpx.get(f"{base}files/{f}/content", headers=theirs),
+              httpx.get(f"{base}files/{out_id}/content", headers=theirs), httpx.delete(f"{base}files/{f}", headers=theirs),
+              httpx.get(f"{base}batches/{b['id']}", headers=theirs),
+              httpx.post(f"{base}batches/{b['id']}/cancel", headers=theirs)):
+        _err(r, 404, "1214")
+    r = httpx.post(base + "batches", headers=theirs, json={"input_file_id": f, "endpoint": "/v4/chat/completions"})
+    assert r.status_code == 400 and "no file with id" in r.json()["error"]["message"]
+    assert [x["id"] for x in httpx.get(base + "files", headers=theirs).json()["data"]] == [their_file]
+    assert httpx.get(base + "batches", headers=theirs).json()["data"] == []
+    _err(httpx.get(base + "files", headers=theirs, params={"after": f}), 400, "1214")  # not a cursor of theirs
+    assert {x["id"] for x in httpx.get(base + "files", headers=mine).json()["data"]} == {f, out_id}
+    assert [x["id"] for x in httpx.get(base + "batches", headers=mine).json()["data"]] == [b["id"]]
+    assert read_jsonl(content(base, out_id, headers=mine))[0]["custom_id"] == "a"
+    assert httpx.delete(f"{base}files/{f}", headers=mine).json()["deleted"] is True
+    srv.stop()
+
+
 def _lines(n: int, max_tokens: int) -> list[str]:
     return [batch_line(f"c-{i}", chat_body(f"line {i} tell me a story", max_tokens=max_tokens)) for i in range(n)]
 

@@ -268,3 +268,50 @@ def test_a_data_dir_from_before_the_crash_count_gets_its_column(tmp_path):
     store = Store(tmp_path)
     assert store._db.execute("SELECT starts FROM items WHERE batch_id = 'batch_old'").fetchone() == (0,)
     store.close()
+
+
+def test_files_and_batches_show_to_their_key_and_old_rows_to_everyone(tmp_path):
+    """A data dir from before files had owners: its rows are everyone's (they were made with auth off); new
+    rows show to their key only, in pages too (a cursor from another key's list is unknown)."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "batch.db")
+    db.executescript("CREATE TABLE files (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
+                     "filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, "
+                     "created_at INTEGER NOT NULL);"
+                     "CREATE TABLE batches (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
+                     "status TEXT NOT NULL, input_file_id TEXT NOT NULL, data TEXT NOT NULL);"
+                     "INSERT INTO files (id, filename, purpose, bytes, created_at) "
+                     "VALUES ('file-old', 'old.jsonl', 'batch', 3, 0);")
+    db.commit()
+    db.close()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "file-old").write_bytes(b"{}\n")
+    store = Store(tmp_path)
+    assert store.get_file("file-old").owner is None
+    a = [store.add_file(io.BytesIO(b"{}\n"), f"a{i}", "batch", 1 << 20, owner="ka").id for i in range(3)]
+    b = store.add_file(io.BytesIO(b"{}\n"), "b", "batch", 1 << 20, owner="kb").id
+
+    def ids(caller, after=None, limit=10):
+        return [f.id for f in store.list_files(after, limit, "asc", caller=caller)[0]]
+
+    assert ids("ka") == ["file-old", *a] and ids("kb") == ["file-old", b] and ids(None) == ["file-old", *a, b]
+    assert ids("ka", after=a[0], limit=1) == [a[1]] and store.list_files(a[0], 1, "asc", caller="ka")[1]
+    assert not store.list_files(a[1], 1, "asc", caller="ka")[1]  # only kb's file follows: no more for ka
+    with pytest.raises(KeyError):
+        store.list_files(b, 5, caller="ka")
+    batches = {}
+    for owner, file_id in (("ka", a[0]), ("kb", b)):
+        rec = _batch(file_id)
+        rec.owner = owner
+        batches[owner] = store.create_batch(rec).id
+        assert store.start_batch(rec.id, [(1, "c", "{}")], [])
+        assert store.record_result(rec.id, 1, True, '{"ok": 1}')
+        out = store.get_file(store.close_batch(rec.id, "completed").output_file_id)
+        assert out.owner == owner  # a batch's output file is its key's
+    assert [x.id for x in store.list_batches(None, 10, caller="kb")[0]] == [batches["kb"]]
+    assert {x.id for x in store.list_batches(None, 10)[0]} == set(batches.values())
+    with pytest.raises(KeyError):
+        store.list_batches(batches["ka"], 10, caller="kb")
+    assert store.get_batch(batches["ka"]).owner == "ka"
+    store.close()
