@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glm_serve.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 # Without --kv-cache-tokens the CPU gets a cache of this many bytes (it shares RAM with everything else).
@@ -84,9 +86,34 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
-def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+# CUDA memory beside weights, KV cache and a step's tensors: allocator fragmentation, cuBLAS workspaces, CUDA
+# graph pools, attention scratch (decode split partials).
+_CUDA_MARGIN_BYTES = 1 << 30
+
+
+def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: int) -> int:
+    """What one step may allocate at its peak on top of weights and KV cache, from the step's limits, so that
+    a bigger --max-batch-tokens or --max-num-seqs shrinks the KV cache instead of running out of memory mid-step:
+
+      max_batch_tokens x (the MLP's gate_up + activation + the residual stream and attention in/out) activations
+    + max_num_seqs x vocab x 24 bytes: fp32 logits, their (log_)softmax, a full sort's values and int64 order
+      (top-p), the sampler's worst case
+    + one image through the vision tower (GLM-4V): its patches' MLP and residual activations
+    + a fixed margin."""
+    per_token = (3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size) * dtype_bytes
+    step = cfg.max_batch_tokens * per_token
+    sampler = cfg.max_num_seqs * mc.vocab_size * 24
+    vision = 0
+    if mc.vision:
+        v = mc.vision
+        patches = (v.get("image_size", 1120) // v.get("patch_size", 14)) ** 2 + 1
+        vision = patches * (2 * v.get("intermediate_size", 15360) + 6 * v.get("hidden_size", 1792)) * dtype_bytes
+    return step + sampler + vision + _CUDA_MARGIN_BYTES
+
+
+def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device, reserve: int = 2 << 30) -> int:
     """Blocks of KV cache: --kv-cache-tokens when given; on CUDA what fits in gpu_memory_utilization of the
-    device after the weights (minus an activation reserve); on the CPU a fixed budget."""
+    device after the weights, minus `reserve` (activation_reserve_bytes); on the CPU a fixed budget."""
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens
         need, free = tokens // cfg.block_size * cfg.block_size * bytes_per_token, _free_bytes(device)
@@ -96,11 +123,13 @@ def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.devic
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        reserve = 2 << 30  # activations of a max_batch_tokens step, logits, sampler buffers
         budget = int(total * cfg.gpu_memory_utilization) - used - reserve
         if budget <= 0:
             raise ValueError(f"no memory left for the KV cache: {used / 2**30:.1f} GiB in use of "
-                             f"{total / 2**30:.1f} GiB; raise --gpu-memory-utilization or quantize")
+                             f"{total / 2**30:.1f} GiB and {reserve / 2**30:.1f} GiB kept for a step's "
+                             "activations; raise --gpu-memory-utilization, lower --max-batch-tokens or "
+                             "--max-num-seqs, or quantize")
+        log.info("KV cache: %.1f GiB (%.1f GiB kept for a step's activations)", budget / 2**30, reserve / 2**30)
         tokens = budget // bytes_per_token
     else:
         tokens = _CPU_KV_BYTES // bytes_per_token

@@ -28,7 +28,7 @@ import torch
 
 from glm_serve.config import ModelConfig
 from glm_serve.engine.block_manager import BlockManager
-from glm_serve.engine.config import EngineConfig, kv_cache_blocks
+from glm_serve.engine.config import EngineConfig, activation_reserve_bytes, kv_cache_blocks
 from glm_serve.engine.emit import OutputEmitter, Pending
 from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
 from glm_serve.engine.outputs import (
@@ -76,7 +76,8 @@ class LLMEngine(OutputEmitter):
         self.load_seconds = time.monotonic() - t0
         kv_dtype = self.dtype
         bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8)
-        num_blocks = kv_cache_blocks(config, bytes_per_token, self.device)
+        reserve = activation_reserve_bytes(self.model_config, config, torch.finfo(self.dtype).bits // 8)
+        num_blocks = kv_cache_blocks(config, bytes_per_token, self.device, reserve)
         if config.max_model_len is not None and config.max_model_len > num_blocks * config.block_size:
             raise ValueError(f"max_model_len (--max-model-len) {config.max_model_len} is more than the KV cache "
                              f"holds ({num_blocks * config.block_size} tokens): lower it, or give the cache more "

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from glm_serve.engine.config import EngineConfig
 from glm_serve.engine.engine import LLMEngine
@@ -63,3 +64,41 @@ def test_a_kv_cache_beyond_memory_is_refused(tiny_hf, monkeypatch):
     with pytest.raises(ValueError, match="--kv-cache-tokens 2048 needs"):
         LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=2048))
     assert LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=1024)).kv_capacity_tokens == 1024  # 1 MiB
+
+
+def _glm4_9b(vision: dict | None = None):
+    from glm_serve.config import ModelConfig  # noqa: PLC0415
+
+    return ModelConfig(model_type="chatglm", layout="chatglm", sandwich_norms=False, hidden_size=4096, num_layers=40,
+                       num_heads=32, num_kv_heads=2, head_dim=128, intermediate_size=13696, vocab_size=151552,
+                       rms_norm_eps=1.5625e-07, rope_theta=10000.0, rotary_dim=64, max_position=131072,
+                       qkv_bias=True, vision=vision)
+
+
+def test_the_activation_reserve_follows_the_step_limits():
+    """The memory kept out of the KV cache on CUDA grows with --max-batch-tokens and --max-num-seqs (a fixed 2 GiB
+    ran a 16K-token step at GLM-4-9B's sizes out of memory), and with GLM-4V's vision tower."""
+    from glm_serve.engine.config import activation_reserve_bytes  # noqa: PLC0415
+
+    mc = _glm4_9b()
+    base = activation_reserve_bytes(mc, EngineConfig(), 2)
+    assert 2.0 < base / 2**30 < 2.5  # the defaults (2048 tokens, 256 sequences) at bf16
+    per_token = (3 * 13696 + 4 * 4096 + 32 * 128 + 2 * 2 * 128) * 2
+    assert activation_reserve_bytes(mc, EngineConfig(max_batch_tokens=16384), 2) - base == 14336 * per_token
+    assert activation_reserve_bytes(mc, EngineConfig(max_num_seqs=512, max_batch_tokens=2048), 2) - base \
+        == 256 * 151552 * 24
+    vision = {"hidden_size": 1792, "image_size": 1120, "patch_size": 14, "intermediate_size": 15360}
+    assert activation_reserve_bytes(_glm4_9b(vision), EngineConfig(), 2) - base == 6401 * (2 * 15360 + 6 * 1792) * 2
+
+
+def test_the_cuda_kv_budget_leaves_the_reserve(monkeypatch):
+    from glm_serve.engine.config import kv_cache_blocks  # noqa: PLC0415
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))  # 40 GiB in use
+    cuda = torch.device("cuda")
+    blocks = kv_cache_blocks(EngineConfig(), 1 << 20, cuda, reserve=4 * gib)  # 1 MiB per token
+    assert blocks == (int(140 * gib * 0.9) - 40 * gib - 4 * gib) // (1 << 20) // 16
+    assert kv_cache_blocks(EngineConfig(), 1 << 20, cuda, reserve=10 * gib) == blocks - 6 * 1024 // 16
+    with pytest.raises(ValueError, match="90.0 GiB kept for a step's activations.*--max-batch-tokens"):
+        kv_cache_blocks(EngineConfig(), 1 << 20, cuda, reserve=90 * gib)
