@@ -35,6 +35,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     choices: list[Choice]
     usage: dict  # prompt_tokens, completion_tokens, cached_tokens
+    # [len(prompt_token_ids)] with SamplingParams.prompt_logprobs: each prompt token's logprob (the first None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:
@@ -124,7 +126,7 @@ class LLM:
                     ch.content, ch.tool_calls = parsed.content, parsed.tool_calls
             usage = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
                      "cached_tokens": total.cached_tokens}
-            results.append(GenerationResult(rid, ids, choices, usage))
+            results.append(GenerationResult(rid, ids, choices, usage, total.prompt_logprobs))
         return results
 
 

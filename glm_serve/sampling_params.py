@@ -25,10 +25,14 @@ class SamplingParams:
     seed: int | None = None  # per-request generator: same tokens whatever else is in the batch
     stop: list[str] = field(default_factory=list)  # stop strings, never emitted unless include_stop_str
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids; the engine adds the checkpoint's
-    max_tokens: int | None = 256  # None = up to the context window
+    # None = up to the context window; 0 = compute the prompt and sample nothing (with prompt_logprobs: scoring)
+    max_tokens: int | None = 256
     min_tokens: int = 0  # stop ids are masked and stop strings ignored until this many tokens exist (vLLM)
     ignore_eos: bool = False  # keep generating past the checkpoint's stop ids
     logprobs: int | None = None  # None = off; k = sampled token's logprob plus the top-k alternatives
+    # None = off; k = each prompt token's logprob given the tokens before it, plus the top-k alternatives
+    # (RequestOutput.prompt_logprobs; the first prompt token has none). Raw log-softmax, like `logprobs`.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # detokenizer drops special tokens from the text
     include_stop_str: bool = False  # keep the matched stop string at the end of the text
 
@@ -52,12 +56,14 @@ class SamplingParams:
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
         if self.max_tokens is not None:
-            self.max_tokens = _int("max_tokens", self.max_tokens, lo=1)
+            self.max_tokens = _int("max_tokens", self.max_tokens, lo=0)
         self.min_tokens = _int("min_tokens", self.min_tokens, lo=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None:
             self.logprobs = _int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

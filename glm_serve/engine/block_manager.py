@@ -95,12 +95,16 @@ class BlockManager:
         """Cached blocks holding the longest prefix of seq's tokens, in order; no side effects.
 
         Only for a sequence without blocks. Always leaves at least one token uncached, so the step that
-        computes the rest yields logits. Empty when prefix caching is off."""
+        computes the rest yields logits, and covers at most seq.max_prefix_hit tokens when that is set.
+        Empty when prefix caching is off."""
         if not self.enable_prefix_caching or seq.block_ids:
             return []
         hit: list[int] = []
         parent = 0
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        limit = (seq.num_tokens - 1) // self.block_size
+        if seq.max_prefix_hit is not None:
+            limit = min(limit, seq.max_prefix_hit // self.block_size)
+        for i in range(limit):
             b = self._cache.get(self._key(seq, parent, i))
             if b is None:
                 break

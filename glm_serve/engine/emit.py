@@ -71,7 +71,9 @@ class OutputEmitter:
                 seq = c.seq
                 outputs.append(RequestOutput(
                     rid, [CompletionOutput(0, text, [token], lps, reason, c.stop_reason, None)],
-                    reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens))
+                    reason is not None, req.prompt_len, len(seq.output_token_ids), seq.num_cached_tokens,
+                    req.prompt_logprobs))
+                req.prompt_logprobs = None  # sent once
                 req.started = True
                 if reason is not None:
                     c.reported = True
@@ -132,7 +134,8 @@ class OutputEmitter:
         if finished:
             self._forget(req)
         cached = req.choices[0].seq.num_cached_tokens
-        return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached)
+        prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # sent once
+        return RequestOutput(req.request_id, outs, finished, req.prompt_len, completion, cached, prompt_logprobs)
 
 
 def _take_held(c, delta: tuple | None) -> tuple[list[int], str, list]:

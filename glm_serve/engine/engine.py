@@ -11,6 +11,8 @@ request needs its previous token on the host to sample the next (penalties, min_
 when --no-overlap-scheduling is set, the step lands the previous step's tokens first and then schedules:
 only the text work overlaps then. A sequence that finishes on a stop token at step N has been scheduled in
 step N+1 already; that token is dropped. A stop *string* is seen when the text is made, one step later again.
+Prompt logprobs (engine/prompt_logprobs.py) change nothing a next step schedules: they are read at the step's
+one sync, like its tokens, and keep overlap scheduling on.
 
 Not thread-safe: the async engine drives it from its own thread.
 """
@@ -31,6 +33,7 @@ from glm_serve.engine.block_manager import BlockManager
 from glm_serve.engine.config import EngineConfig, activation_reserve_bytes, kv_cache_blocks
 from glm_serve.engine.emit import OutputEmitter, Pending
 from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
+from glm_serve.engine.prompt_logprobs import PromptLogprobRecorder, PromptRows
 from glm_serve.engine.outputs import (
     ChoiceState,
     RequestOutput,
@@ -102,6 +105,7 @@ class LLMEngine(OutputEmitter):
         self._pending: Pending | None = None  # the last step landed, its text not yet emitted
         self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
         self._num_sampling_requests = 0  # live requests that need more than an argmax (not plain_greedy)
+        self._prompt_lp = PromptLogprobRecorder()  # sequences recording prompt logprobs (prompt_logprobs.py)
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size
         for skip in (True, False):  # the detokenizer's per-token tables, built now rather than on a first request
@@ -181,6 +185,8 @@ class LLMEngine(OutputEmitter):
             self.seq_owner[seq.seq_id] = (req, c)
         for c in req.choices:
             self.scheduler.add(c.seq)
+        if params.prompt_logprobs is not None:  # the first choice records them for all (siblings share its blocks)
+            self._prompt_lp.add(req, first, params.prompt_logprobs)
         self.requests[request_id] = req
         self._num_host_token_requests += req.needs_host_tokens
         self._num_sampling_requests += not req.plain_greedy
@@ -268,19 +274,23 @@ class LLMEngine(OutputEmitter):
 
     @torch.inference_mode()
     def _forward(self, out: SchedulerOutput, inflight: InflightTokens | None = None):
-        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors, its HostCopy)."""
-        batch = self.runner.prepare(out, inflight)
+        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors, its HostCopy,
+        the step's PromptRows or None)."""
+        batch = self.runner.prepare(out, inflight, self._prompt_lp.wanted)
         logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
         if not batch.sample_seq_ids:
-            return [], None, None
+            return [], None, None, batch.prompt_rows
         sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
         res = self.sampler(logits, sb)
-        return batch.sample_seq_ids, res, HostCopy(res)
+        return batch.sample_seq_ids, res, HostCopy(res), batch.prompt_rows
 
-    def _read(self, seq_ids: list[int], res, host: HostCopy | None) -> Sampled:
+    def _read(self, seq_ids: list[int], res, host: HostCopy | None, prompt: PromptRows | None = None) -> Sampled:
+        if res is not None:
+            res = host.wait()  # the one wait of the step: for this step's work only (see HostCopy)
+        if prompt is not None:  # queued before the sampler: landed by now, unless the step sampled nothing
+            self._prompt_lp.land(prompt)
         if res is None:
             return {}, {}
-        res = host.wait()  # the one wait of the step: for this step's work only (see HostCopy)
         ids = res.token_ids.tolist()
         logprobs = {}
         if res.logprobs is not None:
@@ -337,6 +347,12 @@ class LLMEngine(OutputEmitter):
                 continue
             token = sampled.get(seq.seq_id)
             if token is None or seq.status is finished:  # (a sequence preempted since still takes its token)
+                # max_tokens 0: done once the step computing its last prompt token has landed (not when a later
+                # step that may still run has been scheduled: its prompt logprobs would not be in yet)
+                if (not s.sample and seq.status is SeqStatus.RUNNING
+                        and s.start + s.num_new_tokens >= seq.max_num_tokens):
+                    self._finish(c, "length")
+                    pending.touched.append(req)
                 continue
             # Only a constraint, a stop id or the length can end a choice here (the common case needs no call).
             if (c.constraint is not None or token in c.stop_ids
@@ -359,6 +375,8 @@ class LLMEngine(OutputEmitter):
             self._num_sampling_requests -= not req.plain_greedy
         for c in req.choices:
             self.seq_owner.pop(c.seq.seq_id, None)
+        if req.params.prompt_logprobs is not None:
+            self._prompt_lp.drop(req.choices[0].seq.seq_id)
 
     def _advance(self, c, token: int) -> None:
         """One sampled token for one choice, before the next step is scheduled: constraint, stop ids, length.
@@ -411,7 +429,8 @@ class _Inflight:
     """A launched step whose tokens have not landed on the host yet (see step)."""
 
     out: SchedulerOutput
-    launched: object  # (sampled seq ids, SamplerOutput | None, HostCopy | None) from _forward, None or _RETRY
+    launched: object  # (sampled seq ids, SamplerOutput | None, HostCopy | None, PromptRows | None) from _forward,
+    # None or _RETRY
 
     def tokens(self) -> InflightTokens | None:
         if isinstance(self.launched, tuple) and self.launched[1] is not None:

@@ -56,14 +56,21 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # all choices, so far
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # [num_prompt_tokens] with SamplingParams.prompt_logprobs: entry i is prompt token i's logprob given the
+    # tokens before it (entry 0 None). Sent once, in the request's first output after all are computed.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     """One request's consecutive deltas as one: per choice, text, token ids and logprobs concatenated and the
-    last finish; counts from the last. Linear in the output (text pieces are joined once)."""
+    last finish; counts from the last; the prompt logprobs of the output that carries them. Linear in the
+    output (text pieces are joined once)."""
     merged: dict[int, CompletionOutput] = {}
     texts: dict[int, list[str]] = {}
+    prompt_logprobs = None
     for out in outputs:
+        if out.prompt_logprobs is not None:
+            prompt_logprobs = out.prompt_logprobs
         for o in out.outputs:
             m = merged.get(o.index)
             if m is None:
@@ -82,7 +89,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         m.text = "".join(texts[i])
     last = outputs[-1]
     return RequestOutput(last.request_id, [merged[i] for i in sorted(merged)], last.finished, last.prompt_tokens,
-                         last.completion_tokens, last.cached_tokens)
+                         last.completion_tokens, last.cached_tokens, prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -120,6 +127,9 @@ class RequestState:
     holds: bool = False  # after the first output, deltas are held: final_only, or a stream_interval above 1
     started: bool = False  # an output with tokens has gone out
     forgotten: bool = False  # its final output went out and the engine let go of it (LLMEngine._forget)
+    # Complete prompt logprobs not sent yet (RequestOutput.prompt_logprobs): set by the engine when the last
+    # of them lands, taken by the next output of the request.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

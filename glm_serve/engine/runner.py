@@ -1,5 +1,6 @@
 """ModelRunner: owns the model, the paged KV cache and the step's device buffers; turns one SchedulerOutput into
-one flat batch, runs the model and returns the logits of the rows to sample.
+one flat batch, runs the model and returns the logits of the rows to sample (and, only in a step holding prompt
+positions of a request that asked for prompt logprobs, queues those: engine/prompt_logprobs.py).
 
 Per-sequence block tables live in a persistent host array (one row per running sequence) that is only
 appended to as sequences grow, so a step copies O(new blocks), not O(context); positions and slot mapping are
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from glm_serve.engine import prompt_logprobs
+from glm_serve.engine.prompt_logprobs import PromptRows
 from glm_serve.engine.scheduler import SchedulerOutput
 from glm_serve.model.attention import AttnMetadata
 from glm_serve.model.glm import GlmForCausalLM
@@ -37,6 +40,7 @@ class StepBatch:
     meta: AttnMetadata
     logits_indices: torch.Tensor  # [S] int64: flat rows whose logits are sampled (last new token of a seq)
     sample_seq_ids: list[int]  # [S]: which sequence each sampled row belongs to
+    prompt_rows: PromptRows | None = None  # rows scoring prompt tokens (prompt logprobs); None for most steps
 
 
 @dataclass
@@ -93,8 +97,11 @@ class ModelRunner:
             self.row_len[row] = n
         return row
 
-    def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None) -> StepBatch:
-        """inflight: the previous step's tokens, when it may still be running (see the module docstring)."""
+    def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None,
+                prompt_wanted: dict[int, int] | None = None) -> StepBatch:
+        """inflight: the previous step's tokens, when it may still be running (see the module docstring).
+        prompt_wanted: seq id -> k of the sequences recording prompt logprobs (PromptLogprobRecorder.wanted);
+        a steady decode step never holds prompt positions, so it skips them."""
         steady = self._steady_decode(out, inflight)
         if steady is not None:
             return steady
@@ -134,8 +141,11 @@ class ModelRunner:
         logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
         input_ids = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
         self._steady_rows = None
-        return self._batch(mm_spans(sched), starts, n_new, rows, cu, token_to_seq, q_off, index, input_ids, logits_idx,
-                           sample_ids)
+        batch = self._batch(mm_spans(sched), starts, n_new, rows, cu, token_to_seq, q_off, index, input_ids,
+                            logits_idx, sample_ids)
+        if prompt_wanted:
+            batch.prompt_rows = prompt_logprobs.plan(sched, cu, prompt_wanted, self._to)
+        return batch
 
     def _steady_decode(self, out: SchedulerOutput, inflight: InflightTokens | None) -> StepBatch | None:
         """The batch of a step that decodes exactly the sequences the step still in flight sampled, in the same
@@ -233,9 +243,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch, mm: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
-        """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order.
+        """-> logits [S, vocab] float32 for the rows to sample, in `batch.sample_seq_ids` order; with
+        `batch.prompt_rows`, their logprobs are queued too (into prompt_rows.result).
         mm: GLM-4V image embeddings to put in place of token embeddings: (first flat row, [k, hidden])."""
-        if self.graphs is not None and not mm:
+        if self.graphs is not None and not mm and batch.prompt_rows is None:
             logits = self.graphs.run(batch.input_ids, batch.positions, batch.meta)  # [B, V] or None
             if logits is not None:  # a decode-only step: flat rows are sequences
                 return logits[batch.logits_indices]
@@ -244,7 +255,9 @@ class ModelRunner:
             embeds = self.model.embed(batch.input_ids)  # [T, hidden]
             for row, vectors in mm:
                 embeds[row:row + vectors.shape[0]] = vectors.to(embeds.dtype)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, embeds)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, embeds)  # [T, hidden]
+        if batch.prompt_rows is not None:
+            prompt_logprobs.compute(self.model, hidden, batch.prompt_rows)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
 

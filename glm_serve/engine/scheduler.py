@@ -18,6 +18,9 @@ it will sample as `num_inflight`. update(out, sampled) lands those tokens later.
 may schedule the next step (overlap scheduling): an in-flight token counts as a token to decode, a sequence
 whose in-flight token is its last allowed one is left out (the engine finishes it when the token lands), and
 a sequence preempted with a token in flight gets that token appended by update() all the same.
+
+A sequence with max_tokens 0 (max_num_tokens == its prompt) computes its prompt and never samples: its chunks
+have sample=False, and once computed it is left out until the engine, seeing its last chunk land, finishes it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # num_computed_tokens before this step: the new tokens sit at positions [start, start + n)
     num_new_tokens: int  # n: tokens whose K/V this step computes (and writes into seq.block_ids' slots)
-    sample: bool  # True iff start + n == seq.num_tokens: this step yields logits to sample the next token
+    # True iff start + n == seq.num_tokens < seq.max_num_tokens: this step yields logits to sample the next
+    # token (a max_tokens 0 sequence computes its prompt and samples nothing)
+    sample: bool
 
 
 @dataclass
@@ -230,6 +235,8 @@ class Scheduler:
             # A chunk of what is left. Only the newest running sequence can still have prompt left (it was
             # admitted when the budget ran out), so the decodes ahead of it always get their token.
             n = total - start
+            if n == 0:  # max_tokens 0, its prompt computed: the engine finishes it once that step lands
+                continue
             if n > budget:
                 n = budget
             end = start + n
@@ -245,7 +252,7 @@ class Scheduler:
                 bm.allocate(seq, n)
             # Commit at once: preemption only takes sequences this loop has not reached, never a scheduled one.
             seq.num_computed_tokens = end
-            sample = end == total
+            sample = end == total and total < seq.max_num_tokens  # (not a max_tokens 0 sequence)
             seq.num_inflight += sample  # the token this step samples
             scheduled.append(ScheduledSeq(seq, start, n, sample))
             budget -= n
@@ -288,7 +295,7 @@ class Scheduler:
                 seq.status = SeqStatus.RUNNING
                 running.append(seq)
                 start = seq.num_computed_tokens
-                sample = start + n == seq.num_tokens
+                sample = start + n == seq.num_tokens < seq.max_num_tokens  # max_tokens 0: never samples
                 seq.num_computed_tokens = start + n  # commit (as above)
                 seq.num_inflight += sample
                 scheduled.append(ScheduledSeq(seq, start, n, sample))

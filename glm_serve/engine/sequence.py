@@ -57,6 +57,9 @@ class Sequence:
     # The most tokens it may hold: prompt + max_tokens, capped by the scheduler's max_seq_len. Scheduler.add.
     max_num_tokens: int = 0
     num_preemptions: int = 0  # times this sequence lost its blocks and went back to WAITING (scheduler)
+    # Most leading tokens a prefix-cache hit may cover; None = no limit. A sequence recording prompt logprobs
+    # needs the logits of every prompt position it has not scored yet, so a hit must stop there. Engine.
+    max_prefix_hit: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | ..., set by Scheduler.finish
     # Prefix-cache bookkeeping, owned by the block manager: how many leading blocks have known cache keys,
     # and the cache node id of the last of them (the parent of the next block's key).

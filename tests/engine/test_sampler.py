@@ -303,7 +303,7 @@ def test_logits_shape_is_checked():
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
     ("top_p", 1.01), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
     ("frequency_penalty", -3.0), ("seed", "7"), ("stop", [""]), ("stop", [1]), ("stop_token_ids", [-1]),
-    ("stop_token_ids", 5), ("max_tokens", 0), ("max_tokens", True), ("min_tokens", -1), ("logprobs", 21),
+    ("stop_token_ids", 5), ("max_tokens", -1), ("max_tokens", True), ("min_tokens", -1), ("logprobs", 21),
     ("logprobs", -1), ("ignore_eos", 1), ("skip_special_tokens", "yes"), ("include_stop_str", None),
 ])
 def test_sampling_params_validation_names_the_field(field, value):
