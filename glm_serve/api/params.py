@@ -37,8 +37,10 @@ def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> 
         raise bad_param(name, f"must be in {interval}, got {value}")
 
 
-def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: int | None = None) -> SamplingParams:
+def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: int | None = None,
+                    min_max_tokens: int = 1) -> SamplingParams:
     """The one translation of a request's decoding fields (either schema) into SamplingParams.
+    min_max_tokens: 0 where a request may generate nothing (legacy completions that echo the prompt).
 
     Vendor: temperature in [0, 1] (0 = greedy), top_p in (0, 1], do_sample=false = greedy. OpenAI: temperature
     in [0, 2], top_p in [0, 1] (0 = greedy). Omitted temperature/top_p come from the checkpoint's
@@ -65,8 +67,9 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
         raise bad_param("n", f"must be in [1, {ctx.max_n}], got {n}")
     max_tokens = get("max_completion_tokens")
     max_tokens = get("max_tokens") if max_tokens is None else max_tokens
-    if max_tokens is not None and not 1 <= max_tokens <= ctx.max_model_len:
-        raise bad_param("max_tokens", f"must be in [1, {ctx.max_model_len}] (the context window), got {max_tokens}")
+    if max_tokens is not None and not min_max_tokens <= max_tokens <= ctx.max_model_len:
+        raise bad_param("max_tokens", f"must be in [{min_max_tokens}, {ctx.max_model_len}] (the context window), "
+                                      f"got {max_tokens}")
     logprobs = get("logprobs")
     top = get("top_logprobs")
     if flavor == OPENAI and (isinstance(logprobs, bool) or top is not None):  # chat: a flag + a count

@@ -151,6 +151,22 @@ def completion_logprobs(tokenizer, lps: list[TokenLogprob] | None, offset: int) 
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[TokenLogprob | None]) -> dict:
+    """The echoed prompt's part of OpenAI legacy completions logprobs (it starts the text, at offset 0): the
+    first token has no logprob (null, null), the others theirs (RequestOutput.prompt_logprobs), in the same
+    token strings and top-k shape as completion_logprobs gives generated tokens."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for token_id, lp in zip(prompt_ids, entries):
+        text, _ = token_text(tokenizer, token_id)
+        tokens.append(text)
+        token_lps.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else {token_text(tokenizer, t)[0]: v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
 def completion_body(response_id: str, created: int, model: str, choices: list[dict], usage: Usage) -> dict:
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
             "choices": choices, "usage": usage.to_dict(), "system_fingerprint": None}

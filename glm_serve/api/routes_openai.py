@@ -1,9 +1,12 @@
 """OpenAI-compatible routes under /v1: chat completions, legacy completions (prompt strings or token ids, one
-prompt or a list of them), and the model list. Errors answer in OpenAI's shape (errors.py)."""
+prompt or a list of them; `echo` with `logprobs` gives the prompt tokens' logprobs too, and `max_tokens: 0`
+with `echo` only those: how evaluation harnesses score text), and the model list. Errors answer in OpenAI's
+shape (errors.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -22,6 +25,7 @@ from glm_serve.api.responses import (
     completion_body,
     completion_chunk,
     completion_logprobs,
+    echo_logprobs,
     sse,
     stream_error,
     usage_chunk,
@@ -73,9 +77,10 @@ async def completions(request: Request):
         raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid_value("best_of", "only best_of == n is supported")
-    if req.echo and req.logprobs is not None:
-        raise APIError("1215", "echo with logprobs is not supported (no prompt logprobs)", "echo")
-    params = sampling_params(req, OPENAI, ctx, default_max_tokens=16)  # 16: OpenAI's default
+    # 16: OpenAI's default. With echo, max_tokens 0 returns the prompt alone (and its logprobs).
+    params = sampling_params(req, OPENAI, ctx, default_max_tokens=16, min_max_tokens=0 if req.echo else 1)
+    if req.echo and params.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
     prompts = _prompt_ids(req.prompt, ctx.tokenizer)
     if len(prompts) * params.n > ctx.max_n:
         raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
@@ -106,6 +111,7 @@ class _Completion:
         n = len(prompts) * params.n
         self.started = [False] * n  # echo prefix sent
         self.offsets = [0] * n  # text length so far (logprobs text_offset)
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, from its first output
 
     async def _events(self, final_only: bool) -> AsyncIterator[tuple[int, object]]:
         """(global choice index, CompletionOutput) for every prompt, merged as they arrive. final_only: the
@@ -121,7 +127,7 @@ class _Completion:
                     u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                     u.cached_tokens = out.cached_tokens
                     timer.on_output(out)
-                    await queue.put((k, out.outputs))
+                    await queue.put((k, out))
                 timer.on_finish(self.usage[k].prompt_tokens)
                 await queue.put((k, None))
             except Exception as e:  # noqa: BLE001 (handed to the consumer)
@@ -139,22 +145,34 @@ class _Completion:
                 elif isinstance(item, Exception):
                     raise item
                 else:
-                    for o in item:
+                    if item.prompt_logprobs is not None:  # in the request's first output, before any choice's text
+                        self.prompt_logprobs[k] = item.prompt_logprobs
+                    for o in item.outputs:
                         yield k * self.params.n + o.index, o
         finally:
             for p in pumps:
                 p.cancel()  # a pump still running aborts its engine request
 
     def _piece(self, index: int, o) -> tuple[str, dict | None]:
-        """This output's text (with the echoed prompt first) and its logprobs."""
-        text = o.text
+        """This output's text (with the echoed prompt first) and its logprobs (the prompt's first, with echo)."""
+        text, tok = o.text, self.ctx.tokenizer
+        want_lp = self.params.logprobs is not None
+        head = None  # the echoed prompt's logprobs
         if not self.started[index]:
             self.started[index] = True
             if self.echo:
-                text = self.ctx.tokenizer.decode(self.prompts[index // self.params.n]) + text
-        lps = completion_logprobs(self.ctx.tokenizer, o.logprobs, self.offsets[index]) \
-            if self.params.logprobs is not None else None
-        self.offsets[index] += len(text)
+                k = index // self.params.n
+                echoed = tok.decode(self.prompts[k])
+                if want_lp:
+                    if self.prompt_logprobs[k] is None:
+                        raise RuntimeError("the engine sent no prompt logprobs with the request's first output")
+                    head = echo_logprobs(tok, self.prompts[k], self.prompt_logprobs[k])
+                self.offsets[index] += len(echoed)
+                text = echoed + text
+        lps = completion_logprobs(tok, o.logprobs, self.offsets[index]) if want_lp else None
+        if head is not None:
+            lps = head if lps is None else {key: head[key] + lps[key] for key in head}
+        self.offsets[index] += len(o.text)
         return text, lps
 
     def _total(self) -> Usage:
