@@ -89,6 +89,9 @@ def resolve_device(name: str | None) -> torch.device:
 # CUDA memory beside weights, KV cache and a step's tensors: allocator fragmentation, cuBLAS workspaces, CUDA
 # graph pools, attention scratch (decode split partials).
 _CUDA_MARGIN_BYTES = 1 << 30
+# Prompt-logprob rows whose full-vocab logits exist at once (engine/prompt_logprobs.py computes a chunk's rows
+# in slices of this many): GLM-4's 151,552-entry vocab makes a 2K-token chunk's fp32 logits 1.2 GB otherwise.
+PROMPT_LOGPROB_ROWS = 256
 
 
 def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: int) -> int:
@@ -97,12 +100,13 @@ def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: in
 
       max_batch_tokens x (the MLP's gate_up + activation + the residual stream and attention in/out) activations
     + max_num_seqs x vocab x 24 bytes: fp32 logits, their (log_)softmax, a full sort's values and int64 order
-      (top-p), the sampler's worst case
+      (top-p), the sampler's worst case; or, where more, a slice of prompt-logprob rows (PROMPT_LOGPROB_ROWS x
+      vocab: logits in the model's dtype, in fp32 and their log-softmax), made after the step's activations
     + one image through the vision tower (GLM-4V): its patches' MLP and residual activations
     + a fixed margin."""
     per_token = (3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size) * dtype_bytes
     step = cfg.max_batch_tokens * per_token
-    sampler = cfg.max_num_seqs * mc.vocab_size * 24
+    sampler = max(cfg.max_num_seqs * 24, PROMPT_LOGPROB_ROWS * (dtype_bytes + 8)) * mc.vocab_size
     vision = 0
     if mc.vision:
         v = mc.vision

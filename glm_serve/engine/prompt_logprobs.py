@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from glm_serve.engine.config import PROMPT_LOGPROB_ROWS
 from glm_serve.engine.outputs import RequestState, TokenLogprob
 from glm_serve.engine.sampler import HostCopy, SamplerOutput
 from glm_serve.engine.sequence import Sequence
 
-# Rows whose [rows, vocab] float32 logits (and their log-softmax) exist at once. GLM-4's 151,552-entry vocab:
-# 256 rows = 155 MB per tensor, ~310 MB transient, where a whole 2K-token chunk would need 2.5 GB.
-SLICE_ROWS = 256
+# Rows whose [rows, vocab] logits (and their fp32 log-softmax) exist at once. GLM-4's 151,552-entry vocab:
+# 256 rows = 155 MB per fp32 tensor, ~390 MB transient at bf16, where a whole 2K-token chunk would need 3 GB.
+# The CUDA activation reserve counts it (engine/config.py activation_reserve_bytes).
+SLICE_ROWS = PROMPT_LOGPROB_ROWS
 
 
 @dataclass

@@ -87,6 +87,9 @@ def test_the_activation_reserve_follows_the_step_limits():
     assert activation_reserve_bytes(mc, EngineConfig(max_batch_tokens=16384), 2) - base == 14336 * per_token
     assert activation_reserve_bytes(mc, EngineConfig(max_num_seqs=512, max_batch_tokens=2048), 2) - base \
         == 256 * 151552 * 24
+    # Few sequences: a slice of prompt-logprob rows (bf16 logits, fp32, log-softmax) outweighs the sampler.
+    few = activation_reserve_bytes(mc, EngineConfig(max_num_seqs=8), 2) - base
+    assert few == 256 * 151552 * (2 + 8) - 256 * 151552 * 24
     vision = {"hidden_size": 1792, "image_size": 1120, "patch_size": 14, "intermediate_size": 15360}
     assert activation_reserve_bytes(_glm4_9b(vision), EngineConfig(), 2) - base == 6401 * (2 * 15360 + 6 * 1792) * 2
 
