@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from glm_serve.api.parser import Delta
 from glm_serve.engine.outputs import TokenLogprob
+from glm_serve.tokenizer import IncrementalDetokenizer
 
 VENDOR = "vendor"
 
@@ -136,35 +137,49 @@ def stream_error(flavor: str, message: str) -> dict:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": "500"}}
 
 
-def completion_logprobs(tokenizer, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
-    """OpenAI legacy completions logprobs; `offset` = length of the text before these tokens."""
+class TextOffsets:
+    """Legacy completions `text_offset`s of one choice: where each token starts in the choice's text, advanced
+    by the text the token makes (a skipped special token makes none), decoded as the engine decodes it. Not
+    by the text emitted so far, which stop strings hold back for a while: offsets are the same whether the
+    tokens come one per stream chunk or all in one body."""
+
+    def __init__(self, tokenizer, prompt_ids, skip_special_tokens: bool, start: int = 0) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        self.offset = start  # where the next token starts
+
+    def take(self, token_id: int) -> int:
+        """The token's offset; the next one's is past its text."""
+        at = self.offset
+        self.offset += len(self.detok.add(token_id))
+        return at
+
+
+def completion_logprobs(tokenizer, lps: list[TokenLogprob] | None, offsets: TextOffsets) -> dict | None:
+    """OpenAI legacy completions logprobs of generated tokens (fed to `offsets` in order)."""
     if lps is None:
         return None
-    tokens, token_lps, tops, offsets = [], [], [], []
+    tokens, token_lps, tops, starts = [], [], [], []
     for lp in lps:
-        text, _ = token_text(tokenizer, lp.token_id)
-        tokens.append(text)
+        tokens.append(token_text(tokenizer, lp.token_id)[0])
         token_lps.append(lp.logprob)
         tops.append({token_text(tokenizer, t)[0]: v for t, v in lp.top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+        starts.append(offsets.take(lp.token_id))
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": starts}
 
 
 def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[TokenLogprob | None]) -> dict:
     """The echoed prompt's part of OpenAI legacy completions logprobs (it starts the text, at offset 0): the
     first token has no logprob (null, null), the others theirs (RequestOutput.prompt_logprobs), in the same
-    token strings and top-k shape as completion_logprobs gives generated tokens."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = 0
+    token strings and top-k shape as completion_logprobs gives generated tokens. Offsets follow the echoed
+    text, tokenizer.decode(prompt_ids) (special tokens kept)."""
+    tokens, token_lps, tops, starts = [], [], [], []
+    offsets = TextOffsets(tokenizer, None, skip_special_tokens=False)
     for token_id, lp in zip(prompt_ids, entries):
-        text, _ = token_text(tokenizer, token_id)
-        tokens.append(text)
+        tokens.append(token_text(tokenizer, token_id)[0])
         token_lps.append(None if lp is None else lp.logprob)
         tops.append(None if lp is None else {token_text(tokenizer, t)[0]: v for t, v in lp.top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+        starts.append(offsets.take(token_id))
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": starts}
 
 
 def completion_body(response_id: str, created: int, model: str, choices: list[dict], usage: Usage) -> dict:

@@ -21,6 +21,7 @@ from glm_serve.api.errors import APIError, bad_param, invalid_value
 from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.params import OPENAI, check_prompt, sampling_params
 from glm_serve.api.responses import (
+    TextOffsets,
     Usage,
     completion_body,
     completion_chunk,
@@ -110,7 +111,7 @@ class _Completion:
         self.usage = [Usage() for _ in prompts]
         n = len(prompts) * params.n
         self.started = [False] * n  # echo prefix sent
-        self.offsets = [0] * n  # text length so far (logprobs text_offset)
+        self.offsets: list[TextOffsets | None] = [None] * n  # per choice, from its first output (with logprobs)
         self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, from its first output
 
     async def _events(self, final_only: bool) -> AsyncIterator[tuple[int, object]]:
@@ -167,12 +168,15 @@ class _Completion:
                     if self.prompt_logprobs[k] is None:
                         raise RuntimeError("the engine sent no prompt logprobs with the request's first output")
                     head = echo_logprobs(tok, self.prompts[k], self.prompt_logprobs[k])
-                self.offsets[index] += len(echoed)
                 text = echoed + text
-        lps = completion_logprobs(tok, o.logprobs, self.offsets[index]) if want_lp else None
+        lps = None
+        if want_lp:
+            if self.offsets[index] is None:  # generated text starts after the echoed prompt
+                self.offsets[index] = TextOffsets(tok, self.prompts[index // self.params.n],
+                                                  self.params.skip_special_tokens, len(text) - len(o.text))
+            lps = completion_logprobs(tok, o.logprobs, self.offsets[index])
         if head is not None:
             lps = head if lps is None else {key: head[key] + lps[key] for key in head}
-        self.offsets[index] += len(o.text)
         return text, lps
 
     def _total(self) -> Usage:

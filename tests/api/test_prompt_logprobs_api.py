@@ -58,7 +58,12 @@ def test_harness_loglikelihood(client, server, ref):
         assert lps.tokens == [token_text(tok, t)[0] for t in ids]
         assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
         assert len(lps.token_logprobs) == len(lps.top_logprobs) == len(lps.text_offset) == len(ids)
-        assert lps.text_offset == [sum(len(t) for t in lps.tokens[:k]) for k in range(len(ids))]
+        # Offsets index the text: a whole-character token's string lies in its span (a byte fragment takes no
+        # room of its own: what it starts shows at the token after it, as the streamed text shows it).
+        ends = lps.text_offset[1:] + [len(choice.text)]
+        assert lps.text_offset[0] == 0 and lps.text_offset == sorted(lps.text_offset)
+        for t, at, end in zip(lps.tokens, lps.text_offset, ends):
+            assert "\ufffd" in t or t in choice.text[at:end]
         ctxlen = len(_ids(server, ctx))
         want, want_greedy = _loglikelihood(ref, ids, ctxlen)
         assert want_greedy == (ctx == "once upon")
@@ -90,8 +95,8 @@ def test_echo_then_generated_tokens_and_stream(client, server, ref):
     assert first.tokens[:P] == lps.tokens[:P] and first.token_logprobs[0] is None
     pieces = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
     assert [t for p in pieces for t in p.tokens] == lps.tokens
-    # (Generated tokens' offsets follow the streamed text, which skips special tokens; the prompt's match.)
-    assert first.text_offset[:P] == lps.text_offset[:P]
+    # Offsets are the same streamed or not (each token's advance is the text it makes, held back or not).
+    assert [v for p in pieces for v in p.text_offset] == lps.text_offset
     streamed = [v for p in pieces for v in p.token_logprobs]
     assert streamed[0] is None and streamed[1:] == pytest.approx(lps.token_logprobs[1:])
     assert "".join(c.choices[0].text for c in chunks) == body.choices[0].text
