@@ -142,10 +142,11 @@ class LLMEngine(OutputEmitter):
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_limit), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_limit})")
-        if len(prompt_ids) + 1 > self.max_model_len:
+        generates = params.max_tokens != 0  # max_tokens 0 (prompt logprobs): the prompt may fill the window
+        if len(prompt_ids) + generates > self.max_model_len:
             raise PromptTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens; with at least one generated token that exceeds "
-                f"the context window of {self.max_model_len} tokens")
+                f"the prompt has {len(prompt_ids)} tokens; {'with at least one generated token ' * generates}"
+                f"that exceeds the context window of {self.max_model_len} tokens")
 
     def prepare_image(self, prompt_ids: list[int], image: bytes | torch.Tensor | None) -> MultiModalPrompt:
         """GLM-4V: expand the prompt's image placeholder and preprocess the image (thread-safe)."""

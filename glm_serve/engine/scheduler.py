@@ -139,22 +139,23 @@ class Scheduler:
         """Queue a new sequence. ValueError if its prompt could never be scheduled (or it is not new)."""
         cfg = self.config
         n = seq.num_prompt_tokens
-        if n + 1 > cfg.max_model_len:
+        max_tokens = getattr(seq.params, "max_tokens", None)
+        need = n + (max_tokens != 0)  # the prompt and one generated token (max_tokens 0: the prompt alone)
+        if need > cfg.max_model_len:
             raise ValueError(
                 f"prompt has {n} tokens; with at least one generated token that exceeds max_model_len "
                 f"({cfg.max_model_len})"
             )
-        if n + 1 > cfg.kv_capacity_tokens:
+        if need > cfg.kv_capacity_tokens:
             raise ValueError(
                 f"prompt has {n} tokens; with at least one generated token it needs "
-                f"{-(-(n + 1) // cfg.block_size)} KV blocks but the cache has only {cfg.num_blocks} "
+                f"{-(-need // cfg.block_size)} KV blocks but the cache has only {cfg.num_blocks} "
                 f"({cfg.kv_capacity_tokens} tokens)"
             )
         if seq.seq_id in self._seqs:
             raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
         if seq.status is not SeqStatus.WAITING or seq.block_ids or seq.num_computed_tokens:
             raise ValueError(f"seq {seq.seq_id} is not new (status {seq.status.name}, {len(seq.block_ids)} blocks)")
-        max_tokens = getattr(seq.params, "max_tokens", None)
         seq.max_num_tokens = cfg.max_seq_len if max_tokens is None else min(cfg.max_seq_len, n + max_tokens)
         self._seqs[seq.seq_id] = seq
         self.waiting.append(seq)
@@ -227,7 +228,7 @@ class Scheduler:
                 total += seq.num_inflight
                 if total >= seq.max_num_tokens:
                     continue  # its in-flight token is its last: the engine finishes it when that lands
-            if total >= limit:
+            if total >= limit and seq.max_num_tokens > seq.num_prompt_tokens:  # (max_tokens 0 never samples)
                 # Its next sample would pass max_seq_len (prompts are shorter: add() checks), so it is done;
                 # the engine should have finished it after update() through hit_length_limit.
                 capped.append(seq)
@@ -281,7 +282,8 @@ class Scheduler:
                         k += 1
                         continue
                     seq.wait_for = None  # sibling done, gone, or nothing to share: from now on a plain FCFS seq
-                if seq.num_tokens >= limit:  # preempted at max_seq_len (see the running loop)
+                if seq.num_tokens >= limit and seq.max_num_tokens > seq.num_prompt_tokens:  # preempted at
+                    # max_seq_len (see the running loop); a max_tokens 0 prompt that fills the window still runs
                     self.finish(seq, "length")
                     out.finished.append(seq)
                     continue

@@ -254,3 +254,17 @@ def test_one_token_chunks_beside_decodes_skip_the_decode_graph(tiny_hf, ref):
     assert all(r.choices[0].error is None for r in results)
     _check(results[-1].prompt_logprobs, ids, _reference(ref, ids), 1)
     assert any(used)  # the graph path did run, for the steps without prompt rows
+
+
+def test_a_prompt_filling_the_window_is_scored_with_max_tokens_0(tiny_hf, ref):
+    """max_tokens 0 needs no room for a generated token: a prompt of exactly max_model_len tokens is scored
+    (chunked, beside a request that decodes), where one that also generates is refused as too long."""
+    llm = LLM(str(tiny_hf), kv_cache_tokens=1024, max_model_len=48, max_batch_tokens=16, max_num_seqs=4)
+    ids, other = _prompts([48, 9], seed=5)
+    results = llm.generate([ids, other], [SamplingParams(max_tokens=0, prompt_logprobs=1, **GREEDY),
+                                          SamplingParams(max_tokens=30, **GREEDY)], use_tqdm=False)
+    assert results[0].choices[0].finish_reason == "length" and results[0].token_ids == []
+    _check(results[0].prompt_logprobs, ids, _reference(ref, ids), 1)
+    assert results[1].token_ids == generate_simple(llm.engine.model, other, 30)
+    with pytest.raises(ValueError, match="context window of 48"):
+        llm.generate([ids], SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)
