@@ -7,6 +7,7 @@ and .../chat/streaming, .../completions/object.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from glm_serve.api.parser import Delta
@@ -40,9 +41,19 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
+# What JSON leaves raw but str.splitlines() ends a line at: NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR. zai-sdk
+# reads streams with httpx's iter_lines, which splits where str.splitlines does, so an event holding
+# one would reach it in two pieces that do not parse. Written as JSON escapes, the event stays one line.
+_SPLITLINES_ONLY = re.compile("[\x85\u2028\u2029]")
+
+
+def _escape_line_break(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
 def sse(data: dict | str) -> str:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n"
+    return f"data: {_SPLITLINES_ONLY.sub(_escape_line_break, text)}\n\n"
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:

@@ -173,3 +173,41 @@ def test_stream_n_choices_usage_on_last_chunk(client):
     assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1].usage.completion_tokens == 2 * full.usage.completion_tokens
     assert sum(c.choices[0].finish_reason is not None for c in chunks) == 2
+
+
+class _Scripted:
+    """A constraint that allows exactly the next token of a script each step and ends the answer after the last:
+    makes the random model say a chosen text."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.i = ids, 0
+
+    def fill_bitmask(self, bitmask, row):  # bitmask: int32 [N, ceil(V/32)], bit j of word w allows token 32w+j
+        bitmask[row] = 0
+        word, bit = divmod(self.ids[self.i], 32)
+        bitmask[row, word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # bit 31 is int32's sign bit
+
+    def accept(self, token_id):
+        assert token_id == self.ids[self.i]
+        self.i += 1
+
+    def is_terminated(self):
+        return self.i == len(self.ids)
+
+
+def test_stream_text_with_unicode_line_separators(client, server, monkeypatch):
+    # JSON leaves U+2028, U+2029 and U+0085 raw, and the SDK reads a stream with httpx's iter_lines, which splits
+    # lines where str.splitlines does: at these too. A chunk holding one must still reach the SDK whole.
+    text = "a\u2028b\u2029c\x85d 你好"
+    ids = server.engine.engine.tokenizer.encode(text)
+
+    class Factory:
+        def json_object(self):
+            return _Scripted(ids)
+
+    monkeypatch.setattr(server.app.state.ctx, "constraint_factory", Factory)
+    chunks = list(client.chat.completions.create(model="glm-4-plus", messages=[{"role": "user", "content": "hi"}],
+                                                 response_format={"type": "json_object"}, stream=True,
+                                                 max_tokens=len(ids) + 5))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "stop"
