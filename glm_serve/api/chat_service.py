@@ -27,6 +27,7 @@ from glm_serve.api.responses import (
     stream_error,
     usage_chunk,
 )
+from glm_serve.engine.async_engine import Interrupted
 from glm_serve.engine.outputs import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,16 @@ def api_finish_reason(flavor: str, engine_reason: str, is_call: bool, context_fu
 
 
 async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_rid: str,
-                   usage: Usage, final_only: bool = False) -> AsyncIterator[list[ChoiceUpdate]]:
+                   usage: Usage, final_only: bool = False,
+                   interrupt: asyncio.Event | None = None) -> AsyncIterator[list[ChoiceUpdate]]:
     """Yield each engine step as parsed choice updates; `usage` is kept current. final_only: the engine sends
-    the first tokens and then the rest at the end (a body, not a stream)."""
+    the first tokens and then the rest at the end (a body, not a stream). interrupt: see AsyncEngine.generate."""
     parsers = [ChoiceParser(prep.tool_names) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics)
     try:
         async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
-                                             final_only=final_only):
+                                             final_only=final_only, interrupt=interrupt):
             updates = []
             for o in out.outputs:
                 parser = parsers[o.index]
@@ -127,7 +129,9 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     include_usage = prep.include_usage and flavor != VENDOR
     want_logprobs = prep.params.logprobs is not None
     done = 0
-    steps = run_chat(ctx, prep, flavor, engine_rid, usage)
+    # ctx.closing interrupts a stream that has nothing to send when the grace runs out (queued, in a long prefill):
+    # the check after each step below cannot see it, and the server would cut the stream off moments later.
+    steps = run_chat(ctx, prep, flavor, engine_rid, usage, interrupt=ctx.closing)
 
     def chunk(index, delta, reason=None, lps=None):
         return chat_chunk(flavor, meta.response_id, meta.created, meta.model, index, delta, reason,
@@ -158,6 +162,9 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
                 return
         if include_usage:
             yield sse(usage_chunk(meta.response_id, meta.created, meta.model, usage, "chat.completion.chunk"))
+        yield sse("[DONE]")
+    except Interrupted:  # the shutdown grace ran out while the stream waited for the engine
+        yield sse(stream_error(flavor, ctx.shutting_down_error().message))
         yield sse("[DONE]")
     except Exception as e:  # noqa: BLE001 (headers are sent: report in-band and end the stream)
         log.exception("stream of %s failed", engine_rid)

@@ -32,6 +32,7 @@ from glm_serve.api.responses import (
     usage_chunk,
 )
 from glm_serve.api.schemas import OpenAIChatRequest, OpenAICompletionRequest
+from glm_serve.engine.async_engine import Interrupted
 from glm_serve.sampling_params import SamplingParams
 
 router = APIRouter(prefix="/v1")
@@ -116,14 +117,16 @@ class _Completion:
 
     async def _events(self, final_only: bool) -> AsyncIterator[tuple[int, object]]:
         """(global choice index, CompletionOutput) for every prompt, merged as they arrive. final_only: the
-        engine sends each prompt's first tokens and then the rest at the end (a body, not a stream)."""
+        engine sends each prompt's first tokens and then the rest at the end (a body, not a stream); otherwise
+        (a stream) ctx.closing interrupts a prompt still waiting for the engine (see chat_service.chat_stream)."""
+        interrupt = None if final_only else self.ctx.closing
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(k: int, ids: list[int]):
             timer = RequestTimer(self.ctx.metrics)  # each prompt is a generation of its own, at its own pace
             try:
                 async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params,
-                                                          final_only=final_only):
+                                                          final_only=final_only, interrupt=interrupt):
                     u = self.usage[k]
                     u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                     u.cached_tokens = out.cached_tokens
@@ -223,6 +226,9 @@ class _Completion:
                     return
             if self.include_usage:
                 yield sse(usage_chunk(self.id, self.created, self.model, self._total(), "text_completion"))
+            yield sse("[DONE]")
+        except Interrupted:  # the shutdown grace ran out while a prompt waited for the engine
+            yield sse(stream_error(OPENAI, self.ctx.shutting_down_error().message))
             yield sse("[DONE]")
         except Exception as e:  # noqa: BLE001 (headers are sent: report in-band)
             yield sse(stream_error(OPENAI, f"internal error: {type(e).__name__}"))

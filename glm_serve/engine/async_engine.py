@@ -23,6 +23,10 @@ from glm_serve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class Interrupted(Exception):
+    """Raised by AsyncEngine.generate where its caller waits, once the caller's `interrupt` event is set."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -51,17 +55,25 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        constraints: list[TokenConstraint | None] | None = None,
-                       image=None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                       image=None, final_only: bool = False,
+                       interrupt: asyncio.Event | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (deltas; several steps' worth at once when the caller lags) until the request
         finishes. Raises ValueError at once for a request that can never run. Leaving the iterator early
         (client gone, cancel) aborts the request. final_only: only the first tokens' output and the final
         one, which holds all the rest (for callers that do not stream).
         image (GLM-4V): a MultiModalPrompt from `engine.prepare_image` (preferred: its CPU work then stays off
-        the engine thread) or image bytes."""
+        the engine thread) or image bytes.
+        interrupt: once this event is set, the caller stops waiting even when no output comes (a request still
+        queued or in a long prefill): Interrupted is raised after the outputs already there, unless they finish
+        the request, and the request is aborted. An event set before the call is not watched."""
         self.engine.validate(getattr(image, "ids", None) or prompt_ids, params)
         sink: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt_ids, params, constraints, image, sink,
                                 asyncio.get_running_loop(), final_only))
+        watch = None  # one task per request (not per output): the outputs' path stays a plain queue read
+        if interrupt is not None and not interrupt.is_set():
+            watch = asyncio.ensure_future(interrupt.wait())
+            watch.add_done_callback(lambda w: w.cancelled() or sink.put_nowait(Interrupted()))
         finished = False
         held = None  # an exception met while merging: raised after the outputs ahead of it are yielded
         try:
@@ -71,8 +83,10 @@ class AsyncEngine:
                 else:
                     item = await sink.get()
                 if isinstance(item, BaseException):
-                    finished = True  # the engine refused the request: nothing of ours to abort (the id may be
-                    raise item  # another caller's, in flight)
+                    # Refused by the engine: nothing of ours to abort (the id may be another caller's, in flight).
+                    # Interrupted: ours is in flight, and the finally aborts it.
+                    finished = not isinstance(item, Interrupted)
+                    raise item
                 if not item.finished and not sink.empty():
                     item, merged, held = merge_waiting(item, sink)
                     self.num_merged_outputs += merged
@@ -81,6 +95,8 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
+            if watch is not None:
+                watch.cancel()
             if not finished:
                 self.abort(request_id)
 

@@ -15,6 +15,10 @@ import time
 
 import httpx
 
+from glm_serve.api import ServerSettings
+
+from .conftest import frozen_engine, start_server, wait_idle
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -110,3 +114,44 @@ def test_streams_that_end_as_the_grace_runs_out_end_normally_the_others_with_the
                 else:
                     assert len(errors) == 1 and "shutting down" in json.dumps(errors[0]) and not finishes, \
                         (route, events)
+
+
+def test_a_stream_still_waiting_for_its_first_token_when_the_grace_runs_out_gets_the_error(engine):
+    """A stream with nothing to send (queued behind others, or in a long prefill: here the engine is held) has no
+    output to notice `closing` at. It must still end with the shutdown error and [DONE] when the grace runs out,
+    not be cut off by the server a moment later, and its engine request must be aborted."""
+    srv, server, thread = start_server(engine, ServerSettings(served_model_names=["m"]))
+    loop = server.servers[0].get_loop()
+    got: dict = {}
+
+    def stream(name: str, url: str, body: dict) -> None:
+        req = {"model": "m", "stream": True, "max_tokens": 50, **body}
+        try:
+            with httpx.stream("POST", url, json=req, timeout=20) as r:
+                got[name] = _events(r)
+        except httpx.HTTPError as e:
+            got[name] = type(e).__name__
+
+    msgs = {"messages": [{"role": "user", "content": "hi"}]}
+    readers = [threading.Thread(target=stream, args=("vendor", srv.vendor_base + "chat/completions", msgs)),
+               threading.Thread(target=stream, args=("v1", srv.openai_base + "/chat/completions", msgs)),
+               threading.Thread(target=stream, args=("completions", srv.openai_base + "/completions",
+                                                     {"prompt": "hi"}))]
+    try:
+        with frozen_engine(engine):
+            for r in readers:
+                r.start()
+            deadline = time.monotonic() + 10
+            while len(engine.engine.requests) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)  # all three are in the engine, which makes no step
+            loop.call_soon_threadsafe(srv.app.state.ctx.begin_shutdown, 0.1)
+            for r in readers:
+                r.join(timeout=15)
+        for name in ("vendor", "v1", "completions"):
+            events = got[name]
+            assert isinstance(events, list) and events[-1] == "[DONE]", got
+            assert "shutting down" in json.loads(events[-2])["error"]["message"], got
+        wait_idle(engine)  # aborted, not left to run
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

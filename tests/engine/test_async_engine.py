@@ -4,11 +4,12 @@ exactly what the synchronous engine produces."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
-from glm_serve.engine.async_engine import AsyncEngine, merge_final, merge_waiting
+from glm_serve.engine.async_engine import AsyncEngine, Interrupted, merge_final, merge_waiting
 from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from glm_serve.llm import LLM
 from glm_serve.sampling_params import SamplingParams
@@ -120,3 +121,40 @@ def test_leaving_the_stream_early_aborts_the_request(llm):
     assert seq.finish_reason == "abort" and seq.num_tokens < seq.max_num_tokens
     bm = llm.engine.block_manager
     assert not llm.engine.requests and bm.num_free_blocks == bm.num_blocks
+
+
+def test_an_interrupt_wakes_a_caller_that_no_output_would_wake_and_aborts_its_request(llm):
+    """A caller waiting on a request that yields nothing yet (queued, in a long prefill; here the engine is held
+    before its first step) stops waiting once its `interrupt` event is set: Interrupted, and the request aborted."""
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    core = llm.engine
+    gate = threading.Event()
+    real_step = type(core).step
+
+    def held_step():
+        gate.wait(timeout=30)
+        return real_step(core)
+
+    async def run():
+        aeng = AsyncEngine(core)
+        core.step = held_step
+        try:
+            stop = asyncio.Event()
+            stream = aeng.generate("waits", [2, 7, 1, 8, 2, 8], params, interrupt=stop)
+            asyncio.get_running_loop().call_later(0.2, stop.set)
+            with pytest.raises(Interrupted):
+                await asyncio.wait_for(stream.__anext__(), 10)  # without the interrupt: a timeout here
+            assert "waits" in core.requests  # still in flight: the engine made no step
+        finally:
+            del core.step
+            gate.set()
+        try:
+            deadline = time.monotonic() + 30
+            while "waits" in core.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            aeng.shutdown()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+    bm = core.block_manager
+    assert not core.requests and bm.num_free_blocks == bm.num_blocks
