@@ -14,7 +14,9 @@ step N+1 already; that token is dropped. A stop *string* is seen when the text i
 Prompt logprobs (engine/prompt_logprobs.py) change nothing a next step schedules: they are read at the step's
 one sync, like its tokens, and keep overlap scheduling on.
 
-Not thread-safe: the async engine drives it from its own thread.
+The device side of the step (launch, sync, the batched step's one-by-one re-run) is device_step.DeviceStep;
+the output side (text, stop strings, outputs) is emit.OutputEmitter. Not thread-safe: the async engine drives
+it from its own thread.
 """
 
 from __future__ import annotations
@@ -24,16 +26,15 @@ import gc
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from glm_serve.config import ModelConfig
 from glm_serve.engine.block_manager import BlockManager
 from glm_serve.engine.config import EngineConfig, activation_reserve_bytes, kv_cache_blocks
+from glm_serve.engine.device_step import _RETRY, DeviceStep, _Inflight
 from glm_serve.engine.emit import OutputEmitter, Pending
-from glm_serve.engine.multimodal import MultiModalPrompt, image_embeddings, prepare_image
-from glm_serve.engine.prompt_logprobs import PromptLogprobRecorder, PromptRows
+from glm_serve.engine.multimodal import MultiModalPrompt, prepare_image
 from glm_serve.engine.outputs import (
     ChoiceState,
     RequestOutput,
@@ -42,18 +43,16 @@ from glm_serve.engine.outputs import (
     TokenLogprob,
     make_choice,
 )
-from glm_serve.engine.runner import InflightTokens, ModelRunner
-from glm_serve.engine.sampler import HostCopy, Sampler, SamplingBatch, SamplingRow, make_generator
+from glm_serve.engine.prompt_logprobs import PromptLogprobRecorder
+from glm_serve.engine.runner import ModelRunner
+from glm_serve.engine.sampler import Sampler, make_generator
 from glm_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from glm_serve.engine.sequence import Sequence, SeqStatus
+from glm_serve.engine.sequence import SeqStatus, Sequence
 from glm_serve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Sampled = tuple[dict[int, int], dict[int, TokenLogprob]]  # one step's tokens and logprobs, by seq id
-
-
-class LLMEngine(OutputEmitter):
+class LLMEngine(OutputEmitter, DeviceStep):
     def __init__(self, config: EngineConfig):
         from glm_serve.cli import resolve_model_arg  # noqa: PLC0415 (demo checkpoint lives with the CLI)
         from glm_serve.config import load_config  # noqa: PLC0415
@@ -223,17 +222,6 @@ class LLMEngine(OutputEmitter):
         return (self.config.overlap_scheduling and inf is not None and inf.launched is not _RETRY
                 and self._num_host_token_requests == 0)
 
-    def _launch(self, out: SchedulerOutput):
-        for seq in out.preempted:
-            self.runner.release(seq.seq_id)
-        if out.is_empty:
-            return None
-        try:
-            return self._forward(out, self._inflight.tokens() if self._inflight is not None else None)
-        except Exception:  # noqa: BLE001 (isolated in _sync: each sequence alone, fail only those that fail)
-            log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
-            return _RETRY
-
     def _land_inflight(self) -> bool:
         """Wait for the step in flight and settle its tokens (text waits for _emit). True when it failed as a
         batch and was re-run sequence by sequence."""
@@ -248,81 +236,6 @@ class LLMEngine(OutputEmitter):
             self._pending.tokens += pending.tokens
             self._pending.touched += pending.touched
         return retried
-
-    def _sync(self, out: SchedulerOutput, launched) -> tuple[Sampled, bool]:
-        if launched is None:
-            return ({}, {}), False
-        if launched is not _RETRY:
-            try:
-                return self._read(*launched), False
-            except Exception:  # noqa: BLE001
-                log.exception("a batched step failed; re-running its %d sequences one by one", len(out.scheduled))
-        tokens: dict[int, int] = {}
-        logprobs: dict[int, TokenLogprob] = {}
-        for s in out.scheduled:
-            if s.seq.status is not SeqStatus.RUNNING:
-                continue  # finished, or preempted since: recomputed later, and its token sampled again then
-            try:
-                one_tokens, one_logprobs = self._read(*self._forward(SchedulerOutput(scheduled=[s])))
-                tokens.update(one_tokens)
-                logprobs.update(one_logprobs)
-            except Exception as e:  # noqa: BLE001
-                log.exception("request %s failed", s.seq.request_id)
-                req, _ = self.seq_owner[s.seq.seq_id]
-                req.error = f"{type(e).__name__}: {e}"
-                self._fail(req)  # out of the scheduler now, so update() skips its sequences
-        return (tokens, logprobs), True
-
-    @torch.inference_mode()
-    def _forward(self, out: SchedulerOutput, inflight: InflightTokens | None = None):
-        """Queue the step on the device: -> (sampled seq ids, SamplerOutput with device tensors, its HostCopy,
-        the step's PromptRows or None)."""
-        batch = self.runner.prepare(out, inflight, self._prompt_lp.wanted)
-        logits = self.runner.execute(batch, self._image_embeddings(out))  # [S, V]
-        if not batch.sample_seq_ids:
-            return [], None, None, batch.prompt_rows
-        sb = self.build_sampling_batch(batch.sample_seq_ids, logits.shape[1])
-        res = self.sampler(logits, sb)
-        return batch.sample_seq_ids, res, HostCopy(res), batch.prompt_rows
-
-    def _read(self, seq_ids: list[int], res, host: HostCopy | None, prompt: PromptRows | None = None) -> Sampled:
-        if res is not None:
-            res = host.wait()  # the one wait of the step: for this step's work only (see HostCopy)
-        if prompt is not None:  # queued before the sampler: landed by now, unless the step sampled nothing
-            self._prompt_lp.land(prompt)
-        if res is None:
-            return {}, {}
-        ids = res.token_ids.tolist()
-        logprobs = {}
-        if res.logprobs is not None:
-            lp, top_ids, top_lp = res.logprobs.tolist(), res.top_ids.tolist(), res.top_logprobs.tolist()
-            for r, seq_id in enumerate(seq_ids):
-                owner = self.seq_owner.get(seq_id)  # None: finished and reported since it was launched
-                k = owner[0].params.logprobs if owner is not None else None
-                if k is not None:
-                    logprobs[seq_id] = TokenLogprob(ids[r], lp[r], list(zip(top_ids[r][:k], top_lp[r][:k])))
-        return dict(zip(seq_ids, ids)), logprobs
-
-    def _image_embeddings(self, out: SchedulerOutput) -> list[tuple[int, torch.Tensor]] | None:
-        if self.model.vision is None:  # a text model: no step has image slots
-            return None
-        return image_embeddings(out, self.model.vision, lambda seq: self.seq_owner[seq.seq_id][0].mm)
-
-    def build_sampling_batch(self, seq_ids: list[int], vocab: int) -> SamplingBatch:
-        """The sampler's view of the rows to sample this step (with constraint masks filled on the host)."""
-        owner = self.seq_owner
-        if self._num_sampling_requests == 0:  # the common case: nothing but argmax
-            return SamplingBatch(num_rows=len(seq_ids), vocab_size=vocab, all_greedy=True)
-        rows, bitmask = [], None
-        for r, seq_id in enumerate(seq_ids):
-            req, c = owner[seq_id]
-            seq = c.seq
-            rows.append(SamplingRow(req.params, seq.prompt_token_ids, seq.output_token_ids, c.stop_ids, c.generator))
-            if c.constraint is not None:
-                if bitmask is None:
-                    bitmask = torch.full((len(seq_ids), (vocab + 31) // 32), -1, dtype=torch.int32)
-                c.constraint.fill_bitmask(bitmask, r)
-        return SamplingBatch.build(rows, vocab, self.device, bitmask)
 
     def _settle(self, out: SchedulerOutput, sampled: dict[int, int], logprobs: dict[int, TokenLogprob]
                 ) -> Pending | None:
@@ -420,23 +333,6 @@ class LLMEngine(OutputEmitter):
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_capacity_tokens": self.kv_capacity_tokens,
         }
-
-
-_RETRY = object()  # _launch failed: _sync re-runs each sequence alone
-
-
-@dataclass
-class _Inflight:
-    """A launched step whose tokens have not landed on the host yet (see step)."""
-
-    out: SchedulerOutput
-    launched: object  # (sampled seq ids, SamplerOutput | None, HostCopy | None, PromptRows | None) from _forward,
-    # None or _RETRY
-
-    def tokens(self) -> InflightTokens | None:
-        if isinstance(self.launched, tuple) and self.launched[1] is not None:
-            return InflightTokens(self.launched[0], self.launched[1].token_ids)
-        return None
 
 
 def _tune_gc() -> None:
