@@ -27,6 +27,7 @@ class PreparedChat:
     extra: dict = field(default_factory=dict)
     image_url: str | None = None  # GLM-4V: the conversation's image (bare base64, data URL or http(s) URL)
     mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt, set by api.images.attach_image
+    forced_call: bool = False  # tool_choice required or named: the grammar makes every answer a tool call
 
 
 def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -203,7 +204,8 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
-                        bool(options.get("include_usage")), image_url=image_url)
+                        bool(options.get("include_usage")), image_url=image_url,
+                        forced_call=choice in ("required", "named"))
 
 
 def check_images(ctx: ServingContext, messages) -> str | None:

@@ -28,8 +28,11 @@ def new_call_id() -> str:
 class ChoiceParser:
     """Feed text deltas; get content or tool-call deltas. `tool_names` empty: everything is content."""
 
-    def __init__(self, tool_names: frozenset[str] = frozenset()):
+    def __init__(self, tool_names: frozenset[str] = frozenset(), forced: bool = False):
         self.tool_names = tool_names
+        # tool_choice required or named: the grammar makes the answer a call, so text held back at the end is a
+        # call cut short (max_tokens) inside its name, not content: it is dropped
+        self.forced = forced
         self._mode = "start"  # start (undecided) | content | call
         self._buf = ""  # text held back while undecided
         self._pending_ws = ""  # call mode: trailing whitespace not yet known to be inside the arguments
@@ -52,8 +55,11 @@ class ChoiceParser:
         return self._decide(final=False)
 
     def finish(self) -> list[Delta]:
-        """End of the answer: text still held back is content."""
+        """End of the answer: text still held back is content (unless the call was forced: see __init__)."""
         if self._mode == "start":
+            if self.forced:
+                self._buf = ""
+                return []
             return self._decide(final=True)
         return []  # call mode drops trailing whitespace; content mode holds nothing
 

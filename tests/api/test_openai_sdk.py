@@ -87,6 +87,19 @@ def test_forced_tool_call_stream(client):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+def test_a_forced_call_cut_inside_its_name_leaves_no_content(client):
+    """max_tokens ends a forced call before its name is whole: the answer is empty, finish "length" (the name's
+    prefix used to come back as content, which forced calls never have)."""
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER, TIME],
+              tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0, max_tokens=1)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "length"
+    assert not r.choices[0].message.content and not r.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert not any(c.choices[0].delta.content or c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_strings_do_not_cut_constrained_json(client):
     # Every call and JSON answer holds "{": a stop string (or stop id) inside the grammar's output cut it, and a
     # cut call still came back as finish_reason "tool_calls" with arguments "" (not JSON).
