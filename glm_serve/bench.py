@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glm_serve.sse_lines import aiter_sse_lines
+
 _WORDS = ("the model reads each token once and writes one more; a server keeps many such streams in one "
           "batch, so the device stays busy while people wait for the next word of their answer. "
           "今天天气很好，我们一起去公园散步吧。数据 中心 推理 服务 延迟 吞吐").split()
@@ -89,7 +91,7 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int)
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
                 return res
-            async for line in r.aiter_lines():
+            async for line in aiter_sse_lines(r.aiter_bytes()):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])

@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
+from glm_serve.sse_lines import iter_sse_lines
+
 KEY_ENV = "GLM_SERVE_API_KEY"
 
 
@@ -64,7 +66,7 @@ def server_backend(url: str, model: str | None, api_key: str | None, temperature
             if r.status_code != 200:
                 r.read()
                 _raise_for(r)
-            for line in r.iter_lines():
+            for line in iter_sse_lines(r.iter_bytes()):
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: "):]
