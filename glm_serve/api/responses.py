@@ -51,9 +51,14 @@ def _escape_line_break(m: re.Match) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+def one_line(text: str) -> str:
+    """JSON text with NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR written as escapes: one line for every reader."""
+    return _SPLITLINES_ONLY.sub(_escape_line_break, text)
+
+
 def sse(data: dict | str) -> str:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {_SPLITLINES_ONLY.sub(_escape_line_break, text)}\n\n"
+    return f"data: {one_line(text)}\n\n"
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:

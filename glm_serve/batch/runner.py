@@ -27,6 +27,7 @@ from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, from_validation_errors
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, PreparedChat, prepare_chat
+from glm_serve.api.responses import one_line
 from glm_serve.api.schemas import VendorChatRequest
 from glm_serve.batch.records import ENDPOINTS
 
@@ -52,13 +53,16 @@ def error_line(custom_id: str | None, line: int, code: str, message: str, status
     response = None
     if status is not None:
         response = {"status_code": status, "body": {"error": {"code": code, "message": message}}}
-    return json.dumps({"custom_id": custom_id, "line": line, "response": response,
-                       "error": {"code": code, "message": message}}, ensure_ascii=False)
+    return one_line(json.dumps({"custom_id": custom_id, "line": line, "response": response,
+                                "error": {"code": code, "message": message}}, ensure_ascii=False))
 
 
 def output_line(custom_id: str, body: dict) -> str:
-    return json.dumps({"custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": None},
-                      ensure_ascii=False)
+    """An output-file line. Text stays UTF-8, but the three characters str.splitlines() also ends lines at are
+    escaped (responses.one_line), so that a reader splitting the file's text that way still gets one result per
+    line."""
+    return one_line(json.dumps({"custom_id": custom_id, "response": {"status_code": 200, "body": body},
+                                "error": None}, ensure_ascii=False))
 
 
 def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -315,3 +315,15 @@ def test_files_and_batches_show_to_their_key_and_old_rows_to_everyone(tmp_path):
         store.list_batches(batches["ka"], 10, caller="kb")
     assert store.get_batch(batches["ka"]).owner == "ka"
     store.close()
+
+
+def test_result_lines_stay_one_line_for_splitlines():
+    """Answers holding U+2028, U+2029 or U+0085 (str.splitlines() ends lines there; JSON leaves them raw) are
+    written escaped: a reader splitting the file's text by lines gets one result per line, equal to the answer."""
+    from glm_serve.batch.runner import error_line, output_line  # noqa: PLC0415
+
+    text = "a\u2028b\u2029c\x85d 中文"
+    out, err = output_line("x", {"content": text}), error_line("y", 3, "1214", text)
+    for line in (out, err):
+        assert line.splitlines() == [line] and "中文" in line
+    assert json.loads(out)["response"]["body"]["content"] == text and json.loads(err)["error"]["message"] == text
