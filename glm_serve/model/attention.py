@@ -106,24 +106,46 @@ def store_kv(
     flat_v.index_copy_(0, slots, torch.where(keep, v[src].to(flat_v.dtype), flat_v.index_select(0, slots)))
 
 
+# Keys per chunk of the torch backend's long-context path. A group whose padded context fits in one chunk runs one
+# SDPA call with an explicit mask (the fast common case); longer ones merge per-chunk softmaxes, so the transient
+# memory is that of one chunk: fp32 scores [b, H * max_q, KEY_CHUNK] plus the chunk's gathered K and V
+# [b, KEY_CHUNK, KVH, D] (a 2048-token prefill chunk with 32 heads: 1 GiB of scores at any context length).
+KEY_CHUNK = 4096
+
+
 class TorchPagedAttention(AttentionBackend):
     """Exact attention in plain PyTorch: gather each sequence's keys through its block table, pad to
     [b, max_q] queries x [b, max_k] keys, mask, and call SDPA once per group (no per-sequence loop).
     Decode rows (one query) and prefill rows are separate groups, so a long prefill chunk in the step does not
     pad every decode to its length. GQA without repeating K/V: the `group` query heads that share a KV head are
-    folded into the query rows."""
+    folded into the query rows. Contexts longer than `key_chunk` keys are attended chunk by chunk with an online
+    softmax in float32 (`_attend_chunked`): memory bounded by the chunk, not the context.
+
+    Never under CUDA-graph capture (the engine refuses --cuda-graphs with this backend): groups are built from
+    host copies of the lengths and the chunk loop's trip count is a host int."""
 
     name = "torch"
+
+    def __init__(self, key_chunk: int = KEY_CHUNK):
+        if key_chunk < 1:
+            raise ValueError(f"key_chunk must be >= 1, got {key_chunk}")
+        self.key_chunk = key_chunk  # rounded down to whole blocks (at least one) per call
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         groups = _groups(meta, k_cache.shape[1], q.device)
         if len(groups) == 1:
-            return _attend(q, k_cache, v_cache, groups[0], scale)
+            return self._attend(q, k_cache, v_cache, groups[0], scale)
         out = torch.empty_like(q)
         for g in groups:
-            out[g.tokens] = _attend(q[g.tokens], k_cache, v_cache, g, scale)
+            out[g.tokens] = self._attend(q[g.tokens], k_cache, v_cache, g, scale)
         return out
+
+    def _attend(self, q, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:  # [t, H, D]
+        chunk_blocks = max(1, self.key_chunk // k_cache.shape[1])
+        if g.block_tables.shape[1] <= chunk_blocks:
+            return _attend(q, k_cache, v_cache, g, scale)
+        return _attend_chunked(q, k_cache, v_cache, g, scale, chunk_blocks)
 
 
 @dataclass
@@ -134,28 +156,92 @@ class _Group:
     block_tables: torch.Tensor  # [b, nblk] int64
     token_to_seq: torch.Tensor  # [t] int64, local to the group
     q_off: torch.Tensor  # [t] int64
-    mask: torch.Tensor  # [b, 1, max_q, max_k] bool
+    start: torch.Tensor  # [b, 1, 1] int64: position of each sequence's first new token (seq_len - q_len)
     max_q: int
-    max_k: int
+    max_k: int  # nblk * block_size
+    mask: torch.Tensor | None = None  # [b, 1, max_q, max_k] bool, built on first use by the one-chunk path
+
+    def visible(self, k0: int, n: int) -> torch.Tensor:
+        """[b, 1, max_q, n] bool: query i of b sees key j (k0 <= j < k0 + n) iff j <= start + i. Padding rows
+        see key 0 so that softmax stays finite; their outputs are dropped."""
+        i = torch.arange(self.max_q, device=self.start.device).view(1, -1, 1)
+        j = torch.arange(k0, k0 + n, device=self.start.device).view(1, 1, -1)
+        return ((j <= self.start + i) | (j == 0)).unsqueeze(1)
+
+
+def _fold_queries(q: torch.Tensor, g: _Group, kvh: int) -> torch.Tensor:
+    """[t, H, D] flat queries -> [B, kvh, group * max_q, D] padded, GQA-folded: row r is (g = r // max_q,
+    i = r % max_q), so the `group` heads sharing a KV head attend as extra rows, without repeating K/V."""
+    T, H, D = q.shape
+    B, group = g.block_tables.shape[0], H // kvh
+    qp = q.new_zeros(B, g.max_q, H, D)
+    qp[g.token_to_seq, g.q_off] = q  # [B, max_q, H, D]
+    return qp.view(B, g.max_q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * g.max_q, D)
+
+
+def _unfold(out: torch.Tensor, g: _Group) -> torch.Tensor:
+    """[B, kvh, group * max_q, D] -> [t, H, D] rows of the group's tokens (inverse of _fold_queries)."""
+    B, kvh, rows, D = out.shape
+    group = rows // g.max_q
+    out = out.view(B, kvh, group, g.max_q, D).permute(0, 3, 1, 2, 4).reshape(B, g.max_q, kvh * group, D)
+    return out[g.token_to_seq, g.q_off]  # [t, H, D]
 
 
 def _attend(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:
-    T, H, D = q.shape  # [t, H, D]
+    """The whole context at once: one SDPA call with an explicit mask. -> [t, H, D]"""
+    D = q.shape[2]
     B = g.block_tables.shape[0]
     kvh = k_cache.shape[2]
-    group = H // kvh
+    group = q.shape[1] // kvh
     keys = k_cache[g.block_tables].reshape(B, g.max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
     vals = v_cache[g.block_tables].reshape(B, g.max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
-    qp = q.new_zeros(B, g.max_q, H, D)
-    qp[g.token_to_seq, g.q_off] = q  # [B, max_q, H, D]
-    # [B, max_q, kvh, group, D] -> [B, kvh, group * max_q, D]; row r is (g = r // max_q, i = r % max_q)
-    qp = qp.view(B, g.max_q, kvh, group, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * g.max_q, D)
+    qp = _fold_queries(q, g, kvh)  # [B, kvh, group * max_q, D]
+    if g.mask is None:
+        g.mask = g.visible(0, g.max_k)
     mask = g.mask if group == 1 else g.mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, max_k]
     out = torch.nn.functional.scaled_dot_product_attention(
         qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale
     )  # [B, kvh, group * max_q, D]
-    out = out.view(B, kvh, group, g.max_q, D).permute(0, 3, 1, 2, 4).reshape(B, g.max_q, H, D)
-    return out[g.token_to_seq, g.q_off]  # [t, H, D]
+    return _unfold(out, g)
+
+
+def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, chunk_blocks: int) -> torch.Tensor:
+    """The context in chunks of `chunk_blocks` blocks, merged by an online softmax in float32: for each chunk c,
+    m' = max(m, rowmax s_c), l' = l e^(m - m') + sum e^(s_c - m'), acc' = acc e^(m - m') + e^(s_c - m') V_c;
+    the answer is acc / l. Chunk 0 holds key 0, which every row sees, so m is finite from the first chunk on
+    (no -inf - -inf). Memory: one chunk's scores and K/V, whatever the context. -> [t, H, D]
+
+    KV heads lead ([kvh, B, ...]) so that each chunk's K/V is gathered in one copy straight into a layout
+    whose (kvh, B) batch flattens for bmm: [B, kvh, ...] would need a second, transposing copy per chunk."""
+    D = q.shape[2]
+    B, nblk = g.block_tables.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // kvh
+    qf = (_fold_queries(q, g, kvh).transpose(0, 1).float() * scale).contiguous()  # [kvh, B, R, D], R = group*max_q
+    rows = qf.shape[2]
+    m = qf.new_full((kvh, B, rows, 1), float("-inf"))  # running row max
+    den = qf.new_zeros(kvh, B, rows, 1)  # running sum of e^(s - m)
+    acc = qf.new_zeros(kvh, B, rows, D)  # running sum of e^(s - m) V
+    flat_k = k_cache.view(-1, kvh, D).transpose(0, 1)  # [kvh, num_slots, D] (a view)
+    flat_v = v_cache.view(-1, kvh, D).transpose(0, 1)
+    offsets = torch.arange(block_size, device=qf.device)  # [block_size]
+    for b0 in range(0, nblk, chunk_blocks):
+        tables = g.block_tables[:, b0:b0 + chunk_blocks]  # [B, nb]
+        n = tables.shape[1] * block_size
+        slots = (tables.unsqueeze(-1) * block_size + offsets).view(B, n)  # [B, n] cache slot of each key
+        keys = flat_k[:, slots].float()  # [kvh, B, n, D]
+        vals = flat_v[:, slots].float()  # [kvh, B, n, D]
+        s = qf @ keys.transpose(2, 3)  # [kvh, B, R, n]
+        hidden = ~g.visible(b0 * block_size, n).view(1, B, 1, g.max_q, n)
+        s.view(kvh, B, group, g.max_q, n).masked_fill_(hidden, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        s.sub_(m_new).exp_()  # e^(s - m'): hidden keys give 0
+        alpha = (m - m_new).exp_()  # rescales what earlier chunks summed (0 before the first chunk)
+        den.mul_(alpha).add_(s.sum(-1, keepdim=True))
+        acc.mul_(alpha).add_(s @ vals)
+        m = m_new
+        del s, keys, vals  # freed before the next chunk allocates its own: the peak is one chunk, not two
+    return _unfold((acc / den).to(q.dtype).transpose(0, 1), g)
 
 
 def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
@@ -167,7 +253,7 @@ def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
     q_lens = meta.host_q_lens
     if q_lens is None or q_lens.min() > 1 or q_lens.max() == 1:
         groups = [_make_group(None, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.token_to_seq,
-                              meta.token_q_offset, meta.max_seqlen_q, meta.max_seqlen_k, block_size, device)]
+                              meta.token_q_offset, meta.max_seqlen_q, meta.max_seqlen_k, block_size)]
     else:
         groups = []
         for seqs in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):
@@ -182,22 +268,16 @@ def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
                 torch.from_numpy(first[local] + q_off).to(device), meta.block_tables[sel], meta.seq_lens[sel],
                 torch.from_numpy(cu).to(device), torch.from_numpy(local).to(device),
                 torch.from_numpy(q_off).to(device), int(lens.max()), int(meta.host_seq_lens[seqs].max()),
-                block_size, device))
+                block_size))
     meta.cache["torch_groups"] = groups
     return groups
 
 
-def _make_group(tokens, tables, seq_lens, cu, t2s, q_off, max_q, max_k, block_size, device) -> _Group:
-    """Mask [b, 1, max_q, max_k]: query i of b sees key j iff j <= seq_len - q_len + i (padding rows see key 0
-    so that softmax stays finite; their outputs are dropped)."""
+def _make_group(tokens, tables, seq_lens, cu, t2s, q_off, max_q, max_k, block_size) -> _Group:
     nblk = (max_k + block_size - 1) // block_size
-    k_width = nblk * block_size
     q_lens = (cu[1:] - cu[:-1]).long()  # [b]
     start = (seq_lens.long() - q_lens).view(-1, 1, 1)  # [b, 1, 1]
-    i = torch.arange(max_q, device=device).view(1, -1, 1)
-    j = torch.arange(k_width, device=device).view(1, 1, -1)
-    mask = ((j <= start + i) | (j == 0)).unsqueeze(1)
-    return _Group(tokens, tables[:, :nblk].long(), t2s, q_off, mask, max_q, k_width)
+    return _Group(tokens, tables[:, :nblk].long(), t2s, q_off, start, max_q, nblk * block_size)
 
 
 def make_backend(name: str) -> AttentionBackend:
