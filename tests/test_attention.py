@@ -151,3 +151,34 @@ def test_transient_memory_does_not_grow_with_context():
     assert chunked[0] == chunked[1] <= 32 * n_new * 64 * 4
     whole = [_largest_allocation(1 << 20, ctx, n_new) for ctx in (512, 4096)]
     assert whole[1] >= 8 * whole[0] > chunked[1]
+
+
+class _ScoreCount(TorchDispatchMode):
+    """Counts the elements of every batched matmul output (the chunked path's scores and P.V products)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.bmm.default:
+            self.elements += out.numel()
+        return out
+
+
+def test_short_contexts_skip_the_chunks_past_their_end(monkeypatch):
+    """One 200-key decode beside seven short ones, 16-key chunks: chunk 0 takes all eight sequences, the other
+    twelve chunks only the long one (longest-first order), and the chunks wholly before every new token need no
+    mask; the answer is still exact. Padding every sequence to 200 keys would compute 8x the scores."""
+    starts = [3, 9, 199, 0, 5, 12, 7, 1]  # the long one in the middle: the order is put back afterwards
+    q, k, v, kc, vc, meta = _batch(starts, [1] * 8, heads=8, kv_heads=2, block=4, seed=11)
+    with _ScoreCount() as count:
+        out = TorchPagedAttention(16).forward(q, k, v, kc, vc, meta, 0.25)
+    plan = meta.cache["torch_groups"][0].plans[4]
+    assert plan.active == [8] + [1] * 12 and plan.masked == [True] + [False] * 11 + [True]
+    # per sequence and chunk: kvh (2) x query rows (4 heads per KV head) x (n scores + head_dim 16 outputs);
+    # 200 keys = 12 chunks of 16 and one of 8
+    assert count.elements == 2 * 4 * ((16 + 16) * (8 + 11) + (8 + 16) * 1)
+    want = paged_attention_ref(q, kc, vc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, 0.25)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

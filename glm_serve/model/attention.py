@@ -23,7 +23,7 @@ Backends implement `AttentionBackend.forward`; the Triton one (glm_serve.kernels
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -159,14 +159,55 @@ class _Group:
     start: torch.Tensor  # [b, 1, 1] int64: position of each sequence's first new token (seq_len - q_len)
     max_q: int
     max_k: int  # nblk * block_size
+    host_lens: np.ndarray | None = None  # [b] int64 keys of each sequence, when the runner gave host copies
+    host_start: np.ndarray | None = None  # [b] int64 the same as `start`, on the host
     mask: torch.Tensor | None = None  # [b, 1, max_q, max_k] bool, built on first use by the one-chunk path
+    plans: dict = field(default_factory=dict)  # chunk_blocks -> _ChunkPlan, built on first use
 
-    def visible(self, k0: int, n: int) -> torch.Tensor:
-        """[b, 1, max_q, n] bool: query i of b sees key j (k0 <= j < k0 + n) iff j <= start + i. Padding rows
-        see key 0 so that softmax stays finite; their outputs are dropped."""
-        i = torch.arange(self.max_q, device=self.start.device).view(1, -1, 1)
-        j = torch.arange(k0, k0 + n, device=self.start.device).view(1, 1, -1)
-        return ((j <= self.start + i) | (j == 0)).unsqueeze(1)
+    def plan(self, chunk_blocks: int, block_size: int) -> _ChunkPlan:
+        if chunk_blocks not in self.plans:
+            self.plans[chunk_blocks] = _ChunkPlan.of(self, chunk_blocks, block_size)
+        return self.plans[chunk_blocks]
+
+
+def _visible(start: torch.Tensor, max_q: int, k0: int, n: int) -> torch.Tensor:
+    """[b, 1, max_q, n] bool from start [b, 1, 1]: query i of b sees key j (k0 <= j < k0 + n) iff
+    j <= start + i. Padding rows see key 0 so that softmax stays finite; their outputs are dropped."""
+    i = torch.arange(max_q, device=start.device).view(1, -1, 1)
+    j = torch.arange(k0, k0 + n, device=start.device).view(1, 1, -1)
+    return ((j <= start + i) | (j == 0)).unsqueeze(1)
+
+
+@dataclass
+class _ChunkPlan:
+    """How the chunked path walks one group's key chunks, from the host lengths (once per step).
+
+    Sequences go longest first, so the ones with keys in chunk c are a prefix of `active[c]` of them and a
+    chunk past a short context costs it nothing: a decode group with one 100K context and 50 short ones
+    computes ~100K + 50 * short keys, not 51 * 100K. Chunk 0 takes every sequence (every row sees key 0).
+    A chunk wholly before every sequence's first new token is seen whole by every query: no mask."""
+
+    order: torch.Tensor | None  # [b] int64 sequences by decreasing length; None = as they are
+    inverse: torch.Tensor | None  # [b] int64 where each sequence went in `order`
+    active: list[int]  # per chunk: sequences (a prefix of the order) with keys in it
+    masked: list[bool]  # per chunk: whether some query sees only part of it
+
+    @classmethod
+    def of(cls, g: _Group, chunk_blocks: int, block_size: int) -> _ChunkPlan:
+        B, nblk = g.block_tables.shape
+        k0s = [b0 * block_size for b0 in range(0, nblk, chunk_blocks)]
+        if g.host_lens is None:  # no host copies: every sequence and a mask in every chunk
+            return cls(None, None, [B] * len(k0s), [True] * len(k0s))
+        perm = np.argsort(-g.host_lens, kind="stable")
+        lens, starts = g.host_lens[perm], g.host_start[perm]
+        order = inverse = None
+        if (perm != np.arange(B)).any():
+            dev = g.block_tables.device
+            order, inverse = torch.from_numpy(perm).to(dev), torch.from_numpy(np.argsort(perm)).to(dev)
+        chunk = chunk_blocks * block_size
+        active = [B] + [int((lens > k0).sum()) for k0 in k0s[1:]]
+        masked = [k0 + chunk > starts[:a].min() for k0, a in zip(k0s, active)]
+        return cls(order, inverse, active, masked)
 
 
 def _fold_queries(q: torch.Tensor, g: _Group, kvh: int) -> torch.Tensor:
@@ -197,7 +238,7 @@ def _attend(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float) -> torch
     vals = v_cache[g.block_tables].reshape(B, g.max_k, kvh, D).permute(0, 2, 1, 3)  # [B, kvh, max_k, D]
     qp = _fold_queries(q, g, kvh)  # [B, kvh, group * max_q, D]
     if g.mask is None:
-        g.mask = g.visible(0, g.max_k)
+        g.mask = _visible(g.start, g.max_q, 0, g.max_k)
     mask = g.mask if group == 1 else g.mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, max_k]
     out = torch.nn.functional.scaled_dot_product_attention(
         qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale
@@ -209,39 +250,48 @@ def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, 
     """The context in chunks of `chunk_blocks` blocks, merged by an online softmax in float32: for each chunk c,
     m' = max(m, rowmax s_c), l' = l e^(m - m') + sum e^(s_c - m'), acc' = acc e^(m - m') + e^(s_c - m') V_c;
     the answer is acc / l. Chunk 0 holds key 0, which every row sees, so m is finite from the first chunk on
-    (no -inf - -inf). Memory: one chunk's scores and K/V, whatever the context. -> [t, H, D]
+    (no -inf - -inf). Memory: one chunk's K/V and one KV head's scores, whatever the context. -> [t, H, D]
 
-    KV heads lead ([kvh, B, ...]) so that each chunk's K/V is gathered in one copy straight into a layout
-    whose (kvh, B) batch flattens for bmm: [B, kvh, ...] would need a second, transposing copy per chunk."""
+    Each chunk's K/V is gathered whole blocks at a time ([a, n, kvh, D], one copy), and each KV head multiplies
+    a strided view of it (no transposing copy). Sequences go in the plan's order (longest first, see
+    _ChunkPlan) and are put back at the end."""
     D = q.shape[2]
     B, nblk = g.block_tables.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // kvh
-    qf = (_fold_queries(q, g, kvh).transpose(0, 1).float() * scale).contiguous()  # [kvh, B, R, D], R = group*max_q
+    plan = g.plan(chunk_blocks, block_size)
+    qf = _fold_queries(q, g, kvh).float() * scale  # [B, kvh, R, D], R = group * max_q
+    tables, start = g.block_tables, g.start  # [B, nblk], [B, 1, 1]
+    if plan.order is not None:
+        qf, tables, start = qf[plan.order], tables[plan.order], start[plan.order]
     rows = qf.shape[2]
-    m = qf.new_full((kvh, B, rows, 1), float("-inf"))  # running row max
-    den = qf.new_zeros(kvh, B, rows, 1)  # running sum of e^(s - m)
-    acc = qf.new_zeros(kvh, B, rows, D)  # running sum of e^(s - m) V
-    flat_k = k_cache.view(-1, kvh, D).transpose(0, 1)  # [kvh, num_slots, D] (a view)
-    flat_v = v_cache.view(-1, kvh, D).transpose(0, 1)
-    offsets = torch.arange(block_size, device=qf.device)  # [block_size]
-    for b0 in range(0, nblk, chunk_blocks):
-        tables = g.block_tables[:, b0:b0 + chunk_blocks]  # [B, nb]
-        n = tables.shape[1] * block_size
-        slots = (tables.unsqueeze(-1) * block_size + offsets).view(B, n)  # [B, n] cache slot of each key
-        keys = flat_k[:, slots].float()  # [kvh, B, n, D]
-        vals = flat_v[:, slots].float()  # [kvh, B, n, D]
-        s = qf @ keys.transpose(2, 3)  # [kvh, B, R, n]
-        hidden = ~g.visible(b0 * block_size, n).view(1, B, 1, g.max_q, n)
-        s.view(kvh, B, group, g.max_q, n).masked_fill_(hidden, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        s.sub_(m_new).exp_()  # e^(s - m'): hidden keys give 0
-        alpha = (m - m_new).exp_()  # rescales what earlier chunks summed (0 before the first chunk)
-        den.mul_(alpha).add_(s.sum(-1, keepdim=True))
-        acc.mul_(alpha).add_(s @ vals)
-        m = m_new
-        del s, keys, vals  # freed before the next chunk allocates its own: the peak is one chunk, not two
-    return _unfold((acc / den).to(q.dtype).transpose(0, 1), g)
+    m = qf.new_full((B, kvh, rows, 1), float("-inf"))  # running row max
+    den = qf.new_zeros(B, kvh, rows, 1)  # running sum of e^(s - m)
+    acc = qf.new_zeros(B, kvh, rows, D)  # running sum of e^(s - m) V
+    for c, b0 in enumerate(range(0, nblk, chunk_blocks)):
+        a = plan.active[c]  # sequences 0..a-1 (in plan order) have keys in this chunk; the rest sit it out
+        chunk = tables[:a, b0:b0 + chunk_blocks]  # [a, nb]
+        n = chunk.shape[1] * block_size
+        keys = k_cache[chunk].view(a, n, kvh, D).float()  # [a, n, kvh, D]
+        vals = v_cache[chunk].view(a, n, kvh, D).float()  # [a, n, kvh, D]
+        hidden = ~_visible(start[:a], g.max_q, b0 * block_size, n) if plan.masked[c] else None  # [a, 1, max_q, n]
+        for h in range(kvh):  # 2 or 4 KV heads
+            s = qf[:a, h] @ keys[:, :, h].transpose(1, 2)  # [a, R, n]
+            if hidden is not None:
+                s.view(a, group, g.max_q, n).masked_fill_(hidden, float("-inf"))
+            m_h = m[:a, h]  # [a, R, 1] views into the running state, updated in place
+            m_new = torch.maximum(m_h, s.amax(-1, keepdim=True))
+            s.sub_(m_new).exp_()  # e^(s - m'): hidden keys give 0
+            alpha = (m_h - m_new).exp_()  # rescales what earlier chunks summed (0 before the first chunk)
+            den[:a, h].mul_(alpha).add_(s.sum(-1, keepdim=True))
+            acc[:a, h].mul_(alpha).add_(s @ vals[:, :, h])
+            m_h.copy_(m_new)
+            del s  # freed before the next head allocates its own
+        del keys, vals  # freed before the next chunk gathers its own: the peak is one chunk, not two
+    out = acc.div_(den)  # [B, kvh, R, D]
+    if plan.inverse is not None:
+        out = out[plan.inverse]
+    return _unfold(out.to(q.dtype), g)
 
 
 def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
@@ -254,6 +304,9 @@ def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
     if q_lens is None or q_lens.min() > 1 or q_lens.max() == 1:
         groups = [_make_group(None, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.token_to_seq,
                               meta.token_q_offset, meta.max_seqlen_q, meta.max_seqlen_k, block_size)]
+        if q_lens is not None:
+            groups[0].host_lens = np.asarray(meta.host_seq_lens, dtype=np.int64)
+            groups[0].host_start = groups[0].host_lens - q_lens
     else:
         groups = []
         for seqs in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):
@@ -264,11 +317,14 @@ def _groups(meta: AttnMetadata, block_size: int, device) -> list[_Group]:
             cu = np.zeros(len(seqs) + 1, dtype=np.int64)
             np.cumsum(lens, out=cu[1:])
             sel = torch.from_numpy(seqs).to(device)
-            groups.append(_make_group(
+            g = _make_group(
                 torch.from_numpy(first[local] + q_off).to(device), meta.block_tables[sel], meta.seq_lens[sel],
                 torch.from_numpy(cu).to(device), torch.from_numpy(local).to(device),
                 torch.from_numpy(q_off).to(device), int(lens.max()), int(meta.host_seq_lens[seqs].max()),
-                block_size))
+                block_size)
+            g.host_lens = np.asarray(meta.host_seq_lens[seqs], dtype=np.int64)
+            g.host_start = g.host_lens - lens
+            groups.append(g)
     meta.cache["torch_groups"] = groups
     return groups
 
