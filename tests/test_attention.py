@@ -48,7 +48,7 @@ def _batch(starts, n_new, *, heads, kv_heads, head_dim=16, block=4, dtype=torch.
     return q, k, v, k_cache.to(dtype), v_cache.to(dtype), meta
 
 
-def _run(monkeypatch, key_chunk, q, k, v, k_cache, v_cache, meta):
+def _run(monkeypatch, key_chunk, q, k, v, k_cache, v_cache, meta, **kw):
     """-> (output [T, H, D], how many SDPA calls it made: the one-chunk path's, 0 on the chunked path)."""
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -58,7 +58,7 @@ def _run(monkeypatch, key_chunk, q, k, v, k_cache, v_cache, meta):
         return sdpa(*args, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    out = TorchPagedAttention(key_chunk).forward(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
+    out = TorchPagedAttention(key_chunk, **kw).forward(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
     return out, len(calls)
 
 
@@ -71,14 +71,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("rows", [None, 8], ids=["any_rows", "8_key_rows"])  # 8: chunks of 1-2 blocks in all
 @pytest.mark.parametrize("host", [True, False], ids=["grouped", "one_group"])
 @pytest.mark.parametrize("key_chunk", [1, 10, 16])  # 1 block (less than one asked), 2 blocks (10 rounds down), 4
 @pytest.mark.parametrize("case", list(CASES))
-def test_chunked_matches_reference(monkeypatch, case, key_chunk, host):
+def test_chunked_matches_reference(monkeypatch, case, key_chunk, host, rows):
     starts, n_new, heads, kv_heads = CASES[case]
     q, k, v, kc, vc, meta = _batch(starts, n_new, heads=heads, kv_heads=kv_heads, seed=len(case) + key_chunk,
                                    host=host)
-    out, sdpa_calls = _run(monkeypatch, key_chunk, q, k, v, kc, vc, meta)
+    out, sdpa_calls = _run(monkeypatch, key_chunk, q, k, v, kc, vc, meta, **({"chunk_key_rows": rows} if rows else {}))
     assert sdpa_calls == 0  # every case spans several chunks: the chunked path ran, for every group
     want = paged_attention_ref(q, kc, vc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -96,6 +97,20 @@ def test_chunked_half_precision_is_rounded_float32(monkeypatch, dtype, tol):
                                meta.block_tables, q.shape[-1] ** -0.5)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+def test_a_large_group_takes_shorter_chunks(monkeypatch):
+    """chunk_key_rows bounds a chunk's keys over all its sequences: eight decodes with 32 key rows per chunk
+    (8 blocks of 4) read one block of each while all eight have keys there, then longer chunks as they drop out."""
+    starts = [60, 9, 33, 47, 20, 5, 70, 41]
+    q, k, v, kc, vc, meta = _batch(starts, [1] * 8, heads=8, kv_heads=2, seed=13)
+    out, _ = _run(monkeypatch, 16, q, k, v, kc, vc, meta, chunk_key_rows=32)
+    plan = meta.cache["torch_groups"][0].plans[4, 8]
+    assert all(c.active * c.blocks <= 8 or c.blocks == 1 for c in plan.chunks)
+    assert [c.blocks for c in plan.chunks][:2] == [1, 1] and plan.chunks[-1].active == 1
+    assert sum(c.blocks for c in plan.chunks) == meta.block_tables.shape[1]  # every block once, in order
+    want = paged_attention_ref(q, kc, vc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_rows_stay_finite_and_store_nothing(monkeypatch):
@@ -175,8 +190,9 @@ def test_short_contexts_skip_the_chunks_past_their_end(monkeypatch):
     q, k, v, kc, vc, meta = _batch(starts, [1] * 8, heads=8, kv_heads=2, block=4, seed=11)
     with _ScoreCount() as count:
         out = TorchPagedAttention(16).forward(q, k, v, kc, vc, meta, 0.25)
-    plan = meta.cache["torch_groups"][0].plans[4]
-    assert plan.active == [8] + [1] * 12 and plan.masked == [True] + [False] * 11 + [True]
+    plan = meta.cache["torch_groups"][0].plans[4, 16384]  # 4 blocks per sequence, 65536 keys in all
+    assert [c.active for c in plan.chunks] == [8] + [1] * 12
+    assert [c.masked for c in plan.chunks] == [True] + [False] * 11 + [True]
     # per sequence and chunk: kvh (2) x query rows (4 heads per KV head) x (n scores + head_dim 16 outputs);
     # 200 keys = 12 chunks of 16 and one of 8
     assert count.elements == 2 * 4 * ((16 + 16) * (8 + 11) + (8 + 16) * 1)

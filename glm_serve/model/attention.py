@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,11 +107,13 @@ def store_kv(
     flat_v.index_copy_(0, slots, torch.where(keep, v[src].to(flat_v.dtype), flat_v.index_select(0, slots)))
 
 
-# Keys per chunk of the torch backend's long-context path. A group whose padded context fits in one chunk runs one
-# SDPA call with an explicit mask (the fast common case); longer ones merge per-chunk softmaxes, so the transient
-# memory is that of one chunk: fp32 scores [b, H * max_q, KEY_CHUNK] plus the chunk's gathered K and V
-# [b, KEY_CHUNK, KVH, D] (a 2048-token prefill chunk with 32 heads: 1 GiB of scores at any context length).
+# The torch backend's long-context path. A group whose padded context fits in KEY_CHUNK keys runs one SDPA call
+# with an explicit mask (the fast common case); longer ones merge per-chunk softmaxes, so the transient memory is
+# one chunk's, whatever the context: per KV head, float32 scores [b, group * max_q, n] (a 2048-token prefill
+# chunk, 16 query heads per KV head, n = KEY_CHUNK: 512 MiB), and the chunk's gathered K and V
+# [b, n, KVH, D], with b * n <= CHUNK_KEY_ROWS (256 sequences decoding: n = 256 keys).
 KEY_CHUNK = 4096
+CHUNK_KEY_ROWS = 16 * KEY_CHUNK
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -126,10 +129,12 @@ class TorchPagedAttention(AttentionBackend):
 
     name = "torch"
 
-    def __init__(self, key_chunk: int = KEY_CHUNK):
-        if key_chunk < 1:
-            raise ValueError(f"key_chunk must be >= 1, got {key_chunk}")
-        self.key_chunk = key_chunk  # rounded down to whole blocks (at least one) per call
+    def __init__(self, key_chunk: int = KEY_CHUNK, chunk_key_rows: int = CHUNK_KEY_ROWS):
+        if key_chunk < 1 or chunk_key_rows < 1:
+            raise ValueError(f"key_chunk and chunk_key_rows must be >= 1, got {key_chunk}, {chunk_key_rows}")
+        # Both rounded down to whole blocks (at least one) per call.
+        self.key_chunk = key_chunk  # keys of one sequence per chunk; a longer context takes the chunked path
+        self.chunk_key_rows = chunk_key_rows  # keys of all the group's sequences together per chunk
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -142,10 +147,11 @@ class TorchPagedAttention(AttentionBackend):
         return out
 
     def _attend(self, q, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:  # [t, H, D]
-        chunk_blocks = max(1, self.key_chunk // k_cache.shape[1])
+        block_size = k_cache.shape[1]
+        chunk_blocks = max(1, self.key_chunk // block_size)
         if g.block_tables.shape[1] <= chunk_blocks:
             return _attend(q, k_cache, v_cache, g, scale)
-        return _attend_chunked(q, k_cache, v_cache, g, scale, chunk_blocks)
+        return _attend_chunked(q, k_cache, v_cache, g, scale, chunk_blocks, max(1, self.chunk_key_rows // block_size))
 
 
 @dataclass
@@ -162,12 +168,13 @@ class _Group:
     host_lens: np.ndarray | None = None  # [b] int64 keys of each sequence, when the runner gave host copies
     host_start: np.ndarray | None = None  # [b] int64 the same as `start`, on the host
     mask: torch.Tensor | None = None  # [b, 1, max_q, max_k] bool, built on first use by the one-chunk path
-    plans: dict = field(default_factory=dict)  # chunk_blocks -> _ChunkPlan, built on first use
+    plans: dict = field(default_factory=dict)  # (chunk_blocks, budget_blocks) -> _ChunkPlan, on first use
 
-    def plan(self, chunk_blocks: int, block_size: int) -> _ChunkPlan:
-        if chunk_blocks not in self.plans:
-            self.plans[chunk_blocks] = _ChunkPlan.of(self, chunk_blocks, block_size)
-        return self.plans[chunk_blocks]
+    def plan(self, chunk_blocks: int, budget_blocks: int, block_size: int) -> _ChunkPlan:
+        key = (chunk_blocks, budget_blocks)
+        if key not in self.plans:
+            self.plans[key] = _ChunkPlan.of(self, chunk_blocks, budget_blocks, block_size)
+        return self.plans[key]
 
 
 def _visible(start: torch.Tensor, max_q: int, k0: int, n: int) -> torch.Tensor:
@@ -178,36 +185,49 @@ def _visible(start: torch.Tensor, max_q: int, k0: int, n: int) -> torch.Tensor:
     return ((j <= start + i) | (j == 0)).unsqueeze(1)
 
 
+class _Chunk(NamedTuple):
+    first_block: int  # first block (column of the block table) of the chunk
+    blocks: int  # blocks in it
+    active: int  # sequences (a prefix of the plan's order) with keys in it
+    masked: bool  # whether some query sees only part of it
+
+
 @dataclass
 class _ChunkPlan:
-    """How the chunked path walks one group's key chunks, from the host lengths (once per step).
+    """How the chunked path walks one group's keys, from the host lengths (built once per step).
 
-    Sequences go longest first, so the ones with keys in chunk c are a prefix of `active[c]` of them and a
-    chunk past a short context costs it nothing: a decode group with one 100K context and 50 short ones
-    computes ~100K + 50 * short keys, not 51 * 100K. Chunk 0 takes every sequence (every row sees key 0).
-    A chunk wholly before every sequence's first new token is seen whole by every query: no mask."""
+    Sequences go longest first, so the ones with keys in a chunk are a prefix of the order and a chunk past a
+    short context costs it nothing: a decode group with one 100K context and 50 short ones computes
+    ~100K + 50 * short keys, not 51 * 100K. Chunk 0 takes every sequence (every row sees key 0). A chunk holds
+    at most `chunk_blocks` blocks of each sequence and `budget_blocks` over its sequences (a large decode
+    group's chunk is shorter). A chunk wholly before every sequence's first new token needs no mask.
+    Without host lengths: every sequence in every chunk, every chunk masked."""
 
     order: torch.Tensor | None  # [b] int64 sequences by decreasing length; None = as they are
     inverse: torch.Tensor | None  # [b] int64 where each sequence went in `order`
-    active: list[int]  # per chunk: sequences (a prefix of the order) with keys in it
-    masked: list[bool]  # per chunk: whether some query sees only part of it
+    chunks: list[_Chunk]
 
     @classmethod
-    def of(cls, g: _Group, chunk_blocks: int, block_size: int) -> _ChunkPlan:
+    def of(cls, g: _Group, chunk_blocks: int, budget_blocks: int, block_size: int) -> _ChunkPlan:
         B, nblk = g.block_tables.shape
-        k0s = [b0 * block_size for b0 in range(0, nblk, chunk_blocks)]
-        if g.host_lens is None:  # no host copies: every sequence and a mask in every chunk
-            return cls(None, None, [B] * len(k0s), [True] * len(k0s))
-        perm = np.argsort(-g.host_lens, kind="stable")
-        lens, starts = g.host_lens[perm], g.host_start[perm]
         order = inverse = None
-        if (perm != np.arange(B)).any():
-            dev = g.block_tables.device
-            order, inverse = torch.from_numpy(perm).to(dev), torch.from_numpy(np.argsort(perm)).to(dev)
-        chunk = chunk_blocks * block_size
-        active = [B] + [int((lens > k0).sum()) for k0 in k0s[1:]]
-        masked = [k0 + chunk > starts[:a].min() for k0, a in zip(k0s, active)]
-        return cls(order, inverse, active, masked)
+        if g.host_lens is None:
+            lens, starts = np.full(B, nblk * block_size), np.full(B, -1)
+        else:
+            perm = np.argsort(-g.host_lens, kind="stable")
+            lens, starts = g.host_lens[perm], g.host_start[perm]
+            if (perm != np.arange(B)).any():
+                dev = g.block_tables.device
+                order, inverse = torch.from_numpy(perm).to(dev), torch.from_numpy(np.argsort(perm)).to(dev)
+        chunks, b0 = [], 0
+        while b0 < nblk:
+            a = B if b0 == 0 else int((lens > b0 * block_size).sum())
+            if a == 0:
+                break
+            nb = min(chunk_blocks, max(1, budget_blocks // a), nblk - b0)
+            chunks.append(_Chunk(b0, nb, a, bool((b0 + nb) * block_size > starts[:a].min())))
+            b0 += nb
+        return cls(order, inverse, chunks)
 
 
 def _fold_queries(q: torch.Tensor, g: _Group, kvh: int) -> torch.Tensor:
@@ -246,20 +266,21 @@ def _attend(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float) -> torch
     return _unfold(out, g)
 
 
-def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, chunk_blocks: int) -> torch.Tensor:
-    """The context in chunks of `chunk_blocks` blocks, merged by an online softmax in float32: for each chunk c,
+def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, chunk_blocks: int,
+                    budget_blocks: int) -> torch.Tensor:
+    """The context in chunks (planned by _ChunkPlan), merged by an online softmax in float32: for each chunk c,
     m' = max(m, rowmax s_c), l' = l e^(m - m') + sum e^(s_c - m'), acc' = acc e^(m - m') + e^(s_c - m') V_c;
     the answer is acc / l. Chunk 0 holds key 0, which every row sees, so m is finite from the first chunk on
     (no -inf - -inf). Memory: one chunk's K/V and one KV head's scores, whatever the context. -> [t, H, D]
 
     Each chunk's K/V is gathered whole blocks at a time ([a, n, kvh, D], one copy), and each KV head multiplies
-    a strided view of it (no transposing copy). Sequences go in the plan's order (longest first, see
-    _ChunkPlan) and are put back at the end."""
+    a strided view of it (no transposing copy), upcast to float32 one head at a time. Sequences go in the
+    plan's order (longest first) and are put back at the end."""
     D = q.shape[2]
-    B, nblk = g.block_tables.shape
+    B = g.block_tables.shape[0]
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // kvh
-    plan = g.plan(chunk_blocks, block_size)
+    plan = g.plan(chunk_blocks, budget_blocks, block_size)
     qf = _fold_queries(q, g, kvh).float() * scale  # [B, kvh, R, D], R = group * max_q
     tables, start = g.block_tables, g.start  # [B, nblk], [B, 1, 1]
     if plan.order is not None:
@@ -268,15 +289,14 @@ def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, 
     m = qf.new_full((B, kvh, rows, 1), float("-inf"))  # running row max
     den = qf.new_zeros(B, kvh, rows, 1)  # running sum of e^(s - m)
     acc = qf.new_zeros(B, kvh, rows, D)  # running sum of e^(s - m) V
-    for c, b0 in enumerate(range(0, nblk, chunk_blocks)):
-        a = plan.active[c]  # sequences 0..a-1 (in plan order) have keys in this chunk; the rest sit it out
-        chunk = tables[:a, b0:b0 + chunk_blocks]  # [a, nb]
-        n = chunk.shape[1] * block_size
-        keys = k_cache[chunk].view(a, n, kvh, D).float()  # [a, n, kvh, D]
-        vals = v_cache[chunk].view(a, n, kvh, D).float()  # [a, n, kvh, D]
-        hidden = ~_visible(start[:a], g.max_q, b0 * block_size, n) if plan.masked[c] else None  # [a, 1, max_q, n]
-        for h in range(kvh):  # 2 or 4 KV heads
-            s = qf[:a, h] @ keys[:, :, h].transpose(1, 2)  # [a, R, n]
+    for b0, nb, a, masked in plan.chunks:  # sequences 0..a-1 (plan order) have keys here; the rest sit it out
+        chunk = tables[:a, b0:b0 + nb]  # [a, nb]
+        n = nb * block_size
+        keys = k_cache[chunk].view(a, n, kvh, D)  # [a, n, kvh, D] in the cache's dtype
+        vals = v_cache[chunk].view(a, n, kvh, D)
+        hidden = ~_visible(start[:a], g.max_q, b0 * block_size, n) if masked else None  # [a, 1, max_q, n]
+        for h in range(kvh):  # 2 or 4 KV heads; float32 per head (a view when the cache is float32)
+            s = qf[:a, h] @ keys[:, :, h].float().transpose(1, 2)  # [a, R, n]
             if hidden is not None:
                 s.view(a, group, g.max_q, n).masked_fill_(hidden, float("-inf"))
             m_h = m[:a, h]  # [a, R, 1] views into the running state, updated in place
@@ -284,7 +304,7 @@ def _attend_chunked(q: torch.Tensor, k_cache, v_cache, g: _Group, scale: float, 
             s.sub_(m_new).exp_()  # e^(s - m'): hidden keys give 0
             alpha = (m_h - m_new).exp_()  # rescales what earlier chunks summed (0 before the first chunk)
             den[:a, h].mul_(alpha).add_(s.sum(-1, keepdim=True))
-            acc[:a, h].mul_(alpha).add_(s @ vals[:, :, h])
+            acc[:a, h].mul_(alpha).add_(s @ vals[:, :, h].float())
             m_h.copy_(m_new)
             del s  # freed before the next head allocates its own
         del keys, vals  # freed before the next chunk gathers its own: the peak is one chunk, not two
