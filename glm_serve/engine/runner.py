@@ -3,11 +3,14 @@ one flat batch, runs the model and returns the logits of the rows to sample (and
 positions of a request that asked for prompt logprobs, queues those: engine/prompt_logprobs.py).
 
 Per-sequence block tables live in a persistent host array (one row per running sequence) that is only
-appended to as sequences grow, so a step copies O(new blocks), not O(context); positions and slot mapping are
-computed with vectorised numpy, never a Python loop over tokens.
+appended to as sequences grow, mirrored on the device: a step uploads the entries written since the last one
+(O(new blocks), about B / block_size per decode step) and gathers its rows on the device, so nothing the size
+of the batch's contexts crosses to the GPU (256 sequences at 128K would be 8 MB a step); positions and slot
+mapping are computed with vectorised numpy, never a Python loop over tokens.
 
     row r of block_table_host:  [b0 b1 b2 ... b_{n-1} 0 0 0 ...]   n = blocks known for the sequence in row r
-    step batch (B sequences) :  block_tables = block_table_host[rows_of_step, :width]
+    block_table_dev:            the same, on the device (entries past n are stale: never read)
+    step batch (B sequences) :  block_tables = block_table_dev[rows_of_step, :width]   (a device gather)
 
 Overlap scheduling: a decode whose input token was sampled by the previous step, still on the device
 (Sequence.num_inflight), takes it from that step's token tensor with one device-side gather, so step N+1 is
@@ -68,6 +71,8 @@ class ModelRunner:
         self.max_blocks_per_seq = (max_model_len + block_size - 1) // block_size
         # Rows are handed out to sequences while they hold blocks. [max_num_seqs, max_blocks_per_seq] int32
         self.block_table_host = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.block_table_dev = torch.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=torch.int32, device=device)
+        self._dirty: list[tuple[int, int, int]] = []  # (row, first, end) columns written since the last upload
         self.row_len = [0] * max_num_seqs  # blocks written into each row (a list: read per sequence per step)
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -95,7 +100,21 @@ class ModelRunner:
         if n > have:
             self.block_table_host[row, have:n] = seq.block_ids[have:n]
             self.row_len[row] = n
+            self._dirty.append((row, have, n))
         return row
+
+    def _upload_tables(self) -> None:
+        """Bring block_table_dev up to date: one scatter of the entries written since the last step."""
+        if not self._dirty:
+            return
+        d = np.array(self._dirty, dtype=np.int64)  # [U, 3] (row, first, end)
+        self._dirty.clear()
+        lens = d[:, 2] - d[:, 1]  # [U] entries per run (mostly 1: a decode's new block)
+        ends = np.cumsum(lens)
+        # [sum(lens)] flat index of every written entry: each run's start, counted up within the run
+        flat = np.repeat(d[:, 0] * self.max_blocks_per_seq + d[:, 1] - ends + lens, lens) + np.arange(ends[-1])
+        values = self.block_table_host.reshape(-1)[flat]  # [U] int32
+        self.block_table_dev.view(-1).index_copy_(0, self._to(flat), self._to(values))
 
     def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None,
                 prompt_wanted: dict[int, int] | None = None) -> StepBatch:
@@ -181,14 +200,15 @@ class ModelRunner:
         positions = self._positions(spans, starts.shape[0], index, token_to_seq)  # [T]
         seq_lens = starts + n_new  # [B]
         width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
-        tables = self.block_table_host[rows, :width]  # [B, width]
-        blk = tables[token_to_seq, index // self.block_size].astype(np.int64)
+        self._upload_tables()
+        tables = self.block_table_dev[:, :width].index_select(0, self._to(rows))  # [B, width] on the device
+        blk = self.block_table_host[rows[token_to_seq], index // self.block_size].astype(np.int64)  # [T]
         slots = blk * self.block_size + index % self.block_size  # [T]
         meta = AttnMetadata(
             cu_seqlens_q=self._to(cu.astype(np.int32)),
             seq_lens=self._to(seq_lens.astype(np.int32)),
             slot_mapping=self._to(slots),
-            block_tables=self._to(np.ascontiguousarray(tables)),
+            block_tables=tables,
             max_seqlen_q=int(n_new.max()),
             max_seqlen_k=int(seq_lens.max()),
             token_to_seq=self._to(token_to_seq),

@@ -466,8 +466,31 @@ def test_runner_rewrites_a_table_row_whose_blocks_were_taken_back(llm):
         seq.block_ids = [9]
         assert runner._row(seq) == row and runner.block_table_host[row, :1].tolist() == [9]
         assert runner.row_len[row] == 1
+        runner._upload_tables()  # the device mirror follows the rewrite too
+        assert runner.block_table_dev[row, :1].tolist() == [9]
     finally:
         runner.release(seq.seq_id)
+
+
+def test_the_device_block_table_mirrors_the_host_one_under_preemption(tiny_hf):
+    """The device copy of the block tables gets only the entries written since the last step (not the batch's
+    whole table), through admission, growth, preemption with recompute, release and row reuse: after every step
+    each live row's known blocks are the same on both sides, and the tokens stay the reference's."""
+    llm = LLM(str(tiny_hf), kv_cache_tokens=256, max_num_seqs=8, max_batch_tokens=64)
+    eng, runner = llm.engine, llm.engine.runner
+    prompts = [[(13 * i + j) % 1500 + 3 for j in range(20 + 7 * i)] for i in range(8)]
+    for i, p in enumerate(prompts):
+        eng.add_request(f"m{i}", p, SamplingParams(max_tokens=40, **GREEDY))
+    tokens: dict[str, list[int]] = {f"m{i}": [] for i in range(len(prompts))}
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens[out.request_id] += out.outputs[0].token_ids
+        for row in runner.row_of.values():
+            n = runner.row_len[row]
+            assert runner.block_table_dev[row, :n].tolist() == runner.block_table_host[row, :n].tolist()
+    assert eng.scheduler.num_preemptions > 0
+    for i, p in enumerate(prompts):
+        assert tokens[f"m{i}"] == generate_simple(eng.model, p, 40), i
 
 
 def test_each_request_gets_its_own_number_of_top_logprobs(llm):
