@@ -25,7 +25,7 @@ _MS_THRESHOLD = 10**11
 
 @dataclass(frozen=True)
 class _Key:
-    key_id: str  # the part before the dot; the whole key when it has none
+    key_id: str  # the part before the dot; for a key without one, _raw_key_id(key)
     secret: str  # the part after the dot; "" when there is none
     raw: bytes  # the whole key, utf-8
 
@@ -40,7 +40,7 @@ class KeyStore:
                 raise ValueError("api keys must be non-empty strings")
             k = k.strip()
             kid, dot, secret = k.partition(".")
-            self._keys.append(_Key(kid if dot else k, secret if dot else "", k.encode()))
+            self._keys.append(_Key(kid if dot else _raw_key_id(k), secret if dot else "", k.encode()))
         self._by_id = {k.key_id: k for k in self._keys if k.secret}
 
     @property
@@ -91,6 +91,13 @@ class KeyStore:
         if exp_ms <= time.time() * 1000:
             raise APIError("1003", "token expired")
         return key.key_id
+
+
+def _raw_key_id(key: str) -> str:
+    """The id of a key without a dot, which is all secret. The id is what per-key limits count by and what
+    files, batches and async tasks record as their owner (batch/store.py writes it to disk), so it is a digest,
+    not the key; and it holds a dot, so it is never the id of an `id.secret` key (the part before its dot)."""
+    return "raw." + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _b64decode(part: str) -> bytes:

@@ -134,10 +134,21 @@ def _code(store: KeyStore, header) -> str:
     return e.value.code
 
 
+def test_a_key_without_a_dot_gets_an_id_that_is_neither_it_nor_another_keys():
+    """A key without a dot is all secret: its id (what per-key limits count by and files, batches and async
+    tasks are owned by, on disk) must not be the key itself, nor collide with the id of an `id.secret` key
+    spelled like it."""
+    store = KeyStore([KEY, "myid", "plain-secret-key"])
+    raw = store.authenticate("Bearer plain-secret-key")
+    assert "plain-secret-key" not in raw and raw == KeyStore(["plain-secret-key"]).authenticate("plain-secret-key")
+    assert store.authenticate("Bearer myid") != store.authenticate(f"Bearer {KEY}") == "myid"
+
+
 def test_keys_raw_and_jwt():
     store = KeyStore([KEY, "plainkey"])
     assert store.authenticate(f"Bearer {KEY}") == "myid"
-    assert store.authenticate("Bearer plainkey") == "plainkey"
+    plain = store.authenticate("Bearer plainkey")
+    assert plain == store.authenticate("plainkey") and "plainkey" not in plain  # an id, not the secret itself
     now = int(time.time() * 1000)
     assert store.authenticate("Bearer " + _sdk_token(SECRET, now + 60_000)) == "myid"
     assert _code(store, None) == "1001"

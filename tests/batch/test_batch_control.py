@@ -315,3 +315,21 @@ def test_an_upload_cut_short_is_no_server_error(server, caplog, tmp_path):
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert 'status="500"' not in httpx.get(server.url + "/metrics").text
     upload(server.vendor_base, write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi"))]))
+
+
+def test_a_key_without_a_dot_is_not_written_to_the_data_dir(make_server, tmp_path):
+    """Files and batches record their key's id as their owner, on disk: for a key without a dot (all secret)
+    that id must not be the key. Its own files still show to it, and to no other key."""
+    raw_key = "rawsecret-rawsecret-rawsecret"
+    data_dir = tmp_path / "raw-key"
+    srv = make_server(api_keys=[raw_key, KEY], data_dir=data_dir)
+    base, mine = srv.vendor_base, {"Authorization": f"Bearer {raw_key}"}
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line("a", chat_body("hi", max_tokens=1))])
+    f = upload(base, path, headers=mine)
+    b = wait_batch(base, create(base, f, headers=mine)["id"], headers=mine)
+    assert b["status"] == "completed"
+    assert {x["id"] for x in httpx.get(base + "files", headers=mine).json()["data"]} == {f, b["output_file_id"]}
+    assert httpx.get(base + "files", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
+    srv.stop()
+    stored = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
+    assert raw_key.encode() not in stored
