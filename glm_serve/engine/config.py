@@ -121,9 +121,12 @@ def kv_cache_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.devic
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens
         need, free = tokens // cfg.block_size * cfg.block_size * bytes_per_token, _free_bytes(device)
-        if free is not None and need > free:  # else an allocator traceback or, on the CPU, the OOM killer
+        # On CUDA the step's activations come from the same memory, after the cache: keep their reserve free too.
+        kept = reserve if device.type == "cuda" else 0
+        if free is not None and need > free - kept:  # else an allocator traceback or, on the CPU, the OOM killer
+            also = f" ({kept / 2**30:.1f} GiB kept for a step's activations)" if kept else ""
             raise ValueError(f"--kv-cache-tokens {tokens} needs {need / 2**30:.1f} GiB of KV cache but only "
-                             f"{free / 2**30:.1f} GiB is free on {device.type} after the weights: lower it")
+                             f"{free / 2**30:.1f} GiB is free on {device.type} after the weights{also}: lower it")
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free

@@ -105,3 +105,17 @@ def test_the_cuda_kv_budget_leaves_the_reserve(monkeypatch):
     assert kv_cache_blocks(EngineConfig(), 1 << 20, cuda, reserve=10 * gib) == blocks - 6 * 1024 // 16
     with pytest.raises(ValueError, match="90.0 GiB kept for a step's activations.*--max-batch-tokens"):
         kv_cache_blocks(EngineConfig(), 1 << 20, cuda, reserve=90 * gib)
+
+
+def test_a_cuda_kv_cache_tokens_leaves_the_reserve(monkeypatch):
+    """--kv-cache-tokens on CUDA: a cache that fits in free memory but leaves less than the step's activation
+    reserve is refused at start (a step would run out of memory mid-serving, or the warm-up with a traceback)."""
+    from glm_serve.engine.config import kv_cache_blocks  # noqa: PLC0415
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
+    cuda = torch.device("cuda")
+    per_token = 1 << 20  # 1 MiB: 1024 tokens a GiB
+    assert kv_cache_blocks(EngineConfig(kv_cache_tokens=96 * 1024), per_token, cuda, reserve=4 * gib) == 96 * 64
+    with pytest.raises(ValueError, match="--kv-cache-tokens 98304 needs 96.0 GiB.*4.0 GiB kept for a step"):
+        kv_cache_blocks(EngineConfig(kv_cache_tokens=96 * 1024), per_token, cuda, reserve=4 * gib + 1)
