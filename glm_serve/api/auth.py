@@ -40,7 +40,13 @@ class KeyStore:
                 raise ValueError("api keys must be non-empty strings")
             k = k.strip()
             kid, dot, secret = k.partition(".")
-            self._keys.append(_Key(kid if dot else _raw_key_id(k), secret if dot else "", k.encode()))
+            key = _Key(kid if dot else _raw_key_id(k), secret if dot else "", k.encode())
+            if any(other.key_id == key.key_id for other in self._keys):
+                # One id, two secrets: JWTs would verify against one of them only, and both would share the
+                # other's files, batches, tasks and concurrency limit.
+                raise ValueError(f"two api keys have the id {kid!r} (the part before the dot): ids must differ"
+                                 if dot else "the same api key is given twice")
+            self._keys.append(key)
         self._by_id = {k.key_id: k for k in self._keys if k.secret}
 
     @property

@@ -101,6 +101,7 @@ def cmd_serve(args) -> int:
     import uvicorn  # noqa: PLC0415
 
     from glm_serve.api.app import create_app  # noqa: PLC0415
+    from glm_serve.api.auth import KeyStore  # noqa: PLC0415
     from glm_serve.api.context import ServerSettings  # noqa: PLC0415
     from glm_serve.batch.store import check_data_dir_free  # noqa: PLC0415
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
@@ -120,6 +121,7 @@ def cmd_serve(args) -> int:
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency)
+    KeyStore(settings.api_keys)  # bad keys (two with one id) are refused before the slow model load too
     check_data_dir_free(settings.data_dir)  # one server per data dir: say so before the slow model load
     check_bindable(args.host, args.port)  # uvicorn binds only after the load: a port in use failed minutes in
     config = engine_config(args)

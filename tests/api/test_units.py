@@ -144,6 +144,15 @@ def test_a_key_without_a_dot_gets_an_id_that_is_neither_it_nor_another_keys():
     assert store.authenticate("Bearer myid") != store.authenticate(f"Bearer {KEY}") == "myid"
 
 
+def test_two_keys_with_one_id_are_refused_at_start():
+    """`myid.a` and `myid.b`: a JWT names the id, so only one secret could verify it, and the two keys would share
+    files, batches, tasks and their concurrency limit. Refused, as is the same key given twice."""
+    with pytest.raises(ValueError, match="two api keys have the id 'myid'"):
+        KeyStore([KEY, "myid.another-secret-another-secret"])
+    with pytest.raises(ValueError, match="the same api key is given twice"):
+        KeyStore(["plain-secret-key", "plain-secret-key"])
+
+
 def test_keys_raw_and_jwt():
     store = KeyStore([KEY, "plainkey"])
     assert store.authenticate(f"Bearer {KEY}") == "myid"
