@@ -140,15 +140,14 @@ class Scheduler:
         cfg = self.config
         n = seq.num_prompt_tokens
         max_tokens = getattr(seq.params, "max_tokens", None)
-        need = n + (max_tokens != 0)  # the prompt and one generated token (max_tokens 0: the prompt alone)
+        generates = max_tokens != 0
+        need = n + generates  # the prompt and one generated token (max_tokens 0: the prompt alone)
+        plus = "with at least one generated token " if generates else ""
         if need > cfg.max_model_len:
-            raise ValueError(
-                f"prompt has {n} tokens; with at least one generated token that exceeds max_model_len "
-                f"({cfg.max_model_len})"
-            )
+            raise ValueError(f"prompt has {n} tokens; {plus}that exceeds max_model_len ({cfg.max_model_len})")
         if need > cfg.kv_capacity_tokens:
             raise ValueError(
-                f"prompt has {n} tokens; with at least one generated token it needs "
+                f"prompt has {n} tokens; {plus}it needs "
                 f"{-(-need // cfg.block_size)} KV blocks but the cache has only {cfg.num_blocks} "
                 f"({cfg.kv_capacity_tokens} tokens)"
             )
