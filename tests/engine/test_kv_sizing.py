@@ -119,3 +119,52 @@ def test_a_cuda_kv_cache_tokens_leaves_the_reserve(monkeypatch):
     assert kv_cache_blocks(EngineConfig(kv_cache_tokens=96 * 1024), per_token, cuda, reserve=4 * gib) == 96 * 64
     with pytest.raises(ValueError, match="--kv-cache-tokens 98304 needs 96.0 GiB.*4.0 GiB kept for a step"):
         kv_cache_blocks(EngineConfig(kv_cache_tokens=96 * 1024), per_token, cuda, reserve=4 * gib + 1)
+
+
+def _peak_step_bytes(ckpt, device: str, max_batch_tokens: int, max_num_seqs: int) -> tuple[int, int]:
+    """(peak bytes the PyTorch allocator held beyond weights and KV cache while the engine ran a full
+    max_batch_tokens prefill with prompt logprobs and then max_num_seqs sequences sampling with top-p, the
+    estimate without its fixed margin). The peak is only measured on CUDA (0 elsewhere)."""
+    from glm_serve.engine.config import _CUDA_MARGIN_BYTES, activation_reserve_bytes  # noqa: PLC0415
+    from glm_serve.llm import LLM  # noqa: PLC0415
+    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
+
+    llm = LLM(str(ckpt), device=device, kv_cache_tokens=2 * max_batch_tokens + 64 * max_num_seqs,
+              max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs)
+    eng = llm.engine
+    estimate = activation_reserve_bytes(eng.model_config, eng.config, eng.dtype.itemsize) - _CUDA_MARGIN_BYTES
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    long_prompt = [(11 * j) % 1500 + 3 for j in range(max_batch_tokens - 1)]
+    eng.add_request("long", long_prompt, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))
+    for i in range(max_num_seqs):
+        eng.add_request(f"s{i}", [(7 * i + j) % 1500 + 3 for j in range(40)],
+                        SamplingParams(max_tokens=3, temperature=1.0, top_p=0.9, seed=i, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    if not cuda:
+        return 0, estimate
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, estimate
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_at_the_limits_stays_within_the_activation_reserve_on_gpu(tmp_path):
+    """GLM-4-9B's widths and vocabulary (two layers: a step's activations do not pile up across layers in
+    inference), bf16: a max_batch_tokens prefill that also scores its prompt, then 256 sequences sampling with
+    top-p (a full sort of the vocabulary), stay within what activation_reserve_bytes keeps out of the KV cache,
+    even before its fixed margin. If this fails, the KV cache sized from free memory can run a step out of
+    memory: the estimate must grow."""
+    from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415
+
+    spec = TinySpec(preset="glm-4-9b")
+    spec.layers = 2
+    ckpt = make_tiny(tmp_path / "wide", spec, device="cuda")
+    for max_batch_tokens in (2048, 8192):
+        peak, estimate = _peak_step_bytes(ckpt, "cuda", max_batch_tokens, 256)
+        print(f"max_batch_tokens {max_batch_tokens}: peak {peak / 2**30:.2f} GiB, estimate {estimate / 2**30:.2f} GiB")
+        assert 0 < peak <= estimate, (max_batch_tokens, peak, estimate)
