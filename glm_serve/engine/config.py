@@ -92,6 +92,11 @@ _CUDA_MARGIN_BYTES = 1 << 30
 # Prompt-logprob rows whose full-vocab logits exist at once (engine/prompt_logprobs.py computes a chunk's rows
 # in slices of this many): GLM-4's 151,552-entry vocab makes a 2K-token chunk's fp32 logits 1.2 GB otherwise.
 PROMPT_LOGPROB_ROWS = 256
+# What the sampler holds at once per [rows, vocab] element at its peak (engine/sampler.py, top-p with logprobs):
+# the model's logits (up to 4) and their fp32 copy (4), the raw log-softmax kept for logprobs (4), the full
+# sort's values (4) and int64 order (8), their softmax (4), its cumsum and the mass before each (4 + 4), the drop
+# mask (1): 37, rounded up.
+_SAMPLER_BYTES_PER_LOGIT = 40
 
 
 def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: int) -> int:
@@ -99,14 +104,15 @@ def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: in
     a bigger --max-batch-tokens or --max-num-seqs shrinks the KV cache instead of running out of memory mid-step:
 
       max_batch_tokens x (the MLP's gate_up + activation + the residual stream and attention in/out) activations
-    + max_num_seqs x vocab x 24 bytes: fp32 logits, their (log_)softmax, a full sort's values and int64 order
-      (top-p), the sampler's worst case; or, where more, a slice of prompt-logprob rows (PROMPT_LOGPROB_ROWS x
-      vocab: logits in the model's dtype, in fp32 and their log-softmax), made after the step's activations
+    + max_num_seqs x vocab x _SAMPLER_BYTES_PER_LOGIT: the sampler's worst case (top-p with logprobs); or,
+      where more, a slice of prompt-logprob rows (PROMPT_LOGPROB_ROWS x vocab: logits in the model's dtype, in
+      fp32 and their log-softmax), made after the step's activations
     + one image through the vision tower (GLM-4V): its patches' MLP and residual activations
     + a fixed margin."""
     per_token = (3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size) * dtype_bytes
     step = cfg.max_batch_tokens * per_token
-    sampler = max(cfg.max_num_seqs * 24, PROMPT_LOGPROB_ROWS * (dtype_bytes + 8)) * mc.vocab_size
+    per_vocab_entry = max(cfg.max_num_seqs * _SAMPLER_BYTES_PER_LOGIT, PROMPT_LOGPROB_ROWS * (dtype_bytes + 8))
+    sampler = per_vocab_entry * mc.vocab_size
     vision = 0
     if mc.vision:
         v = mc.vision
