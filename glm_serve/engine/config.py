@@ -103,13 +103,14 @@ def activation_reserve_bytes(mc: ModelConfig, cfg: EngineConfig, dtype_bytes: in
     """What one step may allocate at its peak on top of weights and KV cache, from the step's limits, so that
     a bigger --max-batch-tokens or --max-num-seqs shrinks the KV cache instead of running out of memory mid-step:
 
-      max_batch_tokens x (the MLP's gate_up + activation + the residual stream and attention in/out) activations
+      max_batch_tokens x the MLP's peak (gate_up, 2F; silu(gate), F; its product with up, F) + the residual
+      stream and attention in/out
     + max_num_seqs x vocab x _SAMPLER_BYTES_PER_LOGIT: the sampler's worst case (top-p with logprobs); or,
       where more, a slice of prompt-logprob rows (PROMPT_LOGPROB_ROWS x vocab: logits in the model's dtype, in
       fp32 and their log-softmax), made after the step's activations
     + one image through the vision tower (GLM-4V): its patches' MLP and residual activations
     + a fixed margin."""
-    per_token = (3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size) * dtype_bytes
+    per_token = (4 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size) * dtype_bytes
     step = cfg.max_batch_tokens * per_token
     per_vocab_entry = max(cfg.max_num_seqs * _SAMPLER_BYTES_PER_LOGIT, PROMPT_LOGPROB_ROWS * (dtype_bytes + 8))
     sampler = per_vocab_entry * mc.vocab_size

@@ -83,7 +83,7 @@ def test_the_activation_reserve_follows_the_step_limits():
     mc = _glm4_9b()
     base = activation_reserve_bytes(mc, EngineConfig(), 2)
     assert 2.5 < base / 2**30 < 3.0  # the defaults (2048 tokens, 256 sequences) at bf16
-    per_token = (3 * 13696 + 4 * 4096 + 32 * 128 + 2 * 2 * 128) * 2
+    per_token = (4 * 13696 + 4 * 4096 + 32 * 128 + 2 * 2 * 128) * 2
     assert activation_reserve_bytes(mc, EngineConfig(max_batch_tokens=16384), 2) - base == 14336 * per_token
     assert activation_reserve_bytes(mc, EngineConfig(max_num_seqs=512, max_batch_tokens=2048), 2) - base \
         == 256 * 151552 * 40
