@@ -50,6 +50,8 @@ def cmd_make_tiny(args) -> int:
 
         if args.layout == "hf":
             raise ValueError("--vision checkpoints exist only in the chatglm layout (as glm-4v-9b)")
+        if args.max_position is not None:
+            given.append("max_position")
         if given:
             raise ValueError("--vision writes a fixed tiny GLM-4V (or GLM-4V-9B's shapes with --preset); it takes no "
                              + ", ".join("--" + k.replace("_", "-") for k in given))
@@ -64,10 +66,13 @@ def cmd_make_tiny(args) -> int:
                              + ", ".join("--" + k.replace("_", "-") for k in shape))
     if args.head_dim < 1:
         raise ValueError(f"--head-dim must be >= 1, got {args.head_dim}")
+    max_position = 131072 if args.max_position is None else args.max_position
+    if max_position < 2:
+        raise ValueError(f"--max-position must be >= 2, got {max_position}")
     spec = TinySpec(layout=args.layout or "hf", arch=args.arch, layers=args.layers, hidden=args.hidden,
                     heads=args.heads or max(args.hidden // args.head_dim, args.kv_heads), kv_heads=args.kv_heads,
                     head_dim=args.head_dim, ffn=args.ffn or 2 * args.hidden, shards=args.shards, seed=args.seed,
-                    rope_ratio=args.rope_ratio, preset=args.preset)
+                    rope_ratio=args.rope_ratio, preset=args.preset, max_position=max_position)
     out = make_tiny(args.dir, spec, device=args.device or "cpu")
     print(f"wrote a random-weight {spec.arch} checkpoint ({spec.layout} layout) to {out}")
     return 0
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", type=int, default=None, help=f"default {d['shards']}")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--rope-ratio", type=float, default=None, help=f"default {d['rope_ratio']}")
+    t.add_argument("--max-position", type=int, default=None,
+                   help="context window written into the config (default 131072; glm-4-9b-chat-1m's is 1048576, "
+                        "with --layout chatglm --kv-heads 4 --rope-ratio 10000)")
     t.add_argument("--preset", choices=["glm-4-9b"], default=None,
                    help="real GLM-4-9B dimensions (18.8 GB; with --vision: GLM-4V-9B, 27.8 GB)")
     t.add_argument("--vision", action="store_true", help="a GLM-4V checkpoint (tiny ViT + LM, chatglm layout)")

@@ -17,13 +17,15 @@ from glm_serve.sampling_params import SamplingParams
 def test_make_tiny_layouts(tmp_path):
     hf, cg = tmp_path / "hf", tmp_path / "cg"
     assert main(["make-tiny", str(hf), "--layout", "hf", "--shards", "3", "--kv-heads", "4", "--heads", "8"]) == 0
-    assert main(["make-tiny", str(cg), "--layout", "chatglm", "--rope-ratio", "10000"]) == 0
+    assert main(["make-tiny", str(cg), "--layout", "chatglm", "--rope-ratio", "10000", "--kv-heads", "4",
+                 "--max-position", "1048576"]) == 0  # glm-4-9b-chat-1m's config, tiny
     assert len(list(hf.glob("model-0000?-of-00003.safetensors"))) == 3
     assert (hf / "model.safetensors.index.json").is_file() and (hf / "tokenizer.json").is_file()
     assert (cg / "tokenizer.model").is_file() and (cg / "model.safetensors").is_file()
     assert load_config(hf).num_kv_heads == 4
     cfg = load_config(cg)
     assert cfg.model_type == "chatglm" and cfg.rope_theta == 10000.0 * 10000
+    assert cfg.max_position == 1048576 and cfg.num_kv_heads == 4 and load_config(hf).max_position == 131072
     gen = json.loads((hf / "generation_config.json").read_text())
     assert len(gen["eos_token_id"]) == 3
     assert "chat_template" in json.loads((hf / "tokenizer_config.json").read_text())
@@ -36,6 +38,8 @@ def test_make_tiny_rejects_bad_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--layers" in err and "--hidden" in err and "Traceback" not in err
     assert not (tmp_path / "v").exists()
+    assert main(["make-tiny", str(tmp_path / "p"), "--max-position", "1"]) == 2
+    assert "--max-position must be >= 2" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
