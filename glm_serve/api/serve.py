@@ -158,7 +158,10 @@ def cmd_serve(args) -> int:
         # for many minutes, until a supervisor's SIGKILL skips the app's shutdown (batch worker, async tasks).
         server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                         timeout_graceful_shutdown=args.shutdown_timeout))
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it caught once its graceful shutdown is done:
+            pass  # the stop asked for has happened, a traceback would only alarm
     finally:
         engine.shutdown()
     return 0

@@ -60,6 +60,8 @@ def test_serve_process(tiny_hf, tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert "KV cache: 2048 tokens" in out and f"http://127.0.0.1:{port}" in out and "1 key(s)" in out
     assert key not in out and key.split(".")[1] not in out
+    # Ctrl-C is the way to stop it: a clean stop, no traceback (uvicorn re-raises the signal it caught)
+    assert "Application shutdown complete" in out and "Traceback" not in out and proc.returncode == 0, out[-2000:]
 
 
 def _scripted(lines):
