@@ -1,7 +1,7 @@
 """OpenAI-compatible routes under /v1: chat completions, legacy completions (prompt strings or token ids, one
 prompt or a list of them; `echo` with `logprobs` gives the prompt tokens' logprobs too, and `max_tokens: 0`
-with `echo` only those: how evaluation harnesses score text), and the model list. Errors answer in OpenAI's
-shape (errors.py)."""
+with `echo` only those: how evaluation harnesses score text), the model list and one model by name. Errors
+answer in OpenAI's shape (errors.py)."""
 
 from __future__ import annotations
 
@@ -43,13 +43,27 @@ async def chat_completions(request: Request):
     return await handle_chat(request, OPENAI, OpenAIChatRequest, "openai chat")
 
 
+def _model_card(ctx: ServingContext, name: str) -> dict:
+    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "glm-serve",
+            "max_model_len": ctx.max_model_len}
+
+
 @router.get("/models")
 async def models(request: Request):
     ctx = ctx_of(request)
     authenticate(request)
-    data = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "glm-serve",
-             "max_model_len": ctx.max_model_len} for name in ctx.model_names]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model_card(ctx, name) for name in ctx.model_names]})
+
+
+@router.get("/models/{model:path}")  # path: a served name may be a hub id with a slash (THUDM/glm-4-9b-chat)
+async def model(request: Request, model: str):
+    """The SDK's models.retrieve. An unknown name is OpenAI's 404 model_not_found, not the route's 404."""
+    ctx = ctx_of(request)
+    authenticate(request)
+    if model not in ctx.model_names:
+        raise APIError("1211", f"model {model!r} does not exist; this server serves "
+                               f"{', '.join(repr(n) for n in ctx.model_names)}", "model", status=404)
+    return JSONResponse(_model_card(ctx, model))
 
 
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:

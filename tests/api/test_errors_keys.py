@@ -148,7 +148,7 @@ def test_no_route_but_health_answers_without_a_key(keyed):
     # /health needs one).
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         assert httpx.get(keyed.url + path).status_code in (401, 404), path
-    for path in ("/metrics", "/v1/models", "/api/paas/v4/files", "/api/paas/v4/batches"):
+    for path in ("/metrics", "/v1/models", "/v1/models/glm-4-plus", "/api/paas/v4/files", "/api/paas/v4/batches"):
         assert httpx.get(keyed.url + path).status_code == 401, path
 
 

@@ -178,3 +178,20 @@ def test_completions_prompt_too_long_names_the_prompt(client):
         client.completions.create(model="glm-4-tiny", prompt="x " * 3000, max_tokens=1)
     err = e.value.response.json()["error"]
     assert e.value.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+
+
+def test_model_retrieve(client, server):
+    """GET /v1/models/{id}: the SDK's models.retrieve; an unknown name is a 404 model_not_found (OpenAI's answer)."""
+    m = client.models.retrieve("glm-4-plus")
+    assert (m.id, m.object, m.owned_by) == ("glm-4-plus", "model", "glm-serve") and m.created > 0
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    err = e.value.response.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "nope" in err["message"]
+
+
+def test_model_retrieve_by_a_hub_id(make_server):
+    """A served name may hold a slash (the default name of a hub checkpoint): the SDK puts it in the path as is."""
+    srv = make_server(served_model_names=["THUDM/glm-4-9b-chat"])
+    c = openai.OpenAI(api_key="unused", base_url=srv.openai_base, max_retries=0)
+    assert c.models.retrieve("THUDM/glm-4-9b-chat").id == "THUDM/glm-4-9b-chat"
