@@ -180,9 +180,18 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         raise invalid_value(where, str(e)) from None
 
 
+def _developer_as_system(messages):
+    """OpenAI's `developer` role (newer clients send it where older ones sent `system`) as GLM-4's system turn."""
+    if not isinstance(messages, list):
+        return messages  # glm_serve.chat names what is wrong with it
+    return [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
+
+
 def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     """Validate a chat request (either schema) and build everything the engine needs."""
     ctx.check_model(req.model)
+    if flavor == OPENAI:
+        req.messages = _developer_as_system(req.messages)
     tools = check_tools(req.tools) if req.tools else []
     choice, name = _tool_choice(req.tool_choice, tools)
     fmt, schema = _response_format(req.response_format)

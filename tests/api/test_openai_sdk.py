@@ -195,3 +195,13 @@ def test_model_retrieve_by_a_hub_id(make_server):
     srv = make_server(served_model_names=["THUDM/glm-4-9b-chat"])
     c = openai.OpenAI(api_key="unused", base_url=srv.openai_base, max_retries=0)
     assert c.models.retrieve("THUDM/glm-4-9b-chat").id == "THUDM/glm-4-9b-chat"
+
+
+def test_developer_role_is_the_system_prompt(client):
+    """OpenAI's `developer` role (what newer clients send instead of `system`) is GLM-4's system turn on /v1."""
+    kw = dict(model="glm-4-tiny", temperature=0, max_tokens=8)
+    as_system = client.chat.completions.create(messages=[{"role": "system", "content": "be brief"}, *USER], **kw)
+    as_developer = client.chat.completions.create(messages=[{"role": "developer", "content": "be brief"}, *USER],
+                                                  **kw)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
