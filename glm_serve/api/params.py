@@ -66,11 +66,12 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
     n = get("n")
     if n is not None and not 1 <= n <= ctx.max_n:
         raise bad_param("n", f"must be in [1, {ctx.max_n}], got {n}")
-    max_tokens = get("max_completion_tokens")
-    max_tokens = get("max_tokens") if max_tokens is None else max_tokens
+    max_tokens, max_name = get("max_completion_tokens"), "max_completion_tokens"  # OpenAI's newer name wins
+    if max_tokens is None:
+        max_tokens, max_name = get("max_tokens"), "max_tokens"
     if max_tokens is not None and not min_max_tokens <= max_tokens <= ctx.max_model_len:
-        raise bad_param("max_tokens", f"must be in [{min_max_tokens}, {ctx.max_model_len}] (the context window), "
-                                      f"got {max_tokens}")
+        raise bad_param(max_name, f"must be in [{min_max_tokens}, {ctx.max_model_len}] (the context window), "
+                                  f"got {max_tokens}")
     logprobs = get("logprobs")
     top = get("top_logprobs")
     if flavor == OPENAI and (isinstance(logprobs, bool) or top is not None):  # chat: a flag + a count

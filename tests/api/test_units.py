@@ -274,6 +274,16 @@ def test_sampling_params_mapping_of_the_openai_fields():
     assert not sampling_params(_req(stop=["x"]), OPENAI, ctx).include_stop_str
 
 
+def test_a_bad_max_completion_tokens_is_named_as_sent():
+    """The error names the field the client sent (it named max_tokens, which the request did not hold)."""
+    with pytest.raises(APIError) as e:
+        sampling_params(_req(max_completion_tokens=0), OPENAI, _ctx())
+    assert e.value.param == "max_completion_tokens" and e.value.message.startswith("max_completion_tokens: ")
+    with pytest.raises(APIError) as e:
+        sampling_params(_req(max_tokens=0), OPENAI, _ctx())
+    assert e.value.param == "max_tokens"
+
+
 def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
