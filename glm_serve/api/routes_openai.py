@@ -107,7 +107,8 @@ async def completions(request: Request):
     if req.stream:
         stream = run.stream(admitted.release)
         weakref.finalize(stream, admitted.release)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         return JSONResponse(await until_disconnect(request, run.body()))
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -205,3 +206,14 @@ def test_developer_role_is_the_system_prompt(client):
                                                   **kw)
     assert as_developer.choices[0].message.content == as_system.choices[0].message.content
     assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("route, body", [("/chat/completions", {"messages": USER}), ("/completions", {"prompt": "hi"})])
+def test_streams_are_not_buffered_by_a_proxy(server, route, body):
+    """Both streaming routes ask a reverse proxy not to buffer (nginx holds an SSE stream back without this
+    header; chat sent it, completions did not)."""
+    with httpx.stream("POST", server.openai_base + route, timeout=30,
+                      json={"model": "glm-4-tiny", "max_tokens": 2, "stream": True, **body}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-accel-buffering"] == "no" and r.headers["cache-control"] == "no-cache"
+        assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
