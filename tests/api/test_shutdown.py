@@ -26,11 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf):
+def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf, tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
                              str(port), "--served-model-name", "m", "--kv-cache-tokens", "65536",
-                             "--shutdown-timeout", "2", "--log-level", "warning"],
+                             "--shutdown-timeout", "2", "--log-level", "warning",
+                             # its own data dir: the default one is locked by any other server on this machine
+                             "--data-dir", str(tmp_path / "data")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
