@@ -77,7 +77,9 @@ class KeyStore:
             header = json.loads(_b64decode(head_b64))
             payload = json.loads(_b64decode(payload_b64))
             signature = _b64decode(sig_b64)
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+            # RecursionError: deeply nested JSON ("[[[[..."), which json.loads cannot read; before any key check,
+            # so anyone could turn it into a 500 (that the SDKs retry) and a logged traceback
             raise APIError("1002", "invalid token: not a well-formed JWT") from None
         if not isinstance(header, dict) or not isinstance(payload, dict):
             raise APIError("1002", "invalid token: not a well-formed JWT")

@@ -199,6 +199,15 @@ def test_each_key_check_refuses_what_it_is_for():
         assert _code(store, "Bearer " + _hs256({"alg": "HS256"}, payload, SECRET)) == "1002", payload
 
 
+def test_a_deeply_nested_jwt_part_is_a_malformed_token_not_a_500():
+    # Before: json.loads raised RecursionError on a header or payload of 3000 "[", unauthenticated: a 500 with a
+    # logged traceback, retried three times by the SDKs.
+    store = KeyStore([KEY])
+    nested = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    assert _code(store, f"Bearer {nested}.e30.c2ln") == "1002"
+    assert _code(store, f"Bearer e30.{nested}.c2ln") == "1002"
+
+
 def test_admission_does_not_limit_requests_without_a_key():
     # README: --max-concurrency-per-key counts per api key; without keys there is no key to count.
     adm = Admission(max_concurrency_per_key=1, max_in_flight=None)
