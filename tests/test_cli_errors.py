@@ -194,3 +194,17 @@ def test_make_tiny_writes_files_others_may_read(tmp_path):
         os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o755
     assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("flag, env", [(["--api-key", ""], None), (["--api-key", "  "], None), ([], ""),
+                                       ([], " , ")])
+def test_serve_refuses_an_empty_api_key_rather_than_serving_without_keys(tmp_path, capsys, monkeypatch, flag, env):
+    # Before: `--api-key "$KEY"` (or GLM_SERVE_API_KEYS=$KEY) with KEY unset dropped the empty key and started a
+    # server with no authentication at all, open to anyone who could reach it.
+    if env is None:
+        monkeypatch.delenv("GLM_SERVE_API_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("GLM_SERVE_API_KEYS", env)
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), *flag]
+    assert main(argv) == 2
+    _one_line_error(capsys, "--api-key" if flag else "GLM_SERVE_API_KEYS", "unset")

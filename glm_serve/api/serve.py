@@ -70,8 +70,18 @@ def add_engine_args(p) -> None:
 
 
 def api_keys(args_keys: list[str] | None) -> list[str]:
-    keys = [k.strip() for k in (args_keys or []) if k.strip()]
-    keys += [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    """The keys of --api-key and $GLM_SERVE_API_KEYS. A key asked for but empty (`--api-key "$KEY"` or
+    `GLM_SERVE_API_KEYS=$KEY` with KEY unset) is refused: dropped, it would start a server with no
+    authentication at all, open to anyone who can reach it."""
+    if any(not k.strip() for k in args_keys or []):
+        raise ValueError("--api-key is empty (an unset variable?); leave the flag out to serve without keys")
+    keys = [k.strip() for k in args_keys or []]
+    env = os.environ.get(KEYS_ENV)
+    if env is not None:
+        if not env.strip(", \t\n"):
+            raise ValueError(f"${KEYS_ENV} is set but holds no key (an unset variable?); unset it to serve "
+                             "without keys")
+        keys += [k.strip() for k in env.split(",") if k.strip()]
     return list(dict.fromkeys(keys))
 
 
