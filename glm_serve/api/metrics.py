@@ -1,6 +1,7 @@
-"""Prometheus metrics: requests by route and status, prompt/generation token counters, time-to-first-token,
-inter-token and end-to-end latency histograms, and engine gauges (running/waiting requests, KV-cache use,
-prefix-cache hit rate) read from `LLMEngine.stats()` at scrape time.
+"""Prometheus metrics: requests by route and status, prompt/generation token counters,
+time-to-first-token, inter-token and end-to-end latency histograms, and engine gauges and counters
+(running/waiting requests, KV-cache use, prefix-cache queries and hits, preemptions) read from `LLMEngine.stats()`
+at scrape time.
 
 Each app has its own registry, so several servers in one process (tests) do not collide.
 """
@@ -33,10 +34,17 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(s.get(key, 0)))
             yield g
-        # A running total: a counter (exposed as ..._total), so that rate() and restarts read right.
-        c = CounterMetricFamily("glm_serve_num_preemptions", "Sequences preempted (their blocks freed, recomputed)")
-        c.add_metric([], float(s.get("num_preemptions", 0)))
-        yield c
+        # Running totals: counters (exposed as ..._total), so that rate() and restarts read right. The hit rate
+        # gauge above is a lifetime ratio that hardly moves after a while; the recent one is
+        # rate(hits) / rate(queries).
+        for name, key, doc in (
+            ("glm_serve_num_preemptions", "num_preemptions", "Sequences preempted (their blocks freed, recomputed)"),
+            ("glm_serve_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+            ("glm_serve_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(key, 0)))
+            yield c
 
 
 class Metrics:

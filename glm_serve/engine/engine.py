@@ -330,6 +330,8 @@ class LLMEngine(OutputEmitter, DeviceStep):
             "num_waiting": self.scheduler.num_waiting,
             "kv_cache_usage": bm.usage,
             "prefix_cache_hit_rate": bm.hit_rate,
+            "prefix_cache_queries": bm.num_query_tokens,  # running totals, in prompt tokens
+            "prefix_cache_hits": bm.num_hit_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_capacity_tokens": self.kv_capacity_tokens,
         }

@@ -188,3 +188,18 @@ def test_metrics_and_health(server):
     assert _metric(server, "glm_serve_prompt_tokens_total") > 0
     assert _metric(server, "glm_serve_time_to_first_token_seconds_count") > 0
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_metrics_count_prefix_cache_queries_and_hits(server):
+    """Prompt tokens looked up in and found in the prefix cache are counters, so a recent hit rate can be had
+    (before: only a lifetime ratio gauge)."""
+    wait_idle(server.engine)
+    # The same long prompt twice, one after the other: the second finds the first's full blocks in the cache.
+    queries, hits = (_metric(server, f"glm_serve_prefix_cache_{k}_total") for k in ("queries", "hits"))
+    body = {"model": "glm-4-plus", "messages": [{"role": "user", "content": "hello there " * 40}], "max_tokens": 1}
+    prompt = [httpx.post(server.vendor_base + "chat/completions", json=body).json()["usage"]["prompt_tokens"]
+              for _ in range(2)][0]
+    q, h = (_metric(server, f"glm_serve_prefix_cache_{k}_total") - v
+            for k, v in (("queries", queries), ("hits", hits)))
+    block = server.engine.engine.config.block_size
+    assert prompt > 3 * block and q == 2 * prompt and (prompt - 1) // block * block <= h < prompt

@@ -343,6 +343,14 @@ def test_request_timer_counts_an_ended_request_once_and_only_after_a_first_token
     assert value("glm_serve_num_preemptions_total") == 3  # a running total is a counter
 
 
+def test_prefix_cache_queries_and_hits_are_counters():
+    # Before: only a lifetime hit-rate gauge, which hardly moves after a while: no recent hit rate to be had.
+    metrics = Metrics(SimpleNamespace(stats=lambda: {"prefix_cache_queries": 120, "prefix_cache_hits": 48,
+                                                     "prefix_cache_hit_rate": 0.4}))
+    value = metrics.registry.get_sample_value
+    assert value("glm_serve_prefix_cache_queries_total") == 120 and value("glm_serve_prefix_cache_hits_total") == 48
+
+
 def test_validation_error_of_a_union_field_names_the_field_and_every_accepted_type():
     from pydantic import BaseModel, ValidationError
 
