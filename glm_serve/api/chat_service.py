@@ -70,7 +70,7 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
     the first tokens and then the rest at the end (a body, not a stream). interrupt: see AsyncEngine.generate."""
     parsers = [ChoiceParser(prep.tool_names, prep.forced_call) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
-    timer = RequestTimer(ctx.metrics)
+    timer = RequestTimer(ctx.metrics, prep.params.n)
     try:
         async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
                                              final_only=final_only, interrupt=interrupt):

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests by route and status, prompt/generation token counters,
+"""Prometheus metrics: requests by route and status, choices by finish reason, prompt/generation token counters,
 time-to-first-token, inter-token and end-to-end latency histograms, and engine gauges and counters
 (running/waiting requests, KV-cache use, prefix-cache queries and hits, preemptions) read from `LLMEngine.stats()`
 at scrape time.
@@ -52,6 +52,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("glm_serve_requests", "Finished HTTP requests", ["route", "status"], registry=r)
+        # A stream's HTTP status is sent before its outcome is known (200, then maybe an error event or a client
+        # that leaves): how generations end is counted here, per choice. reason: the engine's stop, length,
+        # error, or abort (also every choice of a request that ended unfinished: client gone, cancelled, shutdown).
+        self.finished = Counter("glm_serve_finished_choices", "Generated choices ended, by finish reason",
+                                ["reason"], registry=r)
         self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("glm_serve_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("glm_serve_time_to_first_token_seconds", "Arrival to first generated token",
@@ -70,17 +75,24 @@ class Metrics:
 
 
 class RequestTimer:
-    """Latency bookkeeping of one generation request (all its choices)."""
+    """Latency and outcome bookkeeping of one generation request (all its `n` choices)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, n: int = 1):
         self.metrics = metrics
         self.start = time.monotonic()
         self._last: float | None = None
         self._finished = False
+        self._n = n
+        self._ended: set[int] = set()  # indices of the choices whose finish reason was counted
+        self._over = False  # on_end ran
 
     def on_output(self, out) -> None:
         """One RequestOutput from the engine: each choice gets at most one token per step, so the longest
         choice delta is the number of steps it spans (more than one when the caller lagged, see on_tokens)."""
+        for o in out.outputs:
+            if o.finish_reason is not None and o.index not in self._ended:
+                self._ended.add(o.index)
+                self.metrics.finished.labels(reason=o.finish_reason).inc()
         self.on_tokens(sum(len(o.token_ids) for o in out.outputs),
                        steps=max((len(o.token_ids) for o in out.outputs), default=0))
 
@@ -112,6 +124,11 @@ class RequestTimer:
     def on_end(self, prompt_tokens: int) -> None:
         """The request is over, finished or not (client gone, cancelled, failed): one that got as far as a first
         token has had its prompt computed, so its prompt and its end-to-end time count like a finished one's
-        (and every time to first token has its end-to-end time). Once per request, whichever comes first."""
+        (and every time to first token has its end-to-end time). Once per request, whichever comes first.
+        Its choices that never finished count as aborted."""
         if self._last is not None:
             self.on_finish(prompt_tokens)
+        if not self._over:
+            self._over = True
+            if self._n > len(self._ended):
+                self.metrics.finished.labels(reason="abort").inc(self._n - len(self._ended))

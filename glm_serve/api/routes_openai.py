@@ -138,7 +138,7 @@ class _Completion:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(k: int, ids: list[int]):
-            timer = RequestTimer(self.ctx.metrics)  # each prompt is a generation of its own, at its own pace
+            timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
             try:
                 async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params,
                                                           final_only=final_only, interrupt=interrupt):

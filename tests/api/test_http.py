@@ -190,6 +190,43 @@ def test_metrics_and_health(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+def _finished(server) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("glm_serve_finished_choices_total{"):
+            out[line.split('reason="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def test_metrics_count_how_each_choice_ended(server, monkeypatch):
+    """Streams are a 200 before their outcome is known: how they end (finished, failed, client gone) is counted
+    per choice. Before: only the HTTP status, 200 for all of them."""
+    wait_idle(server.engine)
+    before = _finished(server)
+    long_ignore = {"model": "glm-4-plus", "messages": USER, "ignore_eos": True}
+    r = httpx.post(server.openai_base + "/chat/completions", json={**long_ignore, "max_tokens": 3, "n": 2})
+    assert r.status_code == 200
+    r = httpx.post(server.openai_base + "/completions", json={"model": "glm-4-plus", "prompt": ["a b", "c"], "n": 2,
+                                                               "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200
+    with httpx.Client(timeout=10) as client:  # the client leaves after its first tokens
+        with client.stream("POST", server.openai_base + "/chat/completions",
+                           json={**long_ignore, "max_tokens": 1500, "stream": True}) as s:
+            for i, _ in enumerate(s.iter_lines()):
+                if i >= 3:
+                    break
+    monkeypatch.setattr(server.app.state.ctx, "constraint_factory", lambda: _FailingFactory())
+    r = httpx.post(server.vendor_base + "chat/completions", json={"model": "glm-4-plus", "messages": USER,
+                   "max_tokens": 20, "stream": True, "response_format": {"type": "json_object"}})
+    assert r.status_code == 200 and "network_error" in r.text  # failed mid-stream, after its 200
+    monkeypatch.undo()
+    wait_idle(server.engine)
+    _wait_admission_empty(server)
+    after = _finished(server)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert {k: v for k, v in delta.items() if v} == {"length": 6, "abort": 1, "error": 1}
+
+
 def test_metrics_count_prefix_cache_queries_and_hits(server):
     """Prompt tokens looked up in and found in the prefix cache are counters, so a recent hit rate can be had
     (before: only a lifetime ratio gauge)."""

@@ -319,7 +319,8 @@ def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(0.7)
     assert value("glm_serve_generation_tokens_total") == 11
     clock[0] = 102.1  # an engine output with two choices of two tokens each: two steps of 0.3 s
-    late.on_output(SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2]), SimpleNamespace(token_ids=[3, 4])]))
+    late.on_output(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[1, 2], finish_reason=None),
+                                            SimpleNamespace(index=1, token_ids=[3, 4], finish_reason=None)]))
     assert value("glm_serve_inter_token_latency_seconds_count") == 8
     assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(1.3)
     assert value("glm_serve_generation_tokens_total") == 15
@@ -341,6 +342,34 @@ def test_request_timer_counts_an_ended_request_once_and_only_after_a_first_token
     assert value("glm_serve_prompt_tokens_total") == 12 and value("glm_serve_e2e_request_latency_seconds_count") == 2
     assert value("glm_serve_time_to_first_token_seconds_count") == 2
     assert value("glm_serve_num_preemptions_total") == 3  # a running total is a counter
+
+
+def _out(*choices):
+    """A RequestOutput of (index, tokens, finish_reason) choices."""
+    return SimpleNamespace(outputs=[SimpleNamespace(index=i, token_ids=[7] * k, finish_reason=r)
+                                    for i, k, r in choices])
+
+
+def test_request_timer_counts_each_choice_by_how_it_ended():
+    # Before: only the HTTP status counted a request's outcome, and a stream's is 200 before it starts: a stream
+    # that failed or whose client left was a 200 like any other.
+    metrics = Metrics(SimpleNamespace(stats=dict))
+
+    def finished(reason):
+        return metrics.registry.get_sample_value("glm_serve_finished_choices_total", {"reason": reason}) or 0
+
+    three = RequestTimer(metrics, n=3)
+    three.on_output(_out((0, 1, None), (1, 1, "stop"), (2, 1, None)))
+    three.on_output(_out((0, 2, "length"), (2, 1, None)))
+    three.on_output(_out((1, 0, "stop")))  # a finish seen again (merged outputs) counts once
+    three.on_end(5)  # choice 2 never finished: the client left
+    three.on_end(5)
+    failed = RequestTimer(metrics)
+    failed.on_output(_out((0, 0, "error")))
+    failed.on_end(5)
+    queued = RequestTimer(metrics, n=2)
+    queued.on_end(5)  # cancelled before any output
+    assert (finished("stop"), finished("length"), finished("error"), finished("abort")) == (1, 1, 1, 3)
 
 
 def test_prefix_cache_queries_and_hits_are_counters():
