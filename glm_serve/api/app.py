@@ -17,14 +17,17 @@ from glm_serve.api.routes_vendor import router as vendor_router
 from glm_serve.api.tasks import TaskStore
 from glm_serve.engine.async_engine import AsyncEngine
 
-_KNOWN_ROUTES = ("/api/paas/v4/chat/completions", "/api/paas/v4/async/chat/completions",
-                 "/api/paas/v4/tokenizer", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                 "/metrics", "/api/paas/v4/files", "/api/paas/v4/batches")
+
+def _route_label(scope) -> str:
+    """The matched route's template (`/api/paas/v4/batches/{batch_id}`), set in the scope by the router: one label
+    per route, never per id. A path no route matches is "other", so a scanner cannot blow up the cardinality."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "other"
 
 
 class _CountRequests:
-    """ASGI middleware: counts every answered request by route and HTTP status (streams count as they start).
-    Unknown paths share one label so a scanner cannot blow up the metric's cardinality."""
+    """ASGI middleware: counts every answered request by route template and HTTP status (streams count as they
+    start)."""
 
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
@@ -32,24 +35,20 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        route = path if path in _KNOWN_ROUTES else (
-            "/api/paas/v4/async-result/{id}" if path.startswith("/api/paas/v4/async-result/") else "other")
-
         started = False
 
         async def counted_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                self.metrics.request_done(route, message["status"])
+                self.metrics.request_done(_route_label(scope), message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, counted_send)
         except Exception:
             if not started:  # the outer error middleware answers 500 for it
-                self.metrics.request_done(route, 500)
+                self.metrics.request_done(_route_label(scope), 500)
             raise
 
 

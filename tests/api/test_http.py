@@ -240,3 +240,23 @@ def test_metrics_count_prefix_cache_queries_and_hits(server):
             for k, v in (("queries", queries), ("hits", hits)))
     block = server.engine.engine.config.block_size
     assert prompt > 3 * block and q == 2 * prompt and (prompt - 1) // block * block <= h < prompt
+
+
+def test_requests_are_counted_by_route_template_not_by_path(server):
+    # Before: a hard-coded list of paths; every other route (a batch, a file, its content, a cancel) was counted
+    # as "other", with the scanners' 404s.
+    def count(route: str, status: str) -> float:
+        label = f'glm_serve_requests_total{{route="{route}",status="{status}"}}'
+        return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
+                   if line.startswith(label))
+
+    cases = [("/api/paas/v4/batches/batch-nope", "/api/paas/v4/batches/{batch_id}", "404"),
+             ("/api/paas/v4/files/file-nope/content", "/api/paas/v4/files/{file_id}/content", "404"),
+             ("/api/paas/v4/async-result/task-nope", "/api/paas/v4/async-result/{task_id}", "404"),
+             ("/v1/chat/completions", "/v1/chat/completions", "405"),  # GET: the route is right, the method not
+             ("/no/such/route/123", "other", "404")]
+    before = [count(route, status) for _, route, status in cases]
+    for (path, _, status), b in zip(cases, before):
+        assert httpx.get(server.url + path).status_code == int(status), path
+    assert [count(route, status) for _, route, status in cases] == [b + 1 for b in before]
+    assert "/no/such/route/123" not in httpx.get(server.url + "/metrics").text
