@@ -190,9 +190,12 @@ def cmd_bench(args) -> int:
     model = args.served_model or _first_model(httpx, url, headers)
     tokenizer = load_tokenizer(resolve_model_arg(args.model))
     prompts = make_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    before = server_counters(httpx, url, headers)
     results, wall = asyncio.run(run_bench(url, model, prompts, args.concurrency, args.request_rate, args.api_key,
                                           args.timeout, args.seed))
     summary = summarize(results, wall)
+    summary["server"] = server_costs(before, server_counters(httpx, url, headers),
+                                     sum(r.output_tokens for r in results if r.error is None))
     settings = {k: v for k, v in vars(args).items() if k not in ("fn", "api_key")}
     settings["request_rate"] = str(args.request_rate)  # inf is not JSON
     record = {"benchmark": "glm-serve bench", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -201,6 +204,47 @@ def cmd_bench(args) -> int:
     out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     _print(summary, out)
     return 0 if summary["completed"] else 1
+
+
+# Counters read off the server's /metrics around the run (ours; another server's are simply absent).
+_COUNTERS = {'glm_serve_thread_cpu_seconds_total{thread="engine"}': "engine_thread",
+             'glm_serve_thread_cpu_seconds_total{thread="event_loop"}': "event_loop_thread",
+             "process_cpu_seconds_total": "process", "glm_serve_engine_steps_total": "steps"}
+
+
+def server_counters(httpx, url: str, headers: dict) -> dict[str, float]:
+    """The counters of _COUNTERS the server's /metrics has now; {} when it has none (or no /metrics)."""
+    try:
+        r = httpx.get(url + "/metrics", headers=headers, timeout=30)
+    except httpx.HTTPError:
+        return {}
+    if r.status_code != 200:
+        return {}
+    got = {}
+    for line in r.text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in _COUNTERS:
+            try:
+                got[_COUNTERS[name]] = float(value)
+            except ValueError:
+                pass
+    return got
+
+
+def server_costs(before: dict, after: dict, output_tokens: int) -> dict:
+    """Where the server's host time went during the run: CPU microseconds per output token of its engine
+    thread, its event-loop thread and the whole process, and the engine's steps (tokens per step = the mean
+    decode batch). Empty for a server without these counters."""
+    costs: dict = {}
+    for key in ("engine_thread", "event_loop_thread", "process"):
+        if key in before and key in after and output_tokens:
+            costs[f"{key}_cpu_us_per_output_token"] = (after[key] - before[key]) / output_tokens * 1e6
+    if "steps" in before and "steps" in after:
+        steps = after["steps"] - before["steps"]
+        costs["engine_steps"] = steps
+        if steps:
+            costs["output_tokens_per_step"] = output_tokens / steps
+    return costs
 
 
 def _first_model(httpx, url: str, headers: dict) -> str:
@@ -220,6 +264,12 @@ def _print(s: dict, out: Path) -> None:
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"):
         if s[key]:
             print(f"  {key:15s} mean {s[key]['mean']:9.2f}   median {s[key]['median']:9.2f}   p99 {s[key]['p99']:9.2f}")
+    cpu = {k.removesuffix("_cpu_us_per_output_token"): v for k, v in s.get("server", {}).items()
+           if k.endswith("_cpu_us_per_output_token")}
+    if cpu:
+        print("  server CPU us per output token: " + "   ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+              + (f"   ({s['server']['output_tokens_per_step']:.1f} tokens per engine step)"
+                 if "output_tokens_per_step" in s["server"] else ""))
     for e in s["errors"]:
         print(f"  error: {e}")
     print(f"wrote {out}")

@@ -95,7 +95,7 @@ class ServingContext:
         self.keys = KeyStore(settings.api_keys)
         in_flight = None if settings.max_queue is None else core.config.max_num_seqs + settings.max_queue
         self.admission = Admission(settings.max_concurrency_per_key, in_flight)
-        self.metrics = Metrics(core)
+        self.metrics = Metrics(core, engine)
         self.created = int(time.time())
         self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231
         self._factory = None

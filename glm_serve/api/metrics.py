@@ -1,7 +1,8 @@
 """Prometheus metrics: requests by route and status, choices by finish reason, prompt/generation token counters,
 time-to-first-token, inter-token and end-to-end latency histograms, and engine gauges and counters
 (running/waiting requests, KV-cache use, prefix-cache queries and hits, preemptions) read from `LLMEngine.stats()`
-at scrape time.
+at scrape time; the engine's steps and the CPU time of its thread and of the event loop's (is the host the
+bottleneck?), and the process's own CPU and memory.
 
 Each app has its own registry, so several servers in one process (tests) do not collide.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -47,8 +48,33 @@ class _EngineCollector:
             yield c
 
 
+class _HostCollector:
+    """Where the host's CPU goes, for telling a host-bound server from a device-bound one: the engine loop
+    thread's and the event loop thread's CPU seconds (they share one GIL: at hundreds of streams the event loop's
+    per-chunk work can hold back the engine's next step), and the engine's steps."""
+
+    def __init__(self, async_engine):
+        self._engine = async_engine  # AsyncEngine: its loop thread and step_count
+
+    def collect(self):
+        c = CounterMetricFamily("glm_serve_thread_cpu_seconds", "CPU seconds of the server's threads: the engine "
+                                "loop (scheduling, launches, outputs) and the HTTP event loop", labels=["thread"])
+        ident = self._engine.thread_id
+        if ident is not None:
+            try:
+                c.add_metric(["engine"], time.clock_gettime(time.pthread_getcpuclockid(ident)))
+            except (OSError, AttributeError):  # the thread is gone, or no per-thread clocks (not Linux/macOS)
+                pass
+        # The collector runs where /metrics is served: on the event loop's thread (it renders in the route).
+        c.add_metric(["event_loop"], time.thread_time())
+        yield c
+        steps = CounterMetricFamily("glm_serve_engine_steps", "Engine steps run (each one batch on the device)")
+        steps.add_metric([], float(self._engine.step_count))
+        yield steps
+
+
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, async_engine=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("glm_serve_requests", "Finished HTTP requests", ["route", "status"], registry=r)
@@ -66,6 +92,9 @@ class Metrics:
         self.e2e = Histogram("glm_serve_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
+        if async_engine is not None:
+            r.register(_HostCollector(async_engine))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open files (Linux)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

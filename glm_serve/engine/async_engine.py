@@ -109,6 +109,11 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     @property
+    def thread_id(self) -> int | None:
+        """The engine loop thread's id (threading.get_ident() there), for its CPU clock."""
+        return self._thread.ident
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -31,7 +31,21 @@ def test_bench_measures_a_running_server(tmp_path, server, tiny_hf):
     assert s["e2e_latency_ms"]["mean"] >= s["ttft_ms"]["mean"]
     assert record["served_model"] and record["settings"]["request_rate"] == "50.0"
     assert "api_key" not in record["settings"]
+    # The server's own counters around the run: where its host CPU went, and its steps (at most 3 requests ran
+    # at once, so no step made more than 3 tokens)
+    cost = s["server"]
+    for key in ("engine_thread", "event_loop_thread", "process"):
+        assert cost[f"{key}_cpu_us_per_output_token"] > 0, cost
+    assert cost["engine_steps"] > 0 and 0 < cost["output_tokens_per_step"] <= 3, cost
     wait_idle(server.engine)
+
+
+def test_bench_server_costs_need_the_servers_counters():
+    from glm_serve.bench import server_costs
+
+    assert server_costs({}, {}, 100) == {}  # another server: no such counters
+    got = server_costs({"engine_thread": 1.0, "steps": 10}, {"engine_thread": 1.5, "steps": 60}, 250)
+    assert got == {"engine_thread_cpu_us_per_output_token": 2000.0, "engine_steps": 50, "output_tokens_per_step": 5}
 
 
 def test_bench_reports_failures_with_the_servers_error(tmp_path, make_server, tiny_hf):

@@ -190,6 +190,26 @@ def test_metrics_and_health(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+def test_metrics_show_the_engine_steps_and_where_the_host_cpu_goes(server):
+    def read() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics").text
+        return {k: float(line.split()[-1]) for line in text.splitlines() for k in
+                ('thread="engine"', 'thread="event_loop"', "glm_serve_engine_steps_total", "process_cpu_seconds_total")
+                if k in line and not line.startswith("#")}
+
+    before = read()
+    assert set(before) == {'thread="engine"', 'thread="event_loop"', "glm_serve_engine_steps_total",
+                           "process_cpu_seconds_total"}, before
+    r = httpx.post(server.vendor_base + "chat/completions", json={"model": "glm-4-plus", "messages": USER,
+                                                                    "max_tokens": 6, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 6
+    after = read()
+    assert after["glm_serve_engine_steps_total"] - before["glm_serve_engine_steps_total"] >= 6  # a token a step
+    assert after['thread="engine"'] > before['thread="engine"']
+    assert after['thread="event_loop"'] > before['thread="event_loop"']
+    assert after["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"]
+
+
 def _finished(server) -> dict[str, float]:
     out = {}
     for line in httpx.get(server.url + "/metrics").text.splitlines():
