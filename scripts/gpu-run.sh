@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run on the GPU box (offline; torch/triton/transformers/pytest/pillow preinstalled): the GPU tests and the
 # benchmarks, writing logs and results JSONs under $OUT (or benchmarks/results). Take
-# ../shared/tools/gpu-wheels.sh's .whl/ along (the server's packages, bitsandbytes, xgrammar).
+# ../shared/tools/gpu-wheels.sh's .whl/ along (the server's packages, bitsandbytes, xgrammar; for `serve`, add
+# uvloop and httptools: `../shared/tools/gpu-wheels.sh uvloop httptools`, else uvicorn falls back to asyncio's
+# loop and h11, and the event loop's CPU per token is not what a real install gets).
 #
 #   bash scripts/gpu-run.sh [first|tests|kernels|tune|offline|vision|overhead|serve|all]
 #
@@ -119,9 +121,11 @@ for _ in range(180):
         if httpx.get('http://127.0.0.1:8199/v1/models', timeout=2).status_code == 200: break
     except httpx.HTTPError: pass
     time.sleep(1)"
-  for c in 1 16 64; do
+  # 256: the default --max-num-seqs, where the event loop's per-chunk work shares the GIL with the engine
+  # thread the most (the results' "server" part: CPU per token of each thread, tokens per engine step)
+  for c in 1 16 64 256; do
     step "glm-serve bench, concurrency $c" 300 glm-serve bench --url http://127.0.0.1:8199 --model "$ckpt" \
-      --num-prompts $((c * 4 > 16 ? c * 4 : 16)) --concurrency "$c" --input-len 1024 --output-len 256 \
+      --num-prompts $((c >= 256 ? c * 2 : c * 4 > 16 ? c * 4 : 16)) --concurrency "$c" --input-len 1024 --output-len 256 \
       --out "$results/serve_bench_c${c}_cuda_$today.json"
   done
   kill $server
