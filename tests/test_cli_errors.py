@@ -117,6 +117,21 @@ def test_serve_checks_max_concurrency_per_key_before_loading(tmp_path, capsys):
     _one_line_error(capsys, "--max-concurrency-per-key")
 
 
+def test_serve_warns_that_a_per_key_limit_without_keys_does_nothing(tmp_path, caplog, monkeypatch):
+    # Before: accepted silently, and every anonymous caller still had no limit (the operator believed otherwise).
+    monkeypatch.delenv("GLM_SERVE_API_KEYS", raising=False)
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"),
+            "--max-concurrency-per-key", "2"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 2  # (the missing model stops it after the flags are checked)
+    assert any("--max-concurrency-per-key" in r.getMessage() and "no key is set" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--api-key", "a.secret-secret-secret-secret"]) == 2
+    assert not any("no key is set" in r.getMessage() for r in caplog.records)
+
+
 def test_serve_help_says_what_shutdown_does(capsys):
     # The README's --shutdown-timeout row: answers still running end in the API's format (503), not cut off.
     with pytest.raises(SystemExit):

@@ -131,6 +131,9 @@ def cmd_serve(args) -> int:
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency)
+    if settings.max_concurrency_per_key is not None and not settings.api_keys:
+        log.warning("--max-concurrency-per-key limits each api key, and no key is set: it has no effect "
+                    "(--max-queue bounds what the server holds at once)")
     KeyStore(settings.api_keys)  # bad keys (two with one id) are refused before the slow model load too
     check_data_dir_free(settings.data_dir)  # one server per data dir: say so before the slow model load
     check_bindable(args.host, args.port)  # uvicorn binds only after the load: a port in use failed minutes in
