@@ -72,24 +72,67 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples", "required"})
 
 
-# Keywords xgrammar (0.2.x) accepts but does not enforce: output held to a schema using them could still break
-# it, so such a schema is refused (as OpenAI's strict mode refuses what it cannot enforce) rather than trusted.
-_UNENFORCED = ("not", "allOf", "dependentRequired", "dependentSchemas")
+# Keywords xgrammar (0.2.x) accepts but does not enforce: output held to a schema using them could still break it,
+# so such a schema is refused (as OpenAI's strict mode refuses what it cannot enforce) rather than trusted.
+# _unenforced adds the cases that depend on a keyword's value or its neighbours.
+_UNENFORCED = ("not", "allOf", "dependentRequired", "dependentSchemas", "if", "contains")
+
+
+def _has_lookaround(pattern: str) -> bool:
+    """Whether a regex opens a lookahead group, `(?=` or `(?!` (xgrammar drops those silently; it refuses
+    lookbehinds itself). Escaped parentheses and parentheses inside a [...] class are literals."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(" and pattern[i + 1:i + 3] in ("?=", "?!"):
+            return True
+        i += 1
+    return False
+
+
+def _unenforced(node: dict) -> str | None:
+    """The first thing in one schema node that the grammar would silently ignore, or None."""
+    bad = next((k for k in _UNENFORCED if k in node), None)
+    if bad is None and node.get("uniqueItems") is True:
+        bad = "uniqueItems"
+    if bad is None and ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+        bad = "minLength/maxLength together with " + ("pattern" if "pattern" in node else "format")
+    if bad is None and "multipleOf" in node:  # enforced on integers only, by a whole number
+        kind, step = node.get("type"), node["multipleOf"]
+        types = set(kind) if isinstance(kind, list) else {kind}
+        whole = isinstance(step, int) or (isinstance(step, float) and step.is_integer())
+        if "integer" not in types or "number" in types or isinstance(step, bool) or not whole:
+            bad = "multipleOf other than a whole number on type integer"
+    ref = node.get("$ref")
+    if bad is None and isinstance(ref, str) and not ref.startswith("#"):
+        bad = f"$ref to another document ({ref}; only references starting with # are resolved)"
+    pattern = node.get("pattern")
+    if bad is None and isinstance(pattern, str) and _has_lookaround(pattern):
+        bad = "lookahead (?= or (?! in pattern"
+    required, props = node.get("required"), node.get("properties")
+    if bad is None and isinstance(required, list):  # a required name is enforced only as a declared property
+        missing = [r for r in required if not (isinstance(props, dict) and r in props)]
+        if missing:
+            bad = f"required {missing[0]} without a matching entry in properties"
+    return bad
 
 
 def _check_enforceable(node: Any, where: str) -> None:
-    """Raise ValueError naming the first keyword the grammar would silently ignore (see _UNENFORCED)."""
+    """Raise ValueError naming the first keyword the grammar would silently ignore (see _unenforced)."""
     if isinstance(node, list):
         for i, x in enumerate(node):
             _check_enforceable(x, f"{where}[{i}]")
         return
     if not isinstance(node, dict):
         return
-    bad = next((k for k in _UNENFORCED if k in node), None)
-    if bad is None and node.get("uniqueItems") is True:
-        bad = "uniqueItems"
-    if bad is None and ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
-        bad = "minLength/maxLength together with " + ("pattern" if "pattern" in node else "format")
+    bad = _unenforced(node)
     if bad is not None:
         raise ValueError(f"{where}: '{bad}' cannot be enforced by constrained decoding (the output could break the "
                          "schema); leave it out or express it another way")

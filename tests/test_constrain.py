@@ -278,6 +278,17 @@ def test_bad_schema_raises_value_error(factory, schema, words):
     ({"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}},
      "properties.s: 'minLength/maxLength together with pattern'"),
     ({"type": "string", "format": "email", "maxLength": 5}, "format"),
+    # each of these compiled, and the grammar then let through output that breaks the schema (the comment)
+    ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "'if'"),  # "abcdef"
+    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),  # []
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf"),  # 0.3
+    ({"multipleOf": 3}, "multipleOf"),  # 4
+    ({"$ref": "https://example.com/s.json"}, "https://example.com/s.json"),  # "anything"
+    ({"type": "string", "pattern": "^(?!a).$"}, "lookahead"),  # "a"
+    ({"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["a"]}, "required a"),  # {"b": 1}
+    ({"type": "object", "required": ["a"]}, "required a"),  # {}
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "anyOf": [{"required": ["a"]}]},
+     "schema.anyOf[0]: 'required a"),  # {}
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_refused(factory, schema, words):
     with pytest.raises(ValueError, match="cannot be enforced") as info:
@@ -287,6 +298,32 @@ def test_schema_keywords_the_grammar_cannot_enforce_are_refused(factory, schema,
     factory.json_schema({"type": "object", "properties": {"not": {"type": "integer"}, "allOf": {"type": "string"}},
                          "required": ["not"]})
     factory.json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": False})
+    # what the grammar does enforce stays accepted: multipleOf on integers, escaped or bracketed "(?=", '#' refs
+    factory.json_schema({"type": ["integer", "null"], "multipleOf": 3})
+    factory.json_schema({"type": "string", "pattern": r"^\(?=[(?!]$"})
+    factory.json_schema({"$defs": {"p": {"type": "integer"}}, "type": "object",
+                         "properties": {"p": {"$ref": "#/$defs/p"}}, "required": ["p"]})
+
+
+def test_refused_keywords_did_let_broken_output_through(llm, monkeypatch):
+    """Why the refusals above exist: with the check skipped these schemas compile, and their matcher takes text
+    the schema rejects to the end (a stop token). Fails once xgrammar enforces them: the refusal can go then."""
+    from glm_serve import constrain
+
+    monkeypatch.setattr(constrain, "_check_enforceable", lambda node, where: None)
+    fresh = ConstraintFactory(llm.tokenizer, llm.engine.model_config.vocab_size)  # its cache never sees a refusal
+    stop = min(llm.tokenizer.stop_token_ids)
+    for schema, text in [({"if": {"type": "string"}, "then": {"maxLength": 2}}, '"abcdef"'),
+                         ({"type": "array", "contains": {"type": "integer"}}, "[]"),
+                         ({"type": "number", "multipleOf": 0.5}, "0.3"),
+                         ({"$ref": "https://example.com/s.json"}, '"anything"'),
+                         ({"type": "string", "pattern": "^(?!a).$"}, '"a"'),
+                         ({"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["a"]}, '{"b": 1}')]:
+        if "$ref" not in schema:  # (jsonschema would fetch the URL)
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(json.loads(text), schema)
+        matcher = fresh.json_schema(schema)._matcher
+        assert matcher.accept_string("\n" + text) and matcher.accept_token(stop), (schema, text)
 
 
 @pytest.mark.parametrize("tools, name, words", [
