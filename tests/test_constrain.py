@@ -377,6 +377,25 @@ def test_grammar_that_ends_before_min_tokens_stops(llm, factory, temperature):
     assert json.loads(text[1:]) == 1 and text == results[0][0]
 
 
+def test_grammar_end_is_a_stop_token_with_ignore_eos(llm, factory):
+    # ignore_eos drops the checkpoint's stop ids from the choice's own, but the grammar still ends on one of them:
+    # that token is the end, not text. Rendered with skip_special_tokens=False it was appended to the JSON
+    # ('{"k": 1}<|observation|>'), which then did not parse.
+    stop_ids = set(llm.tokenizer.stop_token_ids)
+    schema = {"type": "object", "properties": {"k": {"enum": [1, 2]}}, "required": ["k"], "additionalProperties": False}
+    engine = llm.engine
+    for skip in (True, False):
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, skip_special_tokens=skip)
+        engine.add_request(f"eos{skip}", _prompt(llm, "json"), params, constraints=[factory.json_schema(schema)])
+        outs = []
+        while engine.has_unfinished():
+            outs += [c for out in engine.step() for c in out.outputs]
+        text = "".join(c.text for c in outs)
+        assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason in stop_ids, outs[-1]
+        assert outs[-1].token_ids[-1] in stop_ids
+        assert text.startswith("\n") and json.loads(text[1:])["k"] in (1, 2), text
+
+
 def test_same_schema_compiles_once(factory):
     before = factory.num_cached
     schema = {"type": "object", "properties": {"k": {"type": "integer"}}}

@@ -305,7 +305,11 @@ class LLMEngine(OutputEmitter, DeviceStep):
             self._finish(c, "stop", stop_reason=token)
             c.stop_token = True
         elif terminated:
-            self._finish(c, "stop")
+            # A grammar ends on a checkpoint stop id even where ignore_eos left those out of c.stop_ids: that id is
+            # the end, not text (rendered with skip_special_tokens=False it would trail the JSON).
+            on_stop_id = token in self.stop_ids
+            self._finish(c, "stop", stop_reason=token if on_stop_id else None)
+            c.stop_token = on_stop_id
         elif seq.num_tokens >= seq.max_num_tokens:  # max_tokens, or the context window is full (hit_length_limit)
             self._finish(c, "length")
 
