@@ -91,6 +91,8 @@ async def completions(request: Request):
     ctx.check_model(req.model)
     if req.suffix:
         raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")
+    if (req.response_format or {}).get("type", "text") != "text":  # a client relying on it must not get free text
+        raise invalid_value("response_format", "JSON output is served by /v1/chat/completions, not /v1/completions")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid_value("best_of", "only best_of == n is supported")
     # 16: OpenAI's default. With echo, max_tokens 0 returns the prompt alone (and its logprobs).

@@ -217,3 +217,18 @@ def test_streams_are_not_buffered_by_a_proxy(server, route, body):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-accel-buffering"] == "no" and r.headers["cache-control"] == "no-cache"
         assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
+
+
+def test_completions_refuse_json_output_rather_than_drop_it(client, server):
+    # Clients written for vLLM send response_format to /v1/completions too; it was ignored as an unknown field,
+    # and a caller relying on JSON got free text with a 200.
+    kw = dict(model="glm-4-tiny", prompt="hi", max_tokens=2)
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kw, extra_body={"response_format": fmt})
+        err = e.value.response.json()["error"]
+        assert err["code"] == "1214" and err["param"] == "response_format" and "/v1/chat/completions" in err["message"]
+    for fmt in (None, {"type": "text"}):
+        r = client.completions.create(**kw, extra_body={"response_format": fmt})
+        assert r.choices[0].finish_reason == "length"
+    wait_idle(server.engine)
