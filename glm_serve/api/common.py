@@ -3,6 +3,7 @@ JSON body, admission, and the chat handler both schemas use."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -121,13 +122,20 @@ def new_meta(ctx: ServingContext, flavor: str, model: str, client_request_id: st
     return Meta(flavor, rid, client_request_id or rid, int(time.time()), model)
 
 
+async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
+    """prepare_chat in a worker thread: compiling a new schema's grammar takes up to seconds (a string with
+    maxLength 2000: ~1 s), and on the event loop it would stall every other request and stream meanwhile.
+    (xgrammar releases the GIL while it compiles; the rest of prepare_chat is thread-safe: encoding, reads.)"""
+    return await asyncio.to_thread(prepare_chat, req, flavor, ctx)
+
+
 async def handle_chat(request: Request, flavor: str, model_cls, route: str):
     """Both chat routes: authenticate, parse, validate, admit, then answer in JSON or as an SSE stream."""
     ctx = ctx_of(request)
     key_id = authenticate(request)
     req = model_cls.model_validate(await read_json(request))
     req.log_unknown(route)
-    prep = prepare_chat(req, flavor, ctx)
+    prep = await prepare_off_loop(req, flavor, ctx)
     await attach_image(ctx, prep)
     client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
     meta = new_meta(ctx, flavor, req.model, client_rid)

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glm_serve.api.chat_service import chat_result
-from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, read_json
+from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json
 from glm_serve.api.errors import chat_format_error
 from glm_serve.api.images import attach_image
-from glm_serve.api.params import VENDOR, check_images, check_tools, expanded_ids, prepare_chat
+from glm_serve.api.params import VENDOR, check_images, check_tools, expanded_ids
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
 from glm_serve.api.tasks import Task
 from glm_serve.chat import ChatFormatError, encode_chat
@@ -32,7 +32,7 @@ async def async_chat_completions(request: Request):
     key_id = authenticate(request)
     req = VendorChatRequest.model_validate(await read_json(request))
     req.log_unknown("vendor async chat")
-    prep = prepare_chat(req, VENDOR, ctx)
+    prep = await prepare_off_loop(req, VENDOR, ctx)
     await attach_image(ctx, prep)
     prep.stream = False  # a task's result is fetched whole
     meta = new_meta(ctx, VENDOR, req.model, req.request_id)

@@ -143,6 +143,33 @@ def test_generation_failure_mid_stream_and_before(server, monkeypatch):
     wait_idle(server.engine)
 
 
+def test_a_slow_grammar_compile_does_not_stall_other_requests(server, monkeypatch):
+    # A new schema's grammar compiles in the request (a string with maxLength 2000 takes ~1 s); on the event loop
+    # that froze every other request and stream for as long. Here a compile that takes 1.5 s, and /health.
+    ctx = server.app.state.ctx
+    real = ctx.constraint_factory()
+
+    class Slow:
+        def json_object(self):
+            time.sleep(1.5)  # blocks whichever thread compiles, like a real compile (which releases the GIL)
+            return real.json_object()
+
+    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 3, "response_format": {"type": "json_object"}}
+    answers = []
+    for url in (server.vendor_base + "chat/completions", server.openai_base + "/chat/completions",
+                server.vendor_base + "async/chat/completions"):
+        slow = threading.Thread(target=lambda u=url: answers.append(httpx.post(u, json=body, timeout=30)))
+        slow.start()
+        time.sleep(0.3)  # the slow request is compiling now
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        assert time.monotonic() - t0 < 0.8, url
+        slow.join()
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    wait_idle(server.engine)
+
+
 def test_unexpected_bug_is_a_500_and_the_server_lives(server, monkeypatch):
     from glm_serve.api import common
 
