@@ -103,7 +103,24 @@ def from_validation_errors(errors: list[dict]) -> APIError:
         return APIError("1210", "the request body must be a JSON object", None)
     # A field of several accepted types fails once per type, each error tagged with it: say them all.
     msgs = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors if _field_loc(e) == loc))
+    forms = _union_forms(errors, loc)
+    if forms and any(len(_field_loc(e)) > len(loc) and _field_loc(e)[:len(loc)] == loc for e in errors):
+        # ...and some of them failed inside it (a list of mixed items): the first type's message alone would
+        # mislead ("prompt: Input should be a valid string" for ["a", 1]); name the accepted forms instead
+        return APIError("1210", f"{where}: must be one of {', '.join(forms)}; the value is none of them", where)
     return APIError("1210", f"{where}: {', or '.join(msgs)}", where)
+
+
+def _union_forms(errors: list[dict], loc: list[str]) -> list[str]:
+    """The union members (pydantic's tags: str, list[int], ...) tried for the field at `loc`, in order."""
+    forms: dict[str, None] = {}
+    for e in errors:
+        raw = [p for p in e.get("loc", ()) if p != "body"]
+        for i, p in enumerate(raw):
+            if isinstance(p, str) and _UNION_TAG.match(p) and _field_loc({"loc": raw[:i]}) == loc:
+                forms[p] = None
+                break
+    return list(forms) if len(forms) > 1 else []
 
 
 # pydantic's tag for the member of a union that a value was tried against (str, list[int], function-after[...])

@@ -393,3 +393,19 @@ def test_validation_error_of_a_union_field_names_the_field_and_every_accepted_ty
     err = from_validation_errors(e.value.errors())
     assert err.code == "1210" and err.param == "tool_choice"
     assert err.message == "tool_choice: Input should be a valid string, or Input should be a valid dictionary"
+
+
+@pytest.mark.parametrize("prompt", [["a", 1], [[1, "a"]], [1, [2]]])
+def test_validation_error_of_a_mixed_list_names_the_accepted_forms(prompt):
+    # Before: only the first member's message, "prompt: Input should be a valid string", for ["a", 1]: a list
+    # was clearly meant, and the message pointed away from the item that broke it.
+    from pydantic import ValidationError
+
+    from glm_serve.api.errors import from_validation_errors
+    from glm_serve.api.schemas import OpenAICompletionRequest
+
+    with pytest.raises(ValidationError) as e:
+        OpenAICompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    err = from_validation_errors(e.value.errors())
+    assert err.code == "1210" and err.param == "prompt"
+    assert err.message == "prompt: must be one of str, list[str], list[int], list[list[int]]; the value is none of them"
