@@ -83,3 +83,36 @@ def paged_decode_ref(
     """Reference for decode.paged_decode: each sequence's one query sees all its seq_lens[b] keys."""
     cu = torch.arange(q.shape[0] + 1)
     return paged_attention_ref(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, N]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for fused.add_rms_norm: s = x + residual rounded to x's dtype; RMSNorm(s) * weight in float64,
+    rounded to x's dtype once."""
+    s = x if residual is None else (x.double() + residual.double()).to(x.dtype)
+    sd = s.double()
+    y = sd / torch.sqrt(sd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return y.to(x.dtype), s
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2F] -> [T, F]
+    """Reference for fused.silu_mul: silu(gate) * up in float64, rounded once."""
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    return (gate * torch.sigmoid(gate) * up).to(gate_up.dtype)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference for fused.rope_ (one of q, k): x [T, heads, D], cos/sin [T, R/2]; pair i of each head is
+    (x[2i], x[2i+1]) for i < R/2, rotated by angle i in float64, one token and pair at a time; the rest of the
+    dims are copied. Returns a new tensor in x's dtype."""
+    out = x.double().clone()
+    for t in range(x.shape[0]):
+        for i in range(cos.shape[1]):
+            c, s = float(cos[t, i]), float(sin[t, i])
+            x0, x1 = out[t, :, 2 * i].clone(), out[t, :, 2 * i + 1].clone()
+            out[t, :, 2 * i], out[t, :, 2 * i + 1] = x0 * c - x1 * s, x1 * c + x0 * s
+    return out.to(x.dtype)

@@ -8,9 +8,10 @@
 #   bash scripts/gpu-run.sh [first|tests|kernels|tune|offline|vision|overhead|serve|all]
 #
 # first: what one call within a 15-minute device budget can do (run it with timeout_s 600): the GPU tests, the
-#   quick kernel benchmark, the 9B-shaped offline benchmark and the engine overhead, each under its own time
-#   limit so that the whole ends within about 9 minutes. The benchmarks write their results file as they go:
-#   a step cut off at its limit still leaves what it measured. 6 files under $OUT (the tool brings back 8).
+#   quick kernel benchmark, the fused-ops benchmark, the 9B-shaped offline benchmark and the engine overhead,
+#   each under its own time limit so that the whole ends within about 9 minutes. The benchmarks write their
+#   results file as they go: a step cut off at its limit still leaves what it measured. 7 files under $OUT
+#   (the tool brings back 8).
 # tune: the kernel launch-parameter sweep at the target points (with the quick sweep); not part of all.
 # Each step says how it ended in $results/steps.log; a failing step does not stop the ones after it.
 set -uo pipefail
@@ -79,12 +80,14 @@ case "$what" in
   first)
     run_tests 150 150
     step "kernel benchmark (--quick)" 120 python3 benchmarks/kernels.py --quick --out "$results/kernels_quick_$today.json"
-    run_offline 170 128
+    step "fused ops benchmark" 45 python3 benchmarks/fused_ops.py --out "$results/fused_ops_cuda_$today.json"
+    run_offline 160 128
     step "engine overhead (host CPU)" 45 python3 benchmarks/engine_overhead.py --repeats 1 \
       --out "$results/engine_overhead_overlap_gpuhost_$today.json"
     ;;
   tests) run_tests 400 400 ;;
-  kernels) step "kernel benchmark" 580 python3 benchmarks/kernels.py --out "$results/kernels_$today.json" ;;
+  kernels) step "kernel benchmark" 520 python3 benchmarks/kernels.py --out "$results/kernels_$today.json"
+    step "fused ops benchmark" 60 python3 benchmarks/fused_ops.py --out "$results/fused_ops_cuda_$today.json" ;;
   tune) step "kernel tune sweep" 580 python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$today.json" ;;
   offline) run_offline 500 256 ;;
   overhead) step "engine overhead (host CPU)" 300 python3 benchmarks/engine_overhead.py \
@@ -96,6 +99,7 @@ esac
 if [ "$what" = all ]; then
   run_tests 600 600
   step "kernel benchmark" 900 python3 benchmarks/kernels.py --out "$results/kernels_$today.json"
+  step "fused ops benchmark" 60 python3 benchmarks/fused_ops.py --out "$results/fused_ops_cuda_$today.json"
 fi
 if { [ "$what" = vision ] || [ "$what" = all ]; } && ! missing "vision benchmark" PIL; then
   vckpt=/tmp/glm-4v-9b-random

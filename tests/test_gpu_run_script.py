@@ -52,8 +52,8 @@ def test_missing_pytest_and_pillow_are_named_and_the_rest_runs(tmp_path):
     assert "GPU tests: NOT RUN, missing: pytest PIL" in done.stdout
     assert "vision benchmark: NOT RUN, missing: PIL" in done.stdout
     assert "-m pytest" not in calls and "vision_ttft.py" not in calls
-    for later_step in ("benchmarks/kernels.py", "benchmarks/offline_throughput.py", "benchmarks/engine_overhead.py",
-                       "glm-serve bench"):
+    for later_step in ("benchmarks/kernels.py", "benchmarks/fused_ops.py", "benchmarks/offline_throughput.py",
+                       "benchmarks/engine_overhead.py", "glm-serve bench"):
         assert later_step in calls
     steps = (out / "steps.log").read_text()
     assert "offline benchmark (9B-shaped): rc 3" in steps  # failed, said, and the next steps ran
@@ -70,6 +70,6 @@ def test_first_cuts_a_step_off_at_its_limit_and_goes_on(tmp_path):
     steps = (out / "steps.log").read_text().splitlines()
     assert [s.split(":")[1].strip() for s in steps] == [
         "GPU tests (-m gpu)", "kernel tests (tests/kernels on CUDA)", "kernel benchmark (--quick)",
-        "make-tiny glm-4-9b", "offline benchmark (9B-shaped)", "engine overhead (host CPU)"]
+        "fused ops benchmark", "make-tiny glm-4-9b", "offline benchmark (9B-shaped)", "engine overhead (host CPU)"]
     assert "kernel benchmark (--quick): cut off at its 2 s limit" in steps[2]
     assert "--num-prompts 128" in calls and "engine_overhead.py --repeats 1" in calls

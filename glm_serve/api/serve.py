@@ -61,6 +61,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture decode steps as CUDA graphs (triton backend; experimental: not yet verified on a GPU)")
+    p.add_argument("--no-fused-ops", action="store_true",
+                   help="with the triton backend, run a layer's norms, RoPE and silu * up as eager PyTorch ops "
+                        "instead of our fused Triton kernels")
     p.add_argument("--no-overlap-scheduling", action="store_true",
                    help="schedule each step only after the previous one's tokens reached the host")
     p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
@@ -103,7 +106,8 @@ def engine_config(args):
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed,
-        cuda_graphs=args.cuda_graphs, overlap_scheduling=not args.no_overlap_scheduling,
+        cuda_graphs=args.cuda_graphs, fused_ops=not args.no_fused_ops,
+        overlap_scheduling=not args.no_overlap_scheduling,
         stream_interval=args.stream_interval)
 
 

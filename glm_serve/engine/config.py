@@ -34,6 +34,9 @@ class EngineConfig:
     # Decode steps as CUDA graphs (triton backend). Not yet measured or verified on a GPU, so off by default;
     # on the CPU it runs the same padded static-buffer path eagerly (what the CPU tests check).
     cuda_graphs: bool = False
+    # With the triton attention backend, a layer's small ops (norms with their residual adds, RoPE, silu * up) as
+    # fused Triton kernels (glm_serve/kernels/fused.py) instead of several eager PyTorch launches each.
+    fused_ops: bool = True
     # Schedule and prepare step N+1 while the device runs step N (glm_serve/engine/engine.py).
     overlap_scheduling: bool = True
     # Streamed requests get an output every this many tokens per choice (and at the end); above 1, fewer

@@ -75,6 +75,7 @@ class LLMEngine(OutputEmitter, DeviceStep):
         self.model = load_model(self.model_path, self.device, self.dtype, config.quantization, backend,
                                 config.rope_theta)
         self.model_config: ModelConfig = self.model.config
+        self.model.use_fused_ops(config.fused_ops and backend.name == "triton")
         self.load_seconds = time.monotonic() - t0
         kv_dtype = self.dtype
         bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8)

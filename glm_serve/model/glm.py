@@ -3,6 +3,11 @@
 The forward takes one flat batch of tokens from many sequences (what the continuous-batching engine builds)
 and a paged KV cache; logits are computed separately, only for the rows the engine samples.
 Parameter names are ours; the loader maps both checkpoint layouts onto them (glm_serve/loader.py).
+
+With `use_fused_ops(True)` (the engine's default beside the triton attention backend) the same layers run
+their small element-wise ops as Triton kernels (glm_serve/kernels/fused.py): each residual add fused with the
+norm after it, RoPE on q and k in one launch in place, silu(gate) * up in one. The plain path stays the
+transcription the tests hold against HF transformers.
 """
 
 from __future__ import annotations
@@ -77,6 +82,18 @@ class Attention(nn.Module):
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
+    def forward_fused(self, x, cos, sin, k_cache, v_cache, meta: AttnMetadata):  # cos, sin: [T, rotary_dim / 2]
+        from glm_serve.kernels import rope_  # noqa: PLC0415 (needs triton)
+
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]: q and k rotate in place, as views of it
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
+        rope_(q, k, cos, sin)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -112,6 +129,24 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_layernorm(h)
         return x + h
 
+    def forward_fused(self, h, residual, cos, sin, k_cache, v_cache, meta):
+        """forward with the fused kernels. h: the previous layer's output before its residual add (the embeddings
+        for the first layer, residual None); -> (this layer's, the residual stream): the add happens in the next
+        norm, as `x + h` rounded to the dtype, the same value the plain path adds."""
+        from glm_serve.kernels import add_rms_norm, silu_mul  # noqa: PLC0415 (needs triton)
+
+        norm = self.input_layernorm
+        x, residual = add_rms_norm(h, norm.weight, norm.eps, residual)
+        h = self.self_attn.forward_fused(x, cos, sin, k_cache, v_cache, meta)
+        if self.sandwich:
+            h = add_rms_norm(h, self.post_self_attn_layernorm.weight, self.post_self_attn_layernorm.eps)[0]
+        norm = self.post_attention_layernorm
+        x, residual = add_rms_norm(h, norm.weight, norm.eps, residual)
+        h = self.mlp.down_proj(silu_mul(self.mlp.gate_up_proj(x)))
+        if self.sandwich:
+            h = add_rms_norm(h, self.post_mlp_layernorm.weight, self.post_mlp_layernorm.eps)[0]
+        return h, residual
+
 
 class GlmForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend | None = None):
@@ -124,6 +159,12 @@ class GlmForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.vision = None  # GLM-4V: the VisionTower, attached by the loader (glm_serve/model/vision.py)
+        self.fused_ops = False  # see the module docstring
+
+    def use_fused_ops(self, on: bool) -> None:
+        if on:
+            import glm_serve.kernels  # noqa: F401, PLC0415 (fails here, not mid-step, without triton)
+        self.fused_ops = on
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
@@ -143,9 +184,19 @@ class GlmForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary.cos_sin(positions)
+        if self.fused_ops:
+            return self._forward_fused(x, cos.squeeze(1), sin.squeeze(1), meta, kv_caches)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
+
+    def _forward_fused(self, h, cos, sin, meta, kv_caches) -> torch.Tensor:  # cos, sin: [T, rotary_dim / 2]
+        from glm_serve.kernels import add_rms_norm  # noqa: PLC0415 (needs triton)
+
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h, residual = layer.forward_fused(h, residual, cos, sin, k_cache, v_cache, meta)
+        return add_rms_norm(h, self.norm.weight, self.norm.eps, residual)[0]  # the last add, then the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] float32
         return self.lm_head(hidden).float()

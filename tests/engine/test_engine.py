@@ -276,9 +276,14 @@ def test_triton_backend_serves_the_torch_backends_tokens(tiny_hf):
     want = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=64, max_num_seqs=8, attention_backend="torch")
     got = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=64, max_num_seqs=8, attention_backend="triton")
     assert type(got.engine.model.backend).__name__ == "TritonPagedAttention"
+    assert got.engine.model.fused_ops and not want.engine.model.fused_ops  # the small ops as kernels too
     a = [r.token_ids for r in want.generate(prompts, params, use_tqdm=False)]
     b = [r.token_ids for r in got.generate(prompts, params, use_tqdm=False)]
     assert a == b
+    eager = LLM(str(tiny_hf), kv_cache_tokens=2048, max_batch_tokens=64, max_num_seqs=8, attention_backend="triton",
+                fused_ops=False)  # --no-fused-ops
+    assert not eager.engine.model.fused_ops
+    assert [r.token_ids for r in eager.generate(prompts, params, use_tqdm=False)] == a
 
 
 def test_triton_backend_under_preemption_and_sharing(tiny_hf):

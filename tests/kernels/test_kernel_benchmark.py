@@ -38,3 +38,26 @@ def test_kernel_benchmark_smoke_run(tmp_path):
             assert row["triton_ms"] > 0
             assert row["max_abs_diff"] < 1e-4, (kind, row)  # fp32: the kernels agree with SDPA / the stored rows
     assert record["git_commit"] and "smoke" in record["device"]
+
+
+def test_fused_ops_benchmark_smoke_run(tmp_path):
+    """benchmarks/fused_ops.py on the CPU: every op timed both ways per size, the fused output equal to the
+    eager one, the layer total summed from its ops."""
+    pytest.importorskip("triton")
+    out = tmp_path / "fused.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_ops.py"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = record["figures"]
+    assert [(r["op"].split()[0], r["tokens"]) for r in rows] == [
+        (op, t) for t in (1, 5) for op in ("add_rms_norm", "rope", "silu_mul", "layer")]
+    for r in rows:
+        assert r["eager_ms"] > 0 and r["triton_ms"] > 0
+        if not r["op"].startswith("layer"):
+            assert r["max_abs_diff"] < 1e-5, r  # fp32: the kernels compute what the eager ops do
+    layer = rows[3]
+    parts = {r["op"]: r["triton_ms"] for r in rows[:3]}
+    assert layer["triton_ms"] == pytest.approx(2 * parts["add_rms_norm"] + parts["rope"] + parts["silu_mul"], abs=1e-3)
+    assert record["git_commit"] and "smoke" in record["device"]

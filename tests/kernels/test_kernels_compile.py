@@ -21,7 +21,7 @@ _SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from glm_serve.kernels import decode, kv_store, prefill
+    from glm_serve.kernels import decode, fused, kv_store, prefill
 
     INT_PTRS = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "slot_ptr": "*i64"}
 
@@ -32,12 +32,12 @@ _SCRIPT = textwrap.dedent(
                 sig[name] = "constexpr"
             elif name in INT_PTRS:
                 sig[name] = INT_PTRS[name]
-            elif name.startswith("part_"):
+            elif name.startswith("part_") or name in ("cos_ptr", "sin_ptr"):
                 sig[name] = "*fp32"
             elif name.endswith("_ptr"):
                 sig[name] = "*" + dtype
             else:
-                sig[name] = "fp32" if name == "scale_log2e" else "i32"
+                sig[name] = "fp32" if name in ("scale_log2e", "eps") else "i32"
         return sig
 
     glm = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16)
@@ -50,6 +50,11 @@ _SCRIPT = textwrap.dedent(
         (decode._decode_split_kernel, dict(NUM_SPLITS=1, GROUP=8, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=80,
                                            BLOCK_D=128, BLOCK_SIZE=1), 4),
         (decode._decode_reduce_kernel, dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128), 4),
+        # the fused small ops at GLM-4-9B's sizes, as their launchers set them up
+        (fused._add_rms_norm_kernel, dict(N=4096, BLOCK_ROWS=1, BLOCK_N=4096, HAS_RESIDUAL=True), 4),
+        (fused._add_rms_norm_kernel, dict(N=4096, BLOCK_ROWS=1, BLOCK_N=4096, HAS_RESIDUAL=False), 4),
+        (fused._silu_mul_kernel, dict(F=13696, BLOCK_ROWS=4, BLOCK_F=1024), 4),
+        (fused._rope_kernel, dict(Q_HEADS=32, K_HEADS=2, HALF=32, BLOCK_T=4, BLOCK_HQ=32, BLOCK_HK=2, BLOCK_R=32), 4),
     ]
     for capability in (80, 90):
         for dtype in ("bf16", "fp16"):  # fp32 (3xTF32 dots) compiles slowly; the GPU tests cover it
@@ -85,7 +90,8 @@ _SPECIALIZE_SCRIPT = textwrap.dedent(
     import torch
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import create_function_from_signature
-    from glm_serve.kernels import decode, kv_store, paged_decode, paged_prefill, prefill, store_kv
+    from glm_serve.kernels import (add_rms_norm, decode, fused, kv_store, paged_decode, paged_prefill, prefill,
+                                   rope_, silu_mul, store_kv)
 
     variants = {}  # kernel name -> the distinct argument specialisations (one compiled kernel each)
 
@@ -99,15 +105,24 @@ _SPECIALIZE_SCRIPT = textwrap.dedent(
                 variants.setdefault(self.fn.__name__, set()).add(repr(binder(*args, **kwargs)[1]))
             return launch
 
-    for module, name in ((prefill, "_prefill_kernel"), (decode, "_decode_split_kernel"), (kv_store, "_store_kv_kernel")):
+    for module, name in ((prefill, "_prefill_kernel"), (decode, "_decode_split_kernel"), (kv_store, "_store_kv_kernel"),
+                         (fused, "_add_rms_norm_kernel"), (fused, "_silu_mul_kernel"), (fused, "_rope_kernel")):
         setattr(module, name, Recorder(getattr(module, name)))
 
     H, KVH, D, BS = 32, 2, 128, 16  # GLM-4-9B
     k_cache = torch.zeros(64, BS, KVH, D, dtype=torch.float16)
     q = torch.zeros(32, H, D, dtype=torch.float16)
     kv = torch.zeros(32, KVH, D, dtype=torch.float16)
+    hidden = torch.zeros(32, 4096, dtype=torch.float16)
+    qkv = torch.zeros(32, (H + 2 * KVH) * D, dtype=torch.float16)
+    angles = torch.zeros(32, 32)
     for tokens in (1, 16, 17):  # a step's token count: decode of one sequence, a multiple of 16, any other
         store_kv(kv[:tokens], kv[:tokens], k_cache, k_cache, torch.zeros(tokens, dtype=torch.int64))
+        add_rms_norm(hidden[:tokens], hidden[0], 1e-5, hidden[:tokens])
+        silu_mul(hidden[:tokens])
+        rows = qkv[:tokens]
+        rope_(rows[:, : H * D].view(tokens, H, D), rows[:, H * D : (H + KVH) * D].view(tokens, KVH, D),
+              angles[:tokens], angles[:tokens])
     for width in (1, 16, 3):  # block-table width: the step's longest context, in blocks
         lens = torch.full((2,), BS * width, dtype=torch.int32)
         tables = torch.zeros(2, width, dtype=torch.int32)
@@ -130,4 +145,5 @@ def test_step_sizes_do_not_make_new_kernel_variants():
     done = subprocess.run([sys.executable, "-c", _SPECIALIZE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.split() == ["_decode_split_kernel", "1", "_prefill_kernel", "1", "_store_kv_kernel", "1"]
+    assert done.stdout.split() == ["_add_rms_norm_kernel", "1", "_decode_split_kernel", "1", "_prefill_kernel", "1",
+                                   "_rope_kernel", "1", "_silu_mul_kernel", "1", "_store_kv_kernel", "1"]

@@ -87,6 +87,34 @@ def test_tiny_model_generates_the_same_tokens(tiny_hf):
     want = generate_simple(model, prompt, max_tokens=6)
     model.set_backend(TritonPagedAttention())
     assert generate_simple(model, prompt, max_tokens=6) == want
+    model.use_fused_ops(True)  # norms, RoPE and silu * up as our kernels too
+    assert generate_simple(model, prompt, max_tokens=6) == want
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf", "tiny_chatglm", "tiny_glm4"])  # glm4: sandwich norms
+def test_fused_ops_give_the_plain_forward_hidden_states(request, fixture):
+    """The fused path's hidden states (prefill of a 29-token chunk over a 40-token cached prefix, then a
+    decode row) against the plain path's, both over the triton attention backend, in float32."""
+    from glm_serve.loader import load_model  # noqa: PLC0415
+    from glm_serve.model.simple import allocate_cache, single_seq_meta  # noqa: PLC0415
+
+    model = load_model(request.getfixturevalue(fixture), device=DEVICE)
+    model.set_backend(TritonPagedAttention())
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, model.config.vocab_size, (70,), generator=gen).to(DEVICE)
+    got = {}
+    for fused in (False, True):
+        model.use_fused_ops(fused)
+        caches, num_blocks = allocate_cache(model, 80, 16, torch.float32, DEVICE)
+        outs = []
+        with torch.inference_mode():
+            for start, n in ((0, 40), (40, 29), (69, 1)):
+                meta = single_seq_meta(start, n, 16, num_blocks, DEVICE)
+                pos = torch.arange(start, start + n, device=DEVICE)
+                outs.append(model(ids[start : start + n], pos, meta, caches))
+        got[fused] = torch.cat(outs)
+    assert got[True].shape == (70, model.config.hidden_size)
+    torch.testing.assert_close(got[True], got[False], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("num_sms, max_len, expected", [(132, 131072, [2, 4, 8, 16, 32, 64]),
