@@ -137,24 +137,24 @@ class _Completion:
         engine sends each prompt's first tokens and then the rest at the end (a body, not a stream); otherwise
         (a stream) ctx.closing interrupts a prompt still waiting for the engine (see chat_service.chat_stream)."""
         interrupt = None if final_only else self.ctx.closing
+        if len(self.prompts) == 1:  # the common case: read the engine directly, no merging task and queue between
+            outputs = self._generate(0, self.prompts[0], final_only, interrupt)
+            try:
+                async for k, out in outputs:
+                    for item in self._choices(k, out):
+                        yield item
+            finally:
+                await outputs.aclose()  # left early (client gone, an error chunk): abort the engine request now
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(k: int, ids: list[int]):
-            timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
             try:
-                async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params,
-                                                          final_only=final_only, interrupt=interrupt):
-                    u = self.usage[k]
-                    u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
-                    u.cached_tokens = out.cached_tokens
-                    timer.on_output(out)
-                    await queue.put((k, out))
-                timer.on_finish(self.usage[k].prompt_tokens)
+                async for item in self._generate(k, ids, final_only, interrupt):
+                    await queue.put(item)
                 await queue.put((k, None))
             except Exception as e:  # noqa: BLE001 (handed to the consumer)
                 await queue.put((k, e))
-            finally:
-                timer.on_end(self.usage[k].prompt_tokens)  # cancelled (client gone) or failed: still counted
 
         pumps = [asyncio.ensure_future(pump(k, ids)) for k, ids in enumerate(self.prompts)]
         try:
@@ -166,13 +166,32 @@ class _Completion:
                 elif isinstance(item, Exception):
                     raise item
                 else:
-                    if item.prompt_logprobs is not None:  # in the request's first output, before any choice's text
-                        self.prompt_logprobs[k] = item.prompt_logprobs
-                    for o in item.outputs:
-                        yield k * self.params.n + o.index, o
+                    for choice in self._choices(k, item):
+                        yield choice
         finally:
             for p in pumps:
                 p.cancel()  # a pump still running aborts its engine request
+
+    async def _generate(self, k: int, ids: list[int], final_only: bool, interrupt) -> AsyncIterator[tuple[int, object]]:
+        """Prompt k's engine outputs, (k, RequestOutput), with its usage and latency metrics kept."""
+        timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
+        try:
+            async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params, final_only=final_only,
+                                                      interrupt=interrupt):
+                u = self.usage[k]
+                u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
+                u.cached_tokens = out.cached_tokens
+                timer.on_output(out)
+                yield k, out
+            timer.on_finish(self.usage[k].prompt_tokens)
+        finally:
+            timer.on_end(self.usage[k].prompt_tokens)  # cancelled (client gone) or failed: still counted
+
+    def _choices(self, k: int, out) -> list[tuple[int, object]]:
+        """(global choice index, CompletionOutput) of one engine output of prompt k."""
+        if out.prompt_logprobs is not None:  # in the request's first output, before any choice's text
+            self.prompt_logprobs[k] = out.prompt_logprobs
+        return [(k * self.params.n + o.index, o) for o in out.outputs]
 
     def _piece(self, index: int, o) -> tuple[str, dict | None]:
         """This output's text (with the echoed prompt first) and its logprobs (the prompt's first, with echo)."""

@@ -45,6 +45,21 @@ def test_stream_disconnect_aborts_and_frees(server):
     assert _metric(server, "glm_serve_generation_tokens_total") - before < 50  # aborted, not run to 1500
 
 
+@pytest.mark.parametrize("prompt", ["hello", ["hello", "world"]])  # one prompt (read directly) or several (merged)
+def test_completions_stream_disconnect_aborts_and_frees(server, prompt):
+    before = _metric(server, "glm_serve_generation_tokens_total")
+    with httpx.Client(timeout=10) as client:
+        body = {"model": "glm-4-plus", "prompt": prompt, "stream": True, "max_tokens": 1500, "ignore_eos": True}
+        with client.stream("POST", server.openai_base + "/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ") and next(lines) == ""
+            assert next(lines).startswith("data: ")  # running: now leave
+    wait_idle(server.engine)  # the server noticed and aborted every prompt's request
+    _wait_admission_empty(server)
+    prompts = 1 if isinstance(prompt, str) else len(prompt)
+    assert _metric(server, "glm_serve_generation_tokens_total") - before < 250 * prompts  # not run to 1500 each
+
+
 def test_a_stream_left_after_its_first_tokens_counts_its_prompt_and_e2e(server):
     names = ("glm_serve_prompt_tokens_total", "glm_serve_time_to_first_token_seconds_count",
              "glm_serve_e2e_request_latency_seconds_count", "glm_serve_generation_tokens_total")
