@@ -54,13 +54,15 @@ class _HostCollector:
     per-chunk work can hold back the engine's next step), and the engine's steps."""
 
     def __init__(self, async_engine):
-        self._engine = async_engine  # AsyncEngine: its loop thread and step_count
+        self._engine = async_engine  # AsyncEngine: its loop thread (id, alive) and step_count
 
     def collect(self):
         c = CounterMetricFamily("glm_serve_thread_cpu_seconds", "CPU seconds of the server's threads: the engine "
                                 "loop (scheduling, launches, outputs) and the HTTP event loop", labels=["thread"])
         ident = self._engine.thread_id
-        if ident is not None:
+        # Only a live thread's id: once the engine thread has ended, its id is the next new thread's (pthread ids
+        # are reused: a to_thread worker would be reported as the engine), and an expired id is undefined behaviour.
+        if ident is not None and self._engine.alive:
             try:
                 c.add_metric(["engine"], time.clock_gettime(time.pthread_getcpuclockid(ident)))
             except (OSError, AttributeError):  # the thread is gone, or no per-thread clocks (not Linux/macOS)

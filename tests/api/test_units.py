@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import random
+import threading
 import time
 from types import SimpleNamespace
 
@@ -409,3 +410,20 @@ def test_validation_error_of_a_mixed_list_names_the_accepted_forms(prompt):
     err = from_validation_errors(e.value.errors())
     assert err.code == "1210" and err.param == "prompt"
     assert err.message == "prompt: must be one of str, list[str], list[int], list[list[int]]; the value is none of them"
+
+
+def test_engine_thread_cpu_is_read_only_while_the_engine_thread_lives():
+    # Before: a dead engine thread's id was still passed to pthread_getcpuclockid. Ids are reused: the next new
+    # thread (a to_thread worker preparing a chat) got it, and its CPU time was reported as the engine's.
+    def engine_cpu(alive: bool):
+        # this test's thread stands for the one that now holds the old id
+        fake = SimpleNamespace(thread_id=threading.get_ident(), alive=alive, step_count=4)
+        metrics = Metrics(SimpleNamespace(stats=dict), fake)
+        value = metrics.registry.get_sample_value
+        assert value("glm_serve_engine_steps_total") == 4
+        assert value("glm_serve_thread_cpu_seconds_total", {"thread": "event_loop"}) is not None
+        return value("glm_serve_thread_cpu_seconds_total", {"thread": "engine"})
+
+    if hasattr(time, "pthread_getcpuclockid"):
+        assert engine_cpu(alive=True) > 0
+    assert engine_cpu(alive=False) is None  # the engine stopped: no sample, not another thread's
