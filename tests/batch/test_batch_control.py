@@ -333,3 +333,30 @@ def test_a_key_without_a_dot_is_not_written_to_the_data_dir(make_server, tmp_pat
     srv.stop()
     stored = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
     assert raw_key.encode() not in stored
+
+
+def test_a_slow_grammar_compile_of_a_line_does_not_stall_the_server(server, tmp_path, monkeypatch):
+    # A line's grammar is compiled when the line runs (again, unless still cached from the input check). Before,
+    # run_line prepared the line on the event loop: a new schema's compile (~1 s for a string with maxLength 2000)
+    # froze every other request and stream meanwhile, as the chat endpoints did before they moved it to a thread.
+    ctx = server.app.state.ctx
+    real = ctx.constraint_factory()
+
+    class Slow:
+        def json_object(self):
+            time.sleep(1.0)  # blocks whichever thread compiles, like a real compile (which releases the GIL)
+            return real.json_object()
+
+    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
+    body = chat_body("hi", max_tokens=3, response_format={"type": "json_object"})
+    fid = upload(server.vendor_base, write_jsonl(tmp_path / "in.jsonl", [batch_line("a", body)]))
+    batch_id = create(server.vendor_base, fid)["id"]
+    worst = 0.0
+    while _get(server, batch_id)["status"] not in ("completed", "failed"):
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.02)
+    done = wait_batch(server.vendor_base, batch_id)
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 1, done
+    assert worst < 0.6, worst
