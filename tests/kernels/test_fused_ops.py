@@ -100,3 +100,59 @@ def test_fused_ops_reject_bad_shapes():
     with pytest.raises(ValueError, match="float32"):
         rope_(torch.zeros(2, 4, 8), torch.zeros(2, 2, 8), torch.zeros(2, 2, dtype=torch.float16),
               torch.zeros(2, 2, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------- the fused ops inside the model
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_fused_ops_over_quantized_linears_give_the_plain_forward(tiny_hf, method):
+    """--quantization swaps the decoder's linears for bitsandbytes ones: the fused path calls those same modules
+    (qkv, o, gate_up, down) between its kernels, so its hidden states are the plain path's (float32)."""
+    pytest.importorskip("bitsandbytes")
+    from glm_serve.loader import load_model  # noqa: PLC0415
+    from glm_serve.model.simple import allocate_cache, single_seq_meta  # noqa: PLC0415
+    from glm_serve.model.triton_backend import TritonPagedAttention  # noqa: PLC0415
+
+    model = load_model(tiny_hf, device=DEVICE, quantization=method)
+    model.set_backend(TritonPagedAttention())
+    ids = torch.randint(0, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = {}
+    for fused in (False, True):
+        model.use_fused_ops(fused)
+        caches, num_blocks = allocate_cache(model, 32, 16, torch.float32, DEVICE)
+        with torch.inference_mode():
+            got[fused] = model(ids, torch.arange(23, device=DEVICE), single_seq_meta(0, 23, 16, num_blocks, DEVICE),
+                               caches)
+    torch.testing.assert_close(got[True], got[False], atol=2e-5, rtol=2e-5)
+
+
+def test_fused_ops_serve_an_image_prompt_as_the_plain_model_does(tmp_path):
+    """GLM-4V: the image's rows enter the decoder as inputs_embeds (the embeddings with the tower's vectors
+    written in), in chunks of 8 tokens that split the image span; the fused path starts its residual stream from
+    them: the tokens are the torch backend's plain model's, with and without an image."""
+    import base64  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    from glm_serve.llm import LLM  # noqa: PLC0415
+    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
+    from glm_serve.tiny_vision import make_tiny_vision  # noqa: PLC0415
+
+    ckpt = make_tiny_vision(tmp_path / "tiny4v", seed=5)
+    pixels = (torch.rand(40, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    image_chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "What is in the picture?"}]}]
+    prompts = [image_chat, [{"role": "user", "content": "hi there"}]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kw = dict(kv_cache_tokens=512, max_batch_tokens=8, max_num_seqs=4)
+    want = LLM(str(ckpt), attention_backend="torch", **kw).generate(prompts, params, use_tqdm=False)
+    fused = LLM(str(ckpt), attention_backend="triton", **kw)
+    assert fused.engine.model.fused_ops and fused.engine.model.vision is not None
+    got = fused.generate(prompts, params, use_tqdm=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert len(got[0].prompt_token_ids) > 8  # the image prompt really spanned several chunks
