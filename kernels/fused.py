@@ -69,10 +69,11 @@ def add_rms_norm(
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [T, N] and contiguous along N, got {tuple(x.shape)}")
     num_rows, n = x.shape
-    if weight.shape != (n,):
-        raise ValueError(f"weight must be [{n}], got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
-        raise ValueError(f"residual must be {tuple(x.shape)} and contiguous along N, got {tuple(residual.shape)}")
+    if weight.shape != (n,) or weight.stride(-1) != 1:
+        raise ValueError(f"weight must be [{n}] and contiguous, got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be {tuple(x.shape)} in {x.dtype}, contiguous along N, got "
+                         f"{tuple(residual.shape)} in {residual.dtype}")
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.stride(-1) != 1:

@@ -3,7 +3,6 @@ JSON body, admission, and the chat handler both schemas use."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -123,10 +122,10 @@ def new_meta(ctx: ServingContext, flavor: str, model: str, client_request_id: st
 
 
 async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
-    """prepare_chat in a worker thread: compiling a new schema's grammar takes up to seconds (a string with
-    maxLength 2000: ~1 s), and on the event loop it would stall every other request and stream meanwhile.
-    (xgrammar releases the GIL while it compiles; the rest of prepare_chat is thread-safe: encoding, reads.)"""
-    return await asyncio.to_thread(prepare_chat, req, flavor, ctx)
+    """prepare_chat in a worker thread (ctx.off_loop): compiling a new schema's grammar takes up to seconds (a
+    string with maxLength 2000: ~1 s), and on the event loop it would stall every other request and stream
+    meanwhile. (xgrammar releases the GIL while it compiles; the rest of prepare_chat is thread-safe.)"""
+    return await ctx.off_loop(prepare_chat, req, flavor, ctx)
 
 
 async def handle_chat(request: Request, flavor: str, model_cls, route: str):

@@ -4,11 +4,13 @@ model names, generation defaults, keys, admission, metrics, the constraint facto
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,10 @@ class ServingContext:
         self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231
         self._factory = None
         self._factory_lock = threading.Lock()
+        # Chat preparation (templates, tokenizing, grammars: a new schema compiles for up to seconds) runs here,
+        # off the event loop, in a pool of its own: slow schemas queue behind each other, not in front of the
+        # default pool's file reads and image decoding.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="glm-prepare")
         # Set when the server's shutdown grace is about to run out: answers still running end now, in the API's
         # own format (an error body, an in-band stream error), before the server cancels them (begin_shutdown).
         self.closing = asyncio.Event()
@@ -128,6 +134,10 @@ class ServingContext:
 
                 self._factory = ConstraintFactory(self.tokenizer, self.core.model_config.vocab_size)
             return self._factory
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) in the preparation pool (see __init__), awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
     @staticmethod
     def new_id(prefix: str) -> str:

@@ -13,7 +13,6 @@ Shared by the server's batch worker and `glm-serve batch`.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import json
 import logging
@@ -155,7 +154,7 @@ async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict) -
     try:
         # In a worker thread, as the chat endpoints do: the line's grammar may compile again here (seconds for a new
         # schema no longer cached), which on the event loop would stall every other request and stream.
-        prep = await asyncio.to_thread(_prepare, ctx, body)
+        prep = await ctx.off_loop(_prepare, ctx, body)
         await attach_image(ctx, prep)  # GLM-4V: decode (or fetch) the line's image, as the endpoint does
         req_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
         meta = new_meta(ctx, VENDOR, body["model"], req_id)

@@ -169,7 +169,13 @@ def test_a_slow_grammar_compile_does_not_stall_other_requests(server, monkeypatc
             time.sleep(1.5)  # blocks whichever thread compiles, like a real compile (which releases the GIL)
             return real.json_object()
 
-    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
+    threads = []
+
+    def factory():
+        threads.append(threading.current_thread().name)
+        return Slow()
+
+    monkeypatch.setattr(ctx, "constraint_factory", factory)
     body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 3, "response_format": {"type": "json_object"}}
     answers = []
     for url in (server.vendor_base + "chat/completions", server.openai_base + "/chat/completions",
@@ -182,6 +188,8 @@ def test_a_slow_grammar_compile_does_not_stall_other_requests(server, monkeypatc
         assert time.monotonic() - t0 < 0.8, url
         slow.join()
     assert [r.status_code for r in answers] == [200, 200, 200]
+    # in the preparation pool of its own, not asyncio's default one (file reads, image decoding)
+    assert threads and all(name.startswith("glm-prepare") for name in threads), threads
     wait_idle(server.engine)
 
 

@@ -93,6 +93,10 @@ def test_fused_ops_reject_bad_shapes():
         add_rms_norm(torch.zeros(2, 8), torch.zeros(4), 1e-5)
     with pytest.raises(ValueError, match="residual"):
         add_rms_norm(torch.zeros(2, 8), torch.zeros(8), 1e-5, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="residual"):  # the sum is stored in x's dtype: a mix would round twice
+        add_rms_norm(torch.zeros(2, 8), torch.zeros(8), 1e-5, torch.zeros(2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="weight"):
+        add_rms_norm(torch.zeros(2, 8), torch.zeros(8, 2)[:, 0], 1e-5)
     with pytest.raises(ValueError, match="2F"):
         silu_mul(torch.zeros(2, 7))
     with pytest.raises(ValueError, match="rotary_dim"):
