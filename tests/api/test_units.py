@@ -427,3 +427,41 @@ def test_engine_thread_cpu_is_read_only_while_the_engine_thread_lives():
     if hasattr(time, "pthread_getcpuclockid"):
         assert engine_cpu(alive=True) > 0
     assert engine_cpu(alive=False) is None  # the engine stopped: no sample, not another thread's
+
+
+def test_loop_histogram_exposes_what_prometheus_clients_histogram_does():
+    # Our lock-free histogram (observed on the event loop for every streamed token) against prometheus_client's
+    # own on the same values: bounds hit exactly (le is inclusive), values past the last bound, n at once.
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from glm_serve.api.metrics import _LoopHistogram
+
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    ours = _LoopHistogram("h_seconds", "doc", buckets)
+    registry = CollectorRegistry()
+    theirs = Histogram("h_seconds", "doc", buckets=buckets, registry=registry)
+    rng = random.Random(3)
+    values = [rng.choice([0.0, 0.001, 0.01, 0.1, 1.0, 5.0]) for _ in range(40)] + [rng.random() for _ in range(40)]
+    for v in values:
+        n = rng.randint(1, 3)
+        ours.observe(v, n)
+        for _ in range(n):
+            theirs.observe(v)
+
+    class One:
+        def collect(self):
+            yield ours.family()
+
+    mine = CollectorRegistry()
+    mine.register(One())
+
+    def lines(reg):
+        return sorted(line for line in generate_latest(reg).decode().splitlines()
+                      if line.startswith("h_seconds_") and "_created" not in line)
+
+    got, want = lines(mine), lines(registry)
+    assert [line.rsplit(" ", 1)[0] for line in got] == [line.rsplit(" ", 1)[0] for line in want]
+    for a, b in zip(got, want):
+        assert float(a.rsplit(" ", 1)[1]) == pytest.approx(float(b.rsplit(" ", 1)[1]), rel=1e-9)
