@@ -91,6 +91,22 @@ def server(make_server) -> Server:
     return make_server()
 
 
+def slow_grammar_compiles(ctx, monkeypatch, seconds: float) -> list[str]:
+    """Make every JSON-mode grammar compile take `seconds` (blocking whichever thread compiles, as a real compile
+    of a new schema does for up to seconds, with the GIL released). -> the names of the threads that compiled."""
+    real = ctx.constraint_factory()
+    threads: list[str] = []
+
+    class Slow:
+        def json_object(self):
+            threads.append(threading.current_thread().name)
+            time.sleep(seconds)
+            return real.json_object()
+
+    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
+    return threads
+
+
 def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
     """Wait until the engine holds no request and every KV block is free."""
     core = engine.engine

@@ -12,7 +12,7 @@ import pytest
 
 from glm_serve.chat import encode_chat
 
-from .conftest import frozen_engine, wait_idle
+from .conftest import frozen_engine, slow_grammar_compiles, wait_idle
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -161,21 +161,7 @@ def test_generation_failure_mid_stream_and_before(server, monkeypatch):
 def test_a_slow_grammar_compile_does_not_stall_other_requests(server, monkeypatch):
     # A new schema's grammar compiles in the request (a string with maxLength 2000 takes ~1 s); on the event loop
     # that froze every other request and stream for as long. Here a compile that takes 1.5 s, and /health.
-    ctx = server.app.state.ctx
-    real = ctx.constraint_factory()
-
-    class Slow:
-        def json_object(self):
-            time.sleep(1.5)  # blocks whichever thread compiles, like a real compile (which releases the GIL)
-            return real.json_object()
-
-    threads = []
-
-    def factory():
-        threads.append(threading.current_thread().name)
-        return Slow()
-
-    monkeypatch.setattr(ctx, "constraint_factory", factory)
+    threads = slow_grammar_compiles(server.app.state.ctx, monkeypatch, 1.5)
     body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 3, "response_format": {"type": "json_object"}}
     answers = []
     for url in (server.vendor_base + "chat/completions", server.openai_base + "/chat/completions",

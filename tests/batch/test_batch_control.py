@@ -12,6 +12,9 @@ import time
 
 import httpx
 import pytest
+from api.conftest import (
+    slow_grammar_compiles,  # tests/ is on sys.path (rootdir-relative packages)
+)
 from starlette.datastructures import UploadFile
 
 import glm_serve.batch.routes as batch_routes
@@ -339,15 +342,7 @@ def test_a_slow_grammar_compile_of_a_line_does_not_stall_the_server(server, tmp_
     # A line's grammar is compiled when the line runs (again, unless still cached from the input check). Before,
     # run_line prepared the line on the event loop: a new schema's compile (~1 s for a string with maxLength 2000)
     # froze every other request and stream meanwhile, as the chat endpoints did before they moved it to a thread.
-    ctx = server.app.state.ctx
-    real = ctx.constraint_factory()
-
-    class Slow:
-        def json_object(self):
-            time.sleep(1.0)  # blocks whichever thread compiles, like a real compile (which releases the GIL)
-            return real.json_object()
-
-    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
+    slow_grammar_compiles(server.app.state.ctx, monkeypatch, 1.0)
     body = chat_body("hi", max_tokens=3, response_format={"type": "json_object"})
     fid = upload(server.vendor_base, write_jsonl(tmp_path / "in.jsonl", [batch_line("a", body)]))
     batch_id = create(server.vendor_base, fid)["id"]
