@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,8 +40,19 @@ class _Add:
     final_only: bool  # the caller wants the result: first tokens, then one final output (LLMEngine.add_request)
 
 
+# The interpreter's switch interval while an AsyncEngine runs (CPython's default is 5 ms). Every PyTorch op of
+# the engine thread releases the GIL and takes it back; while the event loop runs Python without a pause
+# (hundreds of streams' chunks), taking it back waits until the loop is made to drop it, one switch interval
+# per op: beside a busy Python thread a 3 ms CPU step took 634 ms at 5 ms and 53 ms at 0.5 ms
+# (benchmarks/gil_convoy.py, benchmarks/results/gil_convoy_cpu_2026-12-02.json); with the busy thread
+# pausing, as a loop does between steps, the interval made no difference. Only ever lowered, never raised.
+SWITCH_INTERVAL_S = 0.0005
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}

@@ -158,3 +158,22 @@ def test_an_interrupt_wakes_a_caller_that_no_output_would_wake_and_aborts_its_re
     asyncio.run(asyncio.wait_for(run(), 60))
     bm = core.block_manager
     assert not core.requests and bm.num_free_blocks == bm.num_blocks
+
+
+def test_the_engine_thread_lowers_the_switch_interval_and_never_raises_it(llm):
+    # Beside an event loop that runs Python without a pause, each PyTorch op of the engine thread waited up to a
+    # whole switch interval (5 ms by default) for the GIL (benchmarks/gil_convoy.py).
+    import sys
+
+    from glm_serve.engine import async_engine
+
+    old = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        AsyncEngine(llm.engine).shutdown()
+        assert sys.getswitchinterval() == pytest.approx(async_engine.SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0001)  # someone wants it lower still: left alone
+        AsyncEngine(llm.engine).shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(old)
