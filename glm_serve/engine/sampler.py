@@ -230,7 +230,10 @@ class Sampler:
         if batch.penalty_rows is not None:
             _apply_penalties(logits, batch)
         if batch.min_tokens_block is not None:
-            logits[batch.min_tokens_block[0], batch.min_tokens_block[1]] = float("-inf")
+            # A device-side -inf: `logits[r, c] = float("-inf")` makes it on the host and copies it with a
+            # blocking copy on CUDA (the host would wait for the step).
+            rows, ids = batch.min_tokens_block
+            logits.index_put_((rows, ids), logits.new_full((), float("-inf")))
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -334,11 +334,13 @@ def test_mixed_step_without_host_sync(device):
                         generator=make_generator(p.seed, device) if p.seed is not None else None) for p in params]
     logits = torch.randn(6, vocab)
     logits[4, 7] = 100.0
+    on_device = logits.clone().to(device)  # the sampler consumes its logits; a pageable copy waits: not here
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
         batch = SamplingBatch.build(rows, vocab, device, token_bitmask=bitmask)
-        out = Sampler()(logits.clone().to(device), batch)  # the sampler consumes its logits
+        out = Sampler()(on_device, batch)
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode(0)
@@ -349,6 +351,39 @@ def test_mixed_step_without_host_sync(device):
     alone = _sample(logits[1:2].to(device), [SamplingRow(seeded, generator=make_generator(5, device))])
     assert int(alone.token_ids[0]) == int(tokens[1])
     torch.testing.assert_close(out.logprobs.cpu(), torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
+def test_a_step_makes_no_tensor_from_host_values():
+    """The CPU face of the test above: once the batch is built, a step turns no Python value into a tensor
+    (aten.lift_fresh, e.g. `logits[rows, ids] = float("-inf")`). On CUDA each such tensor is made on the host and
+    copied to the device with a blocking copy: the host waits for the step (overlap scheduling lost), and
+    sync debug mode "error" refuses it."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    vocab = 1000
+    params = [SamplingParams(min_tokens=3, temperature=0.0, repetition_penalty=1.2),
+              SamplingParams(min_tokens=2, top_k=2000, top_p=0.5, min_p=0.05, seed=3, logprobs=2),
+              SamplingParams(top_k=50, frequency_penalty=0.5, presence_penalty=0.1)]
+    rows = [SamplingRow(p, prompt_ids=[1, 2], output_ids=[4], stop_token_ids=[7, 9],
+                        generator=make_generator(p.seed, "cpu") if p.seed is not None else None) for p in params]
+    bitmask = torch.full((3, (vocab + 31) // 32), -1, dtype=torch.int32)
+    batch = SamplingBatch.build(rows, vocab, "cpu", token_bitmask=bitmask)
+    assert batch.min_tokens_block is not None  # the stage that wrote a Python -inf
+    logits = torch.randn(3, vocab)
+    with Ops() as ops:
+        out = Sampler()(logits.clone(), batch)
+    assert "index_put_" in ops.names or "index_fill_" in ops.names  # the min_tokens stage ran
+    assert "lift_fresh" not in ops.names
+    assert out.token_ids[0] not in (7, 9) and out.token_ids[1] not in (7, 9)
 
 
 def test_allows_more_than_matches_the_unpacked_mask():
