@@ -57,6 +57,8 @@ def main(argv=None) -> int:
           f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
     result = {
         **header("engine_overhead", device_name("cpu"), argv),
+        # The engine's default device: on a GPU host its batches and the sampler's ops are on the GPU.
+        "engine_device": "cuda" if torch.cuda.is_available() else "cpu",
         "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap, "final_only": args.final_only,
         "stream_interval": args.stream_interval,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
@@ -85,7 +87,8 @@ def _engine(args):
     llm = LLM(str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
               max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap,
               stream_interval=args.stream_interval)
-    return llm.engine, torch.randn(args.seqs, llm.engine.model_config.vocab_size)
+    # On the engine's device (CUDA where there is one): CPU logits would meet the step's device tensors.
+    return llm.engine, torch.randn(args.seqs, llm.engine.model_config.vocab_size, device=llm.engine.device)
 
 
 def _measure(args) -> dict:

@@ -28,3 +28,31 @@ def test_engine_overhead_benchmark_small_run(tmp_path, mode):
     for part in ("schedule", "prepare", "land", "emit"):
         assert 0 < med[part] < med["host_total"]
     assert record["async_streams"]["steps"] >= 12 and record["async_streams"]["tokens_per_s"] > 0
+
+
+def test_the_stand_in_logits_live_on_the_engines_device(monkeypatch):
+    """On the GPU box the engine runs on CUDA (its default there): logits made on the CPU would meet the step's
+    device tensors (a CPU tensor indexed by CUDA rows, the first step that mixes prefill and decode) and the
+    benchmark would stop there. Stand-in engine on the meta device: no CUDA needed to see where they go."""
+    import importlib.util  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    import glm_serve.llm  # noqa: PLC0415
+    import glm_serve.tiny  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("engine_overhead_bench", REPO / "benchmarks" / "engine_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class FakeLLM:
+        def __init__(self, model, **kw):
+            self.engine = types.SimpleNamespace(device=torch.device("meta"),
+                                                model_config=types.SimpleNamespace(vocab_size=50))
+
+    monkeypatch.setattr(glm_serve.llm, "LLM", FakeLLM)
+    monkeypatch.setattr(glm_serve.tiny, "make_tiny", lambda path, spec: path)
+    args = types.SimpleNamespace(seqs=4, steps=3, no_overlap=False, stream_interval=1)
+    eng, fixed = bench._engine(args)
+    assert fixed.device == eng.device and fixed.shape == (4, 50)
