@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,16 +41,19 @@ def device_name(device: str | torch.device) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD (+ "-dirty"); outside a git checkout (the GPU box gets a copy of the working tree, not the
+    repository) GLM_SERVE_GIT_COMMIT, which scripts/gpu-run.sh's caller sets; None when neither says."""
     repo = Path(__file__).parent
+    given = os.environ.get("GLM_SERVE_GIT_COMMIT") or None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         # Results files written by an earlier run of the same code do not make the tree dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--", ":(top)", ":(top,exclude)benchmarks/results"],
                                cwd=repo, capture_output=True, text=True, timeout=10)
     except OSError:
-        return None
+        return given
     if head.returncode != 0:
-        return None
+        return given
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -14,12 +14,17 @@
 #   (the tool brings back 8).
 # tune: the kernel launch-parameter sweep at the target points (with the quick sweep); not part of all.
 # Each step says how it ended in $results/steps.log; a failing step does not stop the ones after it.
+# The box gets a copy of the working tree without .git: run it as `GLM_SERVE_GIT_COMMIT=<sha> bash ...` (the
+# sha of the tree sent, +"-dirty" if it has uncommitted changes) so that the results files name their commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
 results="${OUT:-benchmarks/results}"
 mkdir -p "$results"
 today=$(date +%F)
+if [ -z "${GLM_SERVE_GIT_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "gpu-run.sh: no git checkout here and no GLM_SERVE_GIT_COMMIT: the results files will name no commit"
+fi
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
