@@ -34,9 +34,22 @@ nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 export PYTHONUNBUFFERED=1
 
+# The whole run's budget (seconds from the start, pip installs included): the steps' own limits add up to more
+# than one call's 600 s (first: 970 s), so each step is also cut at what is left of it, and one with under 15 s
+# left is not started: the script ends itself (each step's partial results saved) instead of being killed
+# mid-step by the call's limit. GPU_RUN_BUDGET=0: no budget (default for `all`, longer than any call).
+budget=${GPU_RUN_BUDGET:-$([ "$what" = all ] && echo 0 || echo 540)}
 step() {  # step NAME SECONDS [--log FILE] CMD...: CMD under a time limit (SIGINT first), its output to FILE
   local name=$1 limit=$2 t0=$SECONDS rc  # when given; says how it ended; never fails
   shift 2
+  if [ "$budget" -gt 0 ]; then
+    local left=$((budget - SECONDS))
+    if [ "$left" -lt 15 ]; then
+      echo "gpu-run.sh: $name: NOT RUN, ${left} s left of the run's ${budget} s budget" | tee -a "$results/steps.log"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   if [ "$1" = --log ]; then
     local log=$2
     shift 2

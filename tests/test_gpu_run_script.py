@@ -73,3 +73,16 @@ def test_first_cuts_a_step_off_at_its_limit_and_goes_on(tmp_path):
         "fused ops benchmark", "make-tiny glm-4-9b", "offline benchmark (9B-shaped)", "engine overhead (host CPU)"]
     assert "kernel benchmark (--quick): cut off at its 2 s limit" in steps[2]
     assert "--num-prompts 128" in calls and "engine_overhead.py --repeats 1" in calls
+
+
+def test_a_run_ends_within_its_budget_whatever_the_steps_limits(tmp_path):
+    """The steps' own limits add up to more than one 600 s call (first: 970 s): each step is also cut at what is
+    left of the run's budget (GPU_RUN_BUDGET, default 540 s), and a step with too little left is not started
+    (said in steps.log), so the script ends itself instead of being killed mid-step by the call's limit."""
+    done, calls, out = _run(tmp_path, "first", FAKE_SLOW_KERNELS="1", GPU_RUN_BUDGET="25")
+    steps = (out / "steps.log").read_text().splitlines()
+    kernels = next(s for s in steps if "kernel benchmark (--quick)" in s)
+    assert "cut off at its" in kernels and "120 s" not in kernels  # cut at the budget's rest, not its own limit
+    assert int(kernels.rsplit(",", 1)[1].split()[0]) <= 25
+    assert any("NOT RUN" in s and "budget" in s for s in steps)
+    assert "offline_throughput.py" not in calls  # nothing started once the budget was spent
