@@ -120,10 +120,10 @@ class ServingContext:
     def shutting_down_error(self) -> APIError:
         return APIError("500", "the server is shutting down; send the request again", status=503)
 
-    def check_model(self, name: str) -> str:
+    def check_model(self, name: str, status: int | None = None) -> str:
         if name not in self.model_names:
             raise APIError("1211", f"model {name!r} does not exist; this server serves "
-                                   f"{', '.join(repr(n) for n in self.model_names)}", "model")
+                                   f"{', '.join(repr(n) for n in self.model_names)}", "model", status=status)
         return name
 
     def constraint_factory(self):

@@ -82,8 +82,8 @@ class _HostCollector:
 
 class _LoopHistogram:
     """A histogram observed on the event loop only, so without a lock: prometheus_client's Histogram takes two
-    per observation, which with its bucket scan was about a tenth of a streamed token's event-loop work at
-    hundreds of streams. n equal observations are one call. Exposed by _LoopCollector."""
+    per observation and scans its buckets, for every streamed token. n equal observations are one call.
+    Exposed by _LoopCollector."""
 
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
         self.name, self.doc = name, doc

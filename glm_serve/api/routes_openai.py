@@ -60,10 +60,7 @@ async def model(request: Request, model: str):
     """The SDK's models.retrieve. An unknown name is OpenAI's 404 model_not_found, not the route's 404."""
     ctx = ctx_of(request)
     authenticate(request)
-    if model not in ctx.model_names:
-        raise APIError("1211", f"model {model!r} does not exist; this server serves "
-                               f"{', '.join(repr(n) for n in ctx.model_names)}", "model", status=404)
-    return JSONResponse(_model_card(ctx, model))
+    return JSONResponse(_model_card(ctx, ctx.check_model(model, status=404)))
 
 
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:

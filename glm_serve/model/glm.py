@@ -18,6 +18,8 @@ from torch import nn
 from glm_serve.config import ModelConfig
 from glm_serve.model.attention import AttentionBackend, AttnMetadata, TorchPagedAttention
 
+_kernels = None  # glm_serve.kernels, set by GlmForCausalLM.use_fused_ops(True)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -72,25 +74,25 @@ class Attention(nn.Module):
         self.backend = backend
         self.scale = self.head_dim**-0.5
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, KVH, D]: views of one fused projection [T, q_size + 2 * kv_size]."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                v.view(T, self.num_kv_heads, self.head_dim))
+
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMetadata):
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rotary.apply(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = self.rotary.apply(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        q, k, v = self._qkv(x)
+        q = self.rotary.apply(q, cos, sin)  # [T, H, D]
+        k = self.rotary.apply(k, cos, sin)  # [T, KVH, D]
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
     def forward_fused(self, x, cos, sin, k_cache, v_cache, meta: AttnMetadata):  # cos, sin: [T, rotary_dim / 2]
-        from glm_serve.kernels import rope_  # noqa: PLC0415 (needs triton)
-
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]: q and k rotate in place, as views of it
-        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)  # [T, H, D]
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
-        rope_(q, k, cos, sin)
+        q, k, v = self._qkv(x)
+        _kernels.rope_(q, k, cos, sin)  # in place, on the projection's views
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -133,8 +135,7 @@ class DecoderLayer(nn.Module):
         """forward with the fused kernels. h: the previous layer's output before its residual add (the embeddings
         for the first layer, residual None); -> (this layer's, the residual stream): the add happens in the next
         norm, as `x + h` rounded to the dtype, the same value the plain path adds."""
-        from glm_serve.kernels import add_rms_norm, silu_mul  # noqa: PLC0415 (needs triton)
-
+        add_rms_norm, silu_mul = _kernels.add_rms_norm, _kernels.silu_mul
         norm = self.input_layernorm
         x, residual = add_rms_norm(h, norm.weight, norm.eps, residual)
         h = self.self_attn.forward_fused(x, cos, sin, k_cache, v_cache, meta)
@@ -162,8 +163,11 @@ class GlmForCausalLM(nn.Module):
         self.fused_ops = False  # see the module docstring
 
     def use_fused_ops(self, on: bool) -> None:
+        global _kernels  # noqa: PLW0603 (imported once here, not per layer and step: triton is optional)
         if on:
-            import glm_serve.kernels  # noqa: F401, PLC0415 (fails here, not mid-step, without triton)
+            import glm_serve.kernels as kernels  # noqa: PLC0415 (fails here, not mid-step, without triton)
+
+            _kernels = kernels
         self.fused_ops = on
 
     def set_backend(self, backend: AttentionBackend) -> None:
@@ -191,12 +195,10 @@ class GlmForCausalLM(nn.Module):
         return self.norm(x)
 
     def _forward_fused(self, h, cos, sin, meta, kv_caches) -> torch.Tensor:  # cos, sin: [T, rotary_dim / 2]
-        from glm_serve.kernels import add_rms_norm  # noqa: PLC0415 (needs triton)
-
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer.forward_fused(h, residual, cos, sin, k_cache, v_cache, meta)
-        return add_rms_norm(h, self.norm.weight, self.norm.eps, residual)[0]  # the last add, then the final norm
+        return _kernels.add_rms_norm(h, self.norm.weight, self.norm.eps, residual)[0]  # the last add, the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] float32
         return self.lm_head(hidden).float()
