@@ -184,13 +184,23 @@ def _pack_bits(allowed: torch.Tensor) -> torch.Tensor:
 
 class GrammarConstraint:
     """One choice held to one compiled grammar: wraps an xgrammar GrammarMatcher. After the grammar is
-    complete only the stop ids are allowed; accepting one terminates the matcher (and the choice)."""
+    complete only the stop ids are allowed; accepting one terminates the matcher (and the choice).
 
-    __slots__ = ("_matcher", "_what")
+    Picklable before its first token (`glm-serve serve --engine-process` sends it to the engine's process): it
+    travels as the grammar's serialized form, which leaves out the vocabulary (megabytes for GLM-4's); the
+    receiving process rebuilds it against the vocabulary registered there (use_vocabulary)."""
 
-    def __init__(self, matcher, what: str):
+    __slots__ = ("_matcher", "_what", "_compiled")
+
+    def __init__(self, matcher, what: str, compiled=None):
         self._matcher = matcher
         self._what = what  # for error messages: "JSON object", "JSON schema", "tool call"
+        self._compiled = compiled  # the xgrammar CompiledGrammar the matcher runs (for pickling)
+
+    def __reduce__(self):
+        if self._compiled is None:
+            raise TypeError("this GrammarConstraint was built without its compiled grammar: it cannot be sent")
+        return _grammar_constraint, (self._compiled.serialize_json(), self._what)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         # bitmask: [N, ceil(V/32)] int32 on the host; xgrammar writes row `row` in place.
@@ -269,6 +279,56 @@ def _function_tools(tools: Any, name: str | None) -> list[tuple[int, str, dict]]
     return list(found.values())
 
 
+def _tokenizer_info(xgr, tokenizer: GlmTokenizer, vocab_size: int):
+    """xgrammar's view of our vocabulary (see the module docstring). -> (TokenizerInfo, token bytes, stop ids)."""
+    added = set(tokenizer.special_ids.values())
+    stop_ids = sorted({t for t in tokenizer.stop_token_ids if 0 <= t < tokenizer.vocab_size})
+    if not stop_ids:
+        raise ValueError("the tokenizer has no stop token ids: constrained output could never end")
+    vocab = [b"" if i in added else tokenizer.id_to_token_bytes(i) for i in range(tokenizer.vocab_size)]
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids)
+    return info, vocab, stop_ids
+
+
+class _Vocabulary:
+    """This process's vocabulary for rebuilding grammars sent from another process (use_vocabulary), built on the
+    first one; and the grammars rebuilt lately, by their serialized form (a schema repeats across requests)."""
+
+    def __init__(self) -> None:
+        self.source: tuple[GlmTokenizer, int] | None = None
+        self.info = None
+        self.grammars: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+
+_VOCAB = _Vocabulary()
+
+
+def use_vocabulary(tokenizer: GlmTokenizer, vocab_size: int) -> None:
+    """Register the vocabulary that GrammarConstraints unpickled in this process run against (the engine's
+    process calls it at start; the grammars' senders built theirs from the same checkpoint)."""
+    with _VOCAB.lock:
+        _VOCAB.source, _VOCAB.info = (tokenizer, vocab_size), None
+        _VOCAB.grammars.clear()
+
+
+def _grammar_constraint(serialized: str, what: str) -> GrammarConstraint:
+    """Unpickling a GrammarConstraint: its grammar against this process's vocabulary, and a fresh matcher."""
+    xgr = _import_xgrammar()
+    with _VOCAB.lock:
+        if _VOCAB.source is None:
+            raise ValueError("no vocabulary registered in this process for constraints (constrain.use_vocabulary)")
+        if _VOCAB.info is None:
+            _VOCAB.info = _tokenizer_info(xgr, *_VOCAB.source)[0]
+        compiled = _VOCAB.grammars.get(serialized)
+        if compiled is None:
+            compiled = _VOCAB.grammars[serialized] = xgr.CompiledGrammar.deserialize_json(serialized, _VOCAB.info)
+            while len(_VOCAB.grammars) > CACHE_SIZE:
+                _VOCAB.grammars.popitem(last=False)
+        _VOCAB.grammars.move_to_end(serialized)
+    return GrammarConstraint(xgr.GrammarMatcher(compiled), what, compiled)
+
+
 class ConstraintFactory:
     """Builds per-choice constraints for one checkpoint. Build once per engine (the vocabulary scan and the
     compiled grammars are shared); methods are thread-safe and return fresh objects, one per choice.
@@ -281,12 +341,7 @@ class ConstraintFactory:
             raise ValueError(f"vocab_size must be an integer >= the tokenizer's {tokenizer.vocab_size} tokens "
                              f"(the model's padded logits width), got {vocab_size!r}")
         self.vocab_size = vocab_size
-        added = set(tokenizer.special_ids.values())
-        stop_ids = sorted({t for t in tokenizer.stop_token_ids if 0 <= t < tokenizer.vocab_size})
-        if not stop_ids:
-            raise ValueError("the tokenizer has no stop token ids: constrained output could never end")
-        vocab = [b"" if i in added else tokenizer.id_to_token_bytes(i) for i in range(tokenizer.vocab_size)]
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        info, vocab, stop_ids = _tokenizer_info(xgr, tokenizer, vocab_size)
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # we cache whole grammars below
         self._cache: OrderedDict[str, Any] = OrderedDict()  # key -> CompiledGrammar, least recently used first
         self._cache_size = cache_size
@@ -304,7 +359,7 @@ class ConstraintFactory:
         """Content that is one JSON object: `json.loads(text[1:])` gives a dict."""
         compiled = self._compiled("json_object", lambda: self._content_grammar(
             self._schema_grammar({"type": "object"}, "schema")))
-        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "JSON object")
+        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "JSON object", compiled)
 
     def json_schema(self, schema: dict) -> GrammarConstraint:
         """Content that is JSON valid under `schema` (OpenAI response_format json_schema.schema)."""
@@ -312,7 +367,7 @@ class ConstraintFactory:
             raise ValueError(f"schema must be a JSON schema object, got {type(schema).__name__}")
         key = "json_schema:" + self._dumps(schema, "schema")
         compiled = self._compiled(key, lambda: self._content_grammar(self._schema_grammar(schema, "schema")))
-        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "JSON schema")
+        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "JSON schema", compiled)
 
     def tool_call(self, tools: list[dict], name: str | None = None) -> GrammarConstraint:
         """A GLM tool call `name\\n{arguments}`: one of the function tools (exactly `name` when given), its
@@ -327,7 +382,8 @@ class ConstraintFactory:
                      for i, fn_name, params in functions]
             return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
 
-        return GrammarConstraint(self._xgr.GrammarMatcher(self._compiled(key, build)), "tool call")
+        compiled = self._compiled(key, build)
+        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "tool call", compiled)
 
     def content_only(self) -> ContentConstraint:
         """tool_choice "none": the answer is content (starts with "\\n"), never a call."""

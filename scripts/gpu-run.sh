@@ -133,23 +133,31 @@ if [ "$what" = all ]; then
 fi
 if [ "$what" = serve ] || [ "$what" = all ]; then  # the HTTP server on the 9B-shaped checkpoint, glm-serve bench
   checkpoint_9b
-  glm-serve serve --model "$ckpt" --port 8199 --max-model-len 8192 > "$results/serve.log" 2>&1 &
-  server=$!
-  trap 'kill $server 2>/dev/null || true' EXIT
-  python3 -c "
+  # Twice: the engine on a thread of the server (the default), then in a process of its own (--engine-process).
+  # At 256 (the default --max-num-seqs) the event loop's per-chunk work shares the GIL with the engine thread the
+  # most; the results' "server" part says each one's CPU per token and the tokens per engine step.
+  for mode in thread process; do
+    flag=""
+    [ "$mode" = process ] && flag="--engine-process"
+    glm-serve serve --model "$ckpt" --port 8199 --max-model-len 8192 $flag > "$results/serve_$mode.log" 2>&1 &
+    server=$!
+    trap 'kill $server 2>/dev/null || true' EXIT
+    python3 -c "
 import time, httpx
 for _ in range(180):
     try:
         if httpx.get('http://127.0.0.1:8199/v1/models', timeout=2).status_code == 200: break
     except httpx.HTTPError: pass
     time.sleep(1)"
-  # 256: the default --max-num-seqs, where the event loop's per-chunk work shares the GIL with the engine
-  # thread the most (the results' "server" part: CPU per token of each thread, tokens per engine step)
-  for c in 1 16 64 256; do
-    step "glm-serve bench, concurrency $c" 300 glm-serve bench --url http://127.0.0.1:8199 --model "$ckpt" \
-      --num-prompts $((c >= 256 ? c * 2 : c * 4 > 16 ? c * 4 : 16)) --concurrency "$c" --input-len 1024 --output-len 256 \
-      --out "$results/serve_bench_c${c}_cuda_$today.json"
+    for c in 1 16 64 256; do
+      [ "$mode" = process ] && [ "$c" -lt 64 ] && continue  # where the GIL can matter
+      step "glm-serve bench ($mode engine), concurrency $c" 300 glm-serve bench --url http://127.0.0.1:8199 \
+        --model "$ckpt" --num-prompts $((c >= 256 ? c * 2 : c * 4 > 16 ? c * 4 : 16)) --concurrency "$c" \
+        --input-len 1024 --output-len 256 --out "$results/serve_bench_${mode}_c${c}_cuda_$today.json"
+    done
+    # SIGTERM: a graceful stop (a background job of a script ignores SIGINT); an engine process ends with it
+    kill $server
+    wait $server 2>/dev/null || true
   done
-  kill $server
 fi
 exit 0

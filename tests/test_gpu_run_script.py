@@ -55,6 +55,9 @@ def test_missing_pytest_and_pillow_are_named_and_the_rest_runs(tmp_path):
     for later_step in ("benchmarks/kernels.py", "benchmarks/fused_ops.py", "benchmarks/offline_throughput.py",
                        "benchmarks/engine_overhead.py", "glm-serve bench"):
         assert later_step in calls
+    # the server benchmarked twice: the engine on a thread, then in its own process
+    serves = [line for line in calls.splitlines() if line.startswith("glm-serve serve ")]
+    assert len(serves) == 2 and "--engine-process" not in serves[0] and serves[1].endswith("--engine-process")
     steps = (out / "steps.log").read_text()
     assert "offline benchmark (9B-shaped): rc 3" in steps  # failed, said, and the next steps ran
 

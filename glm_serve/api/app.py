@@ -15,7 +15,7 @@ from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_vendor import router as vendor_router
 from glm_serve.api.tasks import TaskStore
-from glm_serve.engine.async_engine import AsyncEngine
+from glm_serve.engine.async_engine import EngineFrontend
 
 
 def _route_label(scope) -> str:
@@ -52,7 +52,7 @@ class _CountRequests:
             raise
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -> FastAPI:
     ctx = ServingContext(engine, settings or ServerSettings())
     tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks)
     from glm_serve.batch.routes import BatchService  # noqa: PLC0415 (it imports glm_serve.api modules)

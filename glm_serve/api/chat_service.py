@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError
+from glm_serve.api.errors import APIError, internal_error_message
 from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.params import PreparedChat
 from glm_serve.api.parser import ChoiceParser, Delta, assemble
@@ -27,7 +27,7 @@ from glm_serve.api.responses import (
     stream_error,
     usage_chunk,
 )
-from glm_serve.engine.async_engine import Interrupted
+from glm_serve.engine.async_engine import EngineStoppedError, Interrupted
 from glm_serve.engine.outputs import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,9 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
         yield sse(stream_error(flavor, ctx.shutting_down_error().message))
         yield sse("[DONE]")
     except Exception as e:  # noqa: BLE001 (headers are sent: report in-band and end the stream)
-        log.exception("stream of %s failed", engine_rid)
-        yield sse(stream_error(flavor, f"internal error: {type(e).__name__}"))
+        if not isinstance(e, EngineStoppedError):  # (that one was logged once, when the engine stopped)
+            log.exception("stream of %s failed", engine_rid)
+        yield sse(stream_error(flavor, internal_error_message(e)))
         yield sse("[DONE]")
     finally:
         await steps.aclose()  # aborts the engine request if it is still running

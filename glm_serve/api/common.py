@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_disconnect
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError
+from glm_serve.engine.async_engine import EngineStoppedError
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, prepare_chat
 
@@ -100,6 +101,8 @@ class Admitted:
     """A request's admission slot plus its client request_id reservation; `release()` is idempotent."""
 
     def __init__(self, ctx: ServingContext, key_id: str | None, client_request_id: str | None):
+        if not ctx.engine.alive:  # a 503 before a stream's headers, rather than an error inside a 200 stream
+            raise EngineStoppedError(ctx.engine.stopped_reason)
         # request_ids are the client's: one key's ids never collide with another key's
         rid = None if client_request_id is None else (key_id, client_request_id)
         if rid is not None and rid in ctx.active_request_ids:

@@ -17,7 +17,7 @@ from pathlib import Path
 from glm_serve.api.auth import Admission, KeyStore
 from glm_serve.api.errors import APIError
 from glm_serve.api.metrics import Metrics
-from glm_serve.engine.async_engine import AsyncEngine
+from glm_serve.engine.async_engine import EngineFrontend
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def default_model_names(model_arg: str, model_path: Path) -> list[str]:
 
 
 class ServingContext:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+    def __init__(self, engine: EngineFrontend, settings: ServerSettings):
         core = engine.engine
         self.engine = engine
-        self.core = core  # the LLMEngine: config, tokenizer, validate(), stats()
+        self.core = core  # the LLMEngine (or, with --engine-process, its RemoteCore): config, tokenizer, validate(), stats()
         self.tokenizer = core.tokenizer
         self.settings = settings
         self.model_names = list(settings.served_model_names) or default_model_names(core.config.model,

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from glm_serve.engine.async_engine import EngineStoppedError
+
 log = logging.getLogger(__name__)
 
 # vendor code -> (HTTP status, OpenAI error type)
@@ -139,6 +141,12 @@ def _dotted(loc: list[str]) -> str:
     return out
 
 
+def internal_error_message(exc: BaseException) -> str:
+    """What a client is told of an unexpected exception: its type only (a bug's details stay in the log), unless
+    the engine has stopped, which the client should know."""
+    return str(exc) if isinstance(exc, EngineStoppedError) else f"internal error: {type(exc).__name__}"
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -164,6 +172,11 @@ def install_handlers(app: FastAPI) -> None:
         # Left to the catch-all below it was logged twice with a traceback and counted as a 500.
         log.info("client disconnected while sending %s %s", request.method, request.url.path)
         return error_response(APIError("500", "client disconnected", status=499), request.url.path)
+
+    @app.exception_handler(EngineStoppedError)
+    async def _engine_stopped(request: Request, exc: EngineStoppedError):
+        # Not a bug in this request: the engine's process died (logged once when it did); /health says 503 too.
+        return error_response(APIError("500", str(exc), status=503), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -58,20 +58,16 @@ class _HostCollector:
     per-chunk work can hold back the engine's next step), and the engine's steps."""
 
     def __init__(self, async_engine):
-        self._engine = async_engine  # AsyncEngine: its loop thread (id, alive) and step_count
+        self._engine = async_engine  # AsyncEngine or ProcessEngine: its loop's CPU seconds and step_count
 
     def collect(self):
         c = CounterMetricFamily("glm_serve_thread_cpu_seconds", "CPU seconds of the server's threads: the engine "
-                                "loop (scheduling, launches, outputs) and the HTTP event loop (in glm-serve serve "
-                                "the main thread, its start-up and model load included)", labels=["thread"])
-        ident = self._engine.thread_id
-        # Only a live thread's id: once the engine thread has ended, its id is the next new thread's (pthread ids
-        # are reused: a to_thread worker would be reported as the engine), and an expired id is undefined behaviour.
-        if ident is not None and self._engine.alive:
-            try:
-                c.add_metric(["engine"], time.clock_gettime(time.pthread_getcpuclockid(ident)))
-            except (OSError, AttributeError):  # the thread is gone, or no per-thread clocks (not Linux/macOS)
-                pass
+                                "loop (scheduling, launches, outputs; with --engine-process its whole process) and "
+                                "the HTTP event loop (in glm-serve serve the main thread, its start-up and model load "
+                                "included)", labels=["thread"])
+        engine_cpu = self._engine.engine_cpu_seconds()  # None once the engine loop has ended
+        if engine_cpu is not None:
+            c.add_metric(["engine"], engine_cpu)
         # The collector runs where /metrics is served: on the event loop's thread (it renders in the route).
         c.add_metric(["event_loop"], time.thread_time())
         yield c

@@ -223,7 +223,7 @@ def check_images(ctx: ServingContext, messages) -> str | None:
     urls = image_urls(messages)
     if not urls:
         return None
-    if ctx.core.model.vision is None:
+    if ctx.core.vision_config is None:
         raise APIError("1214", "this model is text-only: image_url parts need a GLM-4V checkpoint", "messages")
     if len(urls) > 1:
         raise APIError("1214", f"{len(urls)} images in one conversation: GLM-4V takes exactly one", "messages")
@@ -239,14 +239,14 @@ def expanded_ids(ctx: ServingContext, ids: list[int]) -> list[int]:
     sp = ctx.tokenizer.special_ids
     try:
         return expand_image_tokens(ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"],
-                                   ctx.core.model.vision.config.num_image_vectors).ids
+                                   ctx.core.vision_config.num_image_vectors).ids
     except ValueError as e:
         raise invalid_value("messages", str(e)) from None
 
 
 def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, field: str = "messages",
                  has_image: bool = False) -> None:
-    if not has_image and ctx.core.model.vision is not None:
+    if not has_image and ctx.core.vision_config is not None:
         # GLM-4V: text that spells <|begin_of_image|> / <|end_of_image|> becomes those ids; the engine's own rule
         # refuses a placeholder without its image, which would come after admission: ask it now, for a 400.
         try:

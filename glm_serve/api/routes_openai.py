@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glm_serve.api.chat_service import until_disconnect
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, read_json
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
 from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.params import OPENAI, check_prompt, sampling_params
 from glm_serve.api.responses import (
@@ -264,7 +264,7 @@ class _Completion:
             yield sse(stream_error(OPENAI, self.ctx.shutting_down_error().message))
             yield sse("[DONE]")
         except Exception as e:  # noqa: BLE001 (headers are sent: report in-band)
-            yield sse(stream_error(OPENAI, f"internal error: {type(e).__name__}"))
+            yield sse(stream_error(OPENAI, internal_error_message(e)))
             yield sse("[DONE]")
         finally:
             await events.aclose()

@@ -42,6 +42,10 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; those still running "
                         "then end in the API's format (HTTP 503 with an error body; in a stream an error event and "
                         "[DONE]). Batch jobs resume at the next start; async task results are lost")
+    s.add_argument("--engine-process", action="store_true",
+                   help="run the engine (model, scheduler, outputs) in a process of its own instead of a thread of "
+                        "the server's: the HTTP work and the engine's launches then no longer share one GIL "
+                        "(for hundreds of concurrent streams)")
     add_engine_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
@@ -120,6 +124,7 @@ def cmd_serve(args) -> int:
     from glm_serve.batch.store import check_data_dir_free  # noqa: PLC0415
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
+    from glm_serve.engine.process import ProcessEngine  # noqa: PLC0415
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -146,16 +151,21 @@ def cmd_serve(args) -> int:
         log.warning("serving the DEMO model: a tiny checkpoint with RANDOM weights, so its text is noise. "
                     "Serve real weights with --model /path/to/glm-4-9b-chat-hf (or a hub id such as "
                     "THUDM/glm-4-9b-chat)")
-    core = LLMEngine(config)  # the slow part: load weights, size the KV cache
-    engine = AsyncEngine(core)
+    # The slow part: load weights, size the KV cache (with --engine-process, in the engine's own process)
+    if args.engine_process:
+        engine = ProcessEngine(config)
+        core = engine.engine  # RemoteCore: the engine's facts, and a tokenizer of this process's own
+    else:
+        core = LLMEngine(config)
+        engine = AsyncEngine(core)
     try:
         app = create_app(engine, settings)
         ctx = app.state.ctx
         mc = core.model_config
-        log.info("loaded %s (%s, %d layers, hidden %d, %d KV heads) on %s as %s%s in %.1fs", core.model_path,
+        log.info("loaded %s (%s, %d layers, hidden %d, %d KV heads) on %s as %s%s in %.1fs%s", core.model_path,
                  mc.model_type, mc.num_layers, mc.hidden_size, mc.num_kv_heads, core.device,
                  str(core.dtype).removeprefix("torch."), f", {config.quantization}" if config.quantization else "",
-                 core.load_seconds)
+                 core.load_seconds, f" (engine process {engine.pid})" if args.engine_process else "")
         log.info("KV cache: %d tokens (%d-token blocks); context window %d tokens; up to %d sequences per batch",
                  core.kv_capacity_tokens, config.block_size, core.max_model_len, config.max_num_seqs)
         if core.warm_up_seconds:

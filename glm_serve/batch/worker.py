@@ -157,7 +157,7 @@ class BatchWorker:
 
     async def _fill(self) -> None:
         free = self.limit() - self.seqs_in_flight  # in sequences: a line with n choices takes n
-        if free <= 0:
+        if free <= 0 or not self.ctx.engine.alive:  # a stopped engine: the lines wait for the next start
             return
         now = time.time()
         for b in await asyncio.to_thread(self.store.active_batches):
@@ -201,6 +201,9 @@ class BatchWorker:
     async def _run_item(self, item: Item, entry: _Running) -> None:
         try:
             ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body)
+            if not ok and not self.ctx.engine.alive:  # failed because the engine stopped, not for the line itself:
+                await asyncio.to_thread(self.store.stop_items, [(item.batch_id, item.line)])  # pending, to rerun
+                return
             entry.recording = True
             await asyncio.to_thread(self.store.record_result, item.batch_id, item.line, ok, text)
         finally:

@@ -137,20 +137,16 @@ class LLMEngine(OutputEmitter, DeviceStep):
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never run (thread-safe: reads config only)."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_limit), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_limit})")
-        generates = params.max_tokens != 0  # max_tokens 0 (prompt logprobs): the prompt may fill the window
-        if len(prompt_ids) + generates > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens; {'with at least one generated token ' * generates}"
-                f"that exceeds the context window of {self.max_model_len} tokens")
+        check_prompt(prompt_ids, params, self.vocab_limit, self.max_model_len)
+
+    @property
+    def vision_config(self):
+        """GLM-4V: the vision tower's VisionConfig (image size, slots per image); None for a text model."""
+        return self.model.vision.config if self.model.vision is not None else None
 
     def prepare_image(self, prompt_ids: list[int], image: bytes | torch.Tensor | None) -> MultiModalPrompt:
         """GLM-4V: expand the prompt's image placeholder and preprocess the image (thread-safe)."""
-        return prepare_image(self.model.vision, self.tokenizer.special_ids, prompt_ids, image)
+        return prepare_image(self.vision_config, self.tokenizer.special_ids, prompt_ids, image)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     constraints: list[TokenConstraint | None] | None = None,
@@ -340,6 +336,21 @@ class LLMEngine(OutputEmitter, DeviceStep):
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_capacity_tokens": self.kv_capacity_tokens,
         }
+
+
+def check_prompt(prompt_ids: list[int], params: SamplingParams, vocab_limit: int, max_model_len: int) -> None:
+    """ValueError (PromptTooLongError) for a prompt that can never run: empty, ids outside the vocabulary, or no
+    room left in the context window for the first generated token."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_limit), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_limit})")
+    generates = params.max_tokens != 0  # max_tokens 0 (prompt logprobs): the prompt may fill the window
+    if len(prompt_ids) + generates > max_model_len:
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt_ids)} tokens; {'with at least one generated token ' * generates}"
+            f"that exceeds the context window of {max_model_len} tokens")
 
 
 def _tune_gc() -> None:

@@ -23,10 +23,11 @@ class MultiModalPrompt:
     embeds: torch.Tensor | None = None  # [end - start, hidden] the tower's output, computed once
 
 
-def prepare_image(vision, special_ids: dict[str, int], prompt_ids: list[int],
+def prepare_image(vision_config, special_ids: dict[str, int], prompt_ids: list[int],
                   image: bytes | torch.Tensor | None) -> MultiModalPrompt:
-    """ValueError for an image sent to a text-only model, or a placeholder/image mismatch."""
-    if vision is None:
+    """vision_config: the tower's VisionConfig (None: a text-only model). ValueError for an image sent to a
+    text-only model, or a placeholder/image mismatch."""
+    if vision_config is None:
         if image is not None:
             raise ImageNotSupportedError("this model is text-only: it takes no images")
         return MultiModalPrompt(list(prompt_ids))
@@ -35,13 +36,13 @@ def prepare_image(vision, special_ids: dict[str, int], prompt_ids: list[int],
 
     sp = special_ids
     expanded = expand_image_tokens(prompt_ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"],
-                                   vision.config.num_image_vectors, image_id=sp["<|endoftext|>"])
+                                   vision_config.num_image_vectors, image_id=sp["<|endoftext|>"])
     if (expanded.image_span is None) != (image is None):
         raise ValueError("the prompt's image placeholder and the image must come together" if image is None
                          else "an image was given but the prompt has no image placeholder")
     if image is None:
         return MultiModalPrompt(expanded.ids)
-    size = vision.config.image_size
+    size = vision_config.image_size
     pixels = load_pixels(image, size) if isinstance(image, (bytes, bytearray)) else image
     if tuple(pixels.shape) != (3, size, size):
         raise ValueError(f"image pixels must be [3, {size}, {size}], got {list(pixels.shape)}")

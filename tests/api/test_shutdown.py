@@ -6,6 +6,7 @@ context) or for a supervisor's SIGKILL."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from glm_serve.api import ServerSettings
 
@@ -26,14 +28,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf, tmp_path):
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# The engine on a thread, stopped by SIGTERM (a supervisor); and in a process of its own (--engine-process),
+# stopped by Ctrl-C, which reaches the whole process group: the engine process must not die of it mid-answer
+# (the grace is the server's to give), and must end with the server.
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf, tmp_path, engine_process):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
                              str(port), "--served-model-name", "m", "--kv-cache-tokens", "65536",
                              "--shutdown-timeout", "2", "--log-level", "warning",
                              # its own data dir: the default one is locked by any other server on this machine
-                             "--data-dir", str(tmp_path / "data")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--data-dir", str(tmp_path / "data"), *(["--engine-process"] * engine_process)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -71,11 +100,20 @@ def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(
             r.start()
         time.sleep(2)  # the answers run
         assert all(r.is_alive() for r in readers), f"an answer ended before the signal: {got}"
+        children = _children(proc.pid)
+        assert children or not engine_process
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        if engine_process:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+        else:
+            proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down (the app's shutdown runs), then re-raises the signal it caught, as a process
-        # stopped by SIGTERM should report
+        # stopped by SIGTERM should report (SIGINT: our cmd_serve catches the KeyboardInterrupt, exit 0)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children), "a process of the server outlived it"
         for r in readers:
             r.join(timeout=30)
         assert time.monotonic() - t0 < 30

@@ -415,9 +415,13 @@ def test_validation_error_of_a_mixed_list_names_the_accepted_forms(prompt):
 def test_engine_thread_cpu_is_read_only_while_the_engine_thread_lives():
     # Before: a dead engine thread's id was still passed to pthread_getcpuclockid. Ids are reused: the next new
     # thread (a to_thread worker preparing a chat) got it, and its CPU time was reported as the engine's.
+    from glm_serve.engine.async_engine import AsyncEngine
+
     def engine_cpu(alive: bool):
         # this test's thread stands for the one that now holds the old id
-        fake = SimpleNamespace(thread_id=threading.get_ident(), alive=alive, step_count=4)
+        thread = SimpleNamespace(ident=threading.get_ident(), is_alive=lambda: alive)
+        fake = SimpleNamespace(_thread=thread, step_count=4)
+        fake.engine_cpu_seconds = lambda: AsyncEngine.engine_cpu_seconds(fake)
         metrics = Metrics(SimpleNamespace(stats=dict), fake)
         value = metrics.registry.get_sample_value
         assert value("glm_serve_engine_steps_total") == 4

@@ -177,7 +177,7 @@ def test_a_batch_answered_in_full_completes_even_past_its_window(tmp_path):
         rec.expires_at = int(time.time()) - 1
         store._save(db, rec)
     ctx = types.SimpleNamespace(core=types.SimpleNamespace(config=types.SimpleNamespace(max_num_seqs=8)),
-                                admission=types.SimpleNamespace(in_flight=0))
+                                admission=types.SimpleNamespace(in_flight=0), engine=types.SimpleNamespace(alive=True))
     asyncio.run(BatchWorker(store, ctx).tick())
     done = store.get_batch(b.id)
     assert (done.status, done.completed, done.failed, done.error_file_id) == ("completed", 2, 0, None)
@@ -186,7 +186,7 @@ def test_a_batch_answered_in_full_completes_even_past_its_window(tmp_path):
 
 def _ctx():
     return types.SimpleNamespace(core=types.SimpleNamespace(config=types.SimpleNamespace(max_num_seqs=8)),
-                                 admission=types.SimpleNamespace(in_flight=0))
+                                 admission=types.SimpleNamespace(in_flight=0), engine=types.SimpleNamespace(alive=True))
 
 
 def test_a_line_in_flight_at_repeated_crashes_is_not_run_again(tmp_path, monkeypatch):

@@ -1,0 +1,213 @@
+"""ProcessEngine (`glm-serve serve --engine-process`): the engine loop in a spawned process gives exactly what the
+in-process engine gives (tokens, text, logprobs, finish reasons, constraints), refuses bad requests the same way,
+frees everything an aborted request held, and fails loudly, not silently, when its process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from glm_serve.chat import encode_chat
+from glm_serve.engine.async_engine import AsyncEngine, merge_final
+from glm_serve.engine.config import EngineConfig
+from glm_serve.engine.engine import PromptTooLongError
+from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from glm_serve.engine.process import ProcessEngine, decode_output, encode_output
+from glm_serve.llm import LLM
+from glm_serve.sampling_params import SamplingParams
+
+CONFIG = dict(kv_cache_tokens=4096, max_batch_tokens=256, max_num_seqs=16)
+
+REQUESTS = [  # (prompt, params): greedy of mixed lengths, seeded sampling with n and logprobs, stop strings
+    ([5, 77, 1203, 9, 31, 400, 12], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)),
+    (list(range(100, 161)), SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=3)),
+    ([42] * 5, SamplingParams(n=2, temperature=0.9, seed=7, max_tokens=16, logprobs=2, ignore_eos=True)),
+    ([9, 8, 7, 6], SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=24, stop=["e"], ignore_eos=True)),
+    ([300, 301, 302], SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=2, ignore_eos=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf):
+    return LLM(str(tiny_hf), **CONFIG)
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_hf):
+    eng = ProcessEngine(EngineConfig(model=str(tiny_hf), **CONFIG))
+    yield eng
+    eng.shutdown()
+
+
+async def _collect(front, rid, prompt, params, constraints=None) -> list[RequestOutput]:
+    return [o async for o in front.generate(rid, prompt, params, constraints)]
+
+
+def _run_all(front, requests, constraints=None) -> list[list[RequestOutput]]:
+    async def run():
+        return await asyncio.gather(*(_collect(front, f"r{i}", p, sp, constraints[i] if constraints else None)
+                                      for i, (p, sp) in enumerate(requests)))
+    return asyncio.run(run())
+
+
+def _summary(outputs: list[RequestOutput]):
+    merged = merge_final(outputs)
+    last = outputs[-1]
+    plp = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return ([(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in merged],
+            last.finished, last.prompt_tokens, last.completion_tokens, plp)
+
+
+def test_concurrent_requests_match_the_in_process_engine(llm, proc):
+    want = _run_in_thread_engine(llm, REQUESTS)
+    got = _run_all(proc, REQUESTS)
+    for w, g in zip(want, got):
+        assert _summary(g) == _summary(w)
+    assert proc.step_count > 0 and proc.alive
+
+
+def _run_in_thread_engine(llm, requests, constraints=None):
+    front = AsyncEngine(llm.engine)
+    try:
+        return _run_all(front, requests, constraints)
+    finally:
+        front.shutdown()
+
+
+def test_outputs_cross_as_tuples_unchanged():
+    lp = TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)])
+    out = RequestOutput("x", [CompletionOutput(1, "a\u00e9", [5, 6], [lp, lp], "stop", "</s>", None),
+                              CompletionOutput(0, "", [], None, "error", None, "boom")],
+                        True, 12, 3, 8, [None, lp])
+    assert decode_output(encode_output(out)) == out
+    bare = RequestOutput("y", [CompletionOutput(0, "t", [1])], False)
+    assert decode_output(encode_output(bare)) == bare
+
+
+def test_bad_requests_are_refused_in_the_server_process(proc):
+    ok = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="empty"):
+        _run_all(proc, [([], ok)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _run_all(proc, [([10**7], ok)])
+    with pytest.raises(PromptTooLongError):
+        _run_all(proc, [([3] * (proc.engine.max_model_len + 1), ok)])
+
+    async def duplicate():
+        first = proc.generate("dup", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+        await first.__anext__()
+        with pytest.raises(ValueError, match="duplicate request id"):
+            await _collect(proc, "dup", [4, 5], ok)
+        rest = [o async for o in first]  # the first request was left alone
+        return rest[-1]
+
+    last = asyncio.run(duplicate())
+    assert last.finished and last.completion_tokens == 50
+
+
+def test_an_aborted_request_frees_everything(proc):
+    async def run():
+        stream = proc.generate("abort-me", list(range(1, 200)), SamplingParams(max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # leaving early aborts it in the engine process
+
+    asyncio.run(run())
+    _wait_idle(proc)
+
+
+def _wait_idle(proc, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = proc.engine.stats()
+        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_cache_usage"] == 0.0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine process not idle: {proc.engine.stats()}")
+
+
+def test_constraints_cross_the_process(llm, proc):
+    pytest.importorskip("xgrammar")
+    from glm_serve.constrain import ConstraintFactory
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    prompt = encode_chat(llm.tokenizer, [{"role": "user", "content": "A person as JSON."}])
+    requests = [(prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=120)) for s in range(4)]
+    factory = ConstraintFactory(proc.engine.tokenizer, proc.engine.model_config.vocab_size)
+
+    def constraints():
+        return [[factory.json_schema(schema)] for _ in requests]
+
+    want = _run_in_thread_engine(llm, requests, constraints())
+    got = _run_all(proc, requests, constraints())
+    for w, g in zip(want, got):
+        assert _summary(g) == _summary(w)
+    finished = [merge_final(g)[0] for g in got]
+    assert any(c.finish_reason == "stop" for c in finished)
+    for c in finished:
+        if c.finish_reason == "stop":
+            assert set(json.loads(c.text[1:])) >= {"name", "age"}
+
+
+def test_a_dead_engine_process_fails_its_requests_and_later_ones(tiny_hf):
+    eng = ProcessEngine(EngineConfig(model=str(tiny_hf), **CONFIG))
+    try:
+        async def run():
+            stream = eng.generate("victim", [1, 2, 3], SamplingParams(n=2, max_tokens=10_000, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(eng.pid, signal.SIGKILL)
+            rest = [o async for o in stream]
+            with pytest.raises(RuntimeError, match="engine process has stopped"):
+                await _collect(eng, "after", [4, 5], SamplingParams(max_tokens=2))
+            return rest[-1]
+
+        last = asyncio.run(run())
+        assert last.finished
+        assert [(c.index, c.finish_reason) for c in last.outputs] == [(0, "error"), (1, "error")]
+        assert "engine process has stopped" in last.outputs[0].error
+        assert not eng.alive and eng.engine_cpu_seconds() is None
+    finally:
+        eng.shutdown()
+
+
+def test_a_start_failure_is_raised_in_the_server_process(tmp_path):
+    with pytest.raises(ValueError, match="not-a-checkpoint"):
+        ProcessEngine(EngineConfig(model=str(tmp_path / "not-a-checkpoint")))
+
+
+def test_the_engine_process_ends_with_the_server_process(tiny_hf, tmp_path):
+    """A server killed without its shutdown (SIGKILL, os._exit) leaves no engine process holding the device."""
+    script = tmp_path / "server.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from glm_serve.engine.config import EngineConfig
+        from glm_serve.engine.process import ProcessEngine
+        if __name__ == "__main__":
+            eng = ProcessEngine(EngineConfig(model={str(tiny_hf)!r}, kv_cache_tokens=1024))
+            print(eng.pid, flush=True)
+            os._exit(0)  # no shutdown, no atexit
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.1)
+    assert not _running(pid), "the engine process outlived its server"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited (its parent is gone)
+    except FileNotFoundError:
+        return False
