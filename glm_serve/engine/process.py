@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -243,6 +244,7 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 
+    _leave_a_core_to_the_server(config)
     try:
         engine = LLMEngine(config)
     except BaseException as e:  # noqa: BLE001 (reported to the server process, which raises it)
@@ -264,6 +266,16 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     reader.start()
     loop.run()
     results.close()
+
+
+def _leave_a_core_to_the_server(config: EngineConfig) -> None:
+    """A model computing on the CPU: one torch compute thread fewer than the cores, unless OMP_NUM_THREADS says.
+    The server process needs a core for the HTTP side, and torch's compute threads spin while they wait for
+    each other, so sharing every core with it cost throughput: on 2 cores, 256 streams ran at 4.7K tokens/s
+    with 2 compute threads and 7.1K with 1 (benchmarks/results/serve_bench_engine_process_cpu_2026-12-03.json).
+    A GPU model's compute is on the device: nothing to change."""
+    if config.resolved_device().type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
 
 def _read_commands(commands: Connection, loop: EngineLoop) -> None:

@@ -211,3 +211,69 @@ def _running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited (its parent is gone)
     except FileNotFoundError:
         return False
+
+
+def test_a_glm4v_image_prompt_crosses_the_process(tmp_path):
+    """The image is prepared in the server process (PIL, resize) and its pixels travel to the engine process."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    from glm_serve.tiny_vision import make_tiny_vision
+
+    ckpt = make_tiny_vision(tmp_path / "tiny_v", seed=3)
+    arr = (torch.rand(50, 70, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what is this?"}]}]
+    config = dict(kv_cache_tokens=4096, max_batch_tokens=512)
+    vlm = LLM(str(ckpt), **config)
+    ids = encode_chat(vlm.tokenizer, messages, allow_images=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+
+    def run(front):
+        mm = front.engine.prepare_image(ids, buf.getvalue())
+        assert mm.pixels is not None
+
+        async def go():
+            return [o async for o in front.generate("img", ids, params, image=mm)]
+        return asyncio.run(go())
+
+    front = AsyncEngine(vlm.engine)
+    try:
+        want = run(front)
+    finally:
+        front.shutdown()
+    proc = ProcessEngine(EngineConfig(model=str(ckpt), **config))
+    try:
+        got = run(proc)
+    finally:
+        proc.shutdown()
+    assert _summary(got) == _summary(want)
+    assert got[-1].prompt_tokens > len(ids)  # the image's slots were expanded and computed
+
+
+def test_a_cpu_engine_process_leaves_a_core_to_the_server(monkeypatch):
+    import torch
+
+    from glm_serve.engine.process import _leave_a_core_to_the_server
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(3)
+        _leave_a_core_to_the_server(EngineConfig(model="demo", device="cpu"))
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        _leave_a_core_to_the_server(EngineConfig(model="demo", device="cpu"))
+        assert torch.get_num_threads() == 1  # never none
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        _leave_a_core_to_the_server(EngineConfig(model="demo", device="cpu"))
+        assert torch.get_num_threads() == 3  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
