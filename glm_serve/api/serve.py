@@ -191,7 +191,7 @@ def cmd_serve(args) -> int:
             pass  # the stop asked for has happened, a traceback would only alarm
     finally:
         engine.shutdown()
-    return 0
+    return 1 if server.engine_stopped else 0
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -217,8 +217,20 @@ def _server_class():
         answers still running when the grace period ends finish in the API's format rather than being cut off
         or answered with uvicorn's plain-text 500."""
 
+        engine_stopped = False  # the server stopped because its engine did (the exit code says so)
+
         async def shutdown(self, sockets=None) -> None:
             self.config.app.state.ctx.begin_shutdown(self.config.timeout_graceful_shutdown)
             await super().shutdown(sockets)
+
+        async def on_tick(self, counter: int) -> bool:
+            # Once a second: an engine that has stopped (its process died) fails every request; stop serving with
+            # an error exit, so that a supervisor (systemd, a container's restart policy) starts a fresh server.
+            # Answers in flight have failed already; batch lines stay pending for that next start.
+            if counter % 10 == 0 and not self.engine_stopped and not self.config.app.state.ctx.engine.alive:
+                self.engine_stopped = True
+                log.error("%s: stopping the server", self.config.app.state.ctx.engine.stopped_reason)
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     return Server

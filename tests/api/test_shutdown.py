@@ -195,3 +195,30 @@ def test_a_stream_still_waiting_for_its_first_token_when_the_grace_runs_out_gets
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_server_exits_with_an_error_when_its_engine_process_dies(tiny_hf, tmp_path):
+    """Serving on with a dead engine would answer 503 until someone noticed: the server stops with exit code 1, so
+    that a supervisor (systemd, a container's restart policy) starts a fresh one; batches resume there."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
+                             str(port), "--kv-cache-tokens", "4096", "--log-level", "warning", "--engine-process",
+                             "--data-dir", str(tmp_path / "data")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        engine = [pid for pid in _children(proc.pid) if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(engine) == 1, engine
+        os.kill(engine[0], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        assert "engine process has stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
