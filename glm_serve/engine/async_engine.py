@@ -161,7 +161,9 @@ class EngineLoop:
 
     def __init__(self, engine: LLMEngine, publish: Callable[[Published], None]):
         self.engine = engine
-        self.commands: queue.Queue = queue.Queue()  # AddRequest | ("abort", request id) | ("wake", None)
+        # AddRequest | ("abort", request id) | ("fail", request id, exception: a request refused before it could be
+        # added, engine/process.py) | ("wake", None)
+        self.commands: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self._publish = publish
         self.step_count = 0
@@ -212,6 +214,8 @@ class EngineLoop:
             out = self.engine.abort_request(cmd[1])
             if out is not None:
                 self._publish([(cmd[1], out, True)])
+        elif cmd[0] == "fail":
+            self._publish([(cmd[1], cmd[2], True)])
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         outs = []

@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -199,7 +200,15 @@ class ProcessEngine(EngineFrontend):
             if cmd is None:
                 return
             try:
-                self._cmd_send.send(cmd)
+                if isinstance(cmd, AddRequest):
+                    # Its id first, then the request pickled on its own: one that does not unpickle in the engine
+                    # process (a grammar that does not rebuild there, an image's shared memory) is refused there by
+                    # id, instead of being dropped with its caller waiting forever.
+                    payload = ForkingPickler.dumps(cmd)  # (a pickling error: raised before anything is written)
+                    self._cmd_send.send(("add", cmd.request_id))
+                    self._cmd_send.send_bytes(payload)
+                else:
+                    self._cmd_send.send(cmd)
             except (BrokenPipeError, OSError):
                 return  # the engine process is gone: the receiver reports it
             except Exception as e:  # noqa: BLE001 (an unpicklable request fails alone)
@@ -284,15 +293,23 @@ def _read_commands(commands: Connection, loop: EngineLoop) -> None:
     while True:
         try:
             cmd = commands.recv()
+            payload = commands.recv_bytes() if cmd[0] == "add" else None  # ("add", request id), then the request
         except (EOFError, OSError):
             cmd = ("stop", None)
         except Exception as e:  # noqa: BLE001 (a command that does not unpickle: nothing to answer it with)
             log.exception("a command from the server could not be read: %s", e)
             continue
-        if not isinstance(cmd, AddRequest) and cmd[0] == "stop":
+        if cmd[0] == "stop":
             loop.stop.set()
             loop.commands.put(("wake", None))
             return
+        if cmd[0] == "add":
+            try:
+                cmd = pickle.loads(payload)
+            except Exception as e:  # noqa: BLE001 (that request fails alone; its caller must hear of it)
+                log.exception("request %s could not be read from the server", cmd[1])
+                err = RuntimeError(f"the request could not be read in the engine process: {type(e).__name__}: {e}")
+                cmd = ("fail", cmd[1], err)  # published by the loop: the results pipe is written by it alone
         loop.commands.put(cmd)
 
 

@@ -133,6 +133,27 @@ def _wait_idle(proc, timeout=15.0):
     raise AssertionError(f"engine process not idle: {proc.engine.stats()}")
 
 
+class _Unreadable:
+    """Pickles in the server process, fails to unpickle in the engine process (as a grammar that does not rebuild
+    there, or an image whose shared memory cannot be mapped would)."""
+
+    def __reduce__(self):
+        return int, ("not a number",)
+
+
+def test_a_request_that_cannot_be_read_in_the_engine_process_fails_alone(proc):
+    async def run():
+        bad = _collect(proc, "unreadable", [1, 2, 3], SamplingParams(max_tokens=3), [_Unreadable()])
+        with pytest.raises(RuntimeError, match="could not be read in the engine process"):
+            await asyncio.wait_for(bad, 30)  # not a request left waiting forever
+        # its id is free again, and the engine serves on
+        return await asyncio.wait_for(_collect(proc, "unreadable", [1, 2, 3], SamplingParams(max_tokens=3)), 30)
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and outs[-1].completion_tokens == 3
+    assert "unreadable" not in proc._sinks
+
+
 def test_constraints_cross_the_process(llm, proc):
     pytest.importorskip("xgrammar")
     from glm_serve.constrain import ConstraintFactory
