@@ -253,8 +253,8 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 
-    _leave_a_core_to_the_server(config)
     try:
+        _leave_a_core_to_the_server(config)  # (it resolves --device: one that is not there is a ValueError)
         engine = LLMEngine(config)
     except BaseException as e:  # noqa: BLE001 (reported to the server process, which raises it)
         results.send(("failed", _sendable(e)))

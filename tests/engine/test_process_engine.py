@@ -204,6 +204,13 @@ def test_a_start_failure_is_raised_in_the_server_process(tmp_path):
         ProcessEngine(EngineConfig(model=str(tmp_path / "not-a-checkpoint")))
 
 
+def test_a_device_that_is_not_there_is_the_engine_s_own_error(tiny_hf):
+    """As in the thread mode (LLMEngine raises it): a ValueError naming the flag, which the CLI reports in one line,
+    not the engine process dying with a traceback."""
+    with pytest.raises(ValueError, match="--device cuda"):
+        ProcessEngine(EngineConfig(model=str(tiny_hf), device="cuda:99", **CONFIG))
+
+
 def test_the_engine_process_ends_with_the_server_process(tiny_hf, tmp_path):
     """A server killed without its shutdown (SIGKILL, os._exit) leaves no engine process holding the device."""
     script = tmp_path / "server.py"
