@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -253,6 +254,7 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 
+    threading.Thread(target=_exit_if_the_server_dies_first, name="glm-engine-start-watch", daemon=True).start()
     try:
         _leave_a_core_to_the_server(config)  # (it resolves --device: one that is not there is a ValueError)
         engine = LLMEngine(config)
@@ -266,6 +268,7 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
         config, str(engine.model_path), engine.model_config, engine.max_model_len, engine.kv_capacity_tokens,
         engine.vocab_limit, engine.vision_config, engine.device, engine.dtype, engine.load_seconds,
         engine.warm_up_seconds, engine.stats())))
+    _started.set()
     sender = _ResultSender(engine, results)
     loop = EngineLoop(engine, sender.publish)
     sender.loop = loop
@@ -275,6 +278,22 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     reader.start()
     loop.run()
     results.close()
+
+
+def _exit_if_the_server_dies_first() -> None:
+    """While the engine is built (minutes for 9B weights) nothing reads the command pipe, so a server killed then
+    (SIGTERM before uvicorn's handlers are in, SIGKILL) would leave this process loading onto the device for
+    nobody, holding its memory against the next server. The parent's sentinel (readable once it is gone) ends it.
+    A server gone after the start closes the command pipe, and the loop stops by itself."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    multiprocessing.connection.wait([parent.sentinel])
+    if not _started.is_set():
+        os._exit(1)
+
+
+_started = threading.Event()  # the engine process: its engine is built and its facts sent
 
 
 def _leave_a_core_to_the_server(config: EngineConfig) -> None:

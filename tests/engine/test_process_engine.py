@@ -233,6 +233,47 @@ def test_the_engine_process_ends_with_the_server_process(tiny_hf, tmp_path):
     assert not _running(pid), "the engine process outlived its server"
 
 
+def test_the_engine_process_ends_with_a_server_killed_while_it_starts(tmp_path):
+    """A server killed while the engine process still loads (SIGTERM before uvicorn's handlers are in, SIGKILL)
+    leaves no engine process loading weights onto the device for nobody."""
+    script = tmp_path / "server.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, os, threading, time
+        from glm_serve.engine.config import EngineConfig
+        from glm_serve.engine.process import ProcessEngine
+
+        class SlowStart(EngineConfig):  # (the engine process imports this module as __mp_main__)
+            def resolved_device(self):
+                time.sleep(120)  # a slow disk
+                return super().resolved_device()
+
+        def die_while_it_starts():
+            while not multiprocessing.active_children():
+                time.sleep(0.05)
+            print(multiprocessing.active_children()[0].pid, flush=True)
+            time.sleep(3)  # well into its start
+            os._exit(0)  # no shutdown, no atexit: as SIGKILL
+
+        if __name__ == "__main__":
+            threading.Thread(target=die_while_it_starts, daemon=True).start()
+            ProcessEngine(SlowStart(model="demo", kv_cache_tokens=1024))
+    """))
+    # stdout read line by line, stderr not at all: the engine process holds them too, and outlives its server
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    pid = int(server.stdout.readline())
+    try:
+        assert server.wait(timeout=60) == 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.1)
+        assert not _running(pid), "the engine process outlived its server"
+    finally:
+        server.stdout.close()
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
