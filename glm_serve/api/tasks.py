@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from glm_serve.api.errors import APIError
+from glm_serve.api.errors import APIError, internal_error_message
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class TaskStore:
             task.status, task.error = FAIL, {"code": e.code, "message": e.message}
         except Exception as e:  # noqa: BLE001 (a failed task is a FAIL result, not a dead server)
             log.exception("async task %s failed", task.id)
-            task.status, task.error = FAIL, {"code": "500", "message": f"internal error: {type(e).__name__}"}
+            task.status, task.error = FAIL, {"code": "500", "message": internal_error_message(e)}
         finally:
             task.finished_at = time.monotonic()
             release()

@@ -127,6 +127,7 @@ class ProcessEngine(EngineFrontend):
             self.engine = RemoteCore(facts)
         except BaseException:
             self._kill()
+            self._close()
             raise
         self._outbox: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="glm-engine-send", daemon=True)
@@ -167,6 +168,13 @@ class ProcessEngine(EngineFrontend):
         self._proc.join(timeout=10)
         self._kill()
         self._receiver.join(timeout=5)
+        self._close()
+
+    def _close(self) -> None:
+        """Let go of the pipes and the exit hook (a process that builds several engines, tests, keeps none)."""
+        atexit.unregister(self._kill)
+        for conn in (self._cmd_send, self._res_recv):
+            conn.close()
 
     def _kill(self) -> None:
         if self._proc.is_alive():
@@ -221,17 +229,26 @@ class ProcessEngine(EngineFrontend):
         while True:
             try:
                 kind, steps, stats, cpu, items = self._res_recv.recv()
+                self._cpu_seconds = cpu
+                self.engine.latest_stats = stats
+                if steps != self.step_count:
+                    self.step_count, self.last_step_at = steps, time.monotonic()
+                if items:
+                    self._publish([(rid, decode_output(item) if ok else item, final)
+                                   for rid, ok, item, final in items])
             except (EOFError, OSError):
                 break
-            self._cpu_seconds = cpu
-            self.engine.latest_stats = stats
-            if steps != self.step_count:
-                self.step_count, self.last_step_at = steps, time.monotonic()
-            if items:
-                self._publish([(rid, decode_output(item) if ok else item, final) for rid, ok, item, final in items])
+            except Exception:  # noqa: BLE001 (a message we cannot read: outputs may be lost, so the engine is done)
+                # Going on would leave requests waiting for outputs that never come; ending here fails them all
+                # and stops the server (serve.py), instead of this thread dying while `alive` stays True.
+                log.exception("a message from the engine process could not be read; stopping the engine")
+                if not self._closing:
+                    self._kill()
+                break
         self._proc.join(timeout=5)
-        self._dead = (f"the engine process has stopped (exit code {self._proc.exitcode}); restart the server"
-                      if not self._closing else "the engine has been shut down")
+        code = self._proc.exitcode  # (None while another thread is still reaping it)
+        self._dead = ("the engine process has stopped" + (f" (exit code {code})" if code is not None else "")
+                      + "; restart the server" if not self._closing else "the engine has been shut down")
         if not self._closing:
             log.error("%s: failing the requests in flight", self._dead)
         self._fail_sinks(self._dead)

@@ -346,3 +346,24 @@ def test_a_cpu_engine_process_leaves_a_core_to_the_server(monkeypatch):
         assert torch.get_num_threads() == 3  # the user's choice stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_unreadable_message_from_the_engine_fails_everything_instead_of_hanging(tiny_hf, monkeypatch):
+    """The receiver thread ending on an unexpected error used to leave `alive` True and every request waiting."""
+    import glm_serve.engine.process as process_mod
+
+    eng = ProcessEngine(EngineConfig(model=str(tiny_hf), **CONFIG))
+    try:
+        def broken(t):
+            raise KeyError("a message this version cannot read")
+
+        monkeypatch.setattr(process_mod, "decode_output", broken)
+
+        async def run():
+            return [o async for o in eng.generate("x", [1, 2, 3], SamplingParams(max_tokens=5))]
+
+        outs = asyncio.run(asyncio.wait_for(run(), 60))
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error"
+        assert not eng.alive and not eng._proc.is_alive()  # the engine process was stopped too
+    finally:
+        eng.shutdown()
