@@ -8,7 +8,8 @@ waits for the engine as long as a step takes longer than `host_total`. Without i
 waits for `serial` (schedule + prepare + sampling batch + land) between two steps.
 
 Then the same decode runs through AsyncEngine, the server's path: the engine thread plus one asyncio task
-reading each stream, all under one GIL. Its wall time per step counts the readers' work too.
+reading each stream, all under one GIL. Its wall time per step counts the readers' work too. And once more
+through ProcessEngine (serve --engine-process): the engine loop in a spawned process, the readers in this one.
 
 With --final-only the requests want their result only (LLM.generate, non-streaming API calls): after the first
 tokens the engine holds each delta for the final output instead of building and delivering one per token.
@@ -55,6 +56,10 @@ def main(argv=None) -> int:
     streamed = {k: statistics.median(r[k] for r in streams) for k in streams[0]}
     print(f"{'async streams':>26}: {streamed['wall_us_per_step']:8.1f} us/step wall, "
           f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
+    proc_streams = [_measure_async(args, engine_process=True) for _ in range(args.repeats)]
+    proc_streamed = {k: statistics.median(r[k] for r in proc_streams) for k in proc_streams[0]}
+    print(f"{'async streams, engine process':>26}: {proc_streamed['wall_us_per_step']:8.1f} us/step wall, "
+          f"{proc_streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
     result = {
         **header("engine_overhead", device_name("cpu"), argv),
         # The engine's default device: on a GPU host its batches and the sampler's ops are on the GPU.
@@ -68,6 +73,10 @@ def main(argv=None) -> int:
         # sequence on the main thread, sharing the GIL; the wall time per step includes the consumers' work.
         "async_streams": {"what": "wall time per engine step, whole run (prefill included), consumers included",
                           **streamed, "runs": streams},
+        # The same through ProcessEngine (serve --engine-process): the engine loop in a spawned process, the
+        # consumers in this one; the outputs cross a pipe.
+        "async_streams_engine_process": {"what": "as async_streams, the engine loop in its own process",
+                                         **proc_streamed, "runs": proc_streams},
         # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
         "python_sum_range_1000_us": _python_speed(),
     }
@@ -77,18 +86,35 @@ def main(argv=None) -> int:
     return 0
 
 
-def _engine(args):
-    """A fresh engine on a one-layer tiny checkpoint, and the fixed logits that stand in for its forward."""
-    from glm_serve.llm import LLM  # noqa: PLC0415
+def _engine_config(args):
+    from glm_serve.engine.config import EngineConfig  # noqa: PLC0415
     from glm_serve.tiny import TinySpec, make_tiny  # noqa: PLC0415
 
     model = make_tiny(tempfile.mkdtemp(prefix="overhead-"), TinySpec(layout="hf", layers=1, hidden=64, heads=2,
                                                                     head_dim=32, ffn=128))
-    llm = LLM(str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
-              max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap,
-              stream_interval=args.stream_interval)
+    return EngineConfig(model=str(model), kv_cache_tokens=args.seqs * (64 + args.steps + 32), max_num_seqs=args.seqs,
+                        max_batch_tokens=max(2048, args.seqs), overlap_scheduling=not args.no_overlap,
+                        stream_interval=args.stream_interval)
+
+
+def fixed_logits_engine(config, rows: int):
+    """An LLMEngine whose forward is a copy of fixed logits (rows x vocab on its device): host work only. Top
+    level, so that ProcessEngine can build it in the engine process."""
+    from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
+
+    eng = LLMEngine(config)
+    fixed = torch.randn(rows, eng.model_config.vocab_size, device=eng.device)
+    eng.runner.execute = lambda batch, mm=None: fixed[: len(batch.sample_seq_ids)].clone()
+    return eng
+
+
+def _engine(args):
+    """A fresh engine on a one-layer tiny checkpoint, and the fixed logits that stand in for its forward."""
+    from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
+
+    eng = LLMEngine(_engine_config(args))
     # On the engine's device (CUDA where there is one): CPU logits would meet the step's device tensors.
-    return llm.engine, torch.randn(args.seqs, llm.engine.model_config.vocab_size, device=llm.engine.device)
+    return eng, torch.randn(args.seqs, eng.model_config.vocab_size, device=eng.device)
 
 
 def _measure(args) -> dict:
@@ -137,17 +163,20 @@ def _python_speed() -> float:
     return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
 
-def _measure_async(args) -> dict:
-    """`args.seqs` requests streamed through AsyncEngine at once, each read by its own asyncio task."""
+def _measure_async(args, engine_process: bool = False) -> dict:
+    """`args.seqs` requests streamed through AsyncEngine (engine_process: ProcessEngine) at once, each read by its
+    own asyncio task."""
     import asyncio  # noqa: PLC0415
+    import functools  # noqa: PLC0415
 
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
+    from glm_serve.engine.process import ProcessEngine  # noqa: PLC0415
     from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
 
-    eng, fixed = _engine(args)
-    eng.runner.execute = lambda batch, mm=None: fixed[: len(batch.sample_seq_ids)].clone()
+    config = _engine_config(args)
+    factory = functools.partial(fixed_logits_engine, rows=args.seqs)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True, stop=["never-here"])
-    server = AsyncEngine(eng)
+    server = ProcessEngine(config, factory) if engine_process else AsyncEngine(factory(config))
 
     async def stream(i: int) -> int:
         n = 0

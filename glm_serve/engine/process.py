@@ -32,6 +32,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -105,14 +106,17 @@ class ProcessEngine(EngineFrontend):
     starts the process and waits until the engine there is built; its errors (a bad checkpoint, too little
     memory) are raised here."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], object] | None = None):
+        """engine_factory: builds the engine in the engine process from `config` (default: LLMEngine); a picklable
+        top-level callable (benchmarks/engine_overhead.py swaps the model's forward for fixed logits there)."""
         super().__init__()
         mp = multiprocessing.get_context("spawn")  # CUDA cannot be forked; and a clean interpreter either way
         cmd_recv, self._cmd_send = mp.Pipe(duplex=False)
         self._res_recv, res_send = mp.Pipe(duplex=False)
         # Not a daemon: a daemon process may not start processes of its own (torch.compile's workers do). It ends
         # when told to, when this process's end closes its command pipe, or at the latest by the atexit below.
-        self._proc = mp.Process(target=_engine_process, args=(config, cmd_recv, res_send), name="glm-engine")
+        self._proc = mp.Process(target=_engine_process, args=(config, cmd_recv, res_send, engine_factory),
+                                name="glm-engine")
         self._proc.start()
         atexit.register(self._kill)  # runs before multiprocessing's own exit hook, which would wait for it
         cmd_recv.close()
@@ -264,7 +268,8 @@ class ProcessEngine(EngineFrontend):
 # ---- the engine process ---------------------------------------------------------------------------------------
 
 
-def _engine_process(config: EngineConfig, commands: Connection, results: Connection) -> None:
+def _engine_process(config: EngineConfig, commands: Connection, results: Connection,
+                    engine_factory: Callable[[EngineConfig], object] | None = None) -> None:
     """The engine process's main: build the engine, report its facts, then run its loop until told to stop or
     until the server process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops us itself
@@ -274,7 +279,7 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     threading.Thread(target=_exit_if_the_server_dies_first, name="glm-engine-start-watch", daemon=True).start()
     try:
         _leave_a_core_to_the_server(config)  # (it resolves --device: one that is not there is a ValueError)
-        engine = LLMEngine(config)
+        engine = (engine_factory or LLMEngine)(config)
     except BaseException as e:  # noqa: BLE001 (reported to the server process, which raises it)
         results.send(("failed", _sendable(e)))
         return
