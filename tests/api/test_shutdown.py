@@ -28,6 +28,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_up(proc: subprocess.Popen, port: int) -> None:
+    """Until the server started as `proc` answers /health on `port` (it loads its model first)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
 def _children(pid: int) -> set[int]:
     """The processes whose parent is `pid` (Linux /proc)."""
     found = set()
@@ -64,14 +76,7 @@ def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(
                              "--data-dir", str(tmp_path / "data"), *(["--engine-process"] * engine_process)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        _wait_up(proc, port)
         long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60000, "ignore_eos": True}
         got: dict = {}  # far more tokens than the test's whole run could generate
 
@@ -206,14 +211,7 @@ def test_the_server_exits_with_an_error_when_its_engine_process_dies(tiny_hf, tm
                              "--data-dir", str(tmp_path / "data")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        _wait_up(proc, port)
         engine = [pid for pid in _children(proc.pid) if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
         assert len(engine) == 1, engine
         os.kill(engine[0], signal.SIGKILL)
