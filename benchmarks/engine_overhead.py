@@ -47,19 +47,9 @@ def main(argv=None) -> int:
                         "outputs after the first")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    runs = [_measure(args) for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    for k, v in med.items():
-        spread = ", ".join(f"{r[k]:.0f}" for r in runs)
-        print(f"{k:>26}: {v:8.1f} us/step (median of {args.repeats} runs: {spread})")
-    streams = [_measure_async(args) for _ in range(args.repeats)]
-    streamed = {k: statistics.median(r[k] for r in streams) for k in streams[0]}
-    print(f"{'async streams':>26}: {streamed['wall_us_per_step']:8.1f} us/step wall, "
-          f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
-    proc_streams = [_measure_async(args, engine_process=True) for _ in range(args.repeats)]
-    proc_streamed = {k: statistics.median(r[k] for r in proc_streams) for k in proc_streams[0]}
-    print(f"{'async streams, engine process':>26}: {proc_streamed['wall_us_per_step']:8.1f} us/step wall, "
-          f"{proc_streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
+    mode = (("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
+            + (f"_interval{args.stream_interval}" if args.stream_interval > 1 else ""))
+    name = f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json"
     result = {
         **header("engine_overhead", device_name("cpu"), argv),
         # The engine's default device: on a GPU host its batches and the sampler's ops are on the GPU.
@@ -68,21 +58,34 @@ def main(argv=None) -> int:
         "stream_interval": args.stream_interval,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
-        "median_us_per_step": med, "runs": runs,
-        # The same decode through AsyncEngine (the server's path): its loop thread plus one asyncio consumer per
-        # sequence on the main thread, sharing the GIL; the wall time per step includes the consumers' work.
-        "async_streams": {"what": "wall time per engine step, whole run (prefill included), consumers included",
-                          **streamed, "runs": streams},
-        # The same through ProcessEngine (serve --engine-process): the engine loop in a spawned process, the
-        # consumers in this one; the outputs cross a pipe.
-        "async_streams_engine_process": {"what": "as async_streams, the engine loop in its own process",
-                                         **proc_streamed, "runs": proc_streams},
         # This machine's single-core Python speed (best of 5), to compare the figures with another host's.
         "python_sum_range_1000_us": _python_speed(),
+        "complete": False,  # written after each part: a run cut off (gpu-run.sh's step limits) keeps what it measured
     }
-    mode = (("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
-            + (f"_interval{args.stream_interval}" if args.stream_interval > 1 else ""))
-    write(result, args.out, f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json")
+    runs = [_measure(args) for _ in range(args.repeats)]
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    for k, v in med.items():
+        spread = ", ".join(f"{r[k]:.0f}" for r in runs)
+        print(f"{k:>26}: {v:8.1f} us/step (median of {args.repeats} runs: {spread})")
+    result.update(median_us_per_step=med, runs=runs)
+    write(result, args.out, name)
+    # The same decode through AsyncEngine (the server's path): its loop thread plus one asyncio consumer per
+    # sequence on the main thread, sharing the GIL; the wall time per step includes the consumers' work. Then
+    # through ProcessEngine (serve --engine-process): the engine loop in a spawned process, the consumers in this
+    # one, the outputs over a pipe.
+    for key, label, what, engine_process in (
+            ("async_streams", "async streams",
+             "wall time per engine step, whole run (prefill included), consumers included", False),
+            ("async_streams_engine_process", "async streams, engine process",
+             "as async_streams, the engine loop in its own process", True)):
+        streams = [_measure_async(args, engine_process) for _ in range(args.repeats)]
+        streamed = {k: statistics.median(r[k] for r in streams) for k in streams[0]}
+        print(f"{label:>26}: {streamed['wall_us_per_step']:8.1f} us/step wall, "
+              f"{streamed['tokens_per_s']:.0f} tokens/s (median of {args.repeats} runs)")
+        result[key] = {"what": what, **streamed, "runs": streams}
+        write(result, args.out, name)
+    result["complete"] = True
+    write(result, args.out, name)
     return 0
 
 

@@ -22,7 +22,7 @@ def test_engine_overhead_benchmark_small_run(tmp_path, mode):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["overlap_scheduling"] is ("--no-overlap" not in mode) and record["running_sequences"] == 8
-    assert record["final_only"] is ("--final-only" in mode)
+    assert record["final_only"] is ("--final-only" in mode) and record["complete"] is True
     assert record["stream_interval"] == (3 if "--stream-interval" in mode else 1)
     med = record["median_us_per_step"]
     for part in ("schedule", "prepare", "land", "emit"):
