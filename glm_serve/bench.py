@@ -209,7 +209,8 @@ def cmd_bench(args) -> int:
 # Counters read off the server's /metrics around the run (ours; another server's are simply absent).
 _COUNTERS = {'glm_serve_thread_cpu_seconds_total{thread="engine"}': "engine_thread",
              'glm_serve_thread_cpu_seconds_total{thread="event_loop"}': "event_loop_thread",
-             "process_cpu_seconds_total": "process", "glm_serve_engine_steps_total": "steps"}
+             "process_cpu_seconds_total": "process", "glm_serve_engine_steps_total": "steps",
+             "glm_serve_engine_in_own_process": "engine_in_own_process"}
 
 
 def server_counters(httpx, url: str, headers: dict) -> dict[str, float]:
@@ -244,6 +245,8 @@ def server_costs(before: dict, after: dict, output_tokens: int) -> dict:
         costs["engine_steps"] = steps
         if steps:
             costs["output_tokens_per_step"] = output_tokens / steps
+    if "engine_in_own_process" in after:  # then engine_thread is the engine's whole process, process the server's
+        costs["engine"] = "process" if after["engine_in_own_process"] else "thread"
     return costs
 
 
@@ -266,6 +269,9 @@ def _print(s: dict, out: Path) -> None:
             print(f"  {key:15s} mean {s[key]['mean']:9.2f}   median {s[key]['median']:9.2f}   p99 {s[key]['p99']:9.2f}")
     cpu = {k.removesuffix("_cpu_us_per_output_token"): v for k, v in s.get("server", {}).items()
            if k.endswith("_cpu_us_per_output_token")}
+    if cpu and s["server"].get("engine") == "process":  # name what was measured: the engine's whole process
+        cpu = {("engine_process" if k == "engine_thread" else "server_process" if k == "process" else k): v
+               for k, v in cpu.items()}
     if cpu:
         print("  server CPU us per output token: " + "   ".join(f"{k} {v:.1f}" for k, v in cpu.items())
               + (f"   ({s['server']['output_tokens_per_step']:.1f} tokens per engine step)"

@@ -71,6 +71,10 @@ class _HostCollector:
         # The collector runs where /metrics is served: on the event loop's thread (it renders in the route).
         c.add_metric(["event_loop"], time.thread_time())
         yield c
+        own = GaugeMetricFamily("glm_serve_engine_in_own_process", "1 when the engine loop runs in a process of its "
+                                "own (--engine-process), 0 when it runs on a thread of the server")
+        own.add_metric([], float(self._engine.in_own_process))
+        yield own
         steps = CounterMetricFamily("glm_serve_engine_steps", "Engine steps run (each one batch on the device)")
         steps.add_metric([], float(self._engine.step_count))
         yield steps

@@ -68,6 +68,7 @@ class EngineFrontend:
     prepare_image() and stats()) and implement _submit, _submit_abort, shutdown, alive, engine_cpu_seconds."""
 
     engine: object
+    in_own_process = False  # the engine loop runs in a process of its own (ProcessEngine)
 
     def __init__(self) -> None:
         # request id -> (its queue, its caller's event loop, its n); registered by generate, dropped by the final

@@ -106,6 +106,8 @@ class ProcessEngine(EngineFrontend):
     starts the process and waits until the engine there is built; its errors (a bad checkpoint, too little
     memory) are raised here."""
 
+    in_own_process = True
+
     def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], object] | None = None):
         """engine_factory: builds the engine in the engine process from `config` (default: LLMEngine); a picklable
         top-level callable (benchmarks/engine_overhead.py swaps the model's forward for fixed logits there)."""

@@ -36,7 +36,7 @@ def test_bench_measures_a_running_server(tmp_path, server, tiny_hf):
     cost = s["server"]
     for key in ("engine_thread", "event_loop_thread", "process"):
         assert cost[f"{key}_cpu_us_per_output_token"] > 0, cost
-    assert cost["engine_steps"] > 0 and 0 < cost["output_tokens_per_step"] <= 3, cost
+    assert cost["engine_steps"] > 0 and 0 < cost["output_tokens_per_step"] <= 3 and cost["engine"] == "thread", cost
     wait_idle(server.engine)
 
 
@@ -46,6 +46,8 @@ def test_bench_server_costs_need_the_servers_counters():
     assert server_costs({}, {}, 100) == {}  # another server: no such counters
     got = server_costs({"engine_thread": 1.0, "steps": 10}, {"engine_thread": 1.5, "steps": 60}, 250)
     assert got == {"engine_thread_cpu_us_per_output_token": 2000.0, "engine_steps": 50, "output_tokens_per_step": 5}
+    assert server_costs({"engine_in_own_process": 1.0}, {"engine_in_own_process": 1.0}, 10) == {"engine": "process"}
+    assert server_costs({}, {"engine_in_own_process": 0.0}, 10) == {"engine": "thread"}
 
 
 def test_bench_reports_failures_with_the_servers_error(tmp_path, make_server, tiny_hf):

@@ -109,6 +109,7 @@ def test_metrics_show_the_engine_process(proc_server):
     assert samples["glm_serve_engine_steps_total"] > 0
     assert samples["glm_serve_kv_cache_capacity_tokens"] == 8192
     assert samples["glm_serve_num_requests_running"] == 0
+    assert samples["glm_serve_engine_in_own_process"] == 1
 
 
 def test_a_dead_engine_process_is_reported_not_hung(tiny_hf):

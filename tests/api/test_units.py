@@ -420,7 +420,7 @@ def test_engine_thread_cpu_is_read_only_while_the_engine_thread_lives():
     def engine_cpu(alive: bool):
         # this test's thread stands for the one that now holds the old id
         thread = SimpleNamespace(ident=threading.get_ident(), is_alive=lambda: alive)
-        fake = SimpleNamespace(_thread=thread, step_count=4)
+        fake = SimpleNamespace(_thread=thread, step_count=4, in_own_process=False)
         fake.engine_cpu_seconds = lambda: AsyncEngine.engine_cpu_seconds(fake)
         metrics = Metrics(SimpleNamespace(stats=dict), fake)
         value = metrics.registry.get_sample_value
