@@ -42,7 +42,10 @@ class Server:
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True
-        self.thread.join(timeout=20)
+        # Generous: on a loaded 2-core machine the shutdown (batch worker, aborts) has taken over 20 s, and a
+        # server still stopping keeps its data dir locked for the next one.
+        self.thread.join(timeout=90)
+        assert not self.thread.is_alive(), "the server did not stop within 90 s"
 
 
 def free_port() -> int:
