@@ -53,9 +53,10 @@ class _EngineCollector:
 
 
 class _HostCollector:
-    """Where the host's CPU goes, for telling a host-bound server from a device-bound one: the engine loop
-    thread's and the event loop thread's CPU seconds (they share one GIL: at hundreds of streams the event loop's
-    per-chunk work can hold back the engine's next step), and the engine's steps."""
+    """Where the host's CPU goes, for telling a host-bound server from a device-bound one: the engine loop's and
+    the event loop thread's CPU seconds (on a thread the engine shares one GIL with the event loop: at hundreds of
+    streams the event loop's per-chunk work can hold back the engine's next step; with --engine-process the
+    engine's figure is its whole process), where the engine runs, and its steps."""
 
     def __init__(self, async_engine):
         self._engine = async_engine  # AsyncEngine or ProcessEngine: its loop's CPU seconds and step_count
