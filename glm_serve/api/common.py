@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_disconnect
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError
-from glm_serve.engine.async_engine import EngineStoppedError
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, prepare_chat
+from glm_serve.engine.async_engine import EngineStoppedError
 
 
 def ctx_of(request: Request) -> ServingContext:

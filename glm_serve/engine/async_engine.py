@@ -10,6 +10,7 @@ fail, and the loop goes on.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import queue
@@ -59,13 +60,13 @@ SWITCH_INTERVAL_S = 0.0005
 Published = list[tuple[str, object, bool]]
 
 
-class EngineFrontend:
+class EngineFrontend(abc.ABC):
     """The caller side, on the event loop(s): requests in, per-request asyncio queues of outputs back. The engine
     loop runs behind `_submit` (a thread here: AsyncEngine; a process: engine/process.py) and hands its outputs
     to `_publish` from whatever thread receives them.
 
     Subclasses set `engine` (the LLMEngine, or its stand-in with the same config, tokenizer, validate(),
-    prepare_image() and stats()) and implement _submit, _submit_abort, shutdown, alive, engine_cpu_seconds."""
+    prepare_image() and stats()) and `step_count`, and implement the abstract members below."""
 
     engine: object
     in_own_process = False  # the engine loop runs in a process of its own (ProcessEngine)
@@ -132,11 +133,26 @@ class EngineFrontend:
         """Why the engine no longer runs (meaningful once `alive` is False)."""
         return "the engine has stopped; restart the server"
 
+    @abc.abstractmethod
     def _submit(self, add: AddRequest) -> None:
-        raise NotImplementedError
+        """Hand a request (its sink already registered) to the engine loop."""
 
+    @abc.abstractmethod
     def _submit_abort(self, request_id: str) -> None:
-        raise NotImplementedError
+        """Ask the engine loop to abort a request (its final output then ends the sink)."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop the engine loop."""
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """The engine loop still runs."""
+
+    @abc.abstractmethod
+    def engine_cpu_seconds(self) -> float | None:
+        """CPU seconds the engine loop has used (None once it has ended)."""
 
     def _publish(self, items: Published) -> None:
         """(request id, output or exception, final) to the callers, in one wake-up of each event loop that waits
@@ -160,13 +176,15 @@ class EngineLoop:
     work and publishes each step's outputs. An exception in one request ends that request alone; an exception
     in a step is logged, the step's requests fail, and the loop goes on. run() returns once `stop` is set."""
 
-    def __init__(self, engine: LLMEngine, publish: Callable[[Published], None]):
+    def __init__(self, engine: LLMEngine, publish: Callable[[Published], None],
+                 on_idle: Callable[[], None] | None = None):
         self.engine = engine
         # AddRequest | ("abort", request id) | ("fail", request id, exception: a request refused before it could be
         # added, engine/process.py) | ("wake", None)
         self.commands: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self._publish = publish
+        self._on_idle = on_idle  # called when a wait for commands timed out (nothing to do for half a second)
         self.step_count = 0
         self.last_step_at = time.monotonic()
 
@@ -174,8 +192,8 @@ class EngineLoop:
         eng = self.engine
         while not self.stop.is_set():
             # Block when idle; otherwise drain whatever arrived since the last step and run one more.
-            if not self._drain(block=not eng.has_unfinished()):
-                self.on_idle()
+            if not self._drain(block=not eng.has_unfinished()) and self._on_idle is not None:
+                self._on_idle()
             if not eng.has_unfinished():
                 continue
             try:
@@ -186,9 +204,6 @@ class EngineLoop:
             self.step_count += 1
             self.last_step_at = time.monotonic()
             self._publish([(out.request_id, out, out.finished) for out in outputs])
-
-    def on_idle(self) -> None:
-        """Called when a blocking wait for commands timed out (nothing to do for half a second)."""
 
     def _drain(self, block: bool) -> bool:
         """Apply the commands waiting (with block, wait up to 0.5 s for one). -> False when the wait timed out."""
@@ -258,11 +273,6 @@ class AsyncEngine(EngineFrontend):
     @property
     def last_step_at(self) -> float:
         return self._loop.last_step_at
-
-    @property
-    def thread_id(self) -> int | None:
-        """The engine loop thread's id (threading.get_ident() there), for its CPU clock."""
-        return self._thread.ident
 
     @property
     def alive(self) -> bool:

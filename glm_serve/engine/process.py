@@ -294,9 +294,8 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
         engine.warm_up_seconds, engine.stats())))
     _started.set()
     sender = _ResultSender(engine, results)
-    loop = EngineLoop(engine, sender.publish)
+    loop = EngineLoop(engine, sender.publish, on_idle=sender.heartbeat)
     sender.loop = loop
-    loop.on_idle = sender.heartbeat
     reader = threading.Thread(target=_read_commands, args=(commands, loop), name="glm-engine-commands",
                               daemon=True)
     reader.start()

@@ -284,28 +284,20 @@ def _running(pid: int) -> bool:
 
 def test_a_glm4v_image_prompt_crosses_the_process(tmp_path):
     """The image is prepared in the server process (PIL, resize) and its pixels travel to the engine process."""
-    import base64
-    import io
-
-    import torch
-    from PIL import Image
+    from test_vision_engine import _messages, _png  # tests/ is on sys.path (rootdir-relative modules)
 
     from glm_serve.tiny_vision import make_tiny_vision
 
     ckpt = make_tiny_vision(tmp_path / "tiny_v", seed=3)
-    arr = (torch.rand(50, 70, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "what is this?"}]}]
+    png = _png(1)
+    messages = _messages("what is this?", png)
     config = dict(kv_cache_tokens=4096, max_batch_tokens=512)
     vlm = LLM(str(ckpt), **config)
     ids = encode_chat(vlm.tokenizer, messages, allow_images=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
 
     def run(front):
-        mm = front.engine.prepare_image(ids, buf.getvalue())
+        mm = front.engine.prepare_image(ids, png)
         assert mm.pixels is not None
 
         async def go():
