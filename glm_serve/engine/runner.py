@@ -28,6 +28,7 @@ import torch
 from glm_serve.engine import prompt_logprobs
 from glm_serve.engine.prompt_logprobs import PromptRows
 from glm_serve.engine.scheduler import SchedulerOutput
+from glm_serve.engine.staging import StepUploader
 from glm_serve.model.attention import AttnMetadata
 from glm_serve.model.glm import GlmForCausalLM
 
@@ -77,6 +78,7 @@ class ModelRunner:
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.pin = device.type == "cuda"
+        self.uploader = StepUploader(device)  # a step's host arrays reach the device in one copy
         self.graphs = None  # DecodeGraphs, when the engine enables CUDA graphs (glm_serve/engine/cuda_graphs.py)
         self.num_fed_tokens = 0  # input tokens taken from the previous step on the device (overlap scheduling)
         self._steady_rows: _SteadyRows | None = None  # the table rows of the last steady decode step's sequences
@@ -104,17 +106,25 @@ class ModelRunner:
         return row
 
     def _upload_tables(self) -> None:
-        """Bring block_table_dev up to date: one scatter of the entries written since the last step."""
+        """Bring block_table_dev up to date now (a step does it within its one upload: _batch)."""
+        entries = self._table_entries()
+        if entries is not None:
+            self._apply_table_entries(*self.uploader.send([(entries[0], np.int64), (entries[1], np.int32)]))
+
+    def _table_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The block-table entries written since the last upload: ([U] flat index, [U] int32 block id), or None."""
         if not self._dirty:
-            return
+            return None
         d = np.array(self._dirty, dtype=np.int64)  # [U, 3] (row, first, end)
         self._dirty.clear()
         lens = d[:, 2] - d[:, 1]  # [U] entries per run (mostly 1: a decode's new block)
         ends = np.cumsum(lens)
         # [sum(lens)] flat index of every written entry: each run's start, counted up within the run
         flat = np.repeat(d[:, 0] * self.max_blocks_per_seq + d[:, 1] - ends + lens, lens) + np.arange(ends[-1])
-        values = self.block_table_host.reshape(-1)[flat]  # [U] int32
-        self.block_table_dev.view(-1).index_copy_(0, self._to(flat), self._to(values))
+        return flat, self.block_table_host.reshape(-1)[flat]
+
+    def _apply_table_entries(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        self.block_table_dev.view(-1).index_copy_(0, flat, values)  # one scatter of the new entries
 
     def prepare(self, out: SchedulerOutput, inflight: InflightTokens | None = None,
                 prompt_wanted: dict[int, int] | None = None) -> StepBatch:
@@ -158,10 +168,10 @@ class ModelRunner:
         q_off = np.arange(T) - cu[:-1][token_to_seq]  # [T]
         index = starts[token_to_seq] + q_off  # [T] slot index of each token in its sequence
         logits_idx = cu[1:][np.array(sample_l, dtype=bool)] - 1  # [S]
-        input_ids = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
+        input_ids, fed = self._input_ids(ids, fed_at, fed_seqs, inflight)  # [T]
         self._steady_rows = None
         batch = self._batch(mm_spans(sched), starts, n_new, rows, cu, token_to_seq, q_off, index, input_ids,
-                            logits_idx, sample_ids)
+                            logits_idx, sample_ids, fed)
         if prompt_wanted:
             batch.prompt_rows = prompt_logprobs.plan(sched, cu, prompt_wanted, self._to)
         return batch
@@ -192,53 +202,69 @@ class ModelRunner:
         return self._batch(rows.spans, starts, np.ones(B, dtype=np.int64), rows.rows, ar, ar[:B],
                            np.zeros(B, dtype=np.int64), starts, inflight.token_ids, ar[:B], seq_ids)
 
-    def _batch(self, spans: list[tuple[int, tuple[int, int]]], starts: np.ndarray, n_new: np.ndarray, rows: np.ndarray, cu: np.ndarray,
-               token_to_seq: np.ndarray, q_off: np.ndarray, index: np.ndarray, input_ids: torch.Tensor,
-               logits_idx: np.ndarray, sample_ids: list[int]) -> StepBatch:
+    def _batch(self, spans: list[tuple[int, tuple[int, int]]], starts: np.ndarray, n_new: np.ndarray,
+               rows: np.ndarray, cu: np.ndarray, token_to_seq: np.ndarray, q_off: np.ndarray, index: np.ndarray,
+               input_ids: np.ndarray | torch.Tensor, logits_idx: np.ndarray, sample_ids: list[int],
+               fed: _Fed | None = None) -> StepBatch:
         """The StepBatch from the step's host arrays: [B] starts, n_new, rows; [B + 1] cu; [T] token_to_seq,
-        q_off, index (slot index of each token in its sequence); [S] logits_idx. spans: mm_spans(sched)."""
+        q_off, index (slot index of each token in its sequence); [S] logits_idx. spans: mm_spans(sched).
+        input_ids and fed: from _input_ids. Everything goes to the device in one upload (engine/staging.py)."""
         positions = self._positions(spans, starts.shape[0], index, token_to_seq)  # [T]
         seq_lens = starts + n_new  # [B]
         width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
-        self._upload_tables()
-        tables = self.block_table_dev[:, :width].index_select(0, self._to(rows))  # [B, width] on the device
         blk = self.block_table_host[rows[token_to_seq], index // self.block_size].astype(np.int64)  # [T]
         slots = blk * self.block_size + index % self.block_size  # [T]
+        arrays = [(rows, np.int64), (cu, np.int32), (seq_lens, np.int32), (slots, np.int64), (token_to_seq, np.int64),
+                  (q_off, np.int64), (positions, np.int64), (logits_idx, np.int64)]
+        host_ids = isinstance(input_ids, np.ndarray)
+        if host_ids:
+            arrays.append((input_ids, np.int64))
+        if fed is not None:
+            arrays += [(fed.at, np.int64), (fed.src, np.int64)]
+        entries = self._table_entries()
+        if entries is not None:
+            arrays += [(entries[0], np.int64), (entries[1], np.int32)]
+        dev = self.uploader.send(arrays)
+        rows_d, cu_d, seq_lens_d, slots_d, token_to_seq_d, q_off_d, positions_d, logits_idx_d = dev[:8]
+        k = 8
+        if host_ids:
+            input_ids, k = dev[k], k + 1
+        if fed is not None:
+            input_ids.index_copy_(0, dev[k], fed.token_ids[dev[k + 1]])  # the in-flight tokens, gathered
+            k += 2
+        if entries is not None:
+            self._apply_table_entries(dev[k], dev[k + 1])
+        tables = self.block_table_dev[:, :width].index_select(0, rows_d)  # [B, width] on the device
         meta = AttnMetadata(
-            cu_seqlens_q=self._to(cu.astype(np.int32)),
-            seq_lens=self._to(seq_lens.astype(np.int32)),
-            slot_mapping=self._to(slots),
+            cu_seqlens_q=cu_d,
+            seq_lens=seq_lens_d,
+            slot_mapping=slots_d,
             block_tables=tables,
             max_seqlen_q=int(n_new.max()),
             max_seqlen_k=int(seq_lens.max()),
-            token_to_seq=self._to(token_to_seq),
-            token_q_offset=self._to(q_off),
+            token_to_seq=token_to_seq_d,
+            token_q_offset=q_off_d,
             host_q_lens=n_new,
             host_seq_lens=seq_lens,
             host_cu_seqlens_q=cu,
         )
-        return StepBatch(
-            input_ids=input_ids,
-            positions=self._to(positions),
-            meta=meta,
-            logits_indices=self._to(logits_idx),
-            sample_seq_ids=sample_ids,
-        )
+        return StepBatch(input_ids=input_ids, positions=positions_d, meta=meta, logits_indices=logits_idx_d,
+                         sample_seq_ids=sample_ids)
 
     def _input_ids(self, ids: list[int], fed_at: list[int], fed_seqs: list[int],
-                   inflight: InflightTokens | None) -> torch.Tensor:
-        """[T] int64 on the device: the host's token ids, with the in-flight ones gathered from `inflight`."""
+                   inflight: InflightTokens | None) -> tuple[np.ndarray | torch.Tensor, _Fed | None]:
+        """The step's [T] input ids: on the host (int64), with the positions of in-flight tokens to gather from
+        `inflight` once on the device (_Fed); or, when every input is in flight in the same order (a steady
+        decode), the previous step's token tensor itself."""
         if not fed_at:
-            return self._to(np.array(ids, dtype=np.int64))
+            return np.array(ids, dtype=np.int64), None
         if inflight is None:
             raise RuntimeError("a scheduled token is still in flight but the previous step's tokens are gone")
         self.num_fed_tokens += len(fed_at)
         if len(fed_at) == len(ids) and fed_seqs == inflight.seq_ids:
-            return inflight.token_ids  # steady decode: every input is last step's token, in the same order
-        input_ids = self._to(np.array(ids, dtype=np.int64))
-        src = self._to(inflight.rows(fed_seqs))
-        input_ids.index_copy_(0, self._to(np.array(fed_at, dtype=np.int64)), inflight.token_ids[src])
-        return input_ids
+            return inflight.token_ids, None  # steady decode: every input is last step's token, in the same order
+        return np.array(ids, dtype=np.int64), _Fed(np.array(fed_at, dtype=np.int64), inflight.rows(fed_seqs),
+                                                   inflight.token_ids)
 
     @staticmethod
     def _positions(spans, B: int, index: np.ndarray, token_to_seq: np.ndarray) -> np.ndarray:
@@ -284,6 +310,15 @@ class ModelRunner:
 def mm_spans(sched) -> list[tuple[int, tuple[int, int]]]:
     """(batch index, Sequence.mm_span) of the step's GLM-4V sequences."""
     return [(b, s.seq.mm_span) for b, s in enumerate(sched) if s.seq.mm_span is not None]
+
+
+@dataclass
+class _Fed:
+    """Inputs of a step that are tokens the previous step sampled, still on the device (see _input_ids)."""
+
+    at: np.ndarray  # [F] int64: flat rows of the step whose input is in flight
+    src: np.ndarray  # [F] int64: the row of each in `token_ids`
+    token_ids: torch.Tensor  # [S'] int64 on the device: the previous step's sampled tokens
 
 
 @dataclass
