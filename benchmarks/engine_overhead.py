@@ -11,10 +11,13 @@ Then the same decode runs through AsyncEngine, the server's path: the engine thr
 reading each stream, all under one GIL. Its wall time per step counts the readers' work too. And once more
 through ProcessEngine (serve --engine-process): the engine loop in a spawned process, the readers in this one.
 
+With --sampled the requests sample (temperature 0.8, top-p 0.8: GLM-4-9B-chat's generation_config, so what API
+requests that leave sampling unset get) instead of taking the argmax.
+
 With --final-only the requests want their result only (LLM.generate, non-streaming API calls): after the first
 tokens the engine holds each delta for the final output instead of building and delivering one per token.
 
-    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--no-overlap] [--final-only]
+    python benchmarks/engine_overhead.py [--seqs 256] [--steps 200] [--no-overlap] [--sampled] [--final-only]
                                          [--stream-interval N] [--out FILE]
 """
 
@@ -45,9 +48,12 @@ def main(argv=None) -> int:
     p.add_argument("--final-only", action="store_true",
                    help="requests that want the result only (LLM.generate, non-streaming API calls): no per-token "
                         "outputs after the first")
+    p.add_argument("--sampled", action="store_true",
+                   help="sampled requests (temperature 0.8, top-p 0.8) instead of greedy ones")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    mode = (("sync" if args.no_overlap else "overlap") + ("_final" if args.final_only else "")
+    mode = (("sync" if args.no_overlap else "overlap") + ("_sampled" if args.sampled else "")
+            + ("_final" if args.final_only else "")
             + (f"_interval{args.stream_interval}" if args.stream_interval > 1 else ""))
     name = f"engine_overhead_{mode}_cpu_{dt.date.today().isoformat()}.json"
     result = {
@@ -55,6 +61,7 @@ def main(argv=None) -> int:
         # The engine's default device: on a GPU host its batches and the sampler's ops are on the GPU.
         "engine_device": "cuda" if torch.cuda.is_available() else "cpu",
         "running_sequences": args.seqs, "overlap_scheduling": not args.no_overlap, "final_only": args.final_only,
+        "sampling": "temperature 0.8, top_p 0.8" if args.sampled else "greedy",
         "stream_interval": args.stream_interval,
         "device_waits_for": ("nothing while a device step takes longer than host_total" if not args.no_overlap
                              else "serial (schedule + prepare + sampling_batch + land) between two steps"),
@@ -123,10 +130,9 @@ def _engine(args):
 def _measure(args) -> dict:
     """One measurement: a fresh engine, 256 prefilled sequences, then `args.steps` timed decode steps."""
 
-    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
 
     eng, fixed = _engine(args)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True, stop=["never-here"])
+    params = _params(args, args.steps + 10)
     for i in range(args.seqs):
         eng.add_request(f"r{i}", [(7 * i + j) % 2000 for j in range(40)], params, final_only=args.final_only)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
@@ -162,6 +168,13 @@ def _measure(args) -> dict:
     return med
 
 
+def _params(args, max_tokens: int):
+    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
+
+    sampling = dict(temperature=0.8, top_p=0.8) if args.sampled else dict(temperature=0.0)
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop=["never-here"], **sampling)
+
+
 def _python_speed() -> float:
     return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
@@ -174,11 +187,10 @@ def _measure_async(args, engine_process: bool = False) -> dict:
 
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
     from glm_serve.engine.process import ProcessEngine  # noqa: PLC0415
-    from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
 
     config = _engine_config(args)
     factory = functools.partial(fixed_logits_engine, rows=args.seqs)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True, stop=["never-here"])
+    params = _params(args, args.steps)
     server = ProcessEngine(config, factory) if engine_process else AsyncEngine(factory(config))
 
     async def stream(i: int) -> int:

@@ -122,6 +122,13 @@ class DeviceStep:
         owner = self.seq_owner
         if self._num_sampling_requests == 0:  # the common case: nothing but argmax
             return SamplingBatch(num_rows=len(seq_ids), vocab_size=vocab, all_greedy=True)
+        # Without penalties, min_tokens or constraints (the requests that need host tokens) nothing in a row's
+        # batch changes from step to step: the same sequences as last step, in the same order, are last step's
+        # batch (its seeded generators are the same objects, their state moved on by the sampler).
+        last = self._last_sampling
+        reuse = self._num_host_token_requests == 0
+        if reuse and last is not None and last[0] == seq_ids and last[1].vocab_size == vocab:
+            return last[1]
         rows, bitmask = [], None
         for r, seq_id in enumerate(seq_ids):
             req, c = owner[seq_id]
@@ -131,4 +138,6 @@ class DeviceStep:
                 if bitmask is None:
                     bitmask = torch.full((len(seq_ids), (vocab + 31) // 32), -1, dtype=torch.int32)
                 c.constraint.fill_bitmask(bitmask, r)
-        return SamplingBatch.build(rows, vocab, self.device, bitmask)
+        batch = SamplingBatch.build(rows, vocab, self.device, bitmask)
+        self._last_sampling = (seq_ids, batch) if reuse else None
+        return batch

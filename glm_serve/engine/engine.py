@@ -45,7 +45,7 @@ from glm_serve.engine.outputs import (
 )
 from glm_serve.engine.prompt_logprobs import PromptLogprobRecorder
 from glm_serve.engine.runner import ModelRunner
-from glm_serve.engine.sampler import Sampler, make_generator
+from glm_serve.engine.sampler import Sampler, SamplingBatch, make_generator
 from glm_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from glm_serve.engine.sequence import SeqStatus, Sequence
 from glm_serve.sampling_params import SamplingParams
@@ -105,6 +105,7 @@ class LLMEngine(OutputEmitter, DeviceStep):
         self._pending: Pending | None = None  # the last step landed, its text not yet emitted
         self._num_host_token_requests = 0  # live requests that sample from their previous token on the host
         self._num_sampling_requests = 0  # live requests that need more than an argmax (not plain_greedy)
+        self._last_sampling: tuple[list[int], SamplingBatch] | None = None  # (seq ids, batch): build_sampling_batch
         self._prompt_lp = PromptLogprobRecorder()  # sequences recording prompt logprobs (prompt_logprobs.py)
         self.stop_ids = list(self.tokenizer.stop_token_ids)
         self.vocab_limit = self.model_config.vocab_size

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glm_serve.engine.async_engine import AsyncEngine, merge_final
+from glm_serve.engine.sampler import SamplingBatch
 from glm_serve.engine.sequence import Sequence
 from glm_serve.llm import LLM
 from glm_serve.model.simple import generate_simple
@@ -123,6 +124,41 @@ def test_seed_reproduces_whatever_the_batch(llm):
     other = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=99,
                                                   ignore_eos=True), use_tqdm=False)[0].token_ids
     assert other != alone
+
+
+def test_steady_sampled_steps_reuse_their_sampling_batch(llm, monkeypatch):
+    """Sampled rows without penalties, min_tokens or constraints: a step of the same sequences as the last one
+    reuses its sampling batch instead of rebuilding it row by row; seeded outputs stay those of each request
+    alone. A request with penalties in the batch makes every step build its own again."""
+    builds = []
+    build = SamplingBatch.build
+    monkeypatch.setattr(SamplingBatch, "build",
+                        classmethod(lambda cls, *a, **kw: builds.append(1) or build(*a, **kw)))
+    eng = llm.engine
+    prompts = _prompts(4, seed=12, lo=5, hi=30)
+    params = [SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_tokens=24, seed=s, ignore_eos=True)
+              for s in range(4)]
+    alone = [llm.generate([p], sp, use_tqdm=False)[0].token_ids for p, sp in zip(prompts, params)]
+
+    def run(extra):
+        builds.clear()
+        for i, (p, sp) in enumerate(zip(prompts + [prompts[0]] * len(extra), params + extra)):
+            eng.add_request(f"reuse{i}", p, sp)
+        tokens, steps = {}, 0
+        while eng.has_unfinished():
+            steps += 1
+            for out in eng.step():
+                tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        return [tokens[f"reuse{i}"] for i in range(len(params + extra))], steps
+
+    got, steps = run([])
+    assert got == alone
+    assert len(builds) <= 3 < steps  # the first steps (admission), then the steady ones reuse
+    penalised = SamplingParams(temperature=0.9, max_tokens=24, seed=7, presence_penalty=1.5, ignore_eos=True)
+    got, steps = run([penalised])
+    assert got[:4] == alone
+    assert got[4] == llm.generate([prompts[0]], penalised, use_tqdm=False)[0].token_ids
+    assert len(builds) >= 24  # a build for every step that samples
 
 
 def test_stop_string_split_across_tokens(llm):

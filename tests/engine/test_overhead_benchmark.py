@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("mode", [[], ["--no-overlap"], ["--final-only"], ["--stream-interval", "3"]])
+@pytest.mark.parametrize("mode", [[], ["--no-overlap"], ["--final-only"], ["--stream-interval", "3"], ["--sampled"]])
 def test_engine_overhead_benchmark_small_run(tmp_path, mode):
     out = tmp_path / "overhead.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine_overhead.py"), "--seqs", "8",
@@ -24,6 +24,7 @@ def test_engine_overhead_benchmark_small_run(tmp_path, mode):
     assert record["overlap_scheduling"] is ("--no-overlap" not in mode) and record["running_sequences"] == 8
     assert record["final_only"] is ("--final-only" in mode) and record["complete"] is True
     assert record["stream_interval"] == (3 if "--stream-interval" in mode else 1)
+    assert record["sampling"] == ("temperature 0.8, top_p 0.8" if "--sampled" in mode else "greedy")
     med = record["median_us_per_step"]
     for part in ("schedule", "prepare", "land", "emit"):
         assert 0 < med[part] < med["host_total"]
