@@ -108,8 +108,10 @@ case "$what" in
     step "fused ops benchmark" 60 python3 benchmarks/fused_ops.py --out "$results/fused_ops_cuda_$today.json" ;;
   tune) step "kernel tune sweep" 580 python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$today.json" ;;
   offline) run_offline 500 256 ;;
-  overhead) step "engine overhead (host CPU)" 300 python3 benchmarks/engine_overhead.py \
-    --out "$results/engine_overhead_overlap_gpuhost_$today.json" ;;
+  overhead) step "engine overhead (host CPU)" 280 python3 benchmarks/engine_overhead.py \
+      --out "$results/engine_overhead_overlap_gpuhost_$today.json"
+    step "engine overhead, sampled (host CPU)" 280 python3 benchmarks/engine_overhead.py --sampled \
+      --out "$results/engine_overhead_overlap_sampled_gpuhost_$today.json" ;;
   vision|serve|all) ;;
   *) echo "gpu-run.sh: unknown target $what" >&2; exit 2 ;;
 esac
@@ -130,6 +132,8 @@ if [ "$what" = all ]; then
   run_offline 900 256
   step "engine overhead (host CPU)" 300 python3 benchmarks/engine_overhead.py \
     --out "$results/engine_overhead_overlap_gpuhost_$today.json"
+  step "engine overhead, sampled (host CPU)" 300 python3 benchmarks/engine_overhead.py --sampled \
+    --out "$results/engine_overhead_overlap_sampled_gpuhost_$today.json"
 fi
 if [ "$what" = serve ] || [ "$what" = all ]; then  # the HTTP server on the 9B-shaped checkpoint, glm-serve bench
   checkpoint_9b
