@@ -15,8 +15,9 @@ Messages are pickled. Outputs cross as plain tuples: pickling 256 RequestOutput 
 1 ms on this VM, the same outputs as tuples about 0.06 ms. Constraints cross as their serialized grammar
 (constrain.GrammarConstraint); a GLM-4V prompt as its prepared MultiModalPrompt (pixels included).
 
-The engine process ignores SIGINT: the server decides when it stops (after its graceful shutdown), and it exits
-by itself when the server process is gone (its command pipe closes). If it dies, every request in flight ends
+The engine process ignores SIGINT and SIGTERM (Ctrl-C reaches the whole process group, and so does a supervisor's
+stop: systemd's default KillMode=control-group): the server decides when it stops (after its graceful shutdown),
+and it exits by itself when the server process is gone (its command pipe closes). If it dies, every request in flight ends
 with an error, later ones fail at once, and /health says so.
 """
 
@@ -183,10 +184,7 @@ class ProcessEngine(EngineFrontend):
             conn.close()
 
     def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        if self._proc.is_alive():
+        if self._proc.is_alive():  # SIGKILL: it ignores SIGTERM (see _engine_process)
             self._proc.kill()
             self._proc.join()
 
@@ -274,7 +272,10 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
                     engine_factory: Callable[[EngineConfig], object] | None = None) -> None:
     """The engine process's main: build the engine, report its facts, then run its loop until told to stop or
     until the server process is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops us itself
+    # Ctrl-C reaches the whole group, and a supervisor's SIGTERM may (systemd's default KillMode=control-group): dying
+    # of it would fail every answer in flight at once, where the server gives them --shutdown-timeout and stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 

@@ -64,10 +64,14 @@ def _alive(pid: int) -> bool:
 
 
 # The engine on a thread, stopped by SIGTERM (a supervisor); and in a process of its own (--engine-process),
-# stopped by Ctrl-C, which reaches the whole process group: the engine process must not die of it mid-answer
-# (the grace is the server's to give), and must end with the server.
-@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
-def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf, tmp_path, engine_process):
+# stopped by Ctrl-C or by a SIGTERM sent to the whole group (systemd's default KillMode=control-group): the
+# engine process must not die of either mid-answer (the grace is the server's to give), and must end with the
+# server.
+@pytest.mark.parametrize("engine_process, group_signal", [(False, None), (True, signal.SIGINT),
+                                                          (True, signal.SIGTERM)],
+                         ids=["thread", "engine-process-ctrl-c", "engine-process-group-sigterm"])
+def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(tiny_hf, tmp_path, engine_process,
+                                                                                group_signal):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
                              str(port), "--served-model-name", "m", "--kv-cache-tokens", "65536",
@@ -108,8 +112,8 @@ def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(
         children = _children(proc.pid)
         assert children or not engine_process
         t0 = time.monotonic()
-        if engine_process:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+        if group_signal is not None:
+            os.killpg(proc.pid, group_signal)  # Ctrl-C in a terminal; a supervisor stopping the whole group
         else:
             proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down (the app's shutdown runs), then re-raises the signal it caught, as a process
