@@ -93,7 +93,8 @@ class BatchWorker:
         """Stop the loop and every line in flight; those lines stay pending for the next start."""
         tasks = [t for t in (self._main, *self._validating.values(), *(r.task for r in self._running.values()))
                  if t is not None]
-        stopped = list(self._running)  # (batch id, line): a clean stop, not a crash (see MAX_LINE_CRASHES)
+        # (batch id, line): a clean stop, not a crash (see MAX_LINE_CRASHES), unless the engine died under them
+        stopped = list(self._running) if self.ctx.engine.alive else []
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -202,7 +203,8 @@ class BatchWorker:
         try:
             ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body)
             if not ok and not self.ctx.engine.alive:  # failed because the engine stopped, not for the line itself:
-                await asyncio.to_thread(self.store.stop_items, [(item.batch_id, item.line)])  # pending, to rerun
+                # pending, to rerun; its start still counts, as at a crash of the whole server: the engine process's
+                # death (a GPU fault, the OOM killer) may be this line's doing (MAX_LINE_CRASHES)
                 return
             entry.recording = True
             await asyncio.to_thread(self.store.record_result, item.batch_id, item.line, ok, text)

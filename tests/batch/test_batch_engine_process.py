@@ -1,6 +1,7 @@
 """A batch whose engine process dies mid-run loses nothing: the lines that were running when it died are not
-recorded as failed (they failed because of the engine, not because of themselves), no new line starts, and the
-next server on the same data dir answers every line."""
+recorded as failed (they failed because of the engine, not because of themselves; their run counts as one at a
+crash, as when the whole server dies), no new line starts, and the next server on the same data dir answers every
+line."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def test_lines_running_when_the_engine_process_dies_run_again_after_a_restart(ti
         b = httpx.get(f"{base}batches/{batch['id']}", timeout=10).json()
         assert b["status"] == "in_progress" and b["request_counts"]["failed"] == 0, b
         assert b["request_counts"]["completed"] < LINES
+        # ...but their run counts as one at a crash, as when the whole server dies: a line that kills the engine
+        # process (a GPU fault, the OOM killer) is not run again after MAX_LINE_CRASHES deaths (worker.py)
+        store = api.app.state.batches.store
+        assert any(item.starts == 1 for item in store.pending_items(batch["id"], LINES, set()))
     finally:
         server.should_exit = True
         thread.join(timeout=20)
