@@ -71,13 +71,17 @@ def fresh_checkpoint_dir(out_dir: str | Path) -> Iterator[Path]:
     """A temporary folder beside `out_dir`, renamed to it once the block completes: `out_dir` never holds half a
     checkpoint (an interrupted run leaves nothing there, so a rerun, or a script that tests for config.json,
     starts over), and never a mix of an older checkpoint's files with ours (stale shards and index beside a new
-    model.safetensors would load the old weights). ValueError when `out_dir` exists and is not an empty folder."""
+    model.safetensors would load the old weights). ValueError when `out_dir` exists and is not an empty folder, or
+    cannot be made there."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: make-tiny writes a new checkpoint "
                          "(choose a new folder, or remove this one first)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.make-tiny-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.make-tiny-", dir=out.parent))
+    except OSError as e:  # a parent that is a file, a read-only or missing mount: a path, not a traceback
+        raise ValueError(f"cannot create {out} ({e.strerror or e})") from None
     try:
         yield tmp
         # mkdtemp's folder is 0700 and safetensors writes 0600: give the checkpoint the modes a plain mkdir and

@@ -223,3 +223,12 @@ def test_serve_refuses_an_empty_api_key_rather_than_serving_without_keys(tmp_pat
     argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), *flag]
     assert main(argv) == 2
     _one_line_error(capsys, "--api-key" if flag else "GLM_SERVE_API_KEYS", "unset")
+
+
+def test_make_tiny_where_no_folder_can_be_made_is_one_line(tmp_path, capsys):
+    # Before: a DIR under a file (or on a read-only or missing mount) was a FileExistsError / NotADirectoryError
+    # traceback from mkdir or mkdtemp.
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file" / "ckpt", tmp_path / "a-file" / "sub" / "ckpt"):
+        assert main(["make-tiny", str(out)]) == 2
+        _one_line_error(capsys, "cannot create", str(out))
