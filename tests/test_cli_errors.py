@@ -232,3 +232,11 @@ def test_make_tiny_where_no_folder_can_be_made_is_one_line(tmp_path, capsys):
     for out in (tmp_path / "a-file" / "ckpt", tmp_path / "a-file" / "sub" / "ckpt"):
         assert main(["make-tiny", str(out)]) == 2
         _one_line_error(capsys, "cannot create", str(out))
+
+
+def test_serve_refuses_a_data_dir_it_cannot_create_before_loading(tmp_path, capsys):
+    # Before: a --data-dir under a file (or on a read-only mount) was a NotADirectoryError traceback from mkdir.
+    (tmp_path / "a-file").write_text("x")
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "a-file" / "d")]
+    assert main(argv) == 2
+    _one_line_error(capsys, "--data-dir", "a-file")

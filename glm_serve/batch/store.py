@@ -88,9 +88,13 @@ def _fsync_dir(path: Path) -> None:
 
 def _lock_data_dir(data_dir: Path) -> int:
     """Create data_dir and take its lock (a file descriptor holding the flock); ValueError when another
-    process holds it."""
-    (data_dir / "files").mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    process holds it, or when it cannot be made or written (a path under a file, a read-only mount)."""
+    try:
+        (data_dir / "files").mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ValueError(f"cannot use {data_dir} as the data dir ({e.strerror or e}): pass a folder this "
+                         "process may write (--data-dir)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
