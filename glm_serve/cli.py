@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"glm-serve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while a model loads or an answer prints: the stop asked for, no traceback
+        print("\nglm-serve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -240,3 +240,19 @@ def test_serve_refuses_a_data_dir_it_cannot_create_before_loading(tmp_path, caps
     argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "a-file" / "d")]
     assert main(argv) == 2
     _one_line_error(capsys, "--data-dir", "a-file")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    # Before: Ctrl-C while a model loaded (serve, batch, chat --model, generate) or while generate printed its answer
+    # was a KeyboardInterrupt traceback from wherever torch happened to be.
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "_write_weights", interrupted)
+    try:
+        rc = main(["make-tiny", str(tmp_path / "ckpt")])
+    except KeyboardInterrupt:
+        rc = "a KeyboardInterrupt traceback"
+    assert rc == 130
+    _one_line_error(capsys, "interrupted")
+    assert list(tmp_path.iterdir()) == []
