@@ -182,6 +182,10 @@ def cmd_chat(args) -> int:
     import logging  # noqa: PLC0415
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would garble the chat
+    if args.max_tokens < 1:  # in-process, 0 answered every turn with nothing; a server refused every turn
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.model is not None:
         send = local_backend(args)
         where = f"in-process model {args.model}"

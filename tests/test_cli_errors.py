@@ -256,3 +256,14 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     assert rc == 130
     _one_line_error(capsys, "interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,word", [(["--max-tokens", "0"], "--max-tokens"),
+                                        (["--temperature", "-1"], "--temperature")])
+def test_chat_checks_its_flags_before_the_chat(tmp_path, capsys, flags, word):
+    # Before: chat --model with --max-tokens 0 answered every turn with nothing, silently (against a server every
+    # turn failed with the server's 400 instead); both are now refused at start, before any load or connection.
+    assert main(["chat", "--model", str(tmp_path / "missing"), *flags]) == 2
+    _one_line_error(capsys, word)
+    assert main(["chat", "--url", f"http://127.0.0.1:{_closed_port()}", *flags]) == 2
+    _one_line_error(capsys, word)
