@@ -263,14 +263,24 @@ def cmd_batch(args) -> int:
     lines = list(iter_lines(data))
     if not lines:
         raise ValueError(f"{src} holds no request lines")
-    done_ids, done_lines = read_done(out_path, "custom_id", OUTPUT_KEYS), read_done(err_path, "line")
-    claim_output(src, data, out_path, err_path, model_identity(args.model, args.quantization))
+    try:  # the output's folder is made and its files opened now, not after a model load of minutes
+        done_ids, done_lines = read_done(out_path, "custom_id", OUTPUT_KEYS), read_done(err_path, "line")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        claim_output(src, data, out_path, err_path, model_identity(args.model, args.quantization))
+        out, err = _Appender(out_path), _Appender(err_path)
+    except OSError as e:  # a folder under a file, a read-only mount, an output that is a folder
+        raise ValueError(f"cannot write {e.filename or out_path} ({e.strerror or e}): choose another output "
+                         "(-o, --errors)") from None
     names = args.served_model_name
     if not names:  # one model runs here: every model name the lines use is accepted
         names = sorted({b["model"] for b in (_body(raw) for _, raw in lines) if isinstance(b.get("model"), str)})
-    core = LLMEngine(engine_config(args))
+    try:
+        core = LLMEngine(engine_config(args))
+    except BaseException:
+        out.close()
+        err.close()
+        raise
     engine = AsyncEngine(core)
-    out, err = _Appender(out_path), _Appender(err_path)
     progress = _Progress(len(lines), len(done_before(lines, done_ids, done_lines)), enabled=not args.no_progress)
     try:
         served = (args.served_model_name or []) or [*default_model_names(args.model, core.model_path), *names]

@@ -194,3 +194,20 @@ def test_cli_refuses_a_foreign_output_untouched(tmp_path, capsys):
     out.write_text(whole + '{"custom_id": "k-1')
     assert read_done(out, "custom_id", OUTPUT_KEYS) == {"k-0"}
     assert out.read_text() == whole
+
+
+def test_cli_output_in_a_new_folder_and_one_it_cannot_write(tiny_hf, tmp_path, capsys):
+    """`-o results/out.jsonl` with results/ not there yet makes the folder (it was a FileNotFoundError traceback from
+    the source record); an output or error file that cannot be written (under a file, a folder itself) is one line
+    before any load (--errors used to fail so only after the model had loaded)."""
+    job = write_jsonl(tmp_path / "in.jsonl", _lines(2, 4))
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    assert cli_main(["batch", str(job), "-o", str(out), "--model", str(tiny_hf), "--no-progress", *ENGINE_FLAGS]) == 0
+    assert len(read_jsonl(out.read_text())) == 2
+    (tmp_path / "a-file").write_text("x")
+    missing_model = ["--model", str(tmp_path / "no-model"), "--no-progress"]
+    for args in (["-o", str(tmp_path / "a-file" / "out.jsonl")], ["-o", str(tmp_path)],
+                 ["-o", str(tmp_path / "o.jsonl"), "--errors", str(tmp_path / "a-file" / "e.jsonl")]):
+        assert cli_main(["batch", str(job), *args, *missing_model]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write" in err and "Traceback" not in err and err.strip().count("\n") == 0, err
