@@ -254,12 +254,15 @@ def cmd_batch(args) -> int:
     src, out_path = Path(args.input), Path(args.output)
     err_path = Path(args.errors) if args.errors else errors_path(out_path)
     if not src.is_file():
-        raise ValueError(f"input file {src} does not exist")
+        raise ValueError(f"input file {src} " + ("is not a file" if src.exists() else "does not exist"))
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     if len({out_path.resolve(), err_path.resolve(), src.resolve()}) < 3:
         raise ValueError("the input, output and error files must be three different files")
-    data = src.read_bytes()
+    try:
+        data = src.read_bytes()
+    except OSError as e:  # no read permission, an I/O error
+        raise ValueError(f"cannot read {src} ({e.strerror or e})") from None
     lines = list(iter_lines(data))
     if not lines:
         raise ValueError(f"{src} holds no request lines")

@@ -211,3 +211,12 @@ def test_cli_output_in_a_new_folder_and_one_it_cannot_write(tiny_hf, tmp_path, c
         assert cli_main(["batch", str(job), *args, *missing_model]) == 2
         err = capsys.readouterr().err
         assert "cannot write" in err and "Traceback" not in err and err.strip().count("\n") == 0, err
+
+
+def test_cli_input_that_is_a_folder_is_named_so(tmp_path, capsys):
+    """A folder given as the input was reported as a file that "does not exist"."""
+    assert cli_main(["batch", str(tmp_path), "-o", str(tmp_path / "o.jsonl"), "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a file" in err and "does not exist" not in err, err
+    assert cli_main(["batch", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
