@@ -257,7 +257,11 @@ def _first_model(httpx, url: str, headers: dict) -> str:
         raise ValueError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
     if r.status_code != 200:
         raise ValueError(f"{url}/v1/models answered HTTP {r.status_code}: {r.text[:300]}")
-    return r.json()["data"][0]["id"]
+    try:
+        return r.json()["data"][0]["id"]
+    except (ValueError, LookupError, TypeError):  # a web page, or an API with no model loaded (yet)
+        raise ValueError(f"{url}/v1/models lists no model (an OpenAI-compatible server there?); name the model "
+                         "with --served-model") from None
 
 
 def _print(s: dict, out: Path) -> None:

@@ -50,7 +50,11 @@ def server_backend(url: str, model: str | None, api_key: str | None, temperature
             _raise_for(r)
         except RuntimeError as e:
             raise ValueError(f"{url}/v1/models: {e}") from None
-        model = r.json()["data"][0]["id"]
+        try:
+            model = r.json()["data"][0]["id"]
+        except (ValueError, LookupError, TypeError):  # a web page, or an API with no model loaded (yet)
+            raise ValueError(f"{url}/v1/models lists no model (an OpenAI-compatible server there?); name the model "
+                             "with --served-model") from None
 
     def send(messages: list[dict]) -> Iterator[str]:
         try:

@@ -3,9 +3,11 @@ AsyncEngine built on the tiny checkpoint (the slow part, done once per session).
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -162,3 +164,28 @@ class frozen_engine:
     def __exit__(self, *exc):
         del self.core.step
         self.gate.set()
+
+
+@contextmanager
+def static_http(body: bytes):
+    """A plain HTTP server on loopback answering every GET with 200 and `body` (a web page, or JSON that is not an
+    API's): a --url pointing at something that is not our server. Yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

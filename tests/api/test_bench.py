@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from glm_serve.cli import main
-from .conftest import KEY_A, wait_idle
+from .conftest import KEY_A, static_http, wait_idle
 
 
 def _bench(tmp_path, url, tiny_hf, *extra):
@@ -66,3 +68,12 @@ def test_bench_without_a_server_says_so(tmp_path, tiny_hf, capsys):
     rc = main(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--model", str(tiny_hf),
                "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "cannot reach" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body", [b'{"object": "list", "data": []}', b"<html>a web page</html>", b'{"models": 1}'])
+def test_bench_against_a_url_that_lists_no_model_says_so(tmp_path, tiny_hf, capsys, body):
+    # Before: an IndexError / KeyError traceback, or "Expecting value: line 1 column 1 (char 0)" for a web page.
+    with static_http(body) as url:
+        rc = main(["bench", "--url", url, "--model", str(tiny_hf), "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lists no model" in err and "--served-model" in err and "Traceback" not in err, err

@@ -17,7 +17,7 @@ from glm_serve.api.serve import api_keys, engine_config
 from glm_serve.chat_cli import chat_loop, local_backend, server_backend
 from glm_serve.cli import build_parser
 
-from .conftest import _free_port
+from .conftest import _free_port, static_http
 
 
 def test_serve_flags_map_to_configs(monkeypatch):
@@ -164,3 +164,10 @@ def test_chat_in_process_interrupted_answer_leaves_the_engine(server, tiny_hf):
     direct = httpx.post(server.openai_base + "/chat/completions", json={
         "model": "glm-4-tiny", "messages": messages, "temperature": 0, "max_tokens": 12}).json()
     assert answer == direct["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("body", [b'{"object": "list", "data": []}', b"<html>a web page</html>", b'{"models": 1}'])
+def test_chat_against_a_url_that_lists_no_model_says_so(body):
+    # Before: an IndexError / KeyError traceback, or "Expecting value: line 1 column 1 (char 0)" for a web page.
+    with static_http(body) as url, pytest.raises(ValueError, match="lists no model.*--served-model"):
+        server_backend(url, None, None, None, 8)
