@@ -258,11 +258,10 @@ class ProcessEngine(EngineFrontend):
         self._fail_sinks(self._dead)
 
     def _fail_sinks(self, message: str) -> None:
-        failed = []
-        for rid, (_, _, n) in list(self._sinks.items()):
-            outs = [CompletionOutput(i, "", [], None, "error", None, message) for i in range(n)]
-            failed.append((rid, RequestOutput(rid, outs, True), True))
-        self._publish(failed)
+        # As an exception, not as failed choices: the API answers it as it answers a request sent after the
+        # engine stopped (503 with this message; in-band in a stream already started), and a batch line that
+        # failed of it stays pending for the next start.
+        self._publish([(rid, EngineStoppedError(message), True) for rid in list(self._sinks)])
 
 
 # ---- the engine process ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ an error in the API's format instead of hanging."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -118,13 +119,19 @@ def test_a_dead_engine_process_is_reported_not_hung(tiny_hf):
     try:
         assert httpx.get(srv.url + "/health").status_code == 200
         body = {"model": MODEL, "messages": USER, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        pending = concurrent.futures.ThreadPoolExecutor(1).submit(  # a non-streamed request in flight too
+            httpx.post, srv.vendor_base + "chat/completions", timeout=60,
+            json={"model": MODEL, "messages": USER, "max_tokens": 1500, "ignore_eos": True})
         with httpx.Client(timeout=30) as client:
             with client.stream("POST", srv.openai_base + "/chat/completions", json=body) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")  # running
                 os.kill(eng.pid, signal.SIGKILL)
                 rest = [line for line in lines if line]
-        assert '"error"' in rest[-1] and "engine process has stopped" in rest[-1]  # in-band, as a failed choice
+        assert rest[-1] == "data: [DONE]"
+        assert '"error"' in rest[-2] and "engine process has stopped" in rest[-2]  # in-band: headers were sent
+        r = pending.result()  # as for a request sent after the engine stopped, not a 500
+        assert r.status_code == 503 and "engine process has stopped" in r.json()["error"]["message"]
         deadline = time.monotonic() + 10
         while eng.alive and time.monotonic() < deadline:
             time.sleep(0.05)
