@@ -267,3 +267,15 @@ def test_chat_checks_its_flags_before_the_chat(tmp_path, capsys, flags, word):
     _one_line_error(capsys, word)
     assert main(["chat", "--url", f"http://127.0.0.1:{_closed_port()}", *flags]) == 2
     _one_line_error(capsys, word)
+
+
+@pytest.mark.parametrize("flags, word", [(["--served-model-name", ""], "--served-model-name"),
+                                         (["--max-queue", "-1"], "--max-queue"),
+                                         (["--batch-concurrency", "0"], "--batch-concurrency"),
+                                         (["--block-size", "12"], "--block-size")])
+def test_serve_names_the_flag_it_refuses(tmp_path, capsys, flags, word):
+    # Before: --served-model-name '' started a server that answered only to an empty model name, and some refusals
+    # named the config field (max_queue, batch_concurrency, block_size) instead of the flag.
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), *flags]
+    assert main(argv) == 2
+    _one_line_error(capsys, word)

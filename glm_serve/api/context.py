@@ -39,12 +39,15 @@ class ServerSettings:
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
 
     def __post_init__(self):
+        if any(not name.strip() for name in self.served_model_names):  # a server only an empty name reaches
+            raise ValueError(f"served model names (--served-model-name) must not be blank, got "
+                             f"{self.served_model_names!r}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_queue is not None and self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+            raise ValueError(f"max_queue (--max-queue) must be >= 0, got {self.max_queue}")
         if self.batch_concurrency < 1:
-            raise ValueError(f"batch_concurrency must be >= 1, got {self.batch_concurrency}")
+            raise ValueError(f"batch_concurrency (--batch-concurrency) must be >= 1, got {self.batch_concurrency}")
 
 
 @dataclass

@@ -45,9 +45,10 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+            raise ValueError(f"block_size (--block-size) must be a power of two, got {self.block_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
+            raise ValueError(f"kv_cache_tokens (--kv-cache-tokens) must be >= block_size ({self.block_size}), "
+                             f"got {self.kv_cache_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:  # 0 is no "default": say so before the load
             raise ValueError(f"max_model_len (--max-model-len) must be >= 2 (a prompt and one generated token), "
                              f"got {self.max_model_len}")
@@ -57,13 +58,15 @@ class EngineConfig:
                              f"({self.kv_cache_tokens // self.block_size * self.block_size} tokens of "
                              f"--kv-cache-tokens {self.kv_cache_tokens} in {self.block_size}-token blocks)")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+            raise ValueError("gpu_memory_utilization (--gpu-memory-utilization) must be in [0.05, 1], "
+                             f"got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_batch_tokens < self.max_num_seqs:
-            raise ValueError("max_batch_tokens must be >= max_num_seqs >= 1")
+            raise ValueError("max_batch_tokens (--max-batch-tokens) must be >= max_num_seqs (--max-num-seqs) >= 1")
         if self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+            raise ValueError(f"stream_interval (--stream-interval) must be >= 1, got {self.stream_interval}")
         if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+            raise ValueError("attention_backend (--attention-backend) must be auto, torch or triton, "
+                             f"got {self.attention_backend!r}")
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
