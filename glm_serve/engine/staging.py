@@ -16,6 +16,9 @@ yet; N+1 writes the other slot, and each slot's copy records an event that the n
 host buffer waits for (already passed in practice: that copy belonged to a step synced since). The device
 side needs no wait: the next copy into a device slot is queued on the same stream after every kernel that
 reads its previous contents.
+
+On the CPU the arrays are where the model reads them already (torch.from_numpy shares their memory), so the
+uploader hands them over as they are unless told to stage (`staged=True`: tests run the GPU's path that way).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ _MIN_BYTES = 64 << 10
 class StepUploader:
     """`send([(array, dtype), ...])` -> the arrays on the device, as typed views of one persistent buffer."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, staged: bool | None = None) -> None:
         self.device = device
         self.pin = device.type == "cuda"
+        self.staged = self.pin if staged is None else staged
         self._slots: list[_Slot] = []
         self._next = 0
         self.num_uploads = 0
@@ -42,6 +46,9 @@ class StepUploader:
     def send(self, arrays: Sequence[tuple[np.ndarray, type]]) -> list[torch.Tensor]:
         """Copy each (host array, numpy dtype) to the device, converted to that dtype; one transfer in all.
         The returned tensors are valid for work queued before the upload after next (two slots in turn)."""
+        self.num_uploads += 1
+        if not self.staged:  # on the CPU: the arrays themselves (see the module docstring)
+            return [torch.from_numpy(a.astype(dtype, copy=False)).to(self.device) for a, dtype in arrays]
         layout, end = [], 0
         for a, dtype in arrays:
             dtype = np.dtype(dtype)
@@ -53,7 +60,6 @@ class StepUploader:
         slot.device[:end].copy_(slot.host[:end], non_blocking=self.pin)
         if slot.event is not None:
             slot.event.record()
-        self.num_uploads += 1
         return [slot.device[off:off + n * dtype.itemsize].view(_TORCH[dtype]).view(a.shape)
                 for (off, n, dtype), (a, _) in zip(layout, arrays)]
 

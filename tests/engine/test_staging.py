@@ -32,7 +32,7 @@ def _check(got, arrays):
 @pytest.mark.parametrize("seed", range(4))
 def test_uploads_are_exact_aligned_and_survive_the_next_upload(seed):
     rng = np.random.default_rng(seed)
-    up = StepUploader(torch.device("cpu"))
+    up = StepUploader(torch.device("cpu"), staged=True)  # the GPU's path: packed, one copy
     previous = None
     for _ in range(12):
         arrays = _arrays(rng, int(rng.integers(1, 12)))
@@ -44,11 +44,15 @@ def test_uploads_are_exact_aligned_and_survive_the_next_upload(seed):
     assert up.num_uploads == 12
 
 
-def test_a_decode_step_uploads_once(tiny_hf):
-    """Every host array of a step (positions, slots, lengths, rows, new block-table entries) crosses in one
-    upload, through prefill, decode and block growth; the output is unchanged."""
-    llm = LLM(str(tiny_hf), kv_cache_tokens=1024, max_num_seqs=8, block_size=4)
+@pytest.mark.parametrize("config", [dict(kv_cache_tokens=1024),
+                                    # chunked prefill beside decodes fed from the device, and preemption
+                                    dict(kv_cache_tokens=96, max_batch_tokens=16)])
+def test_a_decode_step_uploads_once(tiny_hf, config):
+    """Every host array of a step (positions, slots, lengths, rows, new block-table entries, host input ids)
+    crosses in one upload, through prefill, decode, block growth, chunks and preemption; the output is unchanged."""
+    llm = LLM(str(tiny_hf), max_num_seqs=8, block_size=4, **config)
     eng = llm.engine
+    eng.runner.uploader = StepUploader(eng.device, staged=True)  # as on a GPU (the CPU hands arrays over as they are)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for i in range(5):
         eng.add_request(f"u{i}", [(11 * i + j) % 1500 + 3 for j in range(6 + 3 * i)], params)
@@ -58,6 +62,9 @@ def test_a_decode_step_uploads_once(tiny_hf):
         for out in eng.step():
             tokens[out.request_id] += out.outputs[0].token_ids
         assert eng.runner.uploader.num_uploads - before <= 1
+    assert eng.runner.uploader._slots  # it staged
+    assert (eng.scheduler.num_preemptions > 0) == (config["kv_cache_tokens"] < 1024)
+    eng.runner.uploader = StepUploader(eng.device)
     solo = llm.generate([[(11 * i + j) % 1500 + 3 for j in range(6 + 3 * i)] for i in range(5)], params)
     assert [tokens[f"u{i}"] for i in range(5)] == [r.choices[0].token_ids for r in solo]
 
