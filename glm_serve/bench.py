@@ -187,7 +187,7 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--out {out}: cannot write a file there (is the folder there and writable?)")
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = args.served_model or _first_model(httpx, url, headers)
+    model = _first_model(httpx, url, headers, args.served_model)  # (also: the server is there, before the run)
     tokenizer = load_tokenizer(resolve_model_arg(args.model))
     prompts = make_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
     before = server_counters(httpx, url, headers)
@@ -250,13 +250,18 @@ def server_costs(before: dict, after: dict, output_tokens: int) -> dict:
     return costs
 
 
-def _first_model(httpx, url: str, headers: dict) -> str:
+def _first_model(httpx, url: str, headers: dict, served_model: str | None = None) -> str:
+    """served_model, or the first model the server lists. A server that cannot be reached is an error before the
+    run either way, rather than a results file of failed requests (one that answers, even with an error, is
+    measured: the results say how its requests failed)."""
     try:
         r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
-    if r.status_code != 200:
-        raise ValueError(f"{url}/v1/models answered HTTP {r.status_code}: {r.text[:300]}")
+    if served_model:
+        return served_model
+    if r.status_code != 200:  # (a web server's HTML error page on one line)
+        raise ValueError(f"{url}/v1/models answered HTTP {r.status_code}: {' '.join(r.text[:300].split())}")
     try:
         return r.json()["data"][0]["id"]
     except (ValueError, LookupError, TypeError):  # a web page, or an API with no model loaded (yet)

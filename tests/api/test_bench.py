@@ -62,12 +62,14 @@ def test_bench_reports_failures_with_the_servers_error(tmp_path, make_server, ti
     assert rc == 0 and record["summary"]["completed"] == 7
 
 
-def test_bench_without_a_server_says_so(tmp_path, tiny_hf, capsys):
+@pytest.mark.parametrize("served", [[], ["--served-model", "glm-4-tiny"]])
+def test_bench_without_a_server_says_so(tmp_path, tiny_hf, capsys, served):
+    # Before, with --served-model: no check up front, a results file of failed requests and exit 1.
     from .conftest import _free_port
 
     rc = main(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--model", str(tiny_hf),
-               "--out", str(tmp_path / "x.json")])
-    assert rc == 2 and "cannot reach" in capsys.readouterr().err
+               "--out", str(tmp_path / "x.json"), *served])
+    assert rc == 2 and "cannot reach" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
 @pytest.mark.parametrize("body", [b'{"object": "list", "data": []}', b"<html>a web page</html>", b'{"models": 1}'])
