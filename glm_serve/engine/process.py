@@ -17,8 +17,8 @@ Messages are pickled. Outputs cross as plain tuples: pickling 256 RequestOutput 
 
 The engine process ignores SIGINT and SIGTERM (Ctrl-C reaches the whole process group, and so does a supervisor's
 stop: systemd's default KillMode=control-group): the server decides when it stops (after its graceful shutdown),
-and it exits by itself when the server process is gone (its command pipe closes). If it dies, every request in flight ends
-with an error, later ones fail at once, and /health says so.
+and it exits by itself when the server process is gone (its command pipe closes). If it dies, every request in
+flight and every later one fails with EngineStoppedError, and /health says so.
 """
 
 from __future__ import annotations

@@ -173,6 +173,7 @@ class ModelRunner:
         batch = self._batch(mm_spans(sched), starts, n_new, rows, cu, token_to_seq, q_off, index, input_ids,
                             logits_idx, sample_ids, fed)
         if prompt_wanted:
+            # (rare: only steps scoring prompt tokens; its arrays go over apart, outside the step's one upload)
             batch.prompt_rows = prompt_logprobs.plan(sched, cu, prompt_wanted, self._to)
         return batch
 
