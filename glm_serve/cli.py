@@ -19,7 +19,8 @@ def device_arg(value: str) -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="checkpoint folder, hub id, or 'demo' (a tiny random model)")
     p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (the default): bfloat16 on CUDA (float16 before sm_80), float32 on the CPU")
     p.add_argument("--quantization", default=None, choices=["none", "nf4", "int8"])
     p.add_argument("--rope-theta", type=float, default=None, help="override the checkpoint's RoPE base")
 

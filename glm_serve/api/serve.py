@@ -17,7 +17,7 @@ def add_serve_parser(sub, add_model_args) -> None:
                                    "/health, /metrics.")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="default %(default)s")
     s.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="a model name clients may ask for; repeat for aliases (e.g. glm-4-plus, glm-4-flash). "
                         "Default: the --model argument and its folder name")
@@ -29,7 +29,7 @@ def add_serve_parser(sub, add_model_args) -> None:
                         "key, so it needs --api-key)")
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
-    s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted, in MiB (413 above; default %(default)g)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="GLM-4V: fetch http(s) image URLs (20 MiB, 10 s limits); base64 and data URLs always work")
     s.add_argument("--data-dir", default=None, metavar="DIR",
@@ -37,11 +37,11 @@ def add_serve_parser(sub, add_model_args) -> None:
                         "$XDG_DATA_HOME/glm-serve, else ~/.local/share/glm-serve)")
     s.add_argument("--batch-concurrency", type=int, default=32,
                    help="batch sequences in flight at most (a line asking for n choices counts n; capped at half "
-                        "of --max-num-seqs; a quarter of it while interactive requests are in flight)")
+                        "of --max-num-seqs; a quarter of it while interactive requests are in flight; default %(default)s)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; those still running "
                         "then end in the API's format (HTTP 503 with an error body; in a stream an error event and "
-                        "[DONE]). Batch jobs resume at the next start; async task results are lost")
+                        "[DONE]). Batch jobs resume at the next start; async task results are lost (default %(default)g)")
     s.add_argument("--engine-process", action="store_true",
                    help="run the engine (model, scheduler, outputs) in a process of its own instead of a thread of "
                         "the server's: the HTTP work and the engine's launches then no longer share one GIL "
@@ -55,14 +55,20 @@ def add_engine_args(p) -> None:
     """Engine flags shared by `serve` and `batch` (read by engine_config)."""
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the checkpoint's, "
                                                                    "capped by the KV cache)")
-    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two)")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (a power of two; "
+                                                                   "default %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens (default: "
                                                                      "from --gpu-memory-utilization)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA without --kv-cache-tokens: the share of the GPU's memory for weights, KV cache and a "
+                        "step's peak (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most (default "
+                                                                                 "%(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most (default "
+                                                                                   "%(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto (the default): triton on CUDA, torch on the CPU")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture decode steps as CUDA graphs (triton backend; experimental: not yet verified on a GPU)")
     p.add_argument("--no-fused-ops", action="store_true",
@@ -70,10 +76,12 @@ def add_engine_args(p) -> None:
                         "instead of our fused Triton kernels")
     p.add_argument("--no-overlap-scheduling", action="store_true",
                    help="schedule each step only after the previous one's tokens reached the host")
-    p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded requests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the default generator (unseeded "
+                                                                                     "requests; default %(default)s)")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="a streamed request gets an output every N tokens per choice (the first token alone, the "
-                        "end at once): above 1, less host work per token under heavy load, burstier streams")
+                        "end at once): above 1, less host work per token under heavy load, burstier streams (default "
+                        "%(default)s)")
 
 
 def api_keys(args_keys: list[str] | None) -> list[str]:
