@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 # Temperatures below this are treated as greedy: dividing logits by ~0 only amplifies rounding noise.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: -100 bans a token, +100 all but forces it
 
 
 @dataclass
@@ -35,6 +36,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # detokenizer drops special tokens from the text
     include_stop_str: bool = False  # keep the matched stop string at the end of the text
+    # token id -> value added to its logit before anything else (OpenAI's logit_bias); None or {} = off. Greedy
+    # rows take the argmax of the biased logits; reported logprobs stay the model's own (see engine/sampler.py).
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n, lo=1)
@@ -64,6 +68,7 @@ class SamplingParams:
             self.logprobs = _int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        self.logit_bias = _logit_bias(self.logit_bias)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -114,6 +119,20 @@ def _stop_strings(stop: object) -> list[str]:
     if any(s == "" for s in stop):
         raise ValueError("stop must not contain empty strings")
     return list(dict.fromkeys(stop))  # drop duplicates, keep order
+
+
+def _logit_bias(bias: object) -> dict[int, float] | None:
+    """{token id: bias} with ids >= 0 and finite biases in [-100, 100]; None when empty. Whether the ids are in
+    the vocabulary is checked where it is known (engine.check_prompt)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+    out = {}
+    for token, value in bias.items():
+        t = _int("logit_bias key", token, lo=0)
+        out[t] = _float(f"logit_bias[{t}]", value, lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS)
+    return out or None
 
 
 def _token_ids(name: str, ids: object) -> list[int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from glm_serve.api.context import MAX_TOOLS, ServingContext
 from glm_serve.api.errors import APIError, bad_param, chat_format_error, invalid_value
 from glm_serve.chat import ChatFormatError, encode_chat, image_urls
-from glm_serve.engine.engine import PromptTooLongError
+from glm_serve.engine.engine import PromptTooLongError, SamplingParamError
 from glm_serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 VENDOR, OPENAI = "vendor", "openai"
@@ -81,8 +81,7 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
         logprobs = (top or 0) if logprobs else None
     else:
         _in_range("logprobs", logprobs, 0, MAX_LOGPROBS)
-    if get("logit_bias"):
-        raise invalid_value("logit_bias", "is not supported by this server; send null or {}")
+    logit_bias = _logit_bias(get("logit_bias"))
     top_k = get("top_k")
     kwargs = dict(
         n=n or 1,
@@ -103,12 +102,28 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
         logprobs=logprobs,
         skip_special_tokens=get("skip_special_tokens") is not False,
         include_stop_str=bool(get("include_stop_str_in_output")),
+        logit_bias=logit_bias,
     )
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:  # SamplingParams names the field first: "top_k must be >= -1, got -5"
         message = str(e)
         raise bad_param(message.split(" ", 1)[0], message.split(" ", 1)[1] if " " in message else message) from None
+
+
+def _logit_bias(bias: dict | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias, {"<token id>": bias in [-100, 100]} -> {token id: bias}. Whether the ids are in the
+    vocabulary is the engine's check (check_prompt below)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad_param("logit_bias", f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:  # (NaN too)
+            raise bad_param("logit_bias", f"values must be numbers in [-100, 100], got {value!r} for {key}")
+        out[int(key)] = float(value)
+    return out
 
 
 def check_tools(tools) -> list[dict]:
@@ -258,5 +273,7 @@ def check_prompt(ctx: ServingContext, ids: list[int], params: SamplingParams, fi
         ctx.core.validate(ids, params)
     except PromptTooLongError as e:
         raise APIError("1261", str(e), field) from None
+    except SamplingParamError as e:
+        raise invalid_value(e.param, e.message) from None
     except ValueError as e:
         raise invalid_value("prompt", str(e)) from None

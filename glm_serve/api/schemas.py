@@ -72,7 +72,7 @@ class OpenAIChatRequest(_Request, _VllmExtensions):
     model: str
     audio: dict[str, Any] | None = None  # accepted and ignored
     frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None  # only empty/null is accepted
+    logit_bias: dict[str, Any] | None = None  # {"<token id>": -100..100}, checked in params._logit_bias
     logprobs: bool | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
@@ -106,7 +106,7 @@ class OpenAICompletionRequest(_Request, _VllmExtensions):
     best_of: int | None = None  # only best_of == n (or null) is accepted
     echo: bool | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None  # only empty/null is accepted
+    logit_bias: dict[str, Any] | None = None  # {"<token id>": -100..100}, checked in params._logit_bias
     logprobs: int | None = None
     max_tokens: int | None = None  # OpenAI's default is 16
     n: int | None = None

@@ -168,7 +168,7 @@ class LLMEngine(OutputEmitter, DeviceStep):
         req.mm = mm if mm.pixels is not None else None
         # Rows of this request need nothing but an argmax: no temperature, penalties, min_tokens, logprobs, masks.
         req.plain_greedy = (params.greedy and not params.uses_penalties and params.min_tokens == 0
-                            and params.logprobs is None and not any(constraints or ()))
+                            and params.logprobs is None and not params.logit_bias and not any(constraints or ()))
         # Penalties count, min_tokens blocks and constraints follow every token on the host: no overlap.
         req.needs_host_tokens = params.uses_penalties or params.min_tokens > 0 or any(constraints or ())
         first: Sequence | None = None
@@ -341,12 +341,16 @@ class LLMEngine(OutputEmitter, DeviceStep):
 
 def check_prompt(prompt_ids: list[int], params: SamplingParams, vocab_limit: int, max_model_len: int) -> None:
     """ValueError (PromptTooLongError) for a prompt that can never run: empty, ids outside the vocabulary, or no
-    room left in the context window for the first generated token."""
+    room left in the context window for the first generated token; SamplingParamError for logit_bias ids outside
+    the vocabulary (on CUDA such an index would be a device-side assert, fatal to the whole process)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     bad = next((t for t in prompt_ids if not 0 <= t < vocab_limit), None)
     if bad is not None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_limit})")
+    bad = next((t for t in params.logit_bias or () if t >= vocab_limit), None)
+    if bad is not None:
+        raise SamplingParamError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_limit})")
     generates = params.max_tokens != 0  # max_tokens 0 (prompt logprobs): the prompt may fill the window
     if len(prompt_ids) + generates > max_model_len:
         raise PromptTooLongError(
@@ -368,3 +372,11 @@ def _tune_gc() -> None:
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the context window (API code 1261)."""
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter that this engine cannot take (its vocabulary, not the value's own range)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param, self.message = param, message

@@ -5,12 +5,13 @@ One call handles every row sampled in a step. Stages run in this order, each ski
     raw logits ──log_softmax──> reported logprobs (the model's own distribution, see below)
         │
         ├─ token bitmask   constrained decoding: disallowed tokens -> -inf, before anything else
+        ├─ logit bias      per-request additive bias on chosen token ids (OpenAI's logit_bias)
         ├─ penalties       repetition (prompt + output tokens), presence / frequency (output counts)
         ├─ min_tokens      the row's stop ids -> -inf while it has fewer than min_tokens outputs
         ├─────────────────> argmax = the token of greedy rows (temperature 0 is a value, not a mode)
         └─ temperature -> top-k -> top-p -> min-p -> exponential race = the token of sampled rows
 
-Logprobs are the log-softmax of the RAW logits (before mask, penalties and temperature): they describe what
+Logprobs are the log-softmax of the RAW logits (before mask, bias, penalties and temperature): they describe what
 the model predicted, are comparable across requests whatever their settings, and match what HF
 `output_scores`-style tooling and vLLM's default report. A masked token can therefore show a finite logprob.
 
@@ -55,7 +56,8 @@ class SamplingRow:
 class SamplingBatch:
     """Everything the sampler needs for one step. Built by `SamplingBatch.build` (the engine, once per step).
 
-    N = rows, V = vocab size, P = rows using penalties, M = blocked (row, stop id) pairs.
+    N = rows, V = vocab size, P = rows using penalties, M = blocked (row, stop id) pairs, B = biased (row, token
+    id) pairs.
     """
 
     num_rows: int  # N
@@ -74,6 +76,8 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None  # [P] float32; None when all rows are 0
     frequency_penalty: torch.Tensor | None = None  # [P] float32; None when all rows are 0
     min_tokens_block: torch.Tensor | None = None  # [2, M] int64 (row, token id) pairs forced to -inf
+    bias_index: torch.Tensor | None = None  # [2, B] int64 (row, token id) pairs of the rows' logit_bias
+    bias_values: torch.Tensor | None = None  # [B] float32 what is added to those logits
     token_bitmask: torch.Tensor | None = None  # [N, ceil(V/32)] int32, bit j of word w allows token 32w+j
     generators: list[torch.Generator | None] = field(default_factory=list)  # [N], set on seeded sampled rows
     seeded_rows: list[int] = field(default_factory=list)  # sampled rows drawing from their own generator
@@ -103,6 +107,7 @@ class SamplingBatch:
         if sampled:
             batch._build_sampled(params, greedy, sampled, rows, device)
         batch._build_penalties(rows, device)
+        batch._build_bias(params, device)
         block = []
         for i, row in enumerate(rows):
             if len(row.output_ids) >= row.params.min_tokens:
@@ -147,6 +152,17 @@ class SamplingBatch:
                 raise ValueError(f"rows[{i}].generator is on {generator.device}, the batch on {device}")
             self.generators[i] = generator
             self.seeded_rows.append(i)
+
+    def _build_bias(self, params: list[SamplingParams], device: torch.device) -> None:
+        pairs = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+        if not pairs:
+            return
+        bad = next((t for _, t, _ in pairs if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # on CUDA an index past the logits is a device-side assert, fatal to the process
+            raise ValueError(f"logit_bias token id {bad} is outside the logits [0, {self.vocab_size})")
+        index = torch.tensor([(i, t) for i, t, _ in pairs], dtype=torch.int64).T.contiguous()  # [2, B]
+        self.bias_index = _to(index, device)
+        self.bias_values = _to(_floats([b for _, _, b in pairs]), device)
 
     def _build_penalties(self, rows: Sequence[SamplingRow], device: torch.device) -> None:
         chosen = [i for i, row in enumerate(rows) if row.params.uses_penalties]
@@ -220,13 +236,15 @@ class Sampler:
 
     @torch.no_grad()
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Bitmask, penalties and min_tokens, in place on [N, V] float32 logits; the greedy token is the argmax.
+        """Bitmask, logit bias, penalties and min_tokens, in place on [N, V] float32 logits; the greedy token is the argmax.
 
         Runs nothing when no row uses these stages (the all-greedy step then costs one argmax).
         """
         _check_logits(logits, batch)
         if batch.token_bitmask is not None:
             logits.masked_fill_(~unpack_bitmask(batch.token_bitmask, batch.vocab_size), float("-inf"))
+        if batch.bias_index is not None:  # (a masked token stays -inf: -inf + bias)
+            logits.index_put_((batch.bias_index[0], batch.bias_index[1]), batch.bias_values, accumulate=True)
         if batch.penalty_rows is not None:
             _apply_penalties(logits, batch)
         if batch.min_tokens_block is not None:

@@ -260,7 +260,7 @@ def test_sampling_params_mapping():
         (VENDOR, dict(temperature=1.5), "1210"), (VENDOR, dict(top_p=0.0), "1210"),
         (OPENAI, dict(temperature=2.5), "1210"), (VENDOR, dict(n=9), "1210"),
         (VENDOR, dict(max_tokens=1001), "1210"), (VENDOR, dict(max_tokens=0), "1210"),
-        (OPENAI, dict(top_logprobs=2), "1215"), (OPENAI, dict(logit_bias={"1": 5}), "1214"),
+        (OPENAI, dict(top_logprobs=2), "1215"), (OPENAI, dict(logit_bias={"x": 5}), "1210"),
         (OPENAI, dict(presence_penalty=3.0), "1210"), (VENDOR, dict(stop=["ok", ""]), "1210"),
     ]:
         with pytest.raises(APIError) as e:

@@ -328,7 +328,8 @@ def test_mixed_step_without_host_sync(device):
     bitmask[3, 1:] = 0  # row 3 may only use tokens 0..31
     seeded = SamplingParams(seed=5, top_p=0.9, logprobs=3)
     params = [SamplingParams(temperature=0.0, repetition_penalty=1.2), seeded,
-              SamplingParams(top_k=50, min_p=0.05, frequency_penalty=0.5), SamplingParams(temperature=0.0),
+              SamplingParams(top_k=50, min_p=0.05, frequency_penalty=0.5),
+              SamplingParams(temperature=0.0, logit_bias={5: 50.0, 40: 100.0}),  # 40 is masked: the mask wins
               SamplingParams(min_tokens=3, temperature=0.0), SamplingParams(top_k=2000, top_p=0.5)]
     rows = [SamplingRow(p, prompt_ids=[1, 2, 3], output_ids=[4, 4], stop_token_ids=[7],
                         generator=make_generator(p.seed, device) if p.seed is not None else None) for p in params]
@@ -347,7 +348,7 @@ def test_mixed_step_without_host_sync(device):
     tokens = out.token_ids.cpu()
     processed = Sampler().process(logits.clone(), SamplingBatch.build(rows, vocab, "cpu", token_bitmask=bitmask))
     assert tokens[[0, 3, 4]].tolist() == processed[[0, 3, 4]].argmax(-1).tolist()
-    assert int(tokens[3]) < 32 and int(tokens[4]) != 7
+    assert int(tokens[3]) == 5 and int(tokens[4]) != 7
     alone = _sample(logits[1:2].to(device), [SamplingRow(seeded, generator=make_generator(5, device))])
     assert int(alone.token_ids[0]) == int(tokens[1])
     torch.testing.assert_close(out.logprobs.cpu(), torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
@@ -372,7 +373,7 @@ def test_a_step_makes_no_tensor_from_host_values():
     vocab = 1000
     params = [SamplingParams(min_tokens=3, temperature=0.0, repetition_penalty=1.2),
               SamplingParams(min_tokens=2, top_k=2000, top_p=0.5, min_p=0.05, seed=3, logprobs=2),
-              SamplingParams(top_k=50, frequency_penalty=0.5, presence_penalty=0.1)]
+              SamplingParams(top_k=50, frequency_penalty=0.5, presence_penalty=0.1, logit_bias={11: 100.0})]
     rows = [SamplingRow(p, prompt_ids=[1, 2], output_ids=[4], stop_token_ids=[7, 9],
                         generator=make_generator(p.seed, "cpu") if p.seed is not None else None) for p in params]
     bitmask = torch.full((3, (vocab + 31) // 32), -1, dtype=torch.int32)
@@ -383,7 +384,7 @@ def test_a_step_makes_no_tensor_from_host_values():
         out = Sampler()(logits.clone(), batch)
     assert "index_put_" in ops.names or "index_fill_" in ops.names  # the min_tokens stage ran
     assert "lift_fresh" not in ops.names
-    assert out.token_ids[0] not in (7, 9) and out.token_ids[1] not in (7, 9)
+    assert out.token_ids[0] not in (7, 9) and out.token_ids[1] not in (7, 9) and out.token_ids[2] == 11
 
 
 def test_allows_more_than_matches_the_unpacked_mask():
