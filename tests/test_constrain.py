@@ -310,7 +310,7 @@ def test_refused_keywords_did_let_broken_output_through(llm, monkeypatch):
     the schema rejects to the end (a stop token). Fails once xgrammar enforces them: the refusal can go then."""
     from glm_serve import constrain
 
-    monkeypatch.setattr(constrain, "_check_enforceable", lambda node, where: None)
+    monkeypatch.setattr(constrain, "check_enforceable", lambda node, where: None)
     fresh = ConstraintFactory(llm.tokenizer, llm.engine.model_config.vocab_size)  # its cache never sees a refusal
     stop = min(llm.tokenizer.stop_token_ids)
     for schema, text in [({"if": {"type": "string"}, "then": {"maxLength": 2}}, '"abcdef"'),
