@@ -8,6 +8,8 @@ What each constraint makes the model write (the text after `<|assistant|>`, glm4
     tool_call(tools)     "name\\n" + arguments valid under the
                          function's `parameters`                 + a stop token   (a GLM tool call)
     content_only()       "\\n..." then free text                  until a stop token
+    guided(kind, spec)   vLLM's guided decoding: text matching a JSON schema, a regex, or one of a list of
+                         strings, + a stop token; as content ("\\n" first) or bare (/v1/completions)
 
 xgrammar is optional: this module imports it only when a `ConstraintFactory` is built, so the engine and the
 server run without it (requests that need a constraint then get a clear ValueError).
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from glm_serve.schema_rules import check_enforceable, strict_string_lengths
+from glm_serve.schema_rules import check_enforceable, has_lookaround, strict_string_lengths
 from glm_serve.tokenizer import GlmTokenizer
 
 # Longest whitespace run allowed between JSON tokens. Unbounded runs let a model (a small or random one above
@@ -280,6 +282,28 @@ class ConstraintFactory:
         compiled = self._compiled(key, build)
         return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "tool call", compiled)
 
+    def guided(self, kind: str, spec: Any, content: bool = True) -> GrammarConstraint:
+        """vLLM's guided decoding (api/guided.py reads the request): kind "json" (spec: a JSON schema), "regex" (a
+        pattern the whole text matches) or "choice" (a list of strings: exactly one of them). content: GLM chat
+        content, which starts with "\\n"; False for a completion's bare text."""
+        if kind == "json" and content:
+            return self.json_schema(spec)
+        if kind == "json":
+            make = lambda: self._schema_grammar(spec, "schema")  # noqa: E731
+            key = "json:" + self._dumps(spec, "schema")
+        elif kind == "regex":
+            if has_lookaround(spec):  # xgrammar would drop the lookahead and let anything through there
+                raise ValueError("lookahead (?= or (?! cannot be enforced by constrained decoding")
+            make = lambda: self._regex_grammar(spec)  # noqa: E731
+            key = "regex:" + spec
+        elif kind == "choice":
+            make = lambda: self._xgr.Grammar.from_ebnf("root ::= " + " | ".join(map(_ebnf_literal, spec)))  # noqa: E731
+            key = "choice:" + self._dumps(spec, "choice")
+        else:
+            raise ValueError(f"guided decoding kind must be json, regex or choice, got {kind!r}")
+        compiled = self._compiled(f"{key}:{content}", lambda: self._content_grammar(make()) if content else make())
+        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), f"guided {kind}", compiled)
+
     def content_only(self) -> ContentConstraint:
         """tool_choice "none": the answer is content (starts with "\\n"), never a call."""
         return ContentConstraint(self._content_first, self._content_rest)
@@ -301,6 +325,12 @@ class ConstraintFactory:
                                                       max_whitespace_cnt=MAX_WHITESPACE, strict_mode=True)
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: invalid JSON schema: {_xgr_message(e)}") from None
+
+    def _regex_grammar(self, pattern: str):
+        try:
+            return self._xgr.Grammar.from_regex(pattern)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid regex: {_xgr_message(e)}") from None
 
     def _content_grammar(self, body):
         """GLM content: the "\\n" separator, then `body`."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from glm_serve.api.context import MAX_TOOLS, ServingContext
 from glm_serve.api.errors import APIError, bad_param, chat_format_error, invalid_value
+from glm_serve.api.guided import Guided, read_guided
 from glm_serve.chat import ChatFormatError, encode_chat, image_urls
 from glm_serve.engine.engine import PromptTooLongError, SamplingParamError
 from glm_serve.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -172,10 +173,15 @@ def _response_format(fmt) -> tuple[str, dict | None]:
     raise invalid_value("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
 
 
-def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, name, tools):
+def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, name, tools, guided: Guided | None):
     if fmt != "text" and choice in ("required", "named"):
         raise APIError("1215", "response_format JSON and a forced tool_choice are mutually exclusive",
                        "response_format")
+    if guided is not None and (fmt != "text" or choice in ("required", "named")):
+        other = "response_format JSON" if fmt != "text" else "a forced tool_choice"
+        raise APIError("1215", f"{guided.field} and {other} are mutually exclusive", guided.field)
+    if guided is not None:  # the answer is content held to it (tool calls are not parsed out: see prepare_chat)
+        return guided_constraints(ctx, guided, n, content=True)
     if fmt == "text" and (choice == "auto" or not tools):
         return None
     try:
@@ -194,6 +200,15 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
     except ValueError as e:
         where = "response_format" if fmt != "text" else ("tools" if choice != "none" else "tool_choice")
         raise invalid_value(where, str(e)) from None
+
+
+def guided_constraints(ctx: ServingContext, guided: Guided, n: int, content: bool) -> list:
+    """One constraint per choice for vLLM's guided decoding (content: a chat answer; False: completion text)."""
+    try:
+        factory = ctx.constraint_factory()  # without xgrammar: a ValueError naming the extra (see _constraints)
+        return [factory.guided(guided.kind, guided.spec, content=content) for _ in range(n)]
+    except ValueError as e:
+        raise invalid_value(guided.field, str(e)) from None
 
 
 def _developer_as_system(messages):
@@ -219,13 +234,14 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     except ChatFormatError as e:
         raise chat_format_error(e) from None
     check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params, has_image=image_url is not None)
-    constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools)
-    if fmt != "text" or choice in ("required", "named"):
+    guided = read_guided(req) if flavor == OPENAI else None
+    constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools, guided)
+    if fmt != "text" or guided is not None or choice in ("required", "named"):
         # The grammar decides where the answer ends (on a checkpoint stop id, once the JSON is complete): a stop
         # string or an extra stop id met inside the JSON would cut it, and a cut call would still be reported
         # as finish_reason "tool_calls" with arguments that do not parse.
         params.stop, params.stop_token_ids = [], []
-    parse = fmt == "text" and choice != "none"
+    parse = fmt == "text" and guided is None and choice != "none"
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,7 +19,8 @@ from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, re
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
 from glm_serve.api.metrics import RequestTimer
-from glm_serve.api.params import OPENAI, check_prompt, sampling_params
+from glm_serve.api.guided import read_guided
+from glm_serve.api.params import OPENAI, check_prompt, guided_constraints, sampling_params
 from glm_serve.api.responses import (
     TextOffsets,
     Usage,
@@ -101,8 +102,14 @@ async def completions(request: Request):
         raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
     for ids in prompts:
         check_prompt(ctx, ids, params, "prompt")
+    guided = read_guided(req)
+    constraints = None
+    if guided is not None:  # each prompt's choices get their own (matchers keep state); compiled (and checked) once
+        constraints = lambda: guided_constraints(ctx, guided, params.n, content=False)  # noqa: E731
+        constraints()
+        params.stop, params.stop_token_ids = [], []  # the grammar decides where the text ends (see prepare_chat)
     admitted = Admitted(ctx, key_id, None)
-    run = _Completion(ctx, req, params, prompts)
+    run = _Completion(ctx, req, params, prompts, constraints)
     if req.stream:
         stream = run.stream(admitted.release)
         weakref.finalize(stream, admitted.release)
@@ -118,8 +125,9 @@ class _Completion:
     """One /v1/completions request: every prompt x n choices, merged into one response or stream."""
 
     def __init__(self, ctx: ServingContext, req: OpenAICompletionRequest, params: SamplingParams,
-                 prompts: list[list[int]]):
+                 prompts: list[list[int]], constraints: Callable[[], list] | None = None):
         self.ctx, self.params, self.prompts = ctx, params, prompts
+        self.constraints = constraints  # -> fresh per-choice constraints for one prompt (guided decoding)
         self.model, self.id, self.created = req.model, ctx.new_id("cmpl"), int(time.time())
         self.echo = bool(req.echo)
         self.include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -173,8 +181,9 @@ class _Completion:
         """Prompt k's engine outputs, (k, RequestOutput), with its usage and latency metrics kept."""
         timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
         try:
-            async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params, final_only=final_only,
-                                                      interrupt=interrupt):
+            constraints = self.constraints() if self.constraints is not None else None
+            async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params, constraints,
+                                                      final_only=final_only, interrupt=interrupt):
                 u = self.usage[k]
                 u.prompt_tokens, u.completion_tokens = out.prompt_tokens, out.completion_tokens
                 u.cached_tokens = out.cached_tokens

@@ -63,6 +63,14 @@ class _VllmExtensions(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # guided decoding (glm_serve.api.guided reads and checks them; Any so that its 400s name what is wrong)
+    guided_json: Any = None  # a JSON schema, as an object or as JSON text
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None  # refused with a 400 (not served here)
+    structured_outputs: Any = None  # vLLM's newer spelling: {"json" | "regex" | "choice" | "json_object": ...}
+    guided_decoding_backend: Any = None  # accepted and ignored: how vLLM builds the grammar, not what it allows
+    guided_whitespace_pattern: Any = None  # accepted and ignored (JSON whitespace here: up to 32 characters a run)
 
 
 class OpenAIChatRequest(_Request, _VllmExtensions):
