@@ -256,20 +256,38 @@ def render_template(items: list[dict], chat_template: str, tools=None, add_gener
 
 
 def render_prompt(messages, tools=None, chat_template: str | None = None, add_generation_prompt: bool = True,
-                  allow_images: bool = False) -> str:
-    """Prompt text for API messages: with `chat_template` when given (and the turn has no images), else built-in."""
+                  allow_images: bool = False, continue_final: bool = False) -> str:
+    """Prompt text for API messages: with `chat_template` when given (and the turn has no images), else built-in.
+
+    continue_final (vLLM's continue_final_message): the last message is the start of the assistant's answer, and
+    the prompt ends right after its text (`...<|assistant|>\nSure, here`), so the model writes on from there."""
     items = to_glm_items(messages, tools, allow_images)
+    if continue_final:
+        last = items[-1]
+        if last["role"] != "assistant" or last.get("metadata") or not last.get("content"):
+            raise ChatFormatError(f"messages[{len(messages) - 1}]", "continue_final_message needs the last message to "
+                                  "be an assistant message with text content (and no tool_calls)")
+        add_generation_prompt = False
     if chat_template and not any(item.get("images") for item in items):
-        return render_template(items, chat_template, tools or None, add_generation_prompt)
-    return render_builtin(items, add_generation_prompt)
+        text = render_template(items, chat_template, tools or None, add_generation_prompt)
+    else:
+        text = render_builtin(items, add_generation_prompt)
+    if continue_final:  # a template may close the turn after the text: cut there (GLM-4's add nothing)
+        end = text.rfind(last["content"])
+        if end < 0:
+            raise ChatFormatError("messages", "the chat template did not render the final message's text as given")
+        text = text[:end + len(last["content"])]
+    return text
 
 
 def encode_chat(tokenizer, messages, tools=None, chat_template: str | None = None, allow_images: bool = False,
-                builtin: bool = False) -> list[int]:
+                builtin: bool = False, add_generation_prompt: bool = True, continue_final: bool = False) -> list[int]:
     """Prompt ids. Renders with `chat_template`, else the tokenizer's own, else (or with builtin=True) the built-in
-    renderer. Like transformers, special-token text in the rendered prompt becomes special ids."""
+    renderer. Like transformers, special-token text in the rendered prompt becomes special ids. add_generation_prompt
+    and continue_final: as vLLM's chat request fields (see render_prompt)."""
     template = None if builtin else (chat_template or tokenizer.chat_template)
-    text = render_prompt(messages, tools, template, add_generation_prompt=True, allow_images=allow_images)
+    text = render_prompt(messages, tools, template, add_generation_prompt=add_generation_prompt,
+                         allow_images=allow_images, continue_final=continue_final)
     return tokenizer.encode(text, allow_special=True)
 
 

@@ -301,3 +301,25 @@ def test_glm4_0414_template_gets_no_empty_system_turn(tok_dirs, tmp_path):
         assert encode_chat(tok, msgs, tools) == oracle_ids(oracle, items, tools), (SEED, msgs, tools)
     text = render_prompt([{"role": "user", "content": "q"}], [WEATHER], GLM4_0414_TEMPLATE)
     assert "<|system|>\n<|user|>" not in text and text.endswith("调用的参数。<|user|>\nq<|assistant|>")
+
+
+@pytest.mark.parametrize("builtin", [False, True])
+def test_continued_answers_and_no_generation_prompt_match_transformers(tok_dirs, oracle, builtin):
+    """vLLM's continue_final_message (the prompt ends inside the assistant's answer, right after its given start)
+    and add_generation_prompt false, against apply_chat_template's own continue_final_message."""
+    tok = load_tokenizer(tok_dirs / "hf")
+    for msgs, tools in all_conversations()[:20]:
+        start = {"role": "assistant", "content": "Sure, here is 你好"}
+        items = to_glm_items(msgs + [start], tools)
+        want = oracle.apply_chat_template(items, tools=tools, continue_final_message=True, tokenize=False)
+        assert want.endswith("<|assistant|>\nSure, here is 你好")
+        got = encode_chat(tok, msgs + [start], tools, builtin=builtin, continue_final=True)
+        assert got == tok.encode(want, allow_special=True), (SEED, msgs, tools)
+        want = oracle.apply_chat_template(to_glm_items(msgs, tools), tools=tools, add_generation_prompt=False,
+                                          tokenize=False)
+        assert encode_chat(tok, msgs, tools, builtin=builtin, add_generation_prompt=False) == \
+            tok.encode(want, allow_special=True)
+    for bad in ([{"role": "user", "content": "q"}], [{"role": "user", "content": "q"}, {"role": "assistant",
+                 "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]):
+        with pytest.raises(ChatFormatError, match="continue_final_message"):
+            encode_chat(tok, bad, builtin=builtin, continue_final=True)

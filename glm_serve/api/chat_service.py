@@ -68,7 +68,7 @@ async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_
                    interrupt: asyncio.Event | None = None) -> AsyncIterator[list[ChoiceUpdate]]:
     """Yield each engine step as parsed choice updates; `usage` is kept current. final_only: the engine sends
     the first tokens and then the rest at the end (a body, not a stream). interrupt: see AsyncEngine.generate."""
-    parsers = [ChoiceParser(prep.tool_names, prep.forced_call) for _ in range(prep.params.n)]
+    parsers = [ChoiceParser(prep.tool_names, prep.forced_call, prep.raw) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
     timer = RequestTimer(ctx.metrics, prep.params.n)
     try:

@@ -29,6 +29,8 @@ class PreparedChat:
     image_url: str | None = None  # GLM-4V: the conversation's image (bare base64, data URL or http(s) URL)
     mm: object | None = None  # GLM-4V: the engine's MultiModalPrompt, set by api.images.attach_image
     forced_call: bool = False  # tool_choice required or named: the grammar makes every answer a tool call
+    raw: bool = False  # the prompt does not open an answer (continue_final_message, add_generation_prompt false):
+    # the text is content as generated, no "\n" separator to drop and no tool call to parse
 
 
 def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -202,6 +204,24 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         raise invalid_value(where, str(e)) from None
 
 
+def _continuation(req, fmt: str, choice: str) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message) of a /v1 chat request (vLLM's fields; the vendor schema has
+    neither). Without the generation prompt nothing opens an answer, so JSON mode and forced calls, whose grammars
+    write one, cannot apply."""
+    add = getattr(req, "add_generation_prompt", None)
+    cont = bool(getattr(req, "continue_final_message", None))
+    if cont and add:
+        raise APIError("1215", "continue_final_message and add_generation_prompt cannot both be true",
+                       "continue_final_message")
+    add = not cont and add is not False
+    if not add and (fmt != "text" or choice in ("required", "named")):
+        what = "continue_final_message" if cont else "add_generation_prompt"
+        other = "response_format JSON" if fmt != "text" else "a forced tool_choice"
+        raise APIError("1215", f"{what} and {other} are mutually exclusive (use guided_json or guided_regex to hold "
+                               "the text written on)", what)
+    return add, cont
+
+
 def guided_constraints(ctx: ServingContext, guided: Guided, n: int, content: bool) -> list:
     """One constraint per choice for vLLM's guided decoding (content: a chat answer; False: completion text)."""
     try:
@@ -228,25 +248,31 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     fmt, schema = _response_format(req.response_format)
     params = sampling_params(req, flavor, ctx)
     image_url = check_images(ctx, req.messages)
+    add_generation_prompt, continue_final = _continuation(req, fmt, choice) if flavor == OPENAI else (True, False)
     try:
         ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
-                          allow_images=image_url is not None)
+                          allow_images=image_url is not None, add_generation_prompt=add_generation_prompt,
+                          continue_final=continue_final)
     except ChatFormatError as e:
         raise chat_format_error(e) from None
     check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params, has_image=image_url is not None)
     guided = read_guided(req) if flavor == OPENAI else None
-    constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools, guided)
+    raw = continue_final or not add_generation_prompt
+    if raw:  # a guided grammar holds the text as generated (no answer separator to write); tool_choice has no say
+        constraints = guided_constraints(ctx, guided, params.n, content=False) if guided is not None else None
+    else:
+        constraints = _constraints(ctx, params.n, fmt, schema, choice, name, tools, guided)
     if fmt != "text" or guided is not None or choice in ("required", "named"):
         # The grammar decides where the answer ends (on a checkpoint stop id, once the JSON is complete): a stop
         # string or an extra stop id met inside the JSON would cut it, and a cut call would still be reported
         # as finish_reason "tool_calls" with arguments that do not parse.
         params.stop, params.stop_token_ids = [], []
-    parse = fmt == "text" and guided is None and choice != "none"
+    parse = fmt == "text" and guided is None and choice != "none" and not raw
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
                         bool(options.get("include_usage")), image_url=image_url,
-                        forced_call=choice in ("required", "named"))
+                        forced_call=choice in ("required", "named"), raw=raw)
 
 
 def check_images(ctx: ServingContext, messages) -> str | None:

@@ -28,12 +28,14 @@ def new_call_id() -> str:
 class ChoiceParser:
     """Feed text deltas; get content or tool-call deltas. `tool_names` empty: everything is content."""
 
-    def __init__(self, tool_names: frozenset[str] = frozenset(), forced: bool = False):
+    def __init__(self, tool_names: frozenset[str] = frozenset(), forced: bool = False, raw: bool = False):
         self.tool_names = tool_names
         # tool_choice required or named: the grammar makes the answer a call, so text held back at the end is a
         # call cut short (max_tokens) inside its name, not content: it is dropped
         self.forced = forced
-        self._mode = "start"  # start (undecided) | content | call
+        # raw: the text is content as it comes, separator and all (an answer continued from the prompt's own
+        # start of it, or a prompt without <|assistant|>: the model's text does not open an answer)
+        self._mode = "content" if raw else "start"  # start (undecided) | content | call
         self._buf = ""  # text held back while undecided
         self._pending_ws = ""  # call mode: trailing whitespace not yet known to be inside the arguments
         self._args_started = False

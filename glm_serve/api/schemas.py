@@ -104,6 +104,9 @@ class OpenAIChatRequest(_Request, _VllmExtensions):
     top_logprobs: int | None = None
     top_p: float | None = None
     user: str | None = None
+    # vLLM's chat extras: answer on from the last (assistant) message's text, or leave <|assistant|> out
+    add_generation_prompt: bool | None = None  # default true
+    continue_final_message: bool | None = None  # default false; needs add_generation_prompt false (or unset)
 
 
 class OpenAICompletionRequest(_Request, _VllmExtensions):

@@ -86,6 +86,15 @@ def test_parser_without_tools_only_drops_the_leading_newline():
     assert [d.content for d in ChoiceParser().feed("abc")] == ["abc"]
 
 
+def test_raw_parser_keeps_everything_as_content():
+    """An answer continued from the prompt (continue_final_message): its text is content as generated, its
+    first newline included, even when it reads like a call to a known tool."""
+    p = ChoiceParser(frozenset({"get_weather"}), raw=True)
+    assert [d.content for d in p.feed("\nget_weather\n{}")] == ["\nget_weather\n{}"] and not p.is_call
+    p = ChoiceParser(frozenset({"get_weather"}), raw=True)
+    assert [d.content for d in p.feed("get_weather\n{}")] == ["get_weather\n{}"] and p.finish() == []
+
+
 def test_finish_reason_of_a_tool_call_cut_short_is_not_tool_calls():
     """Only a call that ended by itself is "tool_calls": one cut by max_tokens (its arguments unfinished) is
     "length", and a failed one is an error, so a client never runs a truncated call."""
