@@ -212,7 +212,7 @@ async def run_file(ctx, lines: list[tuple[int, bytes]], done_ids: set, done_line
             if not item.ok:
                 await results.put((False, item.error, 0))
                 continue
-            await results.put(await run_line(ctx, item.custom_id, item.line, item.body))
+            await results.put(await run_line(ctx, item.custom_id, item.line, item.body, item.url))
 
     async def write():
         while True:

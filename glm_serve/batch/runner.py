@@ -1,8 +1,9 @@
 """One batch line, end to end: parse and check it (JSON, custom_id, method, url, and the body through the chat
-endpoint's own validation), run it through the same prepare_chat -> chat_result path as POST
-/api/paas/v4/chat/completions (so a line gets the answer the endpoint gives; images are only checked at
-validation and decoded when the line runs), and format its JSONL line.
-Shared by the server's batch worker and `glm-serve batch`.
+endpoint's own validation), run it through the same prepare_chat -> chat_result path as the chat endpoint its url
+names (so a line gets the answer that endpoint gives; images are only checked at validation and decoded when the
+line runs), and format its JSONL line. The url picks the schema, as the server's routes do: "/v4/chat/completions"
+the vendor's, "/v1/chat/completions" OpenAI's (its request fields, its response and error shapes), so that a
+batch file written for OpenAI's Batch API runs as written. Shared by the server's batch worker and `glm-serve batch`.
 
     output line: {"custom_id", "response": {"status_code": 200, "body": <chat response>}, "error": null}
     error line:  {"custom_id", "line", "response": {"status_code", "body": {"error": {code, message}}} | null,
@@ -24,11 +25,11 @@ from pydantic import ValidationError
 from glm_serve.api.chat_service import chat_result
 from glm_serve.api.common import SURROGATE_MESSAGE, lone_surrogate, new_meta
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError, from_validation_errors
+from glm_serve.api.errors import APIError, error_body, from_validation_errors
 from glm_serve.api.images import attach_image
-from glm_serve.api.params import VENDOR, PreparedChat, prepare_chat
+from glm_serve.api.params import OPENAI, VENDOR, PreparedChat, prepare_chat
 from glm_serve.api.responses import one_line
-from glm_serve.api.schemas import VendorChatRequest
+from glm_serve.api.schemas import OpenAIChatRequest, VendorChatRequest
 from glm_serve.batch.records import ENDPOINTS
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,20 @@ class BatchLine:
     custom_id: str | None  # None when the line carries none (or is not JSON)
     body: dict | None  # the request body, when the line can run
     error: str | None  # the error JSONL line, when it cannot
+    url: str = ENDPOINTS[0]  # the endpoint it names: its schema (see the module docstring)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def error_line(custom_id: str | None, line: int, code: str, message: str, status: int | None = None) -> str:
-    """An error-file line; `status` set = the request was refused or failed with this HTTP status."""
+def error_line(custom_id: str | None, line: int, code: str, message: str, status: int | None = None,
+               body: dict | None = None) -> str:
+    """An error-file line; `status` set = the request was refused or failed with this HTTP status, and `body` is
+    what the endpoint answered (default: the vendor's error shape)."""
     response = None
     if status is not None:
-        response = {"status_code": status, "body": {"error": {"code": code, "message": message}}}
+        response = {"status_code": status, "body": body or {"error": {"code": code, "message": message}}}
     return one_line(json.dumps({"custom_id": custom_id, "line": line, "response": response,
                                 "error": {"code": code, "message": message}}, ensure_ascii=False))
 
@@ -79,14 +83,23 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _prepare(ctx: ServingContext, body: dict) -> PreparedChat:
+def flavor_of(url: str) -> str:
+    return OPENAI if url.startswith("/v1/") else VENDOR
+
+
+def _refused(custom_id: str | None, line: int, e: APIError, url: str) -> str:
+    return error_line(custom_id, line, e.code, e.message, e.status, error_body(e, flavor_of(url) == OPENAI))
+
+
+def _prepare(ctx: ServingContext, body: dict, url: str = ENDPOINTS[0]) -> PreparedChat:
     """The chat endpoint's own validation of a body; APIError when the endpoint would refuse it."""
+    flavor = flavor_of(url)
     try:
-        req = VendorChatRequest.model_validate(body)
+        req = (OpenAIChatRequest if flavor == OPENAI else VendorChatRequest).model_validate(body)
     except ValidationError as e:
         raise from_validation_errors(e.errors()) from None
     req.log_unknown("batch line")
-    prep = prepare_chat(req, VENDOR, ctx)
+    prep = prepare_chat(req, flavor, ctx)
     prep.stream = False  # a batch line's answer is written whole
     return prep
 
@@ -127,13 +140,13 @@ def check_line(ctx: ServingContext, line: int, raw: bytes, seen: dict[str, int])
     if not isinstance(body, dict):
         return bad("1210", f"body: must be a JSON object, got {type(body).__name__}", cid)
     try:
-        _prepare(ctx, body)
+        _prepare(ctx, body, url)
     except APIError as e:
-        return bad(e.code, e.message, cid, e.status)
+        return BatchLine(line, cid, None, _refused(cid, line, e, url))
     except Exception as e:  # noqa: BLE001 (a bug on one line must not sink the batch; it is reported there)
         log.exception("checking batch line %d failed", line)
         return bad("500", f"internal error: {type(e).__name__}", cid, 500)
-    return BatchLine(line, cid, body, None)
+    return BatchLine(line, cid, body, None, url)
 
 
 def check_input(ctx: ServingContext, data: bytes) -> Iterator[BatchLine]:
@@ -148,19 +161,20 @@ def check_input(ctx: ServingContext, data: bytes) -> Iterator[BatchLine]:
         raise ValueError("the input file holds no request lines")
 
 
-async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict) -> tuple[bool, str, int]:
-    """Answer one checked line as the chat endpoint would: (ok, the output or error line, completion tokens).
-    Cancelling the call aborts the engine request."""
+async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict,
+                   url: str = ENDPOINTS[0]) -> tuple[bool, str, int]:
+    """Answer one checked line as the chat endpoint its url names would: (ok, the output or error line, completion
+    tokens). Cancelling the call aborts the engine request."""
     try:
         # In a worker thread, as the chat endpoints do: the line's grammar may compile again here (seconds for a new
         # schema no longer cached), which on the event loop would stall every other request and stream.
-        prep = await ctx.off_loop(_prepare, ctx, body)
+        prep = await ctx.off_loop(_prepare, ctx, body, url)
         await attach_image(ctx, prep)  # GLM-4V: decode (or fetch) the line's image, as the endpoint does
         req_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
-        meta = new_meta(ctx, VENDOR, body["model"], req_id)
+        meta = new_meta(ctx, flavor_of(url), body["model"], req_id)
         answer = await chat_result(ctx, prep, meta, meta.response_id)
     except APIError as e:
-        return False, error_line(custom_id, line, e.code, e.message, e.status), 0
+        return False, _refused(custom_id, line, e, url), 0
     except Exception as e:  # noqa: BLE001 (one failed line is an error line, never a dead worker)
         log.exception("batch line %d (%s) failed", line, custom_id)
         return False, error_line(custom_id, line, "500", f"internal error: {type(e).__name__}", 500), 0

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from glm_serve.batch.records import (
     ACTIVE,
+    ENDPOINTS,
     CANCELLING,
     FAILED,
     IN_PROGRESS,
@@ -55,7 +56,7 @@ CREATE INDEX IF NOT EXISTS items_status ON items (batch_id, status, line);
 PENDING, DONE, ITEM_FAILED = "pending", "done", "failed"
 # Columns added since the first data dirs: (table, column, its definition), added to older databases at open.
 _ADDED_COLUMNS = (("items", "starts", "INTEGER NOT NULL DEFAULT 0"), ("files", "owner", "TEXT"),
-                  ("batches", "owner", "TEXT"))
+                  ("batches", "owner", "TEXT"), ("items", "url", "TEXT"))
 # Rows the key `caller` may see (visible() in records.py, in SQL): args (caller, caller).
 _VISIBLE = "(? IS NULL OR owner IS NULL OR owner = ?)"
 _FILE_COLUMNS = "id, filename, purpose, bytes, created_at, owner"
@@ -76,6 +77,7 @@ class Item:
     custom_id: str
     body: dict = field(repr=False)
     starts: int = 0  # runs of this line that began and never ended: each a crash while it was in flight
+    url: str = ENDPOINTS[0]  # the chat endpoint the line names (its schema); older data dirs stored none: /v4's
 
 
 def _fsync_dir(path: Path) -> None:
@@ -280,16 +282,16 @@ class Store:
             raise KeyError(batch_id)
         return BatchRecord.from_row(json.loads(row[0]))
 
-    def start_batch(self, batch_id: str, items: list[tuple[int, str, str]],
+    def start_batch(self, batch_id: str, items: list[tuple[int, str, str, str]],
                     errors: list[tuple[int, str | None, str]]) -> bool:
-        """validating -> in_progress with its lines: items (line, custom_id, body JSON) to run, and errors
+        """validating -> in_progress with its lines: items (line, custom_id, body JSON, url) to run, and errors
         (line, custom_id, error line) found by validation. False if the batch left `validating` meanwhile."""
         with self._tx() as db:
             rec = self._load(db, batch_id)
             if rec.status != VALIDATING:
                 return False
-            db.executemany("INSERT INTO items (batch_id, line, custom_id, body, status) VALUES (?, ?, ?, ?, ?)",
-                           [(batch_id, line, cid, body, PENDING) for line, cid, body in items])
+            db.executemany("INSERT INTO items (batch_id, line, custom_id, body, url, status) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(batch_id, line, cid, body, url, PENDING) for line, cid, body, url in items])
             db.executemany("INSERT INTO items (batch_id, line, custom_id, status, result) VALUES (?, ?, ?, ?, ?)",
                            [(batch_id, line, cid, ITEM_FAILED, err) for line, cid, err in errors])
             rec.total, rec.failed = len(items) + len(errors), len(errors)
@@ -320,11 +322,11 @@ class Store:
     def pending_items(self, batch_id: str, limit: int, skip: set[int]) -> list[Item]:
         """The first `limit` pending lines of a batch (input order), leaving out the lines in `skip`."""
         with self._mutex:
-            rows = self._db.execute("SELECT line, custom_id, body, starts FROM items WHERE batch_id = ? AND "
+            rows = self._db.execute("SELECT line, custom_id, body, starts, url FROM items WHERE batch_id = ? AND "
                                     "status = ? ORDER BY line LIMIT ?",
                                     (batch_id, PENDING, limit + len(skip))).fetchall()
-        return [Item(batch_id, line, cid, json.loads(body), starts)
-                for line, cid, body, starts in rows if line not in skip][:limit]
+        return [Item(batch_id, line, cid, json.loads(body), starts, url or ENDPOINTS[0])
+                for line, cid, body, starts, url in rows if line not in skip][:limit]
 
     def begin_items(self, batch_id: str, lines: list[int]) -> None:
         """These pending lines start running: count it (committed before they reach the engine)."""

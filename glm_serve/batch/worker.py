@@ -57,13 +57,13 @@ def _num_seqs(body: dict) -> int:
 
 
 def _checked_rows(ctx: ServingContext, data: bytes) -> tuple[list[tuple[int, str, str]], list[tuple]]:
-    """An input file checked (check_input), as Store.start_batch takes it: (line, custom_id, body JSON) to run
+    """An input file checked (check_input), as Store.start_batch takes it: (line, custom_id, body JSON, url) to run
     and (line, custom_id, error line). Called in a worker thread: encoding the bodies of a large input takes
     seconds (about one per 80 MB), which on the event loop would stall every chat."""
     items, bad = [], []
     for x in check_input(ctx, data):  # each line's parsed body is dropped once encoded
         if x.ok:
-            items.append((x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False)))
+            items.append((x.line, x.custom_id, json.dumps(x.body, ensure_ascii=False), x.url))
         else:
             bad.append((x.line, x.custom_id, x.error))
     return items, bad
@@ -201,7 +201,7 @@ class BatchWorker:
 
     async def _run_item(self, item: Item, entry: _Running) -> None:
         try:
-            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body)
+            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body, item.url)
             if not ok and not self.ctx.engine.alive:  # failed because the engine stopped, not for the line itself:
                 # pending, to rerun; its start still counts, as at a crash of the whole server: the engine process's
                 # death (a GPU fault, the OOM killer) may be this line's doing (MAX_LINE_CRASHES)

@@ -236,7 +236,8 @@ class Sampler:
 
     @torch.no_grad()
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Bitmask, logit bias, penalties and min_tokens, in place on [N, V] float32 logits; the greedy token is the argmax.
+        """Bitmask, logit bias, penalties and min_tokens, in place on [N, V] float32 logits; the greedy token is
+        the argmax.
 
         Runs nothing when no row uses these stages (the all-greedy step then costs one argmax).
         """

@@ -127,7 +127,12 @@ def test_cli_sigkill_and_rerun_answers_every_line_once(tiny_hf, tmp_path):
 
 
 def test_cli_answers_equal_the_server_batch(tiny_hf, tmp_path, make_server):
-    lines = [batch_line(f"s-{i}", chat_body(f"question {i} 数学", max_tokens=8)) for i in range(12)]
+    """Vendor lines and OpenAI Batch API lines (/v1 url: OpenAI's schema and shapes; sampled above the vendor's
+    temperature range, seeded) get the same answers from `glm-serve batch` as from the server's batches."""
+    openai_body = lambda i: {"model": "glm-4-plus", "messages": [{"role": "user", "content": f"q {i}"}],  # noqa: E731
+                             "temperature": 1.5, "seed": i, "max_completion_tokens": 8}
+    lines = [batch_line(f"s-{i}", chat_body(f"question {i} 数学", max_tokens=8)) if i % 2 else
+             batch_line(f"s-{i}", openai_body(i), url="/v1/chat/completions") for i in range(12)]
     src, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "cli.jsonl"
     assert cli_main(["batch", str(src), "-o", str(out), "--model", str(tiny_hf), "--no-progress",
                      *ENGINE_FLAGS]) == 0
@@ -139,6 +144,7 @@ def test_cli_answers_equal_the_server_batch(tiny_hf, tmp_path, make_server):
     assert by_cli.keys() == by_server.keys() == {f"s-{i}" for i in range(12)}
     for cid, body in by_cli.items():
         assert body["choices"] == by_server[cid]["choices"]
+        assert body.get("object") == by_server[cid].get("object") == (None if int(cid[2:]) % 2 else "chat.completion")
         assert body["usage"]["completion_tokens"] == by_server[cid]["usage"]["completion_tokens"]
     assert not os.path.exists(tmp_path / "cli.errors.jsonl") or not (tmp_path / "cli.errors.jsonl").read_text()
     srv.stop()

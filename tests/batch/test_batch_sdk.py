@@ -48,8 +48,21 @@ def _random_bodies(rng: random.Random, k: int) -> list[dict]:
     return bodies
 
 
-def _chat(server, body: dict) -> dict:
-    r = httpx.post(server.vendor_base + "chat/completions", json=body, timeout=60)
+def _openai_body(rng: random.Random, body: dict) -> dict:
+    """A vendor body as a client of OpenAI's Batch API writes it: greedy is temperature 0, and it may sample
+    above the vendor's range (seeded), or name its length max_completion_tokens."""
+    out = {k: v for k, v in body.items() if k not in ("do_sample", "request_id")}
+    out.update(temperature=0)
+    if rng.random() < 0.4:
+        out.update(temperature=1.5, seed=rng.randrange(1000))  # a 400 under the vendor's schema
+    if rng.random() < 0.4:
+        out["max_completion_tokens"] = out.pop("max_tokens")
+    return out
+
+
+def _chat(server, body: dict, url: str = "/v4/chat/completions") -> dict:
+    route = server.url + "/v1/chat/completions" if url.startswith("/v1/") else server.vendor_base + "chat/completions"
+    r = httpx.post(route, json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -57,12 +70,15 @@ def _chat(server, body: dict) -> dict:
 def test_sdk_batch_roundtrip_matches_the_chat_endpoint(client, server, tmp_path):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    bodies = _random_bodies(rng, 12)
-    lines = [batch_line(f"req-{i}", b, url=rng.choice(["/v4/chat/completions", "/v1/chat/completions"]))
-             for i, b in enumerate(bodies)]
-    bad_at = sorted(rng.sample(range(len(lines) + 3), 3))  # where the three bad lines go
+    urls = [rng.choice(["/v4/chat/completions", "/v1/chat/completions"]) for _ in range(12)]
+    # Each line in the schema of the endpoint its url names (the vendor's, or OpenAI's Batch API format).
+    bodies = [_openai_body(rng, b) if u.startswith("/v1/") else b for b, u in zip(_random_bodies(rng, 12), urls)]
+    lines = [batch_line(f"req-{i}", b, url=u) for i, (b, u) in enumerate(zip(bodies, urls))]
+    bad_at = sorted(rng.sample(range(len(lines) + 4), 4))  # where the four bad lines go
     bad = ["{not json", json.dumps({"method": "POST", "body": bodies[0]}),  # bad JSON, no custom_id
-           batch_line("refused", chat_body("x", temperature=5.0, do_sample=True))]  # fails the chat endpoint's validation
+           batch_line("refused", chat_body("x", temperature=5.0, do_sample=True)),  # fails the chat endpoint's checks
+           batch_line("refused-v1", {"model": "glm-4-plus", "messages": [{"role": "user", "content": "x"}],
+                                     "temperature": 2.5}, url="/v1/chat/completions")]
     for pos, text in zip(bad_at, bad):
         lines.insert(pos, text)
     path = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -75,23 +91,28 @@ def test_sdk_batch_roundtrip_matches_the_chat_endpoint(client, server, tmp_path)
     wait_batch(server.vendor_base, b.id)
     b = client.batches.retrieve(b.id)
     assert b.status == "completed", f"seed {seed}"
-    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (15, 12, 3)
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (16, 12, 4)
     assert b.in_progress_at and b.finalizing_at and b.completed_at and b.expires_at > b.created_at
 
     out = read_jsonl(client.files.content(b.output_file_id).content.decode())
     errs = read_jsonl(client.files.content(b.error_file_id).content.decode())
     # every custom_id exactly once, output in input order
     assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(12)]
-    assert sorted((e["custom_id"] for e in errs), key=str) == sorted([None, None, "refused"], key=str)
+    assert sorted((e["custom_id"] for e in errs), key=str) == sorted([None, None, "refused", "refused-v1"], key=str)
     assert [e["line"] for e in errs] == [p + 1 for p in bad_at]
     assert all(e["error"]["message"] for e in errs)
     refused = next(e for e in errs if e["custom_id"] == "refused")
     assert refused["response"]["status_code"] == 400 and refused["error"]["code"] == "1210"
     assert "temperature" in refused["error"]["message"]
-    for o, body in zip(out, bodies):
+    refused = next(e for e in errs if e["custom_id"] == "refused-v1")  # answered as /v1 answers: OpenAI's shape
+    assert refused["response"]["status_code"] == 400 and refused["error"]["code"] == "1210"
+    assert refused["response"]["body"]["error"]["param"] == "temperature"
+    assert refused["response"]["body"]["error"]["type"] == "invalid_request_error"
+    for o, body, url in zip(out, bodies, urls):
         assert o["error"] is None and o["response"]["status_code"] == 200
-        got, want = o["response"]["body"], _chat(server, body)
+        got, want = o["response"]["body"], _chat(server, body, url)
         assert got["choices"] == want["choices"], f"seed {seed}, {o['custom_id']}"
+        assert got.get("object") == ("chat.completion" if url.startswith("/v1/") else None)
         for key in ("prompt_tokens", "completion_tokens", "total_tokens"):  # cached_tokens: the prefix cache's
             assert got["usage"][key] == want["usage"][key]
         assert got["model"] == body["model"]

@@ -27,7 +27,7 @@ def _batch(file_id: str, window_s: int = 3600, auto_delete: bool = False) -> Bat
 def _started(store: Store, n: int, bad: int = 0, auto_delete: bool = False) -> tuple[BatchRecord, str]:
     f = store.add_file(io.BytesIO(b"{}\n"), "in.jsonl", "batch", 1 << 20)
     b = store.create_batch(_batch(f.id, auto_delete=auto_delete))
-    items = [(i + 1, f"c{i}", json.dumps({"i": i})) for i in range(n)]
+    items = [(i + 1, f"c{i}", json.dumps({"i": i}), "/v4/chat/completions") for i in range(n)]
     errors = [(n + j + 1, None, json.dumps({"line": n + j + 1})) for j in range(bad)]
     assert store.start_batch(b.id, items, errors)
     return b, f.id
@@ -80,6 +80,19 @@ def test_file_pages_match_slicing(tmp_path):
     with pytest.raises(ValueError, match="limit"):
         store.add_file(io.BytesIO(b"x" * 11), "big", "batch", 10)
     assert sorted(p.name for p in store.files_dir.iterdir()) == sorted(set(ids) - {victim})
+    store.close()
+
+
+def test_each_line_keeps_its_endpoint_and_older_rows_are_the_vendors(tmp_path):
+    """A line's url (its schema) is stored with it; rows from data dirs older than that column read as /v4."""
+    store = Store(tmp_path)
+    f = store.add_file(io.BytesIO(b"{}\n"), "in.jsonl", "batch", 1 << 20)
+    b = store.create_batch(_batch(f.id))
+    assert store.start_batch(b.id, [(1, "a", "{}", "/v1/chat/completions"), (2, "b", "{}", "/v4/chat/completions")],
+                             [])
+    assert [i.url for i in store.pending_items(b.id, 10, set())] == ["/v1/chat/completions", "/v4/chat/completions"]
+    store._db.execute("UPDATE items SET url = NULL")  # as the column reads in a row written before it existed
+    assert [i.url for i in store.pending_items(b.id, 10, set())] == ["/v4/chat/completions"] * 2
     store.close()
 
 
@@ -152,7 +165,8 @@ def test_transitions_guard_the_state(tmp_path):
     f = store.add_file(io.BytesIO(b"{}\n"), "in.jsonl", "batch", 1 << 20)
     b = store.create_batch(_batch(f.id))
     assert store.set_status(b.id, "cancelling", ("validating", "in_progress")).status == "cancelling"
-    assert not store.start_batch(b.id, [(1, "a", "{}")], [])  # validation lost the race to the cancel
+    # validation lost the race to the cancel
+    assert not store.start_batch(b.id, [(1, "a", "{}", "/v4/chat/completions")], [])
     assert store.pending_items(b.id, 5, set()) == []
     assert store.set_status(b.id, "finalizing", ("in_progress",)).status == "cancelling"  # not allowed: kept
     b2 = store.create_batch(_batch(f.id))
@@ -196,7 +210,7 @@ def test_a_line_in_flight_at_repeated_crashes_is_not_run_again(tmp_path, monkeyp
 
     ran = []
 
-    async def hang(ctx, custom_id, line, body):  # the line is being answered when the process dies
+    async def hang(ctx, custom_id, line, body, url):  # the line is being answered when the process dies
         ran.append(line)
         await asyncio.Event().wait()
 
@@ -305,7 +319,7 @@ def test_files_and_batches_show_to_their_key_and_old_rows_to_everyone(tmp_path):
         rec = _batch(file_id)
         rec.owner = owner
         batches[owner] = store.create_batch(rec).id
-        assert store.start_batch(rec.id, [(1, "c", "{}")], [])
+        assert store.start_batch(rec.id, [(1, "c", "{}", "/v4/chat/completions")], [])
         assert store.record_result(rec.id, 1, True, '{"ok": 1}')
         out = store.get_file(store.close_batch(rec.id, "completed").output_file_id)
         assert out.owner == owner  # a batch's output file is its key's
