@@ -1,6 +1,7 @@
 """The files and batches routes under /api/paas/v4 (contract: /work/shared/docs/api.md "Routes", "Batch files";
-objects: records.py), and BatchService, which create_app uses to open the store, mount the routes and run the
-worker for the app's lifetime. Every route authenticates like the chat routes; errors are APIErrors (unknown
+objects: records.py), and the same under /v1 for the `openai` SDK's files and batches (OpenAI's Batch API: the
+vendor's objects are OpenAI's; errors there take OpenAI's shape, as on every /v1 path), and BatchService, which
+create_app uses to open the store, mount the routes and run the worker for the app's lifetime. Every route authenticates like the chat routes; errors are APIErrors (unknown
 ids answer 404 with code 1214, as the async-result route does).
 
 With API keys, files and batches belong to the key that made them (a batch's output files to the batch's key):
@@ -39,10 +40,29 @@ from glm_serve.batch.worker import BatchWorker
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/api/paas/v4"
+PREFIXES = ("/api/paas/v4", "/v1")  # one store: a file uploaded through either is the same file
 MAX_FILE_BYTES = 1 << 30  # one uploaded file at most
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-router = APIRouter(prefix=PREFIX)
+_ROUTES: list[tuple[str, str, object]] = []  # (method, path under a prefix, endpoint)
+
+
+def _route(method: str, path: str):
+    """Registers an endpoint for every prefix (routers(): one per prefix, each route with its full path, which
+    is also its metrics label; FastAPI's include_router(prefix=...) would label both prefixes' routes alike)."""
+    def register(fn):
+        _ROUTES.append((method, path, fn))
+        return fn
+    return register
+
+
+def routers() -> list[APIRouter]:
+    out = []
+    for prefix in PREFIXES:
+        r = APIRouter(prefix=prefix)
+        for method, path, fn in _ROUTES:
+            r.add_api_route(path, fn, methods=[method])
+        out.append(r)
+    return out
 
 
 class BatchService:
@@ -61,7 +81,8 @@ class BatchService:
 
     def mount(self, app: FastAPI) -> None:
         app.state.batches = self
-        app.include_router(router)
+        for r in routers():
+            app.include_router(r)
 
     async def start(self) -> None:
         self.worker.start()
@@ -113,7 +134,7 @@ def _page(data: list[dict], has_more: bool) -> dict:
 
 # ---- files -------------------------------------------------------------------------------------------------
 
-@router.post("/files")
+@_route("POST", "/files")
 async def upload_file(request: Request):
     svc, caller = _service(request)
     most = MAX_FILE_BYTES + (1 << 20)  # the file and its multipart framing
@@ -148,7 +169,7 @@ async def upload_file(request: Request):
     return JSONResponse(rec.to_dict())
 
 
-@router.get("/files")
+@_route("GET", "/files")
 async def list_files(request: Request):
     svc, caller = _service(request)
     q = request.query_params
@@ -164,13 +185,13 @@ async def list_files(request: Request):
     return JSONResponse(_page([r.to_dict() for r in recs], more))
 
 
-@router.get("/files/{file_id}")
+@_route("GET", "/files/{file_id}")
 async def get_file(file_id: str, request: Request):
     svc, caller = _service(request)
     return JSONResponse((await _own_file(svc, file_id, caller)).to_dict())
 
 
-@router.get("/files/{file_id}/content")
+@_route("GET", "/files/{file_id}/content")
 async def file_content(file_id: str, request: Request):
     svc, caller = _service(request)
     rec = await _own_file(svc, file_id, caller)
@@ -193,7 +214,7 @@ async def file_content(file_id: str, request: Request):
         "content-length": str(os.fstat(f.fileno()).st_size), "content-disposition": disposition})
 
 
-@router.delete("/files/{file_id}")
+@_route("DELETE", "/files/{file_id}")
 async def delete_file(file_id: str, request: Request):
     svc, caller = _service(request)
     await _own_file(svc, file_id, caller)
@@ -225,7 +246,7 @@ def _metadata(value) -> dict | None:
     return value
 
 
-@router.post("/batches")
+@_route("POST", "/batches")
 async def create_batch(request: Request):
     svc, caller = _service(request)
     body = await read_json(request)
@@ -260,13 +281,13 @@ async def create_batch(request: Request):
     return JSONResponse(batch.to_dict())
 
 
-@router.get("/batches/{batch_id}")
+@_route("GET", "/batches/{batch_id}")
 async def get_batch(batch_id: str, request: Request):
     svc, caller = _service(request)
     return JSONResponse((await _own_batch(svc, batch_id, caller)).to_dict())
 
 
-@router.get("/batches")
+@_route("GET", "/batches")
 async def list_batches(request: Request):
     svc, caller = _service(request)
     after = request.query_params.get("after") or None
@@ -277,7 +298,7 @@ async def list_batches(request: Request):
     return JSONResponse(_page([r.to_dict() for r in recs], more))
 
 
-@router.post("/batches/{batch_id}/cancel")
+@_route("POST", "/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request):
     svc, caller = _service(request)
     await _own_batch(svc, batch_id, caller)
@@ -289,4 +310,4 @@ async def cancel_batch(batch_id: str, request: Request):
     return JSONResponse(rec.to_dict())
 
 
-__all__ = ["BatchService", "router"]
+__all__ = ["BatchService", "routers"]

@@ -308,6 +308,7 @@ def test_requests_are_counted_by_route_template_not_by_path(server):
 
     cases = [("/api/paas/v4/batches/batch-nope", "/api/paas/v4/batches/{batch_id}", "404"),
              ("/api/paas/v4/files/file-nope/content", "/api/paas/v4/files/{file_id}/content", "404"),
+             ("/v1/batches/batch-nope", "/v1/batches/{batch_id}", "404"),  # OpenAI's batches: a label of their own
              ("/api/paas/v4/async-result/task-nope", "/api/paas/v4/async-result/{task_id}", "404"),
              ("/v1/chat/completions", "/v1/chat/completions", "405"),  # GET: the route is right, the method not
              ("/no/such/route/123", "other", "404")]
