@@ -30,9 +30,13 @@ class Guided:
     field: str
 
 
-def read_guided(req) -> Guided | None:
-    """The request's guided decoding, validated; None when it asks for none. 400s name the field."""
+def read_guided(req, response_format: tuple[str, dict | None] | None = None) -> Guided | None:
+    """The request's guided decoding, validated; None when it asks for none. 400s name the field.
+    response_format: (kind, schema) of a request where it is one more spelling of the same (/v1/completions)."""
     found: list[Guided] = []
+    if response_format is not None and response_format[0] != "text":
+        kind, schema = response_format
+        found.append(Guided("json", schema if kind == "json_schema" else {"type": "object"}, "response_format"))
     for name, kind in _KINDS:
         value = getattr(req, name, None)
         if value is not None:

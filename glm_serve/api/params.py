@@ -160,7 +160,7 @@ def _tool_choice(choice, tools: list[dict]) -> tuple[str, str | None]:
     return "named", name
 
 
-def _response_format(fmt) -> tuple[str, dict | None]:
+def response_format(fmt) -> tuple[str, dict | None]:
     if fmt is None:
         return "text", None
     kind = fmt.get("type")
@@ -245,7 +245,7 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
         req.messages = _developer_as_system(req.messages)
     tools = check_tools(req.tools) if req.tools else []
     choice, name = _tool_choice(req.tool_choice, tools)
-    fmt, schema = _response_format(req.response_format)
+    fmt, schema = response_format(req.response_format)
     params = sampling_params(req, flavor, ctx)
     image_url = check_images(ctx, req.messages)
     add_generation_prompt, continue_final = _continuation(req, fmt, choice) if flavor == OPENAI else (True, False)

@@ -20,7 +20,7 @@ from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
 from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.guided import read_guided
-from glm_serve.api.params import OPENAI, check_prompt, guided_constraints, sampling_params
+from glm_serve.api.params import OPENAI, check_prompt, guided_constraints, response_format, sampling_params
 from glm_serve.api.responses import (
     TextOffsets,
     Usage,
@@ -89,8 +89,6 @@ async def completions(request: Request):
     ctx.check_model(req.model)
     if req.suffix:
         raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")
-    if (req.response_format or {}).get("type", "text") != "text":  # a client relying on it must not get free text
-        raise invalid_value("response_format", "JSON output is served by /v1/chat/completions, not /v1/completions")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid_value("best_of", "only best_of == n is supported")
     # 16: OpenAI's default. With echo, max_tokens 0 returns the prompt alone (and its logprobs).
@@ -102,7 +100,9 @@ async def completions(request: Request):
         raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
     for ids in prompts:
         check_prompt(ctx, ids, params, "prompt")
-    guided = read_guided(req)
+    # response_format (sent by clients written for vLLM) is one more spelling of guided JSON here: the completion's
+    # text is the JSON (no chat content separator)
+    guided = read_guided(req, response_format(req.response_format))
     constraints = None
     if guided is not None:  # each prompt's choices get their own (matchers keep state); compiled (and checked) once
         constraints = lambda: guided_constraints(ctx, guided, params.n, content=False)  # noqa: E731

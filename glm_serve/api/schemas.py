@@ -122,8 +122,8 @@ class OpenAICompletionRequest(_Request, _VllmExtensions):
     max_tokens: int | None = None  # OpenAI's default is 16
     n: int | None = None
     presence_penalty: float | None = None
-    # not OpenAI's, but sent by clients written for servers that constrain completions (vLLM): only null or
-    # {"type": "text"} is accepted, never silently dropped (JSON output here is a chat feature)
+    # not OpenAI's, but sent by clients written for servers that constrain completions (vLLM): json_object and
+    # json_schema hold the completion's text to JSON, as guided_json does
     response_format: dict[str, Any] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
