@@ -52,6 +52,15 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._n = 0
+        self._factory = None  # ConstraintFactory, for guided generation
+
+    def _constraint_factory(self):
+        """Built on the first guided call (xgrammar scans the vocabulary once), kept for the next ones."""
+        if self._factory is None:
+            from glm_serve.constrain import ConstraintFactory  # noqa: PLC0415 (xgrammar: optional)
+
+            self._factory = ConstraintFactory(self.tokenizer, self.engine.model_config.vocab_size)
+        return self._factory
 
     def encode(self, prompt: Prompt, tools: list | None = None) -> tuple[list[int], bytes | None]:
         """Prompt -> (token ids, image bytes or None). Conversations may carry one image (GLM-4V) as an
@@ -77,7 +86,12 @@ class LLM:
         raise ValueError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                 tools: list | None = None, use_tqdm: bool = True) -> list[GenerationResult]:
+                 tools: list | None = None, use_tqdm: bool = True, guided: dict | None = None
+                 ) -> list[GenerationResult]:
+        """guided: hold every answer to one of {"json": a JSON schema}, {"json_object": True}, {"regex": a pattern
+        the whole answer matches} or {"choice": [strings]} (as the server's guided decoding; needs xgrammar, the
+        `structured` extra). A conversation's answer is held as content; a text or token-id prompt's generated text
+        itself."""
         from glm_serve.chat import parse_assistant_output  # noqa: PLC0415
 
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
@@ -88,6 +102,7 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         tool_names = frozenset(t["function"]["name"] for t in tools or () if isinstance(t, dict)
                                and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
+        kind, spec = _guided(guided)
         engine, order, states = self.engine, [], {}
         bar = None
         try:
@@ -95,8 +110,12 @@ class LLM:
                 rid = f"offline-{self._n}"
                 self._n += 1
                 ids, image = self.encode(prompt, tools)
-                engine.add_request(rid, ids, p, image=image, final_only=True)
                 is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+                constraints = None
+                if kind is not None:
+                    factory = self._constraint_factory()
+                    constraints = [factory.guided(kind, spec, content=is_chat) for _ in range(p.n)]
+                engine.add_request(rid, ids, p, constraints, image=image, final_only=True)
                 states[rid] = (ids, is_chat, [])  # last: the request's outputs, merged once at the end
                 order.append(rid)
             bar = _progress(len(order), use_tqdm)
@@ -128,6 +147,25 @@ class LLM:
                      "cached_tokens": total.cached_tokens}
             results.append(GenerationResult(rid, ids, choices, usage, total.prompt_logprobs))
         return results
+
+
+def _guided(guided: dict | None) -> tuple[str | None, object]:
+    """LLM.generate's `guided` -> (ConstraintFactory.guided's kind, spec); (None, None) for none."""
+    if not guided:
+        return None, None
+    kinds = {"json": "json", "regex": "regex", "choice": "choice", "json_object": "json"}
+    if not isinstance(guided, dict) or len(guided) != 1 or next(iter(guided)) not in kinds:
+        raise ValueError(f"guided must be one of {{'json': schema}}, {{'json_object': True}}, {{'regex': pattern}} or "
+                         f"{{'choice': [strings]}}, got {guided!r}")
+    (key, spec), = guided.items()
+    if key == "json_object":
+        spec = {"type": "object"}
+    elif key == "choice" and (not isinstance(spec, list) or not spec or not all(isinstance(o, str) and o
+                                                                                 for o in spec)):
+        raise ValueError(f"guided choice must be a non-empty list of non-empty strings, got {spec!r}")
+    elif key == "regex" and (not isinstance(spec, str) or not spec):
+        raise ValueError(f"guided regex must be a non-empty string, got {spec!r}")
+    return kinds[key], spec
 
 
 def _progress(total: int, enabled: bool):
