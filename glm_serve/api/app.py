@@ -4,6 +4,7 @@ tests can share one engine across servers. The app never shuts the engine down; 
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,6 +15,7 @@ from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_vendor import router as vendor_router
+from glm_serve.api.stats_log import log_stats
 from glm_serve.api.tasks import TaskStore
 from glm_serve.engine.async_engine import EngineFrontend
 
@@ -62,7 +64,11 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batches.start()
+        interval = ctx.settings.log_stats_interval_s
+        stats = asyncio.ensure_future(log_stats(ctx, interval)) if interval > 0 else None
         yield
+        if stats is not None:
+            stats.cancel()
         await batches.stop()  # lines in flight stay pending for the next start
         tasks.cancel_all()  # their engine requests abort; the engine itself belongs to the caller
 

@@ -37,6 +37,7 @@ class ServerSettings:
     data_dir: Path | None = None  # batch files and state (glm_serve/batch); None = a temporary folder
     batch_concurrency: int = 32  # batch sequences in flight at most, a line counting its n (glm_serve/batch/worker.py)
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
+    log_stats_interval_s: float = 0.0  # a throughput/queue/cache line in the log this often (api/stats_log.py); 0 = off
 
     def __post_init__(self):
         if any(not name.strip() for name in self.served_model_names):  # a server only an empty name reaches
@@ -46,6 +47,9 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue (--max-queue) must be >= 0, got {self.max_queue}")
+        if not self.log_stats_interval_s >= 0:  # (NaN too)
+            raise ValueError(f"log_stats_interval_s (--log-stats-interval) must be >= 0, got "
+                             f"{self.log_stats_interval_s}")
         if self.batch_concurrency < 1:
             raise ValueError(f"batch_concurrency (--batch-concurrency) must be >= 1, got {self.batch_concurrency}")
 

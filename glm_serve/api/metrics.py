@@ -128,6 +128,7 @@ class Metrics:
         self.finished = Counter("glm_serve_finished_choices", "Generated choices ended, by finish reason",
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.num_prompt_tokens = 0  # the same, as a plain number (stats_log reads it)
         # Updated for every streamed token, on the event loop only (RequestTimer): plain numbers (_LoopCollector).
         self.num_generation_tokens = 0
         self.ttft = _LoopHistogram("glm_serve_time_to_first_token_seconds", "Arrival to first generated token",
@@ -191,6 +192,7 @@ class RequestTimer:
             return
         self._finished = True
         self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.num_prompt_tokens += prompt_tokens
         self.metrics.e2e.observe(time.monotonic() - self.start)
 
     def on_end(self, prompt_tokens: int) -> None:

@@ -48,6 +48,9 @@ def add_serve_parser(sub, add_model_args) -> None:
                         "(for hundreds of concurrent streams)")
     add_engine_args(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a line of throughput, running/waiting requests and cache use this often while there "
+                        "is work (0: never; default %(default)g)")
     s.set_defaults(fn=cmd_serve)
 
 
@@ -147,7 +150,7 @@ def cmd_serve(args) -> int:
                               max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
-                              batch_concurrency=args.batch_concurrency)
+                              batch_concurrency=args.batch_concurrency, log_stats_interval_s=args.log_stats_interval)
     if settings.max_concurrency_per_key is not None and not settings.api_keys:
         log.warning("--max-concurrency-per-key limits each api key, and no key is set: it has no effect "
                     "(--max-queue bounds what the server holds at once)")
