@@ -81,9 +81,25 @@ def _echo_logprobs(srv):
             for c in r.choices]
 
 
-@pytest.mark.parametrize("call", [_vendor_chat, _openai_stream, _forced_tool_call, _echo_logprobs])
+def _guided_and_biased(srv):
+    """Grammars of each guided kind (pickled to the engine process), a logit_bias, a continued answer."""
+    client = openai.OpenAI(api_key="unused", base_url=srv.openai_base, max_retries=0)
+    out = []
+    for extra in ({"guided_choice": ["yes", "no", "maybe"]}, {"guided_regex": "[a-z]{3}-[0-9]{2}"},
+                  {"guided_json": {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"],
+                                   "additionalProperties": False}}):
+        r = client.completions.create(model=MODEL, prompt="x", max_tokens=60, temperature=0.9, seed=4, n=2,
+                                      extra_body=extra)
+        out.append([c.text for c in r.choices])
+    r = client.chat.completions.create(model=MODEL, messages=USER + [{"role": "assistant", "content": "So"}],
+                                       temperature=0, max_tokens=6, logit_bias={"77": 5.0},
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    return out, r.choices[0].message.content
+
+
+@pytest.mark.parametrize("call", [_vendor_chat, _openai_stream, _forced_tool_call, _echo_logprobs, _guided_and_biased])
 def test_answers_match_the_thread_engine(server, proc_server, call):
-    if call is _forced_tool_call:
+    if call in (_forced_tool_call, _guided_and_biased):
         pytest.importorskip("xgrammar")
     want, got = _both(server, proc_server, call)
     assert got == want
