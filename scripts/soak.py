@@ -10,10 +10,12 @@ Not run by CI: a tool for a server you started yourself. For preemption, give it
 
 Each round runs --concurrency workers for --round-s seconds, each picking at random: vendor and OpenAI chat
 (JSON and SSE; n, stop, seeds, logprobs, max_tokens small and large), /v1/completions (several prompts, echo,
-logprobs), tools with every tool_choice, JSON mode (--json: needs xgrammar), async tasks polled to the end,
+logprobs), tools with every tool_choice, JSON mode and vLLM's guided_choice / guided_regex on chat and completions,
+some with a logit_bias (--json: needs xgrammar), async tasks polled to the end,
 streams the client leaves mid-way, requests the client abandons, invalid requests (expecting their 4xx), and
 greedy or seeded requests whose text must equal what they gave alone before the load (streamed or not); plus one
-batch job (/files + /batches) alongside, which must answer every line exactly once, and a /health pinger.
+batch job (/files + /batches, the vendor's or OpenAI's) alongside, which must answer every line exactly once, and
+a /health pinger.
 After each round: /metrics running/waiting/KV gauges back to 0 and no 5xx counted; with --per-key N, N
 concurrent requests per key all admitted (no leaked slot); the server's RSS (--pid) printed.
 Every request has a deadline (--request-timeout): a hung one is a problem. Exit status 1 if any problem.
@@ -206,14 +208,36 @@ class Soak:
                 if ch["finish_reason"] == "stop":
                     json.loads(ch["message"]["content"])  # finished JSON-mode content parses
 
+    async def guided(self, c):
+        """vLLM's guided decoding on chat or completions, sometimes beside a logit_bias: a finished answer is one of
+        the choices, or matches the regex whole."""
+        rng = self.rng
+        options = rng.sample(WORDS, 3)
+        spec = rng.choice([{"guided_choice": options}, {"guided_regex": "[a-z]{2,6}( [0-9]{1,3})?"}])
+        chat = rng.random() < 0.5
+        body = {"model": self.args.model, "max_tokens": rng.choice([8, 40]), "temperature": 1.0,
+                "n": rng.randint(1, 2), **spec}
+        body.update({"messages": self.messages()} if chat else {"prompt": self.text(1, 20)})
+        if rng.random() < 0.3:
+            body["logit_bias"] = {str(rng.randrange(100, 2000)): rng.uniform(-5, 5)}
+        r = await c.post(OPENAI if chat else COMPLETIONS, json=body, headers=self.hdr())
+        if not self.expect("guided", r):
+            return
+        for ch in r.json()["choices"]:
+            text = ch["message"]["content"] if chat else ch["text"]
+            held = text in options if "guided_choice" in spec else re.fullmatch(spec["guided_regex"], text)
+            if ch["finish_reason"] == "stop" and not held:
+                self.fail(f"guided: {spec} answered {text!r}")
+
     async def async_task(self, c):
         body = self.sampling({"model": self.args.model, "messages": self.messages()}, False)
-        r = await c.post("/api/paas/v4/async/chat/completions", json=body, headers=self.hdr())
+        hdr = self.hdr(self.rng.choice(self.args.key))  # a task's result is its key's: another key's poll gets 404
+        r = await c.post("/api/paas/v4/async/chat/completions", json=body, headers=hdr)
         if not self.expect("async", r):
             return
         while True:  # the caller's deadline (request_timeout) catches a task that never ends
             await asyncio.sleep(0.3)
-            p = await c.get(f"/api/paas/v4/async-result/{r.json()['id']}", headers=self.hdr())
+            p = await c.get(f"/api/paas/v4/async-result/{r.json()['id']}", headers=hdr)
             if not self.expect("async_poll", p) or p.json()["task_status"] == "SUCCESS":
                 return
             if p.json()["task_status"] == "FAIL":
@@ -306,27 +330,35 @@ class Soak:
     # ---- batch, idle checks, driver ----------------------------------------------------------------------------
 
     async def batch(self, c, lines: int):
-        rows = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v4/chat/completions",
+        """One batch job, every call with one key (files and batches belong to the key that made them: another
+        key's calls get 404), through the vendor's routes or OpenAI's (/v1, lines in OpenAI's format)."""
+        hdr = self.hdr(self.rng.choice(self.args.key))
+        base, url = self.rng.choice([("/api/paas/v4", "/v4/chat/completions"), ("/v1", "/v1/chat/completions")])
+        rows = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url,
                             "body": {"model": self.args.model, "messages": self.messages(),
                                      "max_tokens": self.rng.choice([5, 30, 80])}}) for i in range(lines)]
-        f = await c.post("/api/paas/v4/files", files={"file": ("in.jsonl", "\n".join(rows).encode())},
-                         data={"purpose": "batch"}, headers=self.hdr())
+        f = await c.post(f"{base}/files", files={"file": ("in.jsonl", "\n".join(rows).encode())},
+                         data={"purpose": "batch"}, headers=hdr)
         if not self.expect("batch_file", f):
             return
-        b = await c.post("/api/paas/v4/batches", json={"input_file_id": f.json()["id"], "completion_window": "24h",
-                                                       "endpoint": "/v4/chat/completions"}, headers=self.hdr())
+        b = await c.post(f"{base}/batches", json={"input_file_id": f.json()["id"], "completion_window": "24h",
+                                                  "endpoint": url}, headers=hdr)
         if not self.expect("batch", b):
             return
         bid, deadline = b.json()["id"], time.monotonic() + self.args.batch_timeout
-        while (b := (await c.get(f"/api/paas/v4/batches/{bid}", headers=self.hdr())).json())["status"] not in (
-                "completed", "failed", "expired", "cancelled"):
+        while True:
+            r = await c.get(f"{base}/batches/{bid}", headers=hdr)
+            if not self.expect("batch_get", r):
+                return
+            if (b := r.json())["status"] in ("completed", "failed", "expired", "cancelled"):
+                break
             if time.monotonic() > deadline:
                 return self.fail(f"batch {bid}: still {b['status']} after {self.args.batch_timeout} s")
             await asyncio.sleep(1)
         ids = []
         for fid in (b.get("output_file_id"), b.get("error_file_id")):
             if fid:
-                body = (await c.get(f"/api/paas/v4/files/{fid}/content", headers=self.hdr())).content
+                body = (await c.get(f"{base}/files/{fid}/content", headers=hdr)).content
                 ids += [json.loads(line)["custom_id"] for line in body.split(b"\n") if line.strip()]
         if b["status"] != "completed" or sorted(ids) != sorted(f"r{i}" for i in range(lines)):
             self.fail(f"batch {bid}: {b['status']}, {len(ids)} answers for {lines} lines: {b}")
@@ -362,8 +394,9 @@ class Soak:
                 "json": lambda: self.json_mode(c) if self.args.json else self.chat(c, OPENAI, False),
                 "async": lambda: self.async_task(c), "leave_stream": lambda: self.leave_stream(c),
                 "abandon": lambda: self.abandon(c), "invalid": lambda: self.invalid(c),
-                "same_as_alone": lambda: self.same_as_alone(c)}
-        kind = self.rng.choices(list(jobs), weights=[8, 8, 8, 8, 6, 6, 5, 3, 3, 6, 4, 4, 8])[0]
+                "same_as_alone": lambda: self.same_as_alone(c),
+                "guided": lambda: self.guided(c) if self.args.json else self.completions(c, False)}
+        kind = self.rng.choices(list(jobs), weights=[8, 8, 8, 8, 6, 6, 5, 3, 3, 6, 4, 4, 8, 3])[0]
         try:
             await asyncio.wait_for(jobs[kind](), self.args.request_timeout)
         except asyncio.TimeoutError:
