@@ -95,13 +95,15 @@ class OutputEmitter:
         and with what they held back; a stop string found here still wins over the other reasons."""
         if c.stopper.stopped:
             return ""
-        if c.stop_token:  # the stop token itself is not text: release what was held back
-            return c.stopper.feed(c.detok.flush(), token=False)[0] + c.stopper.flush()
-        text, stopped = c.stopper.feed(c.detok.add(token))
-        if stopped:  # wins over a length finish decided for the same token
+        # The stop token itself is not text; release what was held back.
+        text, stopped = ("", False) if c.stop_token else c.stopper.feed(c.detok.add(token))
+        if not stopped:
+            # The detokenizer's last bytes (an unfinished character, as U+FFFD) are text too: a stop string can
+            # end in them, and then it cut the text, so the finish must name it as well.
+            tail, stopped = c.stopper.feed(c.detok.flush(), token=False)
+            text += tail + c.stopper.flush()
+        if stopped:  # wins over a length or stop-id finish decided for the same token
             c.finish_reason, c.stop_reason = "stop", c.stopper.matched
-        else:
-            text += c.stopper.feed(c.detok.flush(), token=False)[0] + c.stopper.flush()
         return text
 
     def _collect(self, req: RequestState, deltas: dict) -> RequestOutput | None:
