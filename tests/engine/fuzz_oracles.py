@@ -36,6 +36,8 @@ def expected_text(tok: GlmTokenizer, prompt: list[int], params: SamplingParams, 
     if reason == "stop" and isinstance(why, str):
         if params.min_tokens > 1:
             return None
+        if ids and ids[-1] in _stop_ids(tok, params):  # the string ended in what the stop id's finish flushed
+            ids = ids[:-1]
         full = tok.decode(ids, skip)
         # Where a stop string first ENDS in the text; ties to the longest (engine/stop.py).
         end, start, stop = min((full.find(s) + len(s), full.find(s), s) for s in params.stop if s in full)
@@ -62,11 +64,16 @@ def check_text(tok: GlmTokenizer, rid: str, prompt: list[int], params: SamplingP
     return checked
 
 
+def _stop_ids(tok: GlmTokenizer, params: SamplingParams) -> set[int]:
+    """The ids that end a choice (outputs.make_choice)."""
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(tok.stop_token_ids))
+
+
 def check_stop_ids(tok: GlmTokenizer, rid: str, params: SamplingParams, choices: list[CompletionOutput]) -> None:
     """A stop id ends its choice: it is never among the tokens but as the last one, with finish "stop" and that
     id as the reason; and never among the first min_tokens tokens (the sampler masks it). Not for constrained
     choices (a grammar may end on a stop id before min_tokens)."""
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tok.stop_token_ids))
+    stops = _stop_ids(tok, params)
     for c in choices:
         ids = c.token_ids
         at = [i for i, t in enumerate(ids) if t in stops]
@@ -74,7 +81,9 @@ def check_stop_ids(tok: GlmTokenizer, rid: str, params: SamplingParams, choices:
         if c.finish_reason == "stop" and isinstance(c.stop_reason, int):
             assert at and at[0] == len(ids) - 1 and c.stop_reason == ids[-1], where
             assert len(ids) > params.min_tokens, where
-        else:  # a stop id would have ended the choice before a stop string, the length or an abort did
+        elif c.finish_reason == "stop" and c.stop_reason is not None:  # a stop string, maybe ending in what a
+            assert not at or at == [len(ids) - 1], where  # stop id's finish flushed (emit.py _text)
+        else:  # a stop id would have ended the choice before the length or an abort did
             assert not at, where
 
 

@@ -77,7 +77,11 @@ def make_case(seed: int, hot_tokens: list[int], hot_texts: list[str]) -> FuzzCas
     # Per seed, how common the features are that make the engine land every step before scheduling the next
     # (penalties, min_tokens, constraints: engine.py): none at all in some seeds, so overlap really overlaps.
     host_rate = rng.choice([0.0, 0.0, 0.1, 0.3])
-    return FuzzCase(kw, staged, faults, _requests(rng, hot_tokens, hot_texts, host_rate))
+    bs, window = kw["block_size"], kw["max_model_len"]
+    window = min(window or kw["kv_cache_tokens"], kw["kv_cache_tokens"] // bs * bs)  # SchedulerConfig.max_seq_len
+    # Only where the window is short: max_tokens None runs a request until it is full.
+    unlimited = 0.1 if window <= MAX_PROMPT + MAX_NEW else 0.0
+    return FuzzCase(kw, staged, faults, _requests(rng, hot_tokens, hot_texts, host_rate, unlimited))
 
 
 def resolve_stops(case: FuzzCase, seed: int, probe: Callable[[FuzzRequest], object],
@@ -139,8 +143,8 @@ def _engine_kw(rng: random.Random) -> dict:
                 dtype="float32", device="cpu")
 
 
-def _requests(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], host_rate: float
-              ) -> list[FuzzRequest]:
+def _requests(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], host_rate: float,
+              unlimited: float) -> list[FuzzRequest]:
     def tokens(k: int) -> list[int]:
         return [rng.randrange(PLAIN_IDS) for _ in range(k)]
 
@@ -165,7 +169,7 @@ def _requests(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], h
             prompt = tokens(rng.choice([1, 2, rng.randrange(1, 40), rng.randrange(1, MAX_PROMPT + 1)]))
         if rng.random() < 0.05:  # a special token inside the prompt
             prompt[rng.randrange(len(prompt))] = rng.randrange(PLAIN_IDS, VOCAB)
-        params, comparable = _params(rng, hot_tokens, hot_texts, host_rate)
+        params, comparable = _params(rng, hot_tokens, hot_texts, host_rate, unlimited)
         n = params.n
         subsets = None
         if rng.random() < host_rate / 2:  # constrained decoding, its own subset per choice, maybe terminating
@@ -181,11 +185,13 @@ def _requests(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], h
     return reqs
 
 
-def _params(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], host_rate: float
-            ) -> tuple[SamplingParams, bool]:
+def _params(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], host_rate: float,
+            unlimited: float) -> tuple[SamplingParams, bool]:
     kw: dict = dict(n=rng.choice([1, 1, 1, 2, 3]), max_tokens=rng.randrange(1, MAX_NEW + 1))
     if rng.random() < 0.03:
         kw["max_tokens"] = 0  # scoring only (with prompt logprobs below)
+    elif rng.random() < unlimited:
+        kw["max_tokens"] = None
     mode = rng.random()
     comparable = True
     if mode < 0.4:
@@ -214,7 +220,7 @@ def _params(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], hos
     if rng.random() < 0.15:
         kw["stop_token_ids"] = rng.sample(hot_tokens, rng.randrange(1, 3))
     if rng.random() < host_rate and kw["max_tokens"]:
-        kw["min_tokens"] = rng.randrange(0, kw["max_tokens"] + 1)
+        kw["min_tokens"] = rng.randrange(0, min(kw["max_tokens"], 30) + 1)
     if rng.random() < 0.3:
         kw["logprobs"] = rng.choice([0, 1, 3, 20])
     if rng.random() < 0.08 or kw["max_tokens"] == 0:
