@@ -223,7 +223,7 @@ def _params(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], hos
         kw["min_tokens"] = rng.randrange(0, min(kw["max_tokens"], 30) + 1)
     if rng.random() < 0.3:
         kw["logprobs"] = rng.choice([0, 1, 3, 20])
-    if rng.random() < 0.08 or kw["max_tokens"] == 0:
+    if rng.random() < 0.12 or kw["max_tokens"] == 0:
         kw["prompt_logprobs"] = rng.choice([0, 2])
     kw["ignore_eos"] = rng.random() < 0.5
     kw["skip_special_tokens"] = rng.random() < 0.8
