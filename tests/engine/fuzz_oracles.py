@@ -89,7 +89,8 @@ def check_stop_ids(tok: GlmTokenizer, rid: str, params: SamplingParams, choices:
 
 def plain_greedy(params: SamplingParams, constrained: bool) -> bool:
     """Tokens that are the bare argmax of the model's logits: no penalties, min_tokens or constraint."""
-    return params.greedy and not params.uses_penalties and params.min_tokens == 0 and not constrained
+    return (params.greedy and not params.uses_penalties and params.min_tokens == 0 and not params.logit_bias
+            and not constrained)
 
 
 def check_greedy(model, rid: str, prompt: list[int], choices: list[CompletionOutput]) -> None:

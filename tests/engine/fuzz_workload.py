@@ -221,6 +221,8 @@ def _params(rng: random.Random, hot_tokens: list[int], hot_texts: list[str], hos
         kw["stop_token_ids"] = rng.sample(hot_tokens, rng.randrange(1, 3))
     if rng.random() < host_rate and kw["max_tokens"]:
         kw["min_tokens"] = rng.randrange(0, min(kw["max_tokens"], 30) + 1)
+    if rng.random() < 0.12:  # on tokens the model likes, so that the bias changes what it picks
+        kw["logit_bias"] = {t: rng.choice([-100.0, -3.0, 2.0, 8.0]) for t in rng.sample(hot_tokens, 2)}
     if rng.random() < 0.3:
         kw["logprobs"] = rng.choice([0, 1, 3, 20])
     if rng.random() < 0.12 or kw["max_tokens"] == 0:
