@@ -5,6 +5,7 @@ tests can share one engine across servers. The app never shuts the engine down; 
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,8 +17,12 @@ from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_vendor import router as vendor_router
 from glm_serve.api.stats_log import log_stats
+from glm_serve.api.routes_vendor import rerun_task
+from glm_serve.api.task_log import TaskLog
 from glm_serve.api.tasks import TaskStore
 from glm_serve.engine.async_engine import EngineFrontend
+
+log = logging.getLogger(__name__)
 
 
 def _route_label(scope) -> str:
@@ -56,21 +61,27 @@ class _CountRequests:
 
 def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -> FastAPI:
     ctx = ServingContext(engine, settings or ServerSettings())
-    tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks)
     from glm_serve.batch.routes import BatchService  # noqa: PLC0415 (it imports glm_serve.api modules)
 
     batches = BatchService(ctx)
+    # Async tasks are on record in the same data dir as the batches (its lock covers both).
+    task_log = TaskLog(batches.data_dir / "tasks.sqlite3")
+    tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks, task_log)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        rerun = tasks.recover(lambda task, body: rerun_task(ctx, task, body))
+        if rerun:
+            log.info("running again %d async task(s) that were in flight when the server last stopped", rerun)
         await batches.start()
         interval = ctx.settings.log_stats_interval_s
         stats = asyncio.ensure_future(log_stats(ctx, interval)) if interval > 0 else None
         yield
         if stats is not None:
             stats.cancel()
-        await batches.stop()  # lines in flight stay pending for the next start
-        tasks.cancel_all()  # their engine requests abort; the engine itself belongs to the caller
+        await tasks.stop()  # their engine requests abort (the engine itself belongs to the caller); on record as
+        # running, they run again at the next start
+        await batches.stop()  # lines in flight stay pending for the next start (it may remove a temporary data dir)
 
     # No /docs, /redoc or /openapi.json: FastAPI serves them without our key check (with keys, every route but
     # /health must need one), the schema is empty (routes read raw bodies) and the docs page loads from a CDN.

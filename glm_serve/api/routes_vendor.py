@@ -8,7 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from glm_serve.api.chat_service import chat_result
+from glm_serve.api.chat_service import Meta, chat_result
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json
 from glm_serve.api.errors import chat_format_error
 from glm_serve.api.images import attach_image
@@ -30,7 +30,8 @@ async def chat_completions(request: Request):
 async def async_chat_completions(request: Request):
     ctx = ctx_of(request)
     key_id = authenticate(request)
-    req = VendorChatRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    req = VendorChatRequest.model_validate(body)
     req.log_unknown("vendor async chat")
     prep = await prepare_off_loop(req, VENDOR, ctx)
     await attach_image(ctx, prep)
@@ -38,8 +39,21 @@ async def async_chat_completions(request: Request):
     meta = new_meta(ctx, VENDOR, req.model, req.request_id)
     admitted = Admitted(ctx, key_id, req.request_id)
     task = Task(meta.response_id, meta.request_id, req.model, owner=key_id)
-    request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release)
+    request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release, body)
     return JSONResponse(task.to_dict())
+
+
+async def rerun_task(ctx, task: Task, body: dict) -> dict:
+    """A task that was running when the server stopped, run again from its request (TaskStore.recover). What the
+    route checked is checked again: a request this server would now refuse (another model name) fails the task."""
+    req = VendorChatRequest.model_validate(body)
+    prep = await prepare_off_loop(req, VENDOR, ctx)
+    await attach_image(ctx, prep)
+    prep.stream = False
+    meta = Meta(VENDOR, task.id, task.request_id, int(time.time()), task.model)
+    # A fresh engine request id: an engine that outlived the server (one process, a server built again over it)
+    # may not have dropped the first run's request yet.
+    return await chat_result(ctx, prep, meta, ctx.new_id("chatcmpl"))
 
 
 @router.get("/async-result/{task_id}")

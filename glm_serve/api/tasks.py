@@ -1,7 +1,8 @@
 """Async chat tasks (POST /async/chat/completions, GET /async-result/{id}): a chat that runs in the background
 on the server's event loop while the client polls. Finished results are kept for a while, then dropped.
 With API keys, a task's result is fetched with the key that submitted it (another key gets 404, as for an
-unknown id)."""
+unknown id). With a TaskLog (the server's data dir) tasks outlive the process: results within their time to
+live are there after a restart, and a task that was running when the server stopped or died runs again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from glm_serve.api.errors import APIError, internal_error_message
+from glm_serve.api.task_log import TaskLog
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,16 @@ class Task:
 
 
 class TaskStore:
-    def __init__(self, ttl_s: float, max_tasks: int):
+    def __init__(self, ttl_s: float, max_tasks: int, log_: TaskLog | None = None):
         if ttl_s <= 0 or max_tasks < 1:
             raise ValueError("task ttl must be > 0 and max_tasks >= 1")
         self.ttl_s, self.max_tasks = ttl_s, max_tasks
         self._tasks: dict[str, Task] = {}  # insertion order = age
+        self._log = log_
 
-    def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> Task:
+    def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None], body: dict | None = None
+               ) -> Task:
+        """Run `work` for `task`; `body` (the request) is recorded with it, to run it again after a restart."""
         self._purge()
         self._make_room()
         if len(self._tasks) >= self.max_tasks:
@@ -56,9 +61,35 @@ class TaskStore:
             if asyncio.iscoroutine(work):
                 work.close()  # never run: close it rather than leave a "never awaited" warning
             raise APIError("1305", f"too many async tasks held ({self.max_tasks}); fetch or wait for results")
+        if self._log is not None and body is not None:
+            self._log.add(task, body)  # on disk before the client has the id
         self._tasks[task.id] = task
         task.handle = asyncio.ensure_future(self._run(task, work, release))
         return task
+
+    def recover(self, rerun: Callable[[Task, dict], Awaitable[dict]]) -> int:
+        """At start: the recorded results still within their time to live, and the tasks that were running when
+        the server stopped, run again (`rerun(task, body)`; they were admitted once already). -> tasks rerun."""
+        if self._log is None:
+            return 0
+        rows, now, mono = self._log.load(), time.time(), time.monotonic()
+        expired = {r.id for r in rows if r.finished_at is not None and now - r.finished_at > self.ttl_s}
+        self._log.delete(sorted(expired))
+        rerun_count = 0
+        for r in rows:
+            if r.id in expired:
+                continue
+            task = Task(r.id, r.request_id, r.model, owner=r.owner, status=r.status, result=r.result,
+                        error=r.error)
+            if r.finished_at is not None:
+                task.finished_at = mono - (now - r.finished_at)
+                self._tasks[task.id] = task
+            elif r.body is not None:
+                self._tasks[task.id] = task
+                task.handle = asyncio.ensure_future(self._run(task, rerun(task, r.body), lambda: None))
+                rerun_count += 1
+        self._make_room()
+        return rerun_count
 
     def get(self, task_id: str, caller: str | None = None) -> Task:
         self._purge()
@@ -71,31 +102,49 @@ class TaskStore:
     async def _run(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> None:
         try:
             task.result, task.status = await work, SUCCESS
+        except asyncio.CancelledError:  # the server is stopping: on record as running, to run again at the start
+            release()
+            raise
         except APIError as e:
             task.status, task.error = FAIL, {"code": e.code, "message": e.message}
         except Exception as e:  # noqa: BLE001 (a failed task is a FAIL result, not a dead server)
             log.exception("async task %s failed", task.id)
             task.status, task.error = FAIL, {"code": "500", "message": internal_error_message(e)}
-        finally:
-            task.finished_at = time.monotonic()
-            release()
+        task.finished_at = time.monotonic()
+        release()
+        if self._log is not None:
+            self._log.finish(task)
 
     def _purge(self) -> None:
         """Drop the results older than the ttl."""
         now = time.monotonic()
-        for tid in [t.id for t in self._tasks.values() if t.finished_at is not None
-                    and now - t.finished_at > self.ttl_s]:
+        gone = [t.id for t in self._tasks.values() if t.finished_at is not None and now - t.finished_at > self.ttl_s]
+        for tid in gone:
             del self._tasks[tid]
+        if self._log is not None:
+            self._log.delete(gone)
 
     def _make_room(self) -> None:
         """Room for one more task, at the cost of the oldest finished results. Only a new task may evict: a
         poll (get) that evicted would drop results nobody has fetched yet, the polled one among them."""
         over = len(self._tasks) - self.max_tasks + 1
         if over > 0:  # drop the oldest finished ones first
-            for tid in [t.id for t in self._tasks.values() if t.finished_at is not None][:over]:
+            gone = [t.id for t in self._tasks.values() if t.finished_at is not None][:over]
+            for tid in gone:
                 del self._tasks[tid]
+            if self._log is not None:
+                self._log.delete(gone)
 
     def cancel_all(self) -> None:
         for t in self._tasks.values():
             if t.handle is not None and not t.handle.done():
                 t.handle.cancel()
+
+    async def stop(self) -> None:
+        """At shutdown: cancel the running tasks (on record as running, they run again at the next start), wait
+        for them to wind down, close the record."""
+        self.cancel_all()
+        running = [t.handle for t in self._tasks.values() if t.handle is not None]
+        await asyncio.gather(*running, return_exceptions=True)
+        if self._log is not None:
+            self._log.close()

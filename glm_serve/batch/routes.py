@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
@@ -77,6 +78,7 @@ class BatchService:
             data_dir = self._tmp.name
             log.info("batch state in the temporary folder %s (set a data dir to keep it)", data_dir)
         self.store = Store(data_dir)
+        self.data_dir = Path(data_dir).expanduser()  # created and locked by the Store
         self.worker = BatchWorker(self.store, ctx, ctx.settings.batch_concurrency)
 
     def mount(self, app: FastAPI) -> None:
