@@ -15,6 +15,7 @@ from glm_serve.api.common import authenticate, ctx_of
 from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
+from glm_serve.api.routes_tokenize import router as tokenize_router
 from glm_serve.api.routes_vendor import router as vendor_router
 from glm_serve.api.stats_log import log_stats
 from glm_serve.api.routes_vendor import rerun_task
@@ -92,6 +93,7 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
     install_handlers(app)
     app.include_router(vendor_router)
     app.include_router(openai_router)
+    app.include_router(tokenize_router)
     batches.mount(app)
 
     @app.get("/health")

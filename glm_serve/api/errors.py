@@ -79,7 +79,8 @@ def invalid_value(param: str, message: str) -> APIError:
 
 
 def is_openai_path(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+    # (vLLM's /tokenize and /detokenize answer in OpenAI's shape too: api/routes_tokenize.py)
+    return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
 def error_body(err: APIError, openai: bool) -> dict:

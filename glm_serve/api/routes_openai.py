@@ -18,8 +18,8 @@ from glm_serve.api.chat_service import until_disconnect
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, read_json
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
-from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.guided import read_guided
+from glm_serve.api.metrics import RequestTimer
 from glm_serve.api.params import OPENAI, check_prompt, guided_constraints, response_format, sampling_params
 from glm_serve.api.responses import (
     TextOffsets,

@@ -1,0 +1,82 @@
+"""vLLM's token routes, which tools written for vLLM call to count and inspect tokens: POST /tokenize (a prompt,
+as /v1/completions encodes it, or messages, as /v1/chat/completions renders them) and POST /detokenize. The ids
+are what the model gets from those endpoints; errors answer in OpenAI's shape, as vLLM's do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from glm_serve.api.common import authenticate, ctx_of, read_json
+from glm_serve.api.errors import APIError, chat_format_error, invalid_value
+from glm_serve.api.params import check_images, check_tools, expanded_ids
+from glm_serve.api.schemas import _Request
+from glm_serve.chat import ChatFormatError, encode_chat
+
+PATHS = ("/tokenize", "/detokenize")
+router = APIRouter()
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None  # either this ...
+    messages: list[Any] | None = None  # ... or a conversation
+    tools: list[Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    add_special_tokens: bool | None = None  # accepted: the ids are what the endpoints send the model, either way
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    ctx = ctx_of(request)
+    authenticate(request)
+    req = TokenizeRequest.model_validate(await read_json(request))
+    req.log_unknown("tokenize")
+    if req.model is not None:
+        ctx.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError("1215", "send either prompt or messages", "prompt")
+    tok = ctx.tokenizer
+    if req.prompt is not None:
+        ids = tok.encode(req.prompt, allow_special=True)  # as /v1/completions encodes a prompt string
+    else:
+        cont = bool(req.continue_final_message)
+        if cont and req.add_generation_prompt:
+            raise APIError("1215", "continue_final_message and add_generation_prompt cannot both be true",
+                           "continue_final_message")
+        try:
+            image = check_images(ctx, req.messages)
+            ids = encode_chat(tok, req.messages, tools=check_tools(req.tools) if req.tools else None,
+                              chat_template=tok.chat_template, allow_images=image is not None,
+                              add_generation_prompt=not cont and req.add_generation_prompt is not False,
+                              continue_final=cont)
+            if image is not None:  # an image takes the tower's slots in the context, not 3 tokens
+                ids = expanded_ids(ctx, ids)
+        except ChatFormatError as e:
+            raise chat_format_error(e) from None
+    strs = [tok.decode([i]) for i in ids] if req.return_token_strs else None
+    return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": strs})
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    ctx = ctx_of(request)
+    authenticate(request)
+    req = DetokenizeRequest.model_validate(await read_json(request))
+    req.log_unknown("detokenize")
+    if req.model is not None:
+        ctx.check_model(req.model)
+    limit = ctx.tokenizer.vocab_size
+    bad = next((t for t in req.tokens if not 0 <= t < limit), None)
+    if bad is not None:
+        raise invalid_value("tokens", f"token id {bad} is outside the tokenizer's [0, {limit})")
+    return JSONResponse({"prompt": ctx.tokenizer.decode(req.tokens)})
