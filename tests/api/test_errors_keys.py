@@ -148,8 +148,11 @@ def test_no_route_but_health_answers_without_a_key(keyed):
     # /health needs one).
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         assert httpx.get(keyed.url + path).status_code in (401, 404), path
-    for path in ("/metrics", "/v1/models", "/v1/models/glm-4-plus", "/api/paas/v4/files", "/api/paas/v4/batches"):
+    for path in ("/metrics", "/v1/models", "/v1/models/glm-4-plus", "/api/paas/v4/files", "/api/paas/v4/batches",
+                 "/v1/files", "/v1/batches"):
         assert httpx.get(keyed.url + path).status_code == 401, path
+    for path in ("/tokenize", "/detokenize"):
+        assert httpx.post(keyed.url + path, json={"prompt": "a", "tokens": [1]}).status_code == 401, path
 
 
 def _hold_stream(srv, key):
