@@ -35,14 +35,20 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
-@router.post("/tokenize")
-async def tokenize(request: Request):
+async def _read(request: Request, model_cls, route: str):
+    """(ctx, the validated request) after the key check; a model, when named, must be one served."""
     ctx = ctx_of(request)
     authenticate(request)
-    req = TokenizeRequest.model_validate(await read_json(request))
-    req.log_unknown("tokenize")
+    req = model_cls.model_validate(await read_json(request))
+    req.log_unknown(route)
     if req.model is not None:
         ctx.check_model(req.model)
+    return ctx, req
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    ctx, req = await _read(request, TokenizeRequest, "tokenize")
     if (req.prompt is None) == (req.messages is None):
         raise APIError("1215", "send either prompt or messages", "prompt")
     tok = ctx.tokenizer
@@ -69,12 +75,7 @@ async def tokenize(request: Request):
 
 @router.post("/detokenize")
 async def detokenize(request: Request):
-    ctx = ctx_of(request)
-    authenticate(request)
-    req = DetokenizeRequest.model_validate(await read_json(request))
-    req.log_unknown("detokenize")
-    if req.model is not None:
-        ctx.check_model(req.model)
+    ctx, req = await _read(request, DetokenizeRequest, "detokenize")
     limit = ctx.tokenizer.vocab_size
     bad = next((t for t in req.tokens if not 0 <= t < limit), None)
     if bad is not None:
