@@ -151,21 +151,18 @@ class LLM:
 
 def _guided(guided: dict | None) -> tuple[str | None, object]:
     """LLM.generate's `guided` -> (ConstraintFactory.guided's kind, spec); (None, None) for none."""
+    from glm_serve.schema_rules import GUIDED_KEYS, guided_spec  # noqa: PLC0415
+
     if not guided:
         return None, None
-    kinds = {"json": "json", "regex": "regex", "choice": "choice", "json_object": "json"}
-    if not isinstance(guided, dict) or len(guided) != 1 or next(iter(guided)) not in kinds:
+    if not isinstance(guided, dict) or len(guided) != 1 or next(iter(guided)) not in GUIDED_KEYS:
         raise ValueError(f"guided must be one of {{'json': schema}}, {{'json_object': True}}, {{'regex': pattern}} or "
                          f"{{'choice': [strings]}}, got {guided!r}")
-    (key, spec), = guided.items()
-    if key == "json_object":
-        spec = {"type": "object"}
-    elif key == "choice" and (not isinstance(spec, list) or not spec or not all(isinstance(o, str) and o
-                                                                                 for o in spec)):
-        raise ValueError(f"guided choice must be a non-empty list of non-empty strings, got {spec!r}")
-    elif key == "regex" and (not isinstance(spec, str) or not spec):
-        raise ValueError(f"guided regex must be a non-empty string, got {spec!r}")
-    return kinds[key], spec
+    (key, value), = guided.items()
+    try:
+        return guided_spec(key, value)
+    except ValueError as e:
+        raise ValueError(f"guided {key}: {e}") from None
 
 
 def _progress(total: int, enabled: bool):

@@ -1,11 +1,18 @@
 """Owns which JSON schemas (and regexes) constrained decoding can hold output to: xgrammar (0.2.x) accepts some
 keywords without enforcing them, and an answer held to such a schema could still break it. Those are refused
 (as OpenAI's strict mode refuses what it cannot enforce) rather than trusted; length-bounded strings get a pattern
-that keeps their output parseable. Pure Python: no xgrammar needed to check a schema."""
+that keeps their output parseable. Also the one check of vLLM's guided-decoding entries (guided_spec), for
+the API and LLM.generate alike. Pure Python: no xgrammar needed to check a schema."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+# vLLM's guided decoding spellings (structured_outputs keys, LLM.generate(guided=...)) -> ConstraintFactory.guided's
+# kind; json_object is a json schema of its own.
+GUIDED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "json_object": "json"}
+MAX_CHOICES = 1024  # a classification label set; each option is a branch of one grammar
 
 # Schema keywords whose value maps names to subschemas, and keywords whose value is data, not a schema.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
@@ -111,3 +118,31 @@ def strict_string_lengths(node: Any) -> Any:
             and not any(k in out for k in ("pattern", "format", "enum", "const"))):
         out["pattern"] = r'^[^"\\\x00-\x1f]{%d,%s}$' % (lo, "" if hi is None else hi)
     return out
+
+
+def guided_spec(key: str, value: Any) -> tuple[str, Any]:
+    """One guided-decoding entry (key: one of GUIDED_KEYS) -> (ConstraintFactory.guided's kind, its spec), checked
+    and normalised: a schema given as JSON text is parsed, choices lose duplicates. ValueError says what is wrong
+    (the caller names the field)."""
+    if key == "json_object":
+        return "json", {"type": "object"}
+    if key == "json":
+        if isinstance(value, str):  # vLLM takes the schema as JSON text too
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"is not a JSON schema: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON schema object")
+        return "json", value
+    if key == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a non-empty regular expression")
+        return "regex", value
+    if key == "choice":
+        if not isinstance(value, list) or not value or len(value) > MAX_CHOICES:
+            raise ValueError(f"must be a list of 1 to {MAX_CHOICES} strings")
+        if not all(isinstance(o, str) and o for o in value):
+            raise ValueError("must hold non-empty strings only")
+        return "choice", list(dict.fromkeys(value))
+    raise ValueError(f"must be one of {', '.join(GUIDED_KEYS)}, got {key!r}")

@@ -16,9 +16,9 @@ from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_tokenize import router as tokenize_router
+from glm_serve.api.routes_vendor import rerun_task
 from glm_serve.api.routes_vendor import router as vendor_router
 from glm_serve.api.stats_log import log_stats
-from glm_serve.api.routes_vendor import rerun_task
 from glm_serve.api.task_log import TaskLog
 from glm_serve.api.tasks import TaskStore
 from glm_serve.engine.async_engine import EngineFrontend

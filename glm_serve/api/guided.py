@@ -9,15 +9,13 @@ accepted and ignored."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from glm_serve.api.errors import APIError, invalid_value
+from glm_serve.schema_rules import GUIDED_KEYS, guided_spec
 
-_KINDS = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"))
-_STRUCTURED_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "json_object": "json"}
+_FIELDS = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"))
 _UNSUPPORTED = ("grammar", "structural_tag")
-MAX_CHOICES = 1024  # a classification label set; each option is a branch of one grammar
 
 
 @dataclass(frozen=True)
@@ -33,14 +31,15 @@ class Guided:
 def read_guided(req, response_format: tuple[str, dict | None] | None = None) -> Guided | None:
     """The request's guided decoding, validated; None when it asks for none. 400s name the field.
     response_format: (kind, schema) of a request where it is one more spelling of the same (/v1/completions)."""
-    found: list[Guided] = []
+    found: list[tuple[str, object, str]] = []  # (GUIDED_KEYS key, value, field)
     if response_format is not None and response_format[0] != "text":
         kind, schema = response_format
-        found.append(Guided("json", schema if kind == "json_schema" else {"type": "object"}, "response_format"))
-    for name, kind in _KINDS:
+        found.append(("json", schema, "response_format") if kind == "json_schema" else
+                     ("json_object", True, "response_format"))
+    for name, key in _FIELDS:
         value = getattr(req, name, None)
         if value is not None:
-            found.append(Guided(kind, value, name))
+            found.append((key, value, name))
     if getattr(req, "guided_grammar", None) is not None:
         raise invalid_value("guided_grammar", "is not supported here; guided_json, guided_regex and guided_choice are")
     structured = getattr(req, "structured_outputs", None)
@@ -51,32 +50,15 @@ def read_guided(req, response_format: tuple[str, dict | None] | None = None) -> 
             if key in _UNSUPPORTED and value is not None:
                 raise invalid_value(f"structured_outputs.{key}", "is not supported here; json, regex, choice and "
                                                                  "json_object are")
-            if key in _STRUCTURED_KINDS and value not in (None, False):
-                found.append(Guided(_STRUCTURED_KINDS[key], {"type": "object"} if key == "json_object" else value,
-                                    f"structured_outputs.{key}"))
+            if key in GUIDED_KEYS and value not in (None, False):
+                found.append((key, value, f"structured_outputs.{key}"))
     if len(found) > 1:
-        raise APIError("1215", f"{found[0].field} and {found[1].field} are mutually exclusive", found[1].field)
-    return _checked(found[0]) if found else None
-
-
-def _checked(g: Guided) -> Guided:
-    if g.kind == "json":
-        spec = g.spec
-        if isinstance(spec, str):  # vLLM takes the schema as JSON text too
-            try:
-                spec = json.loads(spec)
-            except ValueError as e:
-                raise invalid_value(g.field, f"is not a JSON schema: {e}") from None
-        if not isinstance(spec, dict):
-            raise invalid_value(g.field, "must be a JSON schema object")
-        return Guided("json", spec, g.field)
-    if g.kind == "regex":
-        if not isinstance(g.spec, str) or not g.spec:
-            raise invalid_value(g.field, "must be a non-empty regular expression")
-        return g
-    options = g.spec
-    if not isinstance(options, list) or not options or len(options) > MAX_CHOICES:
-        raise invalid_value(g.field, f"must be a list of 1 to {MAX_CHOICES} strings")
-    if not all(isinstance(o, str) and o for o in options):
-        raise invalid_value(g.field, "must hold non-empty strings only")
-    return Guided("choice", list(dict.fromkeys(options)), g.field)
+        raise APIError("1215", f"{found[0][2]} and {found[1][2]} are mutually exclusive", found[1][2])
+    if not found:
+        return None
+    key, value, field = found[0]
+    try:
+        kind, spec = guided_spec(key, value)
+    except ValueError as e:
+        raise invalid_value(field, str(e)) from None
+    return Guided(kind, spec, field)

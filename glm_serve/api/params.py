@@ -204,7 +204,7 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         raise invalid_value(where, str(e)) from None
 
 
-def _continuation(req, fmt: str, choice: str) -> tuple[bool, bool]:
+def continuation(req, fmt: str = "text", choice: str = "none") -> tuple[bool, bool]:
     """(add_generation_prompt, continue_final_message) of a /v1 chat request (vLLM's fields; the vendor schema has
     neither). Without the generation prompt nothing opens an answer, so JSON mode and forced calls, whose grammars
     write one, cannot apply."""
@@ -248,7 +248,7 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     fmt, schema = response_format(req.response_format)
     params = sampling_params(req, flavor, ctx)
     image_url = check_images(ctx, req.messages)
-    add_generation_prompt, continue_final = _continuation(req, fmt, choice) if flavor == OPENAI else (True, False)
+    add_generation_prompt, continue_final = continuation(req, fmt, choice) if flavor == OPENAI else (True, False)
     try:
         ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
                           allow_images=image_url is not None, add_generation_prompt=add_generation_prompt,
@@ -273,6 +273,20 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
                         bool(options.get("include_usage")), image_url=image_url,
                         forced_call=choice in ("required", "named"), raw=raw)
+
+
+def chat_prompt_ids(ctx: ServingContext, messages, tools=None, add_generation_prompt: bool = True,
+                    continue_final: bool = False) -> list[int]:
+    """A conversation's prompt ids as the model gets them (a GLM-4V image as its slots, not 3 tokens), for the
+    routes that count or show them; 400s for bad messages, tools or images."""
+    try:
+        image = check_images(ctx, messages)
+        ids = encode_chat(ctx.tokenizer, messages, tools=check_tools(tools) if tools else None,
+                          chat_template=ctx.tokenizer.chat_template, allow_images=image is not None,
+                          add_generation_prompt=add_generation_prompt, continue_final=continue_final)
+    except ChatFormatError as e:
+        raise chat_format_error(e) from None
+    return expanded_ids(ctx, ids) if image is not None else ids
 
 
 def check_images(ctx: ServingContext, messages) -> str | None:

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -104,9 +104,8 @@ async def completions(request: Request):
     # text is the JSON (no chat content separator)
     guided = read_guided(req, response_format(req.response_format))
     constraints = None
-    if guided is not None:  # each prompt's choices get their own (matchers keep state); compiled (and checked) once
-        constraints = lambda: guided_constraints(ctx, guided, params.n, content=False)  # noqa: E731
-        constraints()
+    if guided is not None:  # every choice of every prompt gets its own matcher (they keep state); one compile
+        constraints = [guided_constraints(ctx, guided, params.n, content=False) for _ in prompts]
         params.stop, params.stop_token_ids = [], []  # the grammar decides where the text ends (see prepare_chat)
     admitted = Admitted(ctx, key_id, None)
     run = _Completion(ctx, req, params, prompts, constraints)
@@ -125,9 +124,9 @@ class _Completion:
     """One /v1/completions request: every prompt x n choices, merged into one response or stream."""
 
     def __init__(self, ctx: ServingContext, req: OpenAICompletionRequest, params: SamplingParams,
-                 prompts: list[list[int]], constraints: Callable[[], list] | None = None):
+                 prompts: list[list[int]], constraints: list[list] | None = None):
         self.ctx, self.params, self.prompts = ctx, params, prompts
-        self.constraints = constraints  # -> fresh per-choice constraints for one prompt (guided decoding)
+        self.constraints = constraints  # [prompt][choice] guided decoding's constraints, or None
         self.model, self.id, self.created = req.model, ctx.new_id("cmpl"), int(time.time())
         self.echo = bool(req.echo)
         self.include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -181,7 +180,7 @@ class _Completion:
         """Prompt k's engine outputs, (k, RequestOutput), with its usage and latency metrics kept."""
         timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
         try:
-            constraints = self.constraints() if self.constraints is not None else None
+            constraints = self.constraints[k] if self.constraints is not None else None
             async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params, constraints,
                                                       final_only=final_only, interrupt=interrupt):
                 u = self.usage[k]

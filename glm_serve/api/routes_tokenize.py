@@ -10,10 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glm_serve.api.common import authenticate, ctx_of, read_json
-from glm_serve.api.errors import APIError, chat_format_error, invalid_value
-from glm_serve.api.params import check_images, check_tools, expanded_ids
+from glm_serve.api.errors import APIError, invalid_value
+from glm_serve.api.params import chat_prompt_ids, continuation
 from glm_serve.api.schemas import _Request
-from glm_serve.chat import ChatFormatError, encode_chat
 
 PATHS = ("/tokenize", "/detokenize")
 router = APIRouter()
@@ -54,21 +53,8 @@ async def tokenize(request: Request):
     tok = ctx.tokenizer
     if req.prompt is not None:
         ids = tok.encode(req.prompt, allow_special=True)  # as /v1/completions encodes a prompt string
-    else:
-        cont = bool(req.continue_final_message)
-        if cont and req.add_generation_prompt:
-            raise APIError("1215", "continue_final_message and add_generation_prompt cannot both be true",
-                           "continue_final_message")
-        try:
-            image = check_images(ctx, req.messages)
-            ids = encode_chat(tok, req.messages, tools=check_tools(req.tools) if req.tools else None,
-                              chat_template=tok.chat_template, allow_images=image is not None,
-                              add_generation_prompt=not cont and req.add_generation_prompt is not False,
-                              continue_final=cont)
-            if image is not None:  # an image takes the tower's slots in the context, not 3 tokens
-                ids = expanded_ids(ctx, ids)
-        except ChatFormatError as e:
-            raise chat_format_error(e) from None
+    else:  # as chat renders them (continue_final_message and add_generation_prompt as there)
+        ids = chat_prompt_ids(ctx, req.messages, req.tools, *continuation(req))
     strs = [tok.decode([i]) for i in ids] if req.return_token_strs else None
     return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": strs})
 

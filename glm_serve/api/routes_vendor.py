@@ -10,12 +10,10 @@ from fastapi.responses import JSONResponse
 
 from glm_serve.api.chat_service import Meta, chat_result
 from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json
-from glm_serve.api.errors import chat_format_error
 from glm_serve.api.images import attach_image
-from glm_serve.api.params import VENDOR, check_images, check_tools, expanded_ids
+from glm_serve.api.params import VENDOR, chat_prompt_ids
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
 from glm_serve.api.tasks import Task
-from glm_serve.chat import ChatFormatError, encode_chat
 
 PREFIX = "/api/paas/v4"
 router = APIRouter(prefix=PREFIX)
@@ -69,14 +67,7 @@ async def tokenizer(request: Request):
     req = TokenizerRequest.model_validate(await read_json(request))
     req.log_unknown("vendor tokenizer")
     ctx.check_model(req.model)
-    try:
-        image = check_images(ctx, req.messages)
-        ids = encode_chat(ctx.tokenizer, req.messages, tools=check_tools(req.tools) if req.tools else None,
-                          chat_template=ctx.tokenizer.chat_template, allow_images=image is not None)
-        if image is not None:  # an image takes the tower's slots in the context, not 3 tokens
-            ids = expanded_ids(ctx, ids)
-    except ChatFormatError as e:
-        raise chat_format_error(e) from None
+    ids = chat_prompt_ids(ctx, req.messages, req.tools)
     rid = ctx.new_id("tok")
     return JSONResponse({"id": rid, "created": int(time.time()), "request_id": req.request_id or rid,
                          "usage": {"prompt_tokens": len(ids)}})

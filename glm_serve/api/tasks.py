@@ -88,7 +88,7 @@ class TaskStore:
                 self._tasks[task.id] = task
                 task.handle = asyncio.ensure_future(self._run(task, rerun(task, r.body), lambda: None))
                 rerun_count += 1
-        self._make_room()
+        self._make_room(room=0)
         return rerun_count
 
     def get(self, task_id: str, caller: str | None = None) -> Task:
@@ -124,10 +124,10 @@ class TaskStore:
         if self._log is not None:
             self._log.delete(gone)
 
-    def _make_room(self) -> None:
-        """Room for one more task, at the cost of the oldest finished results. Only a new task may evict: a
-        poll (get) that evicted would drop results nobody has fetched yet, the polled one among them."""
-        over = len(self._tasks) - self.max_tasks + 1
+    def _make_room(self, room: int = 1) -> None:
+        """Room for `room` more tasks, at the cost of the oldest finished results. Only a new task (or the start)
+        may evict: a poll (get) that evicted would drop results nobody has fetched yet, the polled one among them."""
+        over = len(self._tasks) - self.max_tasks + room
         if over > 0:  # drop the oldest finished ones first
             gone = [t.id for t in self._tasks.values() if t.finished_at is not None][:over]
             for tid in gone:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from glm_serve.api.chat_service import chat_result
 from glm_serve.api.common import SURROGATE_MESSAGE, lone_surrogate, new_meta
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError, error_body, from_validation_errors
+from glm_serve.api.errors import APIError, error_body, from_validation_errors, is_openai_path
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import OPENAI, VENDOR, PreparedChat, prepare_chat
 from glm_serve.api.responses import one_line
@@ -84,7 +84,7 @@ def _reject_constant(name: str):
 
 
 def flavor_of(url: str) -> str:
-    return OPENAI if url.startswith("/v1/") else VENDOR
+    return OPENAI if is_openai_path(url) else VENDOR
 
 
 def _refused(custom_id: str | None, line: int, e: APIError, url: str) -> str:
