@@ -108,24 +108,26 @@ def test_generate_names_a_messages_file_that_is_not_json(tiny_hf, tmp_path, caps
     _one_line_error(capsys, str(bad), "not JSON")
 
 
-def test_serve_checks_max_concurrency_per_key_before_loading(tmp_path, capsys):
+PER_KEY_FLAGS = ["--max-concurrency-per-key", "--max-requests-per-minute-per-key"]
+
+
+@pytest.mark.parametrize("flag", PER_KEY_FLAGS)
+def test_serve_checks_per_key_limits_before_loading(tmp_path, capsys, flag):
     # Before: 0 passed argparse and was refused by Admission inside create_app, after the model had loaded; with a
     # model that cannot load, the user saw the model's error instead of the flag's.
-    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"),
-            "--max-concurrency-per-key", "0"]
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), flag, "0"]
     assert main(argv) == 2
-    _one_line_error(capsys, "--max-concurrency-per-key")
+    _one_line_error(capsys, flag)
 
 
-def test_serve_warns_that_a_per_key_limit_without_keys_does_nothing(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("flag", PER_KEY_FLAGS)
+def test_serve_warns_that_a_per_key_limit_without_keys_does_nothing(tmp_path, caplog, monkeypatch, flag):
     # Before: accepted silently, and every anonymous caller still had no limit (the operator believed otherwise).
     monkeypatch.delenv("GLM_SERVE_API_KEYS", raising=False)
-    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"),
-            "--max-concurrency-per-key", "2"]
+    argv = ["serve", "--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "d"), flag, "2"]
     with caplog.at_level("WARNING"):
         assert main(argv) == 2  # (the missing model stops it after the flags are checked)
-    assert any("--max-concurrency-per-key" in r.getMessage() and "no key is set" in r.getMessage()
-               for r in caplog.records)
+    assert any(flag in r.getMessage() and "no key is set" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert main([*argv, "--api-key", "a.secret-secret-secret-secret"]) == 2

@@ -1,5 +1,6 @@
 """API keys and admission: raw keys and the vendor SDKs' HS256 JWTs (exp in milliseconds), checked in constant
-time; per-key in-flight limits (429 / 1302) and the server-wide queue limit (429 / 1305).
+time; per-key in-flight limits (429 / 1302), per-key request rates (429 / 1303) and the server-wide queue limit
+(429 / 1305).
 
 A key is `id.secret` (the vendor's format) or any other string (raw use only: a JWT needs the secret). Keys and
 tokens never reach a log line or an error message.
@@ -124,20 +125,49 @@ class Slot:
             self._limits._release(self.key_id)
 
 
+class RateLimiter:
+    """Requests per minute per key, as token buckets: a key may burst its whole minute at once, then gets one
+    request every 60/rpm seconds. A refused request spends nothing; its error says (Retry-After) when the next
+    one will pass, which the openai SDK's retries wait for. Not thread-safe on its own: Admission holds its lock."""
+
+    def __init__(self, requests_per_minute: int, clock=time.monotonic):
+        self.capacity = float(requests_per_minute)
+        self.per_second = requests_per_minute / 60.0
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, when counted); keys are configured, so few
+
+    def take(self, key_id: str) -> float:
+        """Spend one request of key_id's budget: 0.0, or, when none is left, the seconds until there is one."""
+        now = self._clock()
+        tokens, then = self._buckets.get(key_id, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.per_second)
+        if tokens >= 1.0:
+            self._buckets[key_id] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key_id] = (tokens, now)
+        return (1.0 - tokens) / self.per_second
+
+
 class Admission:
     """In-flight accounting at the API edge (not in the engine): a request holds a Slot from admission until
     its last byte (or its async task) is done.
 
     max_concurrency_per_key: in-flight requests one key may have (None = unlimited) -> 429 / 1302.
     max_in_flight: requests the server holds at once, running plus queued (None = unlimited) -> 429 / 1305.
+    requests_per_minute_per_key: admitted requests per key and minute (None = unlimited) -> 429 / 1303, with
+    Retry-After.
     """
 
-    def __init__(self, max_concurrency_per_key: int | None, max_in_flight: int | None):
-        for name, v in (("max_concurrency_per_key", max_concurrency_per_key), ("max_in_flight", max_in_flight)):
+    def __init__(self, max_concurrency_per_key: int | None, max_in_flight: int | None,
+                 requests_per_minute_per_key: int | None = None, clock=time.monotonic):
+        for name, v in (("max_concurrency_per_key", max_concurrency_per_key), ("max_in_flight", max_in_flight),
+                        ("requests_per_minute_per_key", requests_per_minute_per_key)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         self.max_per_key = max_concurrency_per_key
         self.max_in_flight = max_in_flight
+        self._rates = None if requests_per_minute_per_key is None else RateLimiter(requests_per_minute_per_key,
+                                                                                   clock)
         self._lock = threading.Lock()
         self._per_key: dict[str | None, int] = {}
         self.in_flight = 0
@@ -151,6 +181,13 @@ class Admission:
             if key_id is not None and self.max_per_key is not None and held >= self.max_per_key:
                 raise APIError("1302", f"too many concurrent requests for this api key (limit "
                                        f"{self.max_per_key}); wait for one to finish")
+            # Last: a request refused for the checks above has not spent any of its key's rate.
+            wait = 0.0 if key_id is None or self._rates is None else self._rates.take(key_id)
+            if wait > 0.0:
+                seconds = max(1, math.ceil(wait))
+                raise APIError("1303", f"request rate too high for this api key (limit "
+                                       f"{self._rates.capacity:.0f} a minute); retry in {seconds} s",
+                               headers={"Retry-After": str(seconds)})
             self._per_key[key_id] = held + 1
             self.in_flight += 1
         return Slot(self, key_id)

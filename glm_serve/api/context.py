@@ -30,6 +30,7 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty = derived from the model argument
     api_keys: list[str] = field(default_factory=list)  # empty = no authentication
     max_concurrency_per_key: int | None = None  # in-flight requests per key (429 / 1302)
+    max_requests_per_minute_per_key: int | None = None  # admitted requests per key and minute (429 / 1303)
     max_queue: int | None = None  # requests waiting beyond the engine's max_num_seqs (429 / 1305)
     max_body_bytes: int = 32 << 20  # request bodies above this are refused with 413
     task_ttl_s: float = 3600.0  # how long finished async-task results are kept
@@ -103,7 +104,8 @@ class ServingContext:
         self.defaults = GenerationDefaults.from_checkpoint(core.model_path)
         self.keys = KeyStore(settings.api_keys)
         in_flight = None if settings.max_queue is None else core.config.max_num_seqs + settings.max_queue
-        self.admission = Admission(settings.max_concurrency_per_key, in_flight)
+        self.admission = Admission(settings.max_concurrency_per_key, in_flight,
+                                   settings.max_requests_per_minute_per_key)
         self.metrics = Metrics(core, engine)
         self.created = int(time.time())
         self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231

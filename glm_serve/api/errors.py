@@ -36,6 +36,7 @@ CODES: dict[str, tuple[int, str]] = {
     "1231": (400, "invalid_request_error"),  # duplicate request_id
     "1261": (400, "invalid_request_error"),  # prompt too long
     "1302": (429, "rate_limit_error"),  # too many concurrent requests for this key
+    "1303": (429, "rate_limit_error"),  # request rate too high for this key
     "1305": (429, "rate_limit_error"),  # server overloaded (queue full)
     "500": (500, "server_error"),
 }
@@ -48,7 +49,8 @@ _OPENAI_CODES = {"1211": "model_not_found", "1261": "context_length_exceeded", "
 class APIError(Exception):
     """A request the API refuses, with its vendor code. `param` names the offending field when there is one."""
 
-    def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None):
+    def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         if code not in CODES:
             raise ValueError(f"unknown API error code {code!r}")
@@ -56,6 +58,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.status = status or CODES[code][0]
+        self.headers = headers or {}  # extra response headers (Retry-After on 1303)
 
     @property
     def should_retry(self) -> bool:
@@ -91,7 +94,7 @@ def error_body(err: APIError, openai: bool) -> dict:
 
 
 def error_response(err: APIError, path: str) -> JSONResponse:
-    headers = {} if err.should_retry else {"x-should-retry": "false"}
+    headers = dict(err.headers) if err.should_retry else {**err.headers, "x-should-retry": "false"}
     return JSONResponse(error_body(err, is_openai_path(path)), status_code=err.status, headers=headers)
 
 

@@ -27,6 +27,9 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--max-concurrency-per-key", type=int, default=None,
                    help="in-flight requests per api key before 429 / code 1302 (default: unlimited; counts per "
                         "key, so it needs --api-key)")
+    s.add_argument("--max-requests-per-minute-per-key", type=int, default=None, metavar="N",
+                   help="requests per api key and minute before 429 / code 1303 with Retry-After (a key may use "
+                        "its minute in one burst; default: unlimited; needs --api-key)")
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted, in MiB (413 above; default %(default)g)")
@@ -144,16 +147,21 @@ def cmd_serve(args) -> int:
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     # Checked here, not only by Admission inside create_app: that runs after the model has loaded (minutes for 9B).
-    if args.max_concurrency_per_key is not None and args.max_concurrency_per_key < 1:
-        raise ValueError(f"--max-concurrency-per-key must be >= 1, got {args.max_concurrency_per_key}")
+    for flag, v in (("--max-concurrency-per-key", args.max_concurrency_per_key),
+                    ("--max-requests-per-minute-per-key", args.max_requests_per_minute_per_key)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_keys=api_keys(args.api_key),
                               max_concurrency_per_key=args.max_concurrency_per_key, max_queue=args.max_queue,
+                              max_requests_per_minute_per_key=args.max_requests_per_minute_per_key,
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency, log_stats_interval_s=args.log_stats_interval)
-    if settings.max_concurrency_per_key is not None and not settings.api_keys:
-        log.warning("--max-concurrency-per-key limits each api key, and no key is set: it has no effect "
-                    "(--max-queue bounds what the server holds at once)")
+    for flag, v in (("--max-concurrency-per-key", settings.max_concurrency_per_key),
+                    ("--max-requests-per-minute-per-key", settings.max_requests_per_minute_per_key)):
+        if v is not None and not settings.api_keys:
+            log.warning("%s limits each api key, and no key is set: it has no effect (--max-queue bounds what "
+                        "the server holds at once)", flag)
     KeyStore(settings.api_keys)  # bad keys (two with one id) are refused before the slow model load too
     check_data_dir_free(settings.data_dir)  # one server per data dir: say so before the slow model load
     check_bindable(args.host, args.port)  # uvicorn binds only after the load: a port in use failed minutes in

@@ -261,3 +261,28 @@ def test_an_async_result_is_fetched_with_its_own_key(keyed):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert r.status_code == 200 and r.json()["task_status"] == "SUCCESS"
+
+
+def test_request_rate_per_key(make_server):
+    # --max-requests-per-minute-per-key 60: a burst of 60, then one a second. The 61st gets 429 / 1303 with
+    # Retry-After in both schemas; another key is not limited by it; the openai SDK's retry waits for Retry-After
+    # and then passes.
+    from openai import OpenAI, RateLimitError  # noqa: PLC0415
+
+    srv = make_server(api_keys=[KEY_A, KEY_B], max_requests_per_minute_per_key=60)
+    body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 1}
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(timeout=30) as http:
+        for _ in range(60):
+            assert http.post(srv.vendor_base + "chat/completions", json=body, headers=auth).status_code == 200
+        r = http.post(srv.vendor_base + "chat/completions", json=body, headers=auth)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "1303", r.text
+        assert r.headers["retry-after"] in ("1", "2") and "x-should-retry" not in r.headers
+    with pytest.raises(RateLimitError) as e:
+        OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=0).chat.completions.create(**body)
+    err = e.value.response.json()["error"]
+    assert (err["type"], err["code"]) == ("rate_limit_error", "1303") and "retry in" in err["message"]
+    OpenAI(api_key=KEY_B, base_url=srv.url + "/v1", max_retries=0).chat.completions.create(**body)
+    t0 = time.monotonic()
+    out = OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=3).chat.completions.create(**body)
+    assert out.choices[0].finish_reason in ("stop", "length") and time.monotonic() - t0 < 10

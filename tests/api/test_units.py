@@ -228,6 +228,57 @@ def test_admission_does_not_limit_requests_without_a_key():
     assert adm.in_flight == 0
 
 
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_rate_limit_is_a_token_bucket_per_key():
+    # 6 a minute: a burst of 6, then one every 10 s; another key has its own budget; without a key, no limit.
+    clock = _Clock()
+    adm = Admission(max_concurrency_per_key=None, max_in_flight=None, requests_per_minute_per_key=6, clock=clock)
+    for _ in range(6):
+        adm.acquire("a").release()
+    with pytest.raises(APIError) as e:
+        adm.acquire("a")
+    assert (e.value.code, e.value.status, e.value.headers) == ("1303", 429, {"Retry-After": "10"})
+    assert e.value.should_retry  # the SDKs retry a 429, after Retry-After
+    adm.acquire("b").release()
+    for _ in range(20):
+        adm.acquire(None).release()
+    clock.now += 7.5  # three quarters of a request earned: still refused, and the wait is what is left
+    with pytest.raises(APIError) as e:
+        adm.acquire("a")
+    assert e.value.headers == {"Retry-After": "3"}  # 2.5 s, rounded up
+    clock.now += 2.5
+    adm.acquire("a").release()  # refusals spent nothing: the 10 s since the burst bought exactly one
+    with pytest.raises(APIError):
+        adm.acquire("a")
+    clock.now += 3600  # an idle key refills to its minute, never beyond it
+    for _ in range(6):
+        adm.acquire("a").release()
+    with pytest.raises(APIError):
+        adm.acquire("a")
+
+
+def test_rate_limit_is_not_spent_by_requests_refused_for_concurrency():
+    clock = _Clock()
+    adm = Admission(max_concurrency_per_key=1, max_in_flight=None, requests_per_minute_per_key=2, clock=clock)
+    held = adm.acquire("a")
+    for _ in range(5):
+        with pytest.raises(APIError) as e:
+            adm.acquire("a")
+        assert e.value.code == "1302"
+    held.release()
+    adm.acquire("a").release()  # the second of its two: the five 1302s took none
+    with pytest.raises(APIError) as e:
+        adm.acquire("a")
+    assert e.value.code == "1303"
+
+
 def test_admission_limits():
     adm = Admission(max_concurrency_per_key=2, max_in_flight=3)
     a1, a2 = adm.acquire("a"), adm.acquire("a")
