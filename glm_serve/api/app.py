@@ -9,6 +9,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from glm_serve.api.common import authenticate, ctx_of
@@ -108,4 +109,11 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
         return Response(ctx_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(_CountRequests, metrics=ctx.metrics)
+    if ctx.settings.allowed_origins:
+        # Outermost, so that error answers (401, 400, 429) carry the CORS headers too: without them a browser
+        # page sees an opaque network failure instead of the API's error body. Preflights are answered here,
+        # before the key check: a browser sends them without the Authorization header.
+        app.add_middleware(CORSMiddleware, allow_origins=ctx.settings.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
+                           expose_headers=["Retry-After", "x-should-retry"], max_age=600)
     return app

@@ -38,6 +38,7 @@ class ServerSettings:
     data_dir: Path | None = None  # batch files and state (glm_serve/batch); None = a temporary folder
     batch_concurrency: int = 32  # batch sequences in flight at most, a line counting its n (glm_serve/batch/worker.py)
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
+    allowed_origins: list[str] = field(default_factory=list)  # CORS: browser pages (origins) that may call us; "*" any
     log_stats_interval_s: float = 0.0  # a throughput/queue/cache line in the log this often (api/stats_log.py); 0 = off
 
     def __post_init__(self):
@@ -51,8 +52,26 @@ class ServerSettings:
         if not self.log_stats_interval_s >= 0:  # (NaN too)
             raise ValueError(f"log_stats_interval_s (--log-stats-interval) must be >= 0, got "
                              f"{self.log_stats_interval_s}")
+        for origin in self.allowed_origins:
+            # An origin is scheme://host[:port], exactly as a browser sends it: a path or a trailing slash would
+            # never match, and the operator would see every browser call refused without knowing why.
+            if origin != "*" and not _is_origin(origin):
+                raise ValueError(f"--allowed-origin {origin!r} is not an origin: write scheme://host[:port] "
+                                 "(no path, no trailing slash), or * for any")
         if self.batch_concurrency < 1:
             raise ValueError(f"batch_concurrency (--batch-concurrency) must be >= 1, got {self.batch_concurrency}")
+
+
+def _is_origin(origin: str) -> bool:
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    try:
+        u = urlsplit(origin)
+        u.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return (u.scheme in ("http", "https") and bool(u.hostname) and not u.path and not u.query and not u.fragment
+            and not u.username and f"{u.scheme}://{u.netloc}" == origin)
 
 
 @dataclass

@@ -33,6 +33,13 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond --max-num-seqs before 429 / code 1305 (default: unlimited)")
     s.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted, in MiB (413 above; default %(default)g)")
+    s.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let browser pages from this origin (scheme://host[:port], or * for any) call the API "
+                        "(CORS); repeatable. Default: none (same-origin only)")
+    s.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                   help="serve HTTPS with this PEM certificate (chain); needs --ssl-keyfile")
+    s.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                   help="the certificate's PEM private key (unencrypted)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="GLM-4V: fetch http(s) image URLs (20 MiB, 10 s limits); base64 and data URLs always work")
     s.add_argument("--data-dir", default=None, metavar="DIR",
@@ -156,7 +163,9 @@ def cmd_serve(args) -> int:
                               max_requests_per_minute_per_key=args.max_requests_per_minute_per_key,
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
-                              batch_concurrency=args.batch_concurrency, log_stats_interval_s=args.log_stats_interval)
+                              batch_concurrency=args.batch_concurrency, log_stats_interval_s=args.log_stats_interval,
+                              allowed_origins=args.allowed_origin or [])
+    check_tls(args.ssl_certfile, args.ssl_keyfile)  # before the slow model load, as the flags above
     for flag, v in (("--max-concurrency-per-key", settings.max_concurrency_per_key),
                     ("--max-requests-per-minute-per-key", settings.max_requests_per_minute_per_key)):
         if v is not None and not settings.api_keys:
@@ -197,13 +206,16 @@ def cmd_serve(args) -> int:
         elif args.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s with NO api key: anyone who can reach it may use it (--api-key)",
                         args.host)
+        if settings.allowed_origins:
+            log.info("browser pages may call the API from: %s", ", ".join(settings.allowed_origins))
         host = f"[{args.host}]" if ":" in args.host else args.host
-        log.info("serving on http://%s:%d  (vendor SDK base_url: http://%s:%d/api/paas/v4/ ; openai base_url: "
-                 "http://%s:%d/v1)", host, args.port, host, args.port, host, args.port)
+        base = f"{'https' if args.ssl_certfile else 'http'}://{host}:{args.port}"
+        log.info("serving on %s  (vendor SDK base_url: %s/api/paas/v4/ ; openai base_url: %s/v1)", base, base, base)
         # Without a bound, uvicorn waits on every open connection: one 128K-token answer could hold a restart
         # for many minutes, until a supervisor's SIGKILL skips the app's shutdown (batch worker, async tasks).
         server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                        timeout_graceful_shutdown=args.shutdown_timeout))
+                                                timeout_graceful_shutdown=args.shutdown_timeout,
+                                                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it caught once its graceful shutdown is done:
@@ -211,6 +223,27 @@ def cmd_serve(args) -> int:
     finally:
         engine.shutdown()
     return 1 if server.engine_stopped else 0
+
+
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """ValueError unless the TLS flags are both absent or name a certificate and its key that load together:
+    uvicorn reads them only after the model load, and would fail minutes in (or, for an encrypted key, stop to
+    ask for its passphrase on a terminal a service does not have)."""
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None or keyfile is None:
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together: give both to serve HTTPS")
+    import ssl  # noqa: PLC0415
+
+    def no_passphrase():
+        raise ValueError("is encrypted: serve with an unencrypted key (openssl pkey -in KEY -out PLAIN)")
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except FileNotFoundError as e:
+        raise ValueError(f"TLS: no such file: {e.filename}") from None
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ValueError(f"TLS: --ssl-certfile {certfile} with --ssl-keyfile {keyfile}: {e}") from None
 
 
 def check_bindable(host: str, port: int) -> None:

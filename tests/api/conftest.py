@@ -46,10 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine: AsyncEngine, settings: ServerSettings):
+def start_server(engine: AsyncEngine, settings: ServerSettings, **uvicorn_options):
+    """uvicorn_options: more uvicorn.Config arguments (ssl_certfile and ssl_keyfile: the URL is https)."""
     app = create_app(engine, settings)
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -58,7 +59,8 @@ def start_server(engine: AsyncEngine, settings: ServerSettings):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
-    return Server(f"http://127.0.0.1:{port}", app, engine), server, thread
+    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+    return Server(f"{scheme}://127.0.0.1:{port}", app, engine), server, thread
 
 
 @pytest.fixture(scope="session")
