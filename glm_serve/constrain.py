@@ -8,6 +8,7 @@ What each constraint makes the model write (the text after `<|assistant|>`, glm4
     tool_call(tools)     "name\\n" + arguments valid under the
                          function's `parameters`                 + a stop token   (a GLM tool call)
     content_only()       "\\n..." then free text                  until a stop token
+    call_or_content(tools)  either of the last two: the model picks (tool_choice auto with `strict` tools)
     guided(kind, spec)   vLLM's guided decoding: text matching a JSON schema, a regex, or one of a list of
                          strings, + a stop token; as content ("\\n" first) or bare (/v1/completions)
 
@@ -137,8 +138,47 @@ class ContentConstraint:
         return False  # free text ends at a stop id, which the engine handles
 
 
-def _function_tools(tools: Any, name: str | None) -> list[tuple[int, str, dict]]:
-    """(index in tools, name, parameters schema) of the function tools a forced call may use, validated."""
+class CallOrContentConstraint:
+    """tool_choice "auto" with `strict` function tools: the model still chooses between content and a call, by
+    its first token, and a call it starts is held to its grammar (arguments valid under the function's schema).
+    First token: the call grammar's allowed tokens or a "\\n"-led one (disjoint: a function name has no
+    whitespace); then whichever it picked, as GrammarConstraint or ContentConstraint do."""
+
+    __slots__ = ("_call", "_first", "_rest", "_mode")
+
+    def __init__(self, call: GrammarConstraint, first: torch.Tensor, rest: torch.Tensor):
+        self._call = call
+        self._first = first  # [ceil(V/32)] int32: regular tokens whose bytes start with "\n"
+        self._rest = rest  # [ceil(V/32)] int32: every regular token and the stop ids
+        self._mode = None  # None (first token to come) | "content" | "call"
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        if self._mode == "content":
+            bitmask[row].copy_(self._rest)
+            return
+        self._call.fill_bitmask(bitmask, row)
+        if self._mode is None:
+            bitmask[row].bitwise_or_(self._first)
+
+    def accept(self, token_id: int) -> None:
+        t = int(token_id)
+        if self._mode is None and 0 <= t < self._first.numel() * 32 and (int(self._first[t >> 5]) >> (t & 31)) & 1:
+            self._mode = "content"
+            return
+        if self._mode == "content":
+            if not (0 <= t < self._rest.numel() * 32 and (int(self._rest[t >> 5]) >> (t & 31)) & 1):
+                raise ValueError(f"token {token_id} is not allowed after the content separator")
+            return
+        self._call.accept(t)  # raises ValueError for a token neither branch allows
+        self._mode = "call"
+
+    def is_terminated(self) -> bool:
+        return self._mode == "call" and self._call.is_terminated()
+
+
+def _function_tools(tools: Any, name: str | None, strict_only: bool = False) -> list[tuple[int, str, dict]]:
+    """(index in tools, name, parameters schema) of the function tools a forced call may use, validated.
+    strict_only: a function without `strict: true` gets {"type": "object"} (any arguments object) as its schema."""
     if not isinstance(tools, list) or not tools:
         raise ValueError("tools: a forced tool call needs a non-empty list of tools")
     if name is not None and (not isinstance(name, str) or not name):
@@ -165,6 +205,8 @@ def _function_tools(tools: Any, name: str | None) -> list[tuple[int, str, dict]]
         if params.get("type", "object") != "object":
             raise ValueError(f"tools[{i}].function.parameters must describe an object (type 'object'), "
                              f"got type {params.get('type')!r}")
+        if strict_only and fn.get("strict") is not True:
+            params = {"type": "object"}
         found[fn_name] = (i, fn_name, params)
     if not found:
         raise ValueError("tools: a forced tool call needs at least one tool of type 'function'")
@@ -266,10 +308,11 @@ class ConstraintFactory:
         compiled = self._compiled(key, lambda: self._content_grammar(self._schema_grammar(schema, "schema")))
         return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "JSON schema", compiled)
 
-    def tool_call(self, tools: list[dict], name: str | None = None) -> GrammarConstraint:
+    def tool_call(self, tools: list[dict], name: str | None = None, strict_only: bool = False) -> GrammarConstraint:
         """A GLM tool call `name\\n{arguments}`: one of the function tools (exactly `name` when given), its
-        arguments valid under the function's `parameters` ({"type": "object"} when missing)."""
-        functions = _function_tools(tools, name)
+        arguments valid under the function's `parameters` ({"type": "object"} when missing, and with strict_only
+        for a function without `strict: true`)."""
+        functions = _function_tools(tools, name, strict_only)
         key = "tool_call:" + self._dumps([(fn_name, params) for _, fn_name, params in functions], "tools")
 
         def build():
@@ -303,6 +346,12 @@ class ConstraintFactory:
             raise ValueError(f"guided decoding kind must be json, regex or choice, got {kind!r}")
         compiled = self._compiled(f"{key}:{content}", lambda: self._content_grammar(make()) if content else make())
         return GrammarConstraint(self._xgr.GrammarMatcher(compiled), f"guided {kind}", compiled)
+
+    def call_or_content(self, tools: list[dict]) -> CallOrContentConstraint:
+        """tool_choice "auto" with `strict: true` function tools: content, or a call whose arguments are valid under
+        its function's schema (a function without `strict` takes any arguments object)."""
+        return CallOrContentConstraint(self.tool_call(tools, strict_only=True), self._content_first,
+                                       self._content_rest)
 
     def content_only(self) -> ContentConstraint:
         """tool_choice "none": the answer is content (starts with "\\n"), never a call."""

@@ -164,11 +164,11 @@ def _allowed(constraint, width: int) -> list[int]:
     return unpack_bitmask(bitmask, width)[1].nonzero().flatten().tolist()
 
 
-def _walk(factory, tok, constraint, complete, rng, max_steps=200):
+def _walk(factory, tok, constraint, complete, rng, max_steps=200, data=b""):
     """Feed random allowed tokens (half the time one that closes something). At every step: no padding id and
-    no special other than a stop id is allowed, and a stop id is allowed exactly when `complete(text)`."""
+    no special other than a stop id is allowed, and a stop id is allowed exactly when `complete(text)`.
+    data: the bytes of the tokens the constraint has accepted already."""
     stop_ids = set(tok.stop_token_ids)
-    data = b""
     for _ in range(max_steps):
         allowed = _allowed(constraint, factory.vocab_size)
         assert allowed and all(i in stop_ids or (i < tok.vocab_size and not tok.is_special(i)) for i in allowed)
@@ -225,6 +225,92 @@ def test_tool_call_masks_follow_the_parser(llm, factory):
             params[calls[0].name]).is_valid(json.loads(calls[0].arguments))
 
     assert sum(_walk(factory, tok, factory.tool_call(TOOLS), complete, rng) is not None for _ in range(6)) >= 3
+
+
+STRICT_TOOLS = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS[:2]] + [
+    # not strict: any arguments object, even where its schema says otherwise
+    {"type": "function", "function": {"name": "loose", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+
+
+def _call_complete(tools):
+    params = {t["function"]["name"]: (t["function"]["parameters"] if t["function"].get("strict") else
+                                      {"type": "object"}) for t in tools}
+
+    def complete(text):
+        calls = parse_assistant_output(text, list(params)).tool_calls
+        return bool(calls) and text.split("\n", 1)[1] == calls[0].arguments and jsonschema.Draft202012Validator(
+            params[calls[0].name]).is_valid(json.loads(calls[0].arguments))
+    return complete
+
+
+def test_call_or_content_masks(llm, factory):
+    # tool_choice auto with strict tools: the first token is content's ("\n"-led) or a call's, nothing else; after
+    # a content token, free text (a stop id at any point); after a call's, the call grammar to its end, with
+    # non-strict functions taking any object.
+    tok, rng = llm.tokenizer, random.Random(3)
+    first = set(_allowed(factory.call_or_content(STRICT_TOOLS), factory.vocab_size))
+    content = set(_allowed(factory.content_only(), factory.vocab_size))
+    call = set(_allowed(factory.tool_call(STRICT_TOOLS, strict_only=True), factory.vocab_size))
+    assert first == content | call and not content & call and call
+    complete = _call_complete(STRICT_TOOLS)
+    finished, names = 0, set()
+    for _ in range(9):
+        c = factory.call_or_content(STRICT_TOOLS)
+        pick = rng.choice(sorted(call))
+        c.accept(pick)
+        data = tok.id_to_token_bytes(pick)
+        text = _walk(factory, tok, c, complete, rng, data=data)
+        if text is not None:
+            finished += 1
+            names.add(text.split("\n", 1)[0])
+    assert finished >= 5 and len(names) > 1
+    c = factory.call_or_content(STRICT_TOOLS)
+    c.accept(tok.encode("\n", allow_special=False)[0])
+    assert set(_allowed(c, factory.vocab_size)) == set(_allowed(_started(factory.content_only(), tok),
+                                                               factory.vocab_size))
+    c.accept(tok.encode("{", allow_special=False)[0])  # free text
+    assert not c.is_terminated()
+    with pytest.raises(ValueError):
+        factory.call_or_content(STRICT_TOOLS).accept(tok.encode("{", allow_special=False)[0])  # neither branch
+
+
+def _started(content, tok):
+    content.accept(tok.encode("\n", allow_special=False)[0])
+    return content
+
+
+def test_call_or_content_calls_hold_to_strict_schemas(llm, factory, monkeypatch):
+    # The engine with the constraint: the model chooses content or a call, and every call parses and its arguments
+    # validate. A bias on the first tokens of the function names (what a
+    # trained model asked to call does by itself) makes every answer a call, of more than one function.
+    tok, width = llm.tokenizer, llm.engine.model_config.vocab_size
+    tools = STRICT_TOOLS[:2]  # (free-form arguments, the loose function's, rarely close under random weights)
+    prompt = _prompt(llm, "What is the weather in Paris?", tools)
+    names = [t["function"]["name"] for t in tools]
+    complete = _call_complete(tools)
+    plain = _generate(llm, prompt, lambda: factory.call_or_content(tools), seeds=range(8))
+    contents = 0
+    for text, ids, finish, _ in plain.values():
+        if tok.id_to_token_bytes(ids[0]).startswith(b"\n"):  # content: free text, never parsed as a call
+            contents += 1
+            assert finish in ("stop", "length") and parse_assistant_output(text, names).tool_calls == []
+        else:  # the model chose to call
+            assert finish == "stop" and complete(text), (finish, text)
+    assert contents
+    bias = torch.zeros(width)
+    for i in range(tok.vocab_size):
+        b = tok.id_to_token_bytes(i)
+        if b and not tok.is_special(i) and any(n.encode().startswith(b) for n in names):
+            bias[i] = 30.0
+    execute = llm.engine.runner.execute
+    monkeypatch.setattr(llm.engine.runner, "execute", lambda *a, **k: execute(*a, **k) + bias)
+    called = set()
+    for text, _, finish, _ in _generate(llm, prompt, lambda: factory.call_or_content(tools),
+                                       seeds=range(10)).values():
+        assert finish == "stop" and complete(text), (finish, text)
+        called.add(parse_assistant_output(text, names).tool_calls[0].name)
+    assert len(called) > 1
 
 
 @pytest.mark.parametrize("text, ok", [

@@ -184,7 +184,9 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         raise APIError("1215", f"{guided.field} and {other} are mutually exclusive", guided.field)
     if guided is not None:  # the answer is content held to it (tool calls are not parsed out: see prepare_chat)
         return guided_constraints(ctx, guided, n, content=True)
-    if fmt == "text" and (choice == "auto" or not tools):
+    strict = choice == "auto" and any(t["function"].get("strict") is True for t in tools
+                                      if isinstance(t.get("function"), dict))
+    if fmt == "text" and ((choice == "auto" and not strict) or not tools):
         return None
     try:
         # Inside the try: without xgrammar (an optional extra) building the factory raises a ValueError naming the
@@ -196,6 +198,8 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
             make = lambda: factory.json_schema(schema)  # noqa: E731
         elif choice == "none":
             make = factory.content_only
+        elif choice == "auto":  # with `strict` tools: the model may answer or call, a call holds to its schema
+            make = lambda: factory.call_or_content(tools)  # noqa: E731
         else:
             make = lambda: factory.tool_call(tools, name=name)  # noqa: E731
         return [make() for _ in range(n)]

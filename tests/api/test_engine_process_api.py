@@ -82,7 +82,8 @@ def _echo_logprobs(srv):
 
 
 def _guided_and_biased(srv):
-    """Grammars of each guided kind (pickled to the engine process), a logit_bias, a continued answer."""
+    """Grammars of each guided kind (pickled to the engine process), a logit_bias, a continued answer, a call
+    held to a strict tool's schema."""
     client = openai.OpenAI(api_key="unused", base_url=srv.openai_base, max_retries=0)
     out = []
     for extra in ({"guided_choice": ["yes", "no", "maybe"]}, {"guided_regex": "[a-z]{3}-[0-9]{2}"},
@@ -94,7 +95,12 @@ def _guided_and_biased(srv):
     r = client.chat.completions.create(model=MODEL, messages=USER + [{"role": "assistant", "content": "So"}],
                                        temperature=0, max_tokens=6, logit_bias={"77": 5.0},
                                        extra_body={"continue_final_message": True, "add_generation_prompt": False})
-    return out, r.choices[0].message.content
+    # tool_choice auto with strict tools: its constraint (a grammar inside) crosses to the engine process too
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in (WEATHER, TIME)]
+    get = srv.app.state.ctx.tokenizer.encode("get", allow_special=False)[0]
+    call = client.chat.completions.create(model=MODEL, messages=USER, tools=strict, temperature=0, max_tokens=60,
+                                          logit_bias={str(get): 30}).choices[0].message.tool_calls[0].function
+    return out, r.choices[0].message.content, (call.name, call.arguments)
 
 
 @pytest.mark.parametrize("call", [_vendor_chat, _openai_stream, _forced_tool_call, _echo_logprobs, _guided_and_biased])

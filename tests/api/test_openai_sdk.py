@@ -118,6 +118,48 @@ def test_forced_tool_call_stream(client):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+def _strict(tool):
+    return {**tool, "function": {**tool["function"], "strict": True}}
+
+
+def test_strict_tools_hold_calls_the_model_chooses(client, server):
+    # tool_choice auto (the default) with `strict: true` functions: the model still chooses whether to call, and a
+    # call it makes holds to the schema. A logit bias on "get" (both names start with it) makes this random model
+    # call; without `strict`, the same greedy request writes "get" over and over, which is no call at all.
+    get = server.app.state.ctx.tokenizer.encode("get", allow_special=False)
+    assert len(get) == 1
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], temperature=0,
+              max_tokens=100, logit_bias={str(get[0]): 30})
+    loose = client.chat.completions.create(**kw, tools=[WEATHER, TIME])
+    assert not loose.choices[0].message.tool_calls
+    tools = [_strict(WEATHER), _strict(TIME)]
+    full = client.chat.completions.create(**kw, tools=tools)
+    (call,) = full.choices[0].message.tool_calls
+    assert full.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
+    schema = (WEATHER if call.function.name == "get_weather" else TIME)["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    chunks = list(client.chat.completions.create(**kw, tools=tools, stream=True))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == call.function.name
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    # Unbiased, sampled: answers are content or valid calls, never a broken call (but one max_tokens cut)
+    r = client.chat.completions.create(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}],
+                                       tools=tools, n=6, temperature=1, seed=1, max_tokens=40)
+    for ch in r.choices:
+        if ch.finish_reason == "length":
+            continue
+        for tc in ch.message.tool_calls or []:
+            jsonschema.validate(json.loads(tc.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[
+                tc.function.name]["function"]["parameters"])
+    # A strict schema the grammar cannot enforce is refused, as OpenAI's strict mode does
+    bad = _strict({"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="glm-4-tiny", messages=[{"role": "user", "content": "x"}],
+                                       tools=[bad], max_tokens=2)
+    assert e.value.body["param"] == "tools" and "not" in e.value.body["message"]
+
+
 def test_a_forced_call_cut_inside_its_name_leaves_no_content(client):
     """max_tokens ends a forced call before its name is whole: the answer is empty, finish "length" (the name's
     prefix used to come back as content, which forced calls never have)."""
