@@ -286,7 +286,7 @@ def _engine_process(config: EngineConfig, commands: Connection, results: Connect
     except BaseException as e:  # noqa: BLE001 (reported to the server process, which raises it)
         results.send(("failed", _sendable(e)))
         return
-    from glm_serve.constrain import use_vocabulary  # noqa: PLC0415 (xgrammar itself only with a first grammar)
+    from glm_serve.constraints import use_vocabulary  # noqa: PLC0415 (xgrammar itself only with a first grammar)
 
     use_vocabulary(engine.tokenizer, engine.model_config.vocab_size)  # grammars arrive serialized: rebuilt here
     results.send(("ready", EngineFacts(
