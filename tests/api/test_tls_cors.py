@@ -131,3 +131,20 @@ def test_allowed_origin_must_be_an_origin():
                 "http://localhost:port", ""):
         with pytest.raises(ValueError, match="not an origin"):
             ServerSettings(allowed_origins=[bad])
+
+
+def test_chat_cli_trusts_a_private_ca_through_ssl_cert_file(engine, tls, monkeypatch):
+    # README (--ssl-certfile row): `glm-serve chat --url https://...` with SSL_CERT_FILE=ca.pem
+    from glm_serve.chat_cli import server_backend  # noqa: PLC0415
+
+    srv, server, thread = start_server(engine, ServerSettings(served_model_names=["glm-4-plus"]),
+                                       ssl_certfile=str(tls["cert"]), ssl_keyfile=str(tls["key"]))
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        with pytest.raises(ValueError, match="cannot reach"):  # the private CA is not trusted by default
+            server_backend(srv.url, None, None, 0.0, 3)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls["ca"]))
+        assert "".join(server_backend(srv.url, None, None, 0.0, 3)(USER))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
