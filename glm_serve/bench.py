@@ -8,6 +8,9 @@ every request produces exactly --output-len tokens unless the server fails it.
 
     glm-serve bench --url http://127.0.0.1:8000 --model /models/glm-4-9b-chat \\
         --num-prompts 200 --concurrency 32 --input-len 1024 --output-len 256
+
+With --dataset FILE the prompts are real conversations instead (ShareGPT JSON or JSONL: glm_serve/bench_data.py),
+rendered with the chat template, each asking for its own answer's length.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from glm_serve.sse_lines import aiter_sse_lines
+
+log = logging.getLogger(__name__)
 
 _WORDS = ("the model reads each token once and writes one more; a server keeps many such streams in one "
           "batch, so the device stays busy while people wait for the next word of their answer. "
@@ -45,6 +50,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--output-len", type=int, default=128, help="generated tokens per request (ignore_eos)")
     b.add_argument("--range-ratio", type=float, default=0.0,
                    help="draw each length uniformly from [len * (1 - r), len * (1 + r)]")
+    b.add_argument("--dataset", default=None, metavar="FILE",
+                   help="real prompts instead of synthetic ones: a ShareGPT JSON file (each conversation's first "
+                        "question, asking for its answer's length) or JSONL ({\"prompt\"} or {\"messages\"}, "
+                        "optional \"output_len\"); --input-len and --range-ratio then do not apply, --output-len "
+                        "only where a line gives no length")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     b.add_argument("--out", default=None, help="results JSON (default: glm-serve-bench-<time>.json here)")
@@ -187,9 +197,21 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--out {out}: cannot write a file there (is the folder there and writable?)")
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = _first_model(httpx, url, headers, args.served_model)  # (also: the server is there, before the run)
+    # (also: the server is there, before the run)
+    model, max_model_len = _first_model(httpx, url, headers, args.served_model)
     tokenizer = load_tokenizer(resolve_model_arg(args.model))
-    prompts = make_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    dataset = None
+    if args.dataset:
+        from glm_serve.bench_data import load_dataset  # noqa: PLC0415
+
+        dataset = load_dataset(args.dataset, tokenizer, args.num_prompts, args.seed, args.output_len, max_model_len)
+        prompts = dataset.prompts
+        if len(prompts) < args.num_prompts:
+            log.warning("--dataset %s: %d usable prompts, fewer than --num-prompts %d", args.dataset, len(prompts),
+                        args.num_prompts)
+    else:
+        prompts = make_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                               args.seed)
     before = server_counters(httpx, url, headers)
     results, wall = asyncio.run(run_bench(url, model, prompts, args.concurrency, args.request_rate, args.api_key,
                                           args.timeout, args.seed))
@@ -198,6 +220,11 @@ def cmd_bench(args) -> int:
                                      sum(r.output_tokens for r in results if r.error is None))
     settings = {k: v for k, v in vars(args).items() if k not in ("fn", "api_key")}
     settings["request_rate"] = str(args.request_rate)  # inf is not JSON
+    if dataset is not None:
+        settings["dataset_sample"] = {"prompts": len(prompts), "entries_read": dataset.entries_read,
+                                      "skipped": dataset.skipped, "server_max_model_len": max_model_len,
+                                      "mean_prompt_tokens": statistics.fmean(len(p) for p, _ in prompts),
+                                      "mean_output_tokens": statistics.fmean(m for _, m in prompts)}
     record = {"benchmark": "glm-serve bench", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "served_model": model, "settings": settings, "summary": summary,
               "requests": [asdict(r) for r in results]}
@@ -250,23 +277,34 @@ def server_costs(before: dict, after: dict, output_tokens: int) -> dict:
     return costs
 
 
-def _first_model(httpx, url: str, headers: dict, served_model: str | None = None) -> str:
-    """served_model, or the first model the server lists. A server that cannot be reached is an error before the
-    run either way, rather than a results file of failed requests (one that answers, even with an error, is
-    measured: the results say how its requests failed)."""
+def _first_model(httpx, url: str, headers: dict, served_model: str | None = None) -> tuple[str, int | None]:
+    """(served_model, or the first model the server lists; that model's context window where the listing gives
+    it, as ours and vLLM's do). A server that cannot be reached is an error before the run either way, rather than
+    a results file of failed requests (one that answers, even with an error, is measured: the results say how
+    its requests failed)."""
     try:
         r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
     if served_model:
-        return served_model
+        return served_model, _context_window(r, served_model)
     if r.status_code != 200:  # (a web server's HTML error page on one line)
         raise ValueError(f"{url}/v1/models answered HTTP {r.status_code}: {' '.join(r.text[:300].split())}")
     try:
-        return r.json()["data"][0]["id"]
+        name = r.json()["data"][0]["id"]
     except (ValueError, LookupError, TypeError):  # a web page, or an API with no model loaded (yet)
         raise ValueError(f"{url}/v1/models lists no model (an OpenAI-compatible server there?); name the model "
                          "with --served-model") from None
+    return name, _context_window(r, name)
+
+
+def _context_window(r, name: str) -> int | None:
+    try:
+        entry = next(m for m in r.json()["data"] if m.get("id") == name)
+    except (ValueError, LookupError, TypeError, AttributeError, StopIteration):
+        return None
+    n = entry.get("max_model_len")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _print(s: dict, out: Path) -> None:

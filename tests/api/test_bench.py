@@ -79,3 +79,63 @@ def test_bench_against_a_url_that_lists_no_model_says_so(tmp_path, tiny_hf, caps
         rc = main(["bench", "--url", url, "--model", str(tiny_hf), "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "lists no model" in err and "--served-model" in err and "Traceback" not in err, err
+
+
+def _sharegpt(tmp_path):
+    convs = [
+        {"conversations": [{"from": "human", "value": "Explain how a paged KV cache works, briefly please."},
+                           {"from": "gpt", "value": "It stores keys and values in fixed-size blocks of tokens."}]},
+        {"conversations": [{"from": "system", "value": "be nice"},
+                           {"from": "human", "value": "写一首关于春天的短诗，要有花和雨。"},
+                           {"from": "gpt", "value": "春雨轻轻落，花开满山坡，风吹柳枝摇。"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]},  # too short
+        {"conversations": [{"from": "gpt", "value": "an answer with no question before it"}]},  # unusable
+        {"conversations": [{"from": "human", "value": "Summarise: " + "tokens and blocks " * 1200},  # too long
+                           {"from": "gpt", "value": "A summary of the long text about tokens and blocks."}]},
+        {"conversations": [{"from": "human", "value": "What does continuous batching change for latency?"},
+                           {"from": "gpt", "value": "Requests join and leave the running batch at every step."}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs, ensure_ascii=False))
+    return path, convs
+
+
+def test_bench_on_a_sharegpt_dataset(tmp_path, server, tiny_hf):
+    # Prompts are the conversations' first questions in the chat format, each asking for its own answer's length;
+    # too short, unusable and (for the server's context window, 2048) too long entries are skipped and counted.
+    from glm_serve.chat import encode_chat
+    from glm_serve.tokenizer import load_tokenizer
+
+    path, convs = _sharegpt(tmp_path)
+    rc, record = _bench(tmp_path, server.url, tiny_hf, "--dataset", str(path), "--num-prompts", "10")
+    tok = load_tokenizer(tiny_hf)
+    usable = [c["conversations"] for k, c in enumerate(convs) if k in (0, 1, 5)]
+    want = sorted((len(encode_chat(tok, [{"role": "user", "content": t[-2]["value"]}])),
+                   len(tok.encode(t[-1]["value"], allow_special=False))) for t in usable)
+    got = sorted((r["prompt_tokens"], r["output_tokens"]) for r in record["requests"])
+    assert rc == 0 and got == want and record["summary"]["failed"] == 0
+    assert all(r["server_prompt_tokens"] == r["prompt_tokens"] for r in record["requests"])
+    sample = record["settings"]["dataset_sample"]
+    assert sample["skipped"] == {"too_short": 1, "unusable": 1, "too_long": 1} and sample["entries_read"] == 6
+    assert sample["server_max_model_len"] == 2048
+    wait_idle(server.engine)
+
+
+def test_bench_on_a_jsonl_dataset_and_bad_files(tmp_path, server, tiny_hf, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "Tell me about GLM-4 and its tokenizer.", "output_len": 5},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why page a cache?"}]},
+    ]) + "\n")
+    rc, record = _bench(tmp_path, server.url, tiny_hf, "--dataset", str(path), "--num-prompts", "2",
+                        "--output-len", "4")
+    assert rc == 0 and sorted(r["output_tokens"] for r in record["requests"]) == [4, 5]
+    for text, says in [("[1, 2", "not valid JSON"), ('{"prompt": 3}\n', "line 1"), ("[]", "no usable entry"),
+                       ('{"prompt": "x", "output_len": 0}\n', "output_len")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        rc = main(["bench", "--url", server.url, "--model", str(tiny_hf), "--dataset", str(bad),
+                   "--out", str(tmp_path / "x.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err, err
+    wait_idle(server.engine)
