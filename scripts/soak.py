@@ -10,7 +10,7 @@ Not run by CI: a tool for a server you started yourself. For preemption, give it
 
 Each round runs --concurrency workers for --round-s seconds, each picking at random: vendor and OpenAI chat
 (JSON and SSE; n, stop, seeds, logprobs, max_tokens small and large), /v1/completions (several prompts, echo,
-logprobs), tools with every tool_choice, JSON mode and vLLM's guided_choice / guided_regex on chat and completions,
+logprobs), tools with every tool_choice (auto with strict tools too), JSON mode and vLLM's guided_choice / guided_regex on chat and completions,
 some with a logit_bias (--json: needs xgrammar), async tasks polled to the end,
 streams the client leaves mid-way, requests the client abandons, invalid requests (expecting their 4xx), and
 greedy or seeded requests whose text must equal what they gave alone before the load (streamed or not); plus one
@@ -184,9 +184,12 @@ class Soak:
         rng = self.rng
         choice = rng.choice(["auto", "none", "required", {"type": "function", "function": {"name": "add"}}])
         url, stream = rng.choice([VENDOR, OPENAI]), rng.random() < 0.5
-        body = {"model": self.args.model, "messages": self.messages(hi=8), "tools": TOOLS, "tool_choice": choice,
+        # auto with strict functions (needs xgrammar, as --json): calls the model chooses hold to their schemas
+        strict = self.args.json and choice == "auto" and url == OPENAI and rng.random() < 0.5
+        tools = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS] if strict else TOOLS
+        body = {"model": self.args.model, "messages": self.messages(hi=8), "tools": tools, "tool_choice": choice,
                 "max_tokens": rng.choice([30, 80, 150]), "stream": stream}
-        name = f"tools{'_stream' if stream else ''}"
+        name = f"tools{'_strict' if strict else ''}{'_stream' if stream else ''}"
         if stream:
             return await self.read_stream(c, name, url, body, 1)
         r = await c.post(url, json=body, headers=self.hdr())
@@ -195,7 +198,11 @@ class Soak:
         ch = r.json()["choices"][0]
         if ch["finish_reason"] == "tool_calls":
             for call in ch["message"]["tool_calls"]:
-                json.loads(call["function"]["arguments"])  # a finished call parses
+                args = json.loads(call["function"]["arguments"])  # a finished call parses
+                schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] ==
+                              call["function"]["name"])
+                if (strict or choice != "auto") and not set(schema["required"]) <= set(args):
+                    self.fail(f"{name}: a held call lacks a required argument: {call}")
         elif choice not in ("auto", "none") and ch["finish_reason"] not in ("length", "model_context_window_exceeded"):
             self.fail(f"{name}: a forced call finished {ch['finish_reason']}: {ch['message']}")
 
