@@ -1,5 +1,5 @@
 """Request plumbing shared by the vendor and OpenAI routes: the context, authentication, reading a size-limited
-JSON body, admission, and the chat handler both schemas use."""
+JSON body, admission, and the chat handler both schemas (and the Responses route) use."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 import time
 import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,7 +16,7 @@ from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_dis
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError
 from glm_serve.api.images import attach_image
-from glm_serve.api.params import VENDOR, prepare_chat
+from glm_serve.api.params import VENDOR, PreparedChat, prepare_chat
 from glm_serve.engine.async_engine import EngineStoppedError
 
 
@@ -132,24 +133,39 @@ async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
 
 
 async def handle_chat(request: Request, flavor: str, model_cls, route: str):
-    """Both chat routes: authenticate, parse, validate, admit, then answer in JSON or as an SSE stream."""
+    """Both chat routes: authenticate, parse, then answer_chat."""
     ctx = ctx_of(request)
     key_id = authenticate(request)
     req = model_cls.model_validate(await read_json(request))
     req.log_unknown(route)
+    return await answer_chat(request, ctx, key_id, req, flavor)
+
+
+# What answer_chat renders with: a prepared chat -> a JSON body, or SSE text (the last argument: release, idempotent,
+# gives back the admission slot however the stream ends). Chat's own are chat_result and chat_stream; the Responses
+# route (routes_responses.py) renders the same run as a Response object and its events.
+BodyFn = Callable[[ServingContext, PreparedChat, Meta, str], Awaitable[dict]]
+StreamFn = Callable[[ServingContext, PreparedChat, Meta, str, Callable[[], None]], AsyncIterator[str]]
+
+
+async def answer_chat(request: Request, ctx: ServingContext, key_id: str | None, req, flavor: str,
+                      body: BodyFn = chat_result, stream: StreamFn = chat_stream, meta: Meta | None = None):
+    """A parsed chat request (either schema, or one translated into OpenAI's chat schema): validate, admit, then
+    answer in JSON or as an SSE stream, aborting the engine request when the client leaves. meta: the response's
+    identity when the route names it itself (default: a chatcmpl id)."""
     prep = await prepare_off_loop(req, flavor, ctx)
     await attach_image(ctx, prep)
     client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
-    meta = new_meta(ctx, flavor, req.model, client_rid)
+    meta = meta or new_meta(ctx, flavor, req.model, client_rid)
     admitted = Admitted(ctx, key_id, client_rid)
     engine_rid = meta.response_id
     if prep.stream:
-        stream = chat_stream(ctx, prep, meta, engine_rid, admitted.release)
-        weakref.finalize(stream, admitted.release)  # a stream never started (client left at once) still frees
-        return StreamingResponse(stream, media_type="text/event-stream",
+        events = stream(ctx, prep, meta, engine_rid, admitted.release)
+        weakref.finalize(events, admitted.release)  # a stream never started (client left at once) still frees
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        body = await until_disconnect(request, chat_result(ctx, prep, meta, engine_rid))
+        answer = await until_disconnect(request, body(ctx, prep, meta, engine_rid))
     finally:
         admitted.release()
-    return JSONResponse(body)
+    return JSONResponse(answer)
