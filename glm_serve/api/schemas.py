@@ -142,3 +142,36 @@ class TokenizerRequest(_Request):
     messages: list[Any]
     tools: list[Any] | None = None
     request_id: str | None = None
+
+
+class ResponsesRequest(_Request):
+    """POST /v1/responses, stateless (https://platform.openai.com/docs/api-reference/responses/create). Read as the
+    chat request it amounts to by glm_serve.api.responses_request, which checks items, tools and formats."""
+
+    background: bool | None = None  # true is refused: a background response is fetched later, and none is kept
+    conversation: Any = None  # refused when set: conversations are server-side state
+    include: list[Any] | None = None  # "message.output_text.logprobs" honoured; the rest accepted and ignored
+    input: str | list[Any]  # a string (one user message) or a list of items
+    instructions: str | None = None  # a system message before the input
+    max_output_tokens: int | None = None
+    max_tool_calls: int | None = None  # accepted: GLM-4 makes at most one call per turn
+    metadata: dict[str, Any] | None = None  # echoed
+    model: str
+    parallel_tool_calls: bool | None = None  # accepted and echoed: GLM-4 makes one call per turn
+    previous_response_id: str | None = None  # refused when set: this server stores no responses
+    prompt: Any = None  # refused when set: prompt templates are server-side state
+    prompt_cache_key: str | None = None  # accepted and ignored (the prefix cache needs no key)
+    reasoning: dict[str, Any] | None = None  # accepted and ignored: GLM-4 has no reasoning mode
+    safety_identifier: str | None = None  # accepted and ignored
+    service_tier: str | None = None  # accepted and ignored
+    store: bool | None = None  # accepted; nothing is stored either way
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None  # accepted and ignored (include_obfuscation)
+    temperature: float | None = None  # [0, 2]; 0 = greedy
+    text: dict[str, Any] | None = None  # {"format": {"type": text | json_object | json_schema}, "verbosity"}
+    tool_choice: str | dict[str, Any] | None = None  # auto | none | required | {"type": "function", "name"}
+    tools: list[Any] | None = None  # flat function tools: {"type": "function", "name", "description", ...}
+    top_logprobs: int | None = None  # [0, 20]
+    top_p: float | None = None
+    truncation: str | None = None  # "disabled" only
+    user: str | None = None

@@ -1,0 +1,238 @@
+"""Owns reading an OpenAI Responses request (POST /v1/responses, stateless) as the chat request it amounts to:
+input items -> chat messages, flat function tools -> chat tools, `text.format` -> `response_format`,
+`max_output_tokens` -> `max_completion_tokens`; and naming, in an error the chat path raises, the Responses field
+the bad value came from. What needs state kept on the server (previous_response_id, conversation, background,
+prompt) is refused here with a 400 that says so.
+
+Spec: https://platform.openai.com/docs/api-reference/responses/create ; the chat side is params.prepare_chat.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from glm_serve.api.errors import APIError, bad_param, invalid_value
+from glm_serve.api.schemas import OpenAIChatRequest, ResponsesRequest
+
+log = logging.getLogger(__name__)
+
+ROLES = ("user", "system", "developer", "assistant")  # developer: a system turn (as on /v1/chat/completions)
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_STATELESS = "this server is stateless (it stores no responses or conversations): send the whole conversation " \
+             "in `input`, with earlier outputs as items (message, function_call, function_call_output)"
+
+
+@dataclass
+class ChatView:
+    """A Responses request read as a chat request, and where each chat message came from (for error names)."""
+
+    chat: OpenAIChatRequest  # what prepare_chat validates and runs
+    origins: list[str]  # [chat message index] -> "instructions" or "input[i]" (or "input" for a string input)
+    kinds: list[str]  # [chat message index] -> "instructions" | "message" | "function_call" | "function_call_output"
+
+    def rename(self, err: APIError) -> APIError:
+        """The same error with a chat field name (messages[3].content, response_format, ...) replaced by the
+        Responses field it came from, in `param` and at the head of the message."""
+        if err.param is None:
+            return err
+        param = self._field(err.param)
+        if param == err.param:
+            return err
+        message = param + err.message[len(err.param):] if err.message.startswith(err.param) else err.message
+        return APIError(err.code, message, param, err.status)
+
+    def _field(self, name: str) -> str:
+        m = re.fullmatch(r"messages\[(\d+)\](.*)", name)
+        if m:
+            k, tail = int(m.group(1)), m.group(2)
+            if k >= len(self.origins):
+                return "input"
+            kind = self.kinds[k]
+            if kind == "instructions":
+                tail = ""
+            elif kind == "function_call":
+                tail = re.sub(r"^\.tool_calls\[0\]\.function", "", tail)
+            elif kind == "function_call_output":
+                tail = re.sub(r"^\.content", ".output", tail)
+            return self.origins[k] + tail
+        for pattern, repl in _RENAMES:
+            renamed, hits = re.subn(pattern, repl, name)
+            if hits:
+                return renamed
+        return name
+
+
+# chat field -> Responses field, first match wins
+_RENAMES = (
+    (r"^messages$", "input"),
+    (r"^response_format\.json_schema(\.|$)", r"text.format\1"),
+    (r"^response_format", "text.format"),
+    (r"^max_completion_tokens$", "max_output_tokens"),
+    (r"^tools\[(\d+)\]\.function(\.|$)", r"tools[\1]\2"),
+    (r"^tool_choice\.function\.", "tool_choice."),
+    (r"^logprobs$", "top_logprobs"),
+)
+
+
+def read_responses_request(req: ResponsesRequest) -> ChatView:
+    """Check what only the Responses schema has and build the chat request; 400s name the Responses field."""
+    if req.previous_response_id is not None:
+        raise invalid_value("previous_response_id", _STATELESS)
+    if req.conversation is not None:
+        raise invalid_value("conversation", _STATELESS)
+    if req.background:
+        raise invalid_value("background", "is not supported: a background response is fetched later by its id, and "
+                                          "this server stores none")
+    if req.prompt is not None:
+        raise invalid_value("prompt", "reusable prompts live in OpenAI's cloud; send their text as instructions")
+    if req.truncation not in (None, "disabled"):
+        raise invalid_value("truncation", f"only 'disabled' is supported (a conversation longer than the context "
+                                          f"window is a 400, never cut), got {req.truncation!r}")
+    if req.reasoning is not None:
+        log.info("responses: ignoring reasoning %s (GLM-4 has no reasoning mode)", req.reasoning)
+    messages, origins, kinds = [], [], []
+    if req.instructions is not None:
+        messages.append({"role": "system", "content": req.instructions})
+        origins.append("instructions")
+        kinds.append("instructions")
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+        origins.append("input")
+        kinds.append("message")
+    else:
+        if not req.input:
+            raise invalid_value("input", "must be a string or a non-empty list of items")
+        for i, item in enumerate(req.input):
+            converted = _item(item, f"input[{i}]")
+            if converted is not None:
+                messages.append(converted[1])
+                origins.append(f"input[{i}]")
+                kinds.append(converted[0])
+    if not messages:
+        raise invalid_value("input", "holds no message")
+    include = [x for x in req.include or () if isinstance(x, str)]
+    if set(include) - {LOGPROBS_INCLUDE}:
+        log.info("responses: ignoring include %s", sorted(set(include) - {LOGPROBS_INCLUDE}))
+    want_logprobs = LOGPROBS_INCLUDE in include or req.top_logprobs is not None
+    chat = OpenAIChatRequest.model_validate({
+        "model": req.model,
+        "messages": messages,
+        "tools": _tools(req.tools) if req.tools else None,
+        "tool_choice": _tool_choice(req.tool_choice),
+        "response_format": _format(req.text),
+        "max_completion_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "logprobs": True if want_logprobs else None,
+        "top_logprobs": req.top_logprobs,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "stream": req.stream,
+    })
+    return ChatView(chat, origins, kinds)
+
+
+def _item(item, where: str) -> tuple[str, dict] | None:
+    """One input item -> (kind, chat message); None for an item that renders as nothing here."""
+    if not isinstance(item, dict):
+        raise bad_param(where, f"must be an object (an input item), got {type(item).__name__}")
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "message":
+        return "message", _message(item, where)
+    if kind == "function_call":
+        for key in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(key), str):
+                raise bad_param(f"{where}.{key}", "must be a string")
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+        return "function_call", {"role": "assistant", "content": None, "tool_calls": [call]}
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise bad_param(f"{where}.call_id", "must be a string")
+        output = item.get("output")
+        if isinstance(output, list):
+            output = [_part(p, f"{where}.output[{j}]") for j, p in enumerate(output)]
+        elif not isinstance(output, str):
+            raise bad_param(f"{where}.output", "must be a string or a list of content parts")
+        return "function_call_output", {"role": "tool", "tool_call_id": item["call_id"], "content": output}
+    if kind == "reasoning":  # from another provider's earlier output: GLM-4 has none to replay
+        log.info("responses: dropping a reasoning input item")
+        return None
+    if kind == "item_reference":
+        raise invalid_value(f"{where}.type", f"item_reference needs a stored item: {_STATELESS}")
+    raise invalid_value(f"{where}.type", f"must be message, function_call or function_call_output (other items "
+                                         f"belong to OpenAI's built-in tools), got {kind!r}")
+
+
+def _message(item: dict, where: str) -> dict:
+    role = item.get("role")
+    if role not in ROLES:
+        raise invalid_value(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+    content = item.get("content")
+    if isinstance(content, list):
+        content = [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]
+    elif not isinstance(content, str):
+        raise bad_param(f"{where}.content", "must be a string or a list of content parts")
+    return {"role": role, "content": content}
+
+
+def _part(part, where: str) -> dict:
+    """A Responses content part -> a chat content part (text or image_url); chat checks where images may go."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text", "refusal"):
+        key = "refusal" if kind == "refusal" else "text"
+        if not isinstance(part.get(key), str):
+            raise bad_param(f"{where}.{key}", "must be a string")
+        return {"type": "text", "text": part[key]}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise invalid_value(f"{where}.image_url", "must be a URL or a data URL (file_id needs a stored file; "
+                                                      "this server takes images inline)")
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise invalid_value(f"{where}.type", f"must be input_text, input_image or output_text, got {kind!r}")
+
+
+def _tools(tools: list) -> list[dict]:
+    """Flat function tools -> chat tools ({"type": "function", "function": {...}}). `strict` is accepted: the
+    arguments are held to the schema whenever tool_choice forces a call (required or named)."""
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise bad_param(f"tools[{i}]", "must be an object")
+        kind = tool.get("type")
+        if kind != "function":
+            raise invalid_value(f"tools[{i}].type", f"only 'function' tools are served here, got {kind!r} (web "
+                                                    "search, file search, computer use, MCP and the other built-in "
+                                                    "tools are services of OpenAI's cloud)")
+        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
+                                                     if tool.get(k) is not None}})
+    return out
+
+
+def _tool_choice(choice):
+    if choice is None or isinstance(choice, str):
+        return choice  # auto | none | required: prepare_chat checks the word
+    if choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    raise invalid_value("tool_choice", f"must be auto, none, required or {{\"type\": \"function\", \"name\": ...}}, "
+                                       f"got type {choice.get('type')!r}")
+
+
+def _format(text: dict | None) -> dict | None:
+    """`text.format` -> chat's response_format (text | json_object | json_schema); verbosity is ignored."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_param("text.format", "must be an object")
+    kind = fmt.get("type")
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise invalid_value("text.format.schema", "must be a JSON schema object")
+        return {"type": "json_schema",
+                "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"], "strict": fmt.get("strict")}}
+    raise invalid_value("text.format.type", f"must be text, json_object or json_schema, got {kind!r}")
