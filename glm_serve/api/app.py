@@ -1,6 +1,6 @@
-"""The FastAPI app factory: routes (vendor v4, OpenAI /v1, /health, /metrics), error handlers, request
-counting. It takes an already-built AsyncEngine, so the slow model load happens before uvicorn starts and
-tests can share one engine across servers. The app never shuts the engine down; its owner does."""
+"""The FastAPI app factory: routes (vendor v4, OpenAI /v1 with the Responses API, /health, /metrics), error
+handlers, request counting. It takes an already-built AsyncEngine, so the slow model load happens before uvicorn
+starts and tests can share one engine across servers. The app never shuts the engine down; its owner does."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from glm_serve.api.common import authenticate, ctx_of
 from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
 from glm_serve.api.routes_openai import router as openai_router
+from glm_serve.api.routes_responses import router as responses_router
 from glm_serve.api.routes_tokenize import router as tokenize_router
 from glm_serve.api.routes_vendor import rerun_task
 from glm_serve.api.routes_vendor import router as vendor_router
@@ -94,6 +95,7 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
     install_handlers(app)
     app.include_router(vendor_router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     app.include_router(tokenize_router)
     batches.mount(app)
 

@@ -1,0 +1,244 @@
+"""OpenAI's Responses API, stateless: POST /v1/responses. The request is read as a chat (responses_request.py) and
+runs on the chat path (prepare_chat, run_chat: sampling, constraints, GLM-4 tool-call parsing, admission, abort on
+disconnect); this module renders that run as a Response object, or as the Responses stream events.
+
+Spec: https://platform.openai.com/docs/api-reference/responses/object and .../responses-streaming . Nothing is
+stored: no retrieve, delete or input_items routes, and previous_response_id is a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+
+from glm_serve.api.chat_service import Meta, chat_result, run_chat
+from glm_serve.api.common import answer_chat, authenticate, ctx_of, read_json
+from glm_serve.api.context import ServingContext
+from glm_serve.api.errors import APIError, internal_error_message
+from glm_serve.api.params import OPENAI, PreparedChat
+from glm_serve.api.parser import Delta, assemble
+from glm_serve.api.responses import Usage, chat_logprobs, one_line
+from glm_serve.api.responses_request import read_responses_request
+from glm_serve.api.schemas import ResponsesRequest
+from glm_serve.engine.async_engine import EngineStoppedError, Interrupted
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/responses")
+async def create_response(request: Request):
+    ctx = ctx_of(request)
+    key_id = authenticate(request)
+    req = ResponsesRequest.model_validate(await read_json(request))
+    req.log_unknown("openai responses")
+    view = read_responses_request(req)
+    shape = ResponseShape(req)
+    meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model)
+    try:
+        return await answer_chat(request, ctx, key_id, view.chat, OPENAI, body=shape.body, stream=shape.stream,
+                                 meta=meta)
+    except APIError as e:  # raised by the chat path, naming chat fields: name the request's own
+        raise view.rename(e) from None
+
+
+# The stored-response routes (the SDK's retrieve, delete, cancel, input_items.list): a 404 that says why, rather
+# than the router's bare "Not Found".
+@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+@router.post("/responses/{response_id}/cancel")
+@router.get("/responses/{response_id}/input_items")
+async def stored_response(request: Request, response_id: str):
+    authenticate(request)
+    raise APIError("1214", f"response_id: {response_id!r} is not stored: this server is stateless (POST /v1/responses "
+                           "answers in full, or streams, and keeps nothing)", "response_id", status=404)
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    # cache_write_tokens (newer SDKs require it) is OpenAI's billed cache write; the prefix cache here has none: 0
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}
+
+
+class ResponseShape:
+    """One response's identity and the request fields it echoes; builds its output items and Response objects, the
+    same for a body and a stream (the stream's events carry the very items its final response holds)."""
+
+    def __init__(self, req: ResponsesRequest):
+        self.id = "resp_" + uuid.uuid4().hex
+        self.msg_id = "msg_" + uuid.uuid4().hex
+        self.created_at = int(time.time())
+        self.model = req.model
+        text = dict(req.text or {})
+        text["format"] = text.get("format") or {"type": "text"}
+        # The request fields a Response repeats (the SDK's Response model requires tools, tool_choice and
+        # parallel_tool_calls). Flat tools as sent: only function tools get this far.
+        self.echo = {
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {},
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+            "reasoning": None, "store": False, "temperature": req.temperature, "text": text,
+            "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": list(req.tools or []),
+            "top_logprobs": req.top_logprobs, "top_p": req.top_p, "truncation": "disabled", "user": req.user,
+            "background": False,
+        }
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None, reason: str | None = None,
+                 error: str | None = None) -> dict:
+        """status: in_progress | completed | incomplete | failed; reason: why incomplete; error: why failed."""
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+                "error": {"code": "server_error", "message": error} if error is not None else None,
+                "incomplete_details": {"reason": reason} if reason is not None else None,
+                "model": self.model, "output": output, "usage": usage, **self.echo}
+
+    def items(self, content: str | None, calls: list[dict], status: str, logprobs: list[dict] | None) -> list[dict]:
+        """Output items of an answer: its tool call(s) as function_call items, else one message (text may be "")."""
+        if calls:  # a call id "call_<hex>" gives its item the id "fc_<hex>": stable from the first event on
+            return [{"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"), "call_id": c["id"],
+                     "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": status}
+                    for c in calls]
+        return [{"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
+                 "content": [_text_part(content or "", logprobs)]}]
+
+    def finished(self, content, calls, finish_reason: str, logprobs, usage: dict) -> dict:
+        """The final Response: "length" (max_output_tokens or the context window) makes it incomplete."""
+        cut = finish_reason == "length"
+        status = "incomplete" if cut else "completed"
+        return self.response(status, self.items(content, calls, status, logprobs), usage,
+                             reason="max_output_tokens" if cut else None)
+
+    async def body(self, ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str) -> dict:
+        """A non-streamed Response, from the chat path's own body (a failed generation is its 500)."""
+        chat = await chat_result(ctx, prep, meta, engine_rid)
+        (choice,) = chat["choices"]  # the Responses API has no n
+        message, u = choice["message"], chat["usage"]
+        usage = _usage(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
+        return self.finished(message["content"], message.get("tool_calls") or [], choice["finish_reason"],
+                             (choice["logprobs"] or {}).get("content"), usage)
+
+    def stream(self, ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str,
+               release: Callable[[], None]) -> AsyncIterator[str]:
+        return _EventStream(self, ctx, prep).run(engine_rid, release)
+
+
+def _text_part(text: str, logprobs: list[dict] | None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+class _EventStream:
+    """The SSE events of one streamed response, from run_chat's parsed deltas: response.created and .in_progress;
+    an output item (a message with one output_text part, or a function_call) opened with its first delta, its
+    text or arguments as deltas, closed at the end; then response.completed, .incomplete, or .failed (a failure
+    after the stream began ends it in-band, never a cut connection). Each event has its sequence_number."""
+
+    def __init__(self, shape: ResponseShape, ctx: ServingContext, prep: PreparedChat):
+        self.shape, self.ctx, self.prep = shape, ctx, prep
+        self.seq = 0
+        self.deltas: list[Delta] = []  # every delta so far: assemble() makes the final items of them
+        self.logprobs: list = []  # every token's TokenLogprob, when asked for (the final output_text's)
+        self.opened: str | None = None  # None | "message" | "function_call": the output item open
+        self.call_item_id = ""  # the function_call item's id, once a call opens
+
+    def event(self, kind: str, **fields) -> str:
+        data = {"type": kind, **fields, "sequence_number": self.seq}
+        self.seq += 1
+        return f"event: {kind}\ndata: {one_line(json.dumps(data, ensure_ascii=False, separators=(',', ':')))}\n\n"
+
+    def _lps(self, lps) -> list[dict]:
+        return (chat_logprobs(self.ctx.tokenizer, lps) or {}).get("content") or []
+
+    def _open(self, kind: str, call_id: str | None = None, name: str | None = None) -> list[str]:
+        self.opened = kind
+        if kind == "function_call":
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            (item,) = self.shape.items(None, [call], "in_progress", None)
+            return [self.event("response.output_item.added", output_index=0, item=item)]
+        item = {**self.shape.items("", [], "in_progress", None)[0], "content": []}
+        return [self.event("response.output_item.added", output_index=0, item=item),
+                self.event("response.content_part.added", item_id=self.shape.msg_id, output_index=0,
+                           content_index=0, part=_text_part("", None))]
+
+    def _step(self, deltas: list[Delta], lps) -> list[str]:
+        """Events for one engine step's deltas of the answer (content and a call never mix: parser.py). The step's
+        token logprobs ride on its text delta; text the parser holds back for a step leaves its delta without
+        them, but the output_text.done event and the final response carry every token's."""
+        out = []
+        self.deltas += deltas
+        text = "".join(d.content for d in deltas if d.content)
+        if text:
+            if self.opened is None:
+                out += self._open("message")
+            out.append(self.event("response.output_text.delta", item_id=self.shape.msg_id, output_index=0,
+                                  content_index=0, delta=text, logprobs=self._lps(lps)))
+        for d in deltas:
+            if d.call_id is not None:
+                out += self._open("function_call", d.call_id, d.name)
+                self.call_item_id = "fc_" + d.call_id.removeprefix("call_")
+            if d.arguments:
+                out.append(self.event("response.function_call_arguments.delta", item_id=self.call_item_id,
+                                      output_index=0, delta=d.arguments))
+        return out
+
+    def _close(self, final: dict) -> list[str]:
+        """The done events of the output item, carrying what the final response holds."""
+        if self.opened is None:  # nothing was written: the empty message a body would hold, opened and closed
+            self._open("message")
+        (item,) = final["output"]
+        if item["type"] == "function_call":
+            return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=0,
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=0, item=item)]
+        part = item["content"][0]
+        return [self.event("response.output_text.done", item_id=item["id"], output_index=0, content_index=0,
+                           text=part["text"], logprobs=part["logprobs"]),
+                self.event("response.content_part.done", item_id=item["id"], output_index=0, content_index=0,
+                           part=part),
+                self.event("response.output_item.done", output_index=0, item=item)]
+
+    def _failed(self, message: str) -> str:
+        parsed = assemble(self.deltas)
+        output = self.shape.items(parsed.content, parsed.tool_calls, "incomplete", None) if self.opened else []
+        return self.event("response.failed", response=self.shape.response("failed", output, error=message))
+
+    async def run(self, engine_rid: str, release: Callable[[], None]) -> AsyncIterator[str]:
+        usage, reason = Usage(), None
+        # ctx.closing interrupts a stream still waiting for the engine when the shutdown grace runs out (as chat)
+        steps = run_chat(self.ctx, self.prep, OPENAI, engine_rid, usage, interrupt=self.ctx.closing)
+        try:
+            yield self.event("response.created", response=self.shape.response("in_progress", []))
+            yield self.event("response.in_progress", response=self.shape.response("in_progress", []))
+            async for updates in steps:
+                for u in updates:  # one choice: the Responses API has no n
+                    if u.error is not None:
+                        yield self._failed(f"generation failed: {u.error}")
+                        return
+                    if u.logprobs:
+                        self.logprobs += u.logprobs
+                    for e in self._step(u.deltas, u.logprobs):
+                        yield e
+                    reason = u.finish_reason or reason
+                if self.ctx.closing.is_set() and reason is None:  # the shutdown grace runs out
+                    yield self._failed(self.ctx.shutting_down_error().message)
+                    return
+            parsed = assemble(self.deltas)
+            final = self.shape.finished(parsed.content, parsed.tool_calls, reason or "stop",
+                                        self._lps(self.logprobs) if self.logprobs else None,
+                                        _usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens))
+            for e in self._close(final):
+                yield e
+            yield self.event(f"response.{final['status']}", response=final)
+        except Interrupted:  # the shutdown grace ran out while the stream waited for the engine
+            yield self._failed(self.ctx.shutting_down_error().message)
+        except Exception as e:  # noqa: BLE001 (headers are sent: report in-band and end the stream)
+            if not isinstance(e, EngineStoppedError):
+                log.exception("responses stream of %s failed", engine_rid)
+            yield self._failed(internal_error_message(e))
+        finally:
+            await steps.aclose()  # aborts the engine request if it is still running (client gone)
+            release()
