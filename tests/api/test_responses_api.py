@@ -172,11 +172,16 @@ def test_json_schema_format(client):
 
 
 def test_top_logprobs(client):
-    r = client.responses.create(model=M, input=USER, temperature=0, max_output_tokens=5, top_logprobs=2,
-                                include=["message.output_text.logprobs"])
-    lps = r.output[0].content[0].logprobs
+    # (extra_body: the SDK's own top_logprobs argument came after 1.66, the oldest version the tests run on)
+    r = client.responses.create(model=M, input=USER, temperature=0, max_output_tokens=5,
+                                include=["message.output_text.logprobs"], extra_body={"top_logprobs": 2})
+    lps = r.output[0].content[0].to_dict()["logprobs"]
     assert len(lps) == r.usage.output_tokens == 5
-    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob) for lp in lps)
+    for lp in lps:
+        assert len(lp["top_logprobs"]) == 2 and lp["top_logprobs"][0]["logprob"] == pytest.approx(lp["logprob"])
+        assert lp["bytes"] == list(lp["token"].encode()) or "\ufffd" in lp["token"]
+    plain = client.responses.create(model=M, input=USER, temperature=0, max_output_tokens=5)
+    assert plain.output_text == r.output_text and plain.output[0].content[0].to_dict()["logprobs"] == []
 
 
 @pytest.mark.parametrize("kwargs, param, code", [
@@ -280,10 +285,13 @@ def test_a_failure_mid_stream_ends_with_response_failed(client, server, monkeypa
     wait_idle(server.engine)
 
 
-def test_stored_response_routes_say_the_server_is_stateless(client):
-    for call in (lambda: client.responses.retrieve("resp_1"), lambda: client.responses.delete("resp_1"),
-                 lambda: client.responses.cancel("resp_1"), lambda: list(client.responses.input_items.list("resp_1"))):
+def test_stored_response_routes_say_the_server_is_stateless(client, server):
+    calls = [lambda: client.responses.retrieve("resp_1"), lambda: client.responses.delete("resp_1"),
+             lambda: list(client.responses.input_items.list("resp_1"))]
+    for call in calls:
         with pytest.raises(openai.NotFoundError) as e:
             call()
         err = e.value.response.json()["error"]
         assert err["param"] == "response_id" and "stateless" in err["message"]
+    r = httpx.post(server.openai_base + "/responses/resp_1/cancel")  # (client.responses.cancel in newer SDKs)
+    assert r.status_code == 404 and "stateless" in r.json()["error"]["message"]
