@@ -7,6 +7,7 @@ import base64
 import io
 
 import httpx
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -83,6 +84,18 @@ def test_image_chat_streams(client):
     chunks = client.chat.completions.create(model=MODEL, messages=_msgs(b64), do_sample=False, max_tokens=12,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
+def test_responses_input_image_is_chat_image_url(vserver):
+    """/v1/responses: an input_image part (a data URL) is chat's image_url part: the same prompt slots, the same
+    greedy answer."""
+    c = openai.OpenAI(api_key="unused", base_url=vserver.openai_base, max_retries=0)
+    url = "data:image/png;base64," + base64.b64encode(_png(3)).decode()
+    r = c.responses.create(model=MODEL, temperature=0, max_output_tokens=8, input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "What is in the picture?"}]}])
+    chat = c.chat.completions.create(model=MODEL, messages=_msgs(url), temperature=0, max_tokens=8)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens > 20  # the image's slots, not 3 placeholder ids
 
 
 def test_same_text_different_images_differ_with_prefix_caching(client, vserver):
