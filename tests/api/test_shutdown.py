@@ -185,14 +185,16 @@ def test_a_stream_still_waiting_for_its_first_token_when_the_grace_runs_out_gets
     readers = [threading.Thread(target=stream, args=("vendor", srv.vendor_base + "chat/completions", msgs)),
                threading.Thread(target=stream, args=("v1", srv.openai_base + "/chat/completions", msgs)),
                threading.Thread(target=stream, args=("completions", srv.openai_base + "/completions",
-                                                     {"prompt": "hi"}))]
+                                                     {"prompt": "hi"})),
+               threading.Thread(target=stream, args=("responses", srv.openai_base + "/responses",
+                                                     {"input": "hi", "max_output_tokens": 50}))]
     try:
         with frozen_engine(engine):
             for r in readers:
                 r.start()
             deadline = time.monotonic() + 10
-            while len(engine.engine.requests) < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)  # all three are in the engine, which makes no step
+            while len(engine.engine.requests) < len(readers) and time.monotonic() < deadline:
+                time.sleep(0.02)  # all of them are in the engine, which makes no step
             loop.call_soon_threadsafe(srv.app.state.ctx.begin_shutdown, 0.1)
             for r in readers:
                 r.join(timeout=15)
@@ -200,6 +202,8 @@ def test_a_stream_still_waiting_for_its_first_token_when_the_grace_runs_out_gets
             events = got[name]
             assert isinstance(events, list) and events[-1] == "[DONE]", got
             assert "shutting down" in json.loads(events[-2])["error"]["message"], got
+        failed = json.loads(got["responses"][-1])  # the Responses stream's own end: response.failed, no [DONE]
+        assert failed["type"] == "response.failed" and "shutting down" in failed["response"]["error"]["message"], got
         wait_idle(engine)  # aborted, not left to run
     finally:
         server.should_exit = True
