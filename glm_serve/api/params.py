@@ -140,6 +140,13 @@ def check_tools(tools) -> list[dict]:
     return tools
 
 
+def _as_prompted(tools: list[dict]) -> list[dict]:
+    """The tools as the prompt shows them: without `strict`, which tells the server how to hold a call, not the
+    model what a function does (the chat template prints each function's whole dict; GLM-4 never saw the key)."""
+    return [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict"}}
+            if isinstance(t.get("function"), dict) and "strict" in t["function"] else t for t in tools]
+
+
 def _tool_choice(choice, tools: list[dict]) -> tuple[str, str | None]:
     """('auto' | 'none' | 'required' | 'named', function name for 'named')."""
     if choice is None:
@@ -254,7 +261,8 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     image_url = check_images(ctx, req.messages)
     add_generation_prompt, continue_final = continuation(req, fmt, choice) if flavor == OPENAI else (True, False)
     try:
-        ids = encode_chat(ctx.tokenizer, req.messages, tools=tools or None, chat_template=ctx.tokenizer.chat_template,
+        ids = encode_chat(ctx.tokenizer, req.messages, tools=_as_prompted(tools) or None,
+                          chat_template=ctx.tokenizer.chat_template,
                           allow_images=image_url is not None, add_generation_prompt=add_generation_prompt,
                           continue_final=continue_final)
     except ChatFormatError as e:
@@ -285,7 +293,7 @@ def chat_prompt_ids(ctx: ServingContext, messages, tools=None, add_generation_pr
     routes that count or show them; 400s for bad messages, tools or images."""
     try:
         image = check_images(ctx, messages)
-        ids = encode_chat(ctx.tokenizer, messages, tools=check_tools(tools) if tools else None,
+        ids = encode_chat(ctx.tokenizer, messages, tools=_as_prompted(check_tools(tools)) if tools else None,
                           chat_template=ctx.tokenizer.chat_template, allow_images=image is not None,
                           add_generation_prompt=add_generation_prompt, continue_final=continue_final)
     except ChatFormatError as e:

@@ -195,8 +195,10 @@ def _part(part, where: str) -> dict:
 
 
 def _tools(tools: list) -> list[dict]:
-    """Flat function tools -> chat tools ({"type": "function", "function": {...}}). `strict` is accepted: the
-    arguments are held to the schema whenever tool_choice forces a call (required or named)."""
+    """Flat function tools -> chat tools ({"type": "function", "function": {...}}), `strict` included: with it, a
+    call the model chooses under tool_choice auto holds to the schema too, as on chat (forced calls always do).
+    The SDK's FunctionToolParam always sends `strict`, so OpenAI's default for a missing one (true) is not
+    guessed at here: absent, the arguments are held only when a call is forced."""
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
@@ -206,8 +208,8 @@ def _tools(tools: list) -> list[dict]:
             raise invalid_value(f"tools[{i}].type", f"only 'function' tools are served here, got {kind!r} (web "
                                                     "search, file search, computer use, MCP and the other built-in "
                                                     "tools are services of OpenAI's cloud)")
-        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
-                                                     if tool.get(k) is not None}})
+        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
+                                                                           "strict") if tool.get(k) is not None}})
     return out
 
 

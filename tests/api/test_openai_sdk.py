@@ -136,6 +136,8 @@ def test_strict_tools_hold_calls_the_model_chooses(client, server):
     full = client.chat.completions.create(**kw, tools=tools)
     (call,) = full.choices[0].message.tool_calls
     assert full.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
+    # `strict` is for the server: the prompt shows the functions without it
+    assert full.usage.prompt_tokens == loose.usage.prompt_tokens
     schema = (WEATHER if call.function.name == "get_weather" else TIME)["function"]["parameters"]
     jsonschema.validate(json.loads(call.function.arguments), schema)
     chunks = list(client.chat.completions.create(**kw, tools=tools, stream=True))

@@ -139,7 +139,8 @@ def test_function_call_items_render_as_chat_tool_turns(client, monkeypatch):
              {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": args},
              {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}]
     r = client.responses.create(model=M, input=items, tools=TOOLS, temperature=0, max_output_tokens=8)
-    chat = client.chat.completions.create(model=M, tools=[WEATHER, TIME], temperature=0, max_tokens=8, messages=[
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in (WEATHER, TIME)]  # as TOOLS are
+    chat = client.chat.completions.create(model=M, tools=strict, temperature=0, max_tokens=8, messages=[
         {"role": "user", "content": "time?"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": args}}]},
@@ -295,3 +296,16 @@ def test_stored_response_routes_say_the_server_is_stateless(client, server):
         assert err["param"] == "response_id" and "stateless" in err["message"]
     r = httpx.post(server.openai_base + "/responses/resp_1/cancel")  # (client.responses.cancel in newer SDKs)
     assert r.status_code == 404 and "stateless" in r.json()["error"]["message"]
+
+
+def test_strict_reaches_the_chat_path(server):
+    # `strict: true` on a flat tool is chat's strict function: held under tool_choice auto too, so a schema the
+    # grammar cannot enforce is refused up front; without strict the same tool is served.
+    tool = {"type": "function", "name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}
+    body = {"model": "glm-4-tiny", "input": "hi", "max_output_tokens": 2}
+    r = httpx.post(server.url + "/v1/responses", json={**body, "tools": [{**tool, "strict": True}]})
+    assert r.status_code == 400 and "not" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"].startswith("tools")
+    r = httpx.post(server.url + "/v1/responses", json={**body, "tools": [{**tool, "strict": False}]})
+    assert r.status_code == 200, r.text
