@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from glm_serve.engine.stop import BlockedStrings
+
 # Temperatures below this are treated as greedy: dividing logits by ~0 only amplifies rounding noise.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
@@ -39,6 +41,12 @@ class SamplingParams:
     # token id -> value added to its logit before anything else (OpenAI's logit_bias); None or {} = off. Greedy
     # rows take the argmax of the biased logits; reported logprobs stay the model's own (see engine/sampler.py).
     logit_bias: dict[int, float] | None = None
+    # Strings the text must never contain (an operator's content filter): matched like stop strings, across
+    # token boundaries and held back until they cannot match, but ASCII letters in either case (A-Z as a-z, every
+    # other character exact); the text ends just before one, never including it (include_stop_str or not), with
+    # finish_reason "content_filter" and stop_reason the string as given. Checked from the first token, min_tokens
+    # or not. A list, or a BlockedStrings (compiled once, shared by many requests); None or empty = off.
+    blocked_strings: BlockedStrings | list[str] | None = None
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n, lo=1)
@@ -69,6 +77,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
         self.logit_bias = _logit_bias(self.logit_bias)
+        if self.blocked_strings is not None:
+            self.blocked_strings = BlockedStrings(self.blocked_strings) or None  # (a BlockedStrings: as it is)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -1,5 +1,5 @@
-"""Owns turning landed tokens into RequestOutputs: detokenization, stop strings, per-choice deltas, the final
-report of each request. Mixed into LLMEngine, whose step calls `_emit` while the device runs the next step.
+"""Owns turning landed tokens into RequestOutputs: detokenization, stop (and blocked) strings, per-choice deltas,
+the final report of each request. Mixed into LLMEngine, whose step calls `_emit` while the device runs the next step.
 
 Reads the engine's `requests`; calls back its `_finish`, `_fail` and `_forget`.
 """
@@ -41,10 +41,10 @@ class OutputEmitter:
             try:
                 if c.finish_reason is None:  # still generating (the common case, inlined): text, stop strings
                     text = c.detok.add(token)
-                    if c.stopper.stop_strings:
+                    if c.stopper.active:
                         text, stopped = c.stopper.feed(text)
-                        if stopped:
-                            self._finish(c, "stop", stop_reason=c.stopper.matched)
+                        if stopped:  # "stop", or "content_filter" for a blocked string
+                            self._finish(c, c.stopper.reason, stop_reason=c.stopper.matched)
                 else:  # this token ended the choice
                     text = self._text(c, token)
             except Exception as e:  # noqa: BLE001
@@ -103,7 +103,7 @@ class OutputEmitter:
             tail, stopped = c.stopper.feed(c.detok.flush(), token=False)
             text += tail + c.stopper.flush()
         if stopped:  # wins over a length or stop-id finish decided for the same token
-            c.finish_reason, c.stop_reason = "stop", c.stopper.matched
+            c.finish_reason, c.stop_reason = c.stopper.reason, c.stopper.matched
         return text
 
     def _collect(self, req: RequestState, deltas: dict) -> RequestOutput | None:

@@ -43,8 +43,9 @@ class CompletionOutput:
     text: str  # new text since the last output (the whole text in final results)
     token_ids: list[int]  # new token ids since the last output
     logprobs: list[TokenLogprob] | None = None  # per new token, when requested
-    finish_reason: str | None = None  # stop | length | abort | error | None while running
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # stop | length | content_filter (a SamplingParams.blocked_strings entry) | abort | error | None while running
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id, stop string or blocked string that ended it
     error: str | None = None  # set with finish_reason "error": this choice alone failed
 
 
@@ -151,7 +152,7 @@ def make_choice(index: int, seq: Sequence, tokenizer: GlmTokenizer, params: Samp
         index=index,
         seq=seq,
         detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
-        stopper=StopChecker(params.stop, params.include_stop_str, params.min_tokens),
+        stopper=StopChecker(params.stop, params.include_stop_str, params.min_tokens, params.blocked_strings),
         stop_ids=frozenset(stop_ids),
         generator=generator,
         constraint=constraint,
