@@ -54,6 +54,8 @@ class Meta:
 
 
 def api_finish_reason(flavor: str, engine_reason: str, is_call: bool, context_full: bool) -> str:
+    if engine_reason == "content_filter":  # a blocked string (--blocked-words), in a call's arguments too
+        return "sensitive" if flavor == VENDOR else "content_filter"
     if engine_reason == "stop" and is_call:
         return "tool_calls"
     if engine_reason == "length" and context_full and flavor == VENDOR:

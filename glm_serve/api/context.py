@@ -1,5 +1,6 @@
 """ServerSettings (the server's own flags) and ServingContext: what every route needs (engine, tokenizer,
-model names, generation defaults, keys, admission, metrics, the constraint factory), built once per app."""
+model names, generation defaults, keys, admission, metrics, the constraint factory, the content filter), built once
+per app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_serve.api.auth import Admission, KeyStore
+from glm_serve.api.content_filter import ContentFilter
 from glm_serve.api.errors import APIError
 from glm_serve.api.metrics import Metrics
 from glm_serve.engine.async_engine import EngineFrontend
@@ -40,6 +42,8 @@ class ServerSettings:
     allow_image_urls: bool = False  # GLM-4V: fetch http(s) image URLs (size/time limited); base64 always works
     allowed_origins: list[str] = field(default_factory=list)  # CORS: browser pages (origins) that may call us; "*" any
     log_stats_interval_s: float = 0.0  # a throughput/queue/cache line in the log this often (api/stats_log.py); 0 = off
+    # The content filter's terms (--blocked-words, read by api/content_filter.read_blocked_words); empty = off
+    blocked_words: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if any(not name.strip() for name in self.served_model_names):  # a server only an empty name reaches
@@ -60,6 +64,8 @@ class ServerSettings:
                                  "(no path, no trailing slash), or * for any")
         if self.batch_concurrency < 1:
             raise ValueError(f"batch_concurrency (--batch-concurrency) must be >= 1, got {self.batch_concurrency}")
+        if any(not isinstance(w, str) or not w.strip() for w in self.blocked_words):
+            raise ValueError("blocked_words (--blocked-words) must be non-blank strings")
 
 
 def _is_origin(origin: str) -> bool:
@@ -126,6 +132,9 @@ class ServingContext:
         self.admission = Admission(settings.max_concurrency_per_key, in_flight,
                                    settings.max_requests_per_minute_per_key)
         self.metrics = Metrics(core, engine)
+        # None when off: then nothing is checked and SamplingParams carry no blocked strings
+        self.content_filter = ContentFilter(settings.blocked_words, self.metrics.content_filtered.labels(
+            stage="input").inc) if settings.blocked_words else None
         self.created = int(time.time())
         self.active_request_ids: set[tuple[str | None, str]] = set()  # (key id, client request_id) in flight: 1231
         self._factory = None

@@ -35,13 +35,16 @@ CODES: dict[str, tuple[int, str]] = {
     "1215": (400, "invalid_request_error"),  # mutually exclusive fields
     "1231": (400, "invalid_request_error"),  # duplicate request_id
     "1261": (400, "invalid_request_error"),  # prompt too long
+    "1301": (400, "invalid_request_error"),  # content blocked (the operator's content filter: api/content_filter.py)
     "1302": (429, "rate_limit_error"),  # too many concurrent requests for this key
     "1303": (429, "rate_limit_error"),  # request rate too high for this key
     "1305": (429, "rate_limit_error"),  # server overloaded (queue full)
     "500": (500, "server_error"),
 }
 # OpenAI clients switch on these `code` strings; the rest keep the vendor's number.
-_OPENAI_CODES = {"1211": "model_not_found", "1261": "context_length_exceeded", "1001": "invalid_api_key",
+# "content_filter": what Azure OpenAI answers a prompt its content filter refuses (OpenAI names no such code).
+_OPENAI_CODES = {"1211": "model_not_found", "1261": "context_length_exceeded", "1301": "content_filter",
+                 "1001": "invalid_api_key",
                  "1000": "invalid_api_key", "1002": "invalid_api_key", "1003": "invalid_api_key",
                  "1004": "invalid_api_key"}
 

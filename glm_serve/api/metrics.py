@@ -128,6 +128,10 @@ class Metrics:
         self.finished = Counter("glm_serve_finished_choices", "Generated choices ended, by finish reason",
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens processed", registry=r)
+        # --blocked-words: requests refused for their input (stage "input"), choices cut before a term ("output";
+        # also in finished_choices as reason content_filter)
+        self.content_filtered = Counter("glm_serve_content_filtered", "Requests refused (input) and choices cut "
+                                        "(output) by the content filter (--blocked-words)", ["stage"], registry=r)
         self.num_prompt_tokens = 0  # the same, as a plain number (stats_log reads it)
         # Updated for every streamed token, on the event loop only (RequestTimer): plain numbers (_LoopCollector).
         self.num_generation_tokens = 0
@@ -168,6 +172,8 @@ class RequestTimer:
             if o.finish_reason is not None and o.index not in self._ended:
                 self._ended.add(o.index)
                 self.metrics.finished.labels(reason=o.finish_reason).inc()
+                if o.finish_reason == "content_filter":
+                    self.metrics.content_filtered.labels(stage="output").inc()
         self.on_tokens(sum(len(o.token_ids) for o in out.outputs),
                        steps=max((len(o.token_ids) for o in out.outputs), default=0))
 

@@ -106,6 +106,8 @@ def sampling_params(req, flavor: str, ctx: ServingContext, default_max_tokens: i
         skip_special_tokens=get("skip_special_tokens") is not False,
         include_stop_str=bool(get("include_stop_str_in_output")),
         logit_bias=logit_bias,
+        # the operator's content filter: one compiled list for every request (None when off)
+        blocked_strings=ctx.content_filter.terms if ctx.content_filter is not None else None,
     )
     try:
         return SamplingParams(**kwargs)
@@ -267,6 +269,8 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
                           continue_final=continue_final)
     except ChatFormatError as e:
         raise chat_format_error(e) from None
+    if ctx.content_filter is not None:  # (the vendor's sensitive_word_check cannot turn it off: README)
+        ctx.content_filter.check_messages(req.messages)
     check_prompt(ctx, expanded_ids(ctx, ids) if image_url else ids, params, has_image=image_url is not None)
     guided = read_guided(req) if flavor == OPENAI else None
     raw = continue_final or not add_generation_prompt

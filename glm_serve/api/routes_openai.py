@@ -98,8 +98,11 @@ async def completions(request: Request):
     prompts = _prompt_ids(req.prompt, ctx.tokenizer)
     if len(prompts) * params.n > ctx.max_n:
         raise bad_param("prompt", f"{len(prompts)} prompts x n={params.n} exceeds {ctx.max_n} choices")
-    for ids in prompts:
+    for k, ids in enumerate(prompts):
         check_prompt(ctx, ids, params, "prompt")
+        if ctx.content_filter is not None:  # token ids too: decoded, they are the same text
+            ctx.content_filter.check_prompt(ctx.tokenizer.decode(ids),
+                                            "prompt" if len(prompts) == 1 else f"prompt[{k}]")
     # response_format (sent by clients written for vLLM) is one more spelling of guided JSON here: the completion's
     # text is the JSON (no chat content separator)
     guided = read_guided(req, response_format(req.response_format))

@@ -46,7 +46,8 @@ class VendorChatRequest(_Request):
     thinking: dict[str, Any] | None = None  # accepted and ignored: GLM-4 has no thinking mode
     meta: dict[str, Any] | None = None  # accepted and ignored (character-role metadata)
     extra: dict[str, Any] | None = None  # accepted and ignored (CodeGeeX extras)
-    sensitive_word_check: dict[str, Any] | None = None  # accepted and ignored (no content filter here)
+    # accepted and ignored: --blocked-words is the operator's filter, on for every request (DISABLE included)
+    sensitive_word_check: dict[str, Any] | None = None
     watermark_enabled: bool | None = None  # accepted and ignored
     tool_stream: bool | None = None  # accepted: tool calls always stream as deltas
     n: int | None = None  # not in the vendor spec; honoured when sent

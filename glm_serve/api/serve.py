@@ -40,6 +40,7 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="serve HTTPS with this PEM certificate (chain); needs --ssl-keyfile")
     s.add_argument("--ssl-keyfile", default=None, metavar="FILE",
                    help="the certificate's PEM private key (unencrypted)")
+    add_blocked_words_arg(s)
     s.add_argument("--allow-image-urls", action="store_true",
                    help="GLM-4V: fetch http(s) image URLs (20 MiB, 10 s limits); base64 and data URLs always work")
     s.add_argument("--data-dir", default=None, metavar="DIR",
@@ -62,6 +63,24 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="log a line of throughput, running/waiting requests and cache use this often while there "
                         "is work (0: never; default %(default)g)")
     s.set_defaults(fn=cmd_serve)
+
+
+def add_blocked_words_arg(p) -> None:
+    """The content filter's flag (serve and batch)."""
+    p.add_argument("--blocked-words", default=None, metavar="FILE",
+                   help="content filter: a UTF-8 file of terms, one a line (blank lines and # comments skipped). A "
+                        "request whose input holds one gets 400 / code 1301; an answer ends just before one, with "
+                        "finish_reason sensitive (/v1: content_filter). ASCII letters match in either case. "
+                        "Default: no filter")
+
+
+def blocked_words(path: str | None) -> list[str]:
+    """The terms of --blocked-words (none without it); ValueError for a file that is missing, unreadable or empty."""
+    if path is None:
+        return []
+    from glm_serve.api.content_filter import read_blocked_words  # noqa: PLC0415
+
+    return read_blocked_words(path)
 
 
 def add_engine_args(p) -> None:
@@ -164,7 +183,8 @@ def cmd_serve(args) -> int:
                               max_body_bytes=max(1024, int(args.max_body_mb * (1 << 20))),
                               allow_image_urls=args.allow_image_urls, data_dir=data_dir(args.data_dir),
                               batch_concurrency=args.batch_concurrency, log_stats_interval_s=args.log_stats_interval,
-                              allowed_origins=args.allowed_origin or [])
+                              allowed_origins=args.allowed_origin or [],
+                              blocked_words=blocked_words(args.blocked_words))  # (read before the slow model load)
     check_tls(args.ssl_certfile, args.ssl_keyfile)  # before the slow model load, as the flags above
     for flag, v in (("--max-concurrency-per-key", settings.max_concurrency_per_key),
                     ("--max-requests-per-minute-per-key", settings.max_requests_per_minute_per_key)):
@@ -199,6 +219,8 @@ def cmd_serve(args) -> int:
         if core.warm_up_seconds:
             log.info("warm-up (kernels compiled, first steps run) in %.1fs", core.warm_up_seconds)
         log.info("model names: %s", ", ".join(ctx.model_names))
+        if settings.blocked_words:  # (the terms themselves stay out of the log)
+            log.info("content filter on: %d blocked terms from %s", len(settings.blocked_words), args.blocked_words)
         log.info("files and batches in %s (batch sequences in flight: %d at most)", settings.data_dir,
                  app.state.batches.worker.concurrency)
         if settings.api_keys:

@@ -27,7 +27,7 @@ log = logging.getLogger("glm_serve.batch")
 
 
 def add_batch_parser(sub, add_model_args) -> None:
-    from glm_serve.api.serve import add_engine_args  # noqa: PLC0415 (argparse only)
+    from glm_serve.api.serve import add_blocked_words_arg, add_engine_args  # noqa: PLC0415 (argparse only)
 
     b = sub.add_parser("batch", help="answer a batch JSONL file in-process (resumable), no server needed",
                        description="Answer every line of a batch input file ({custom_id, method, url, body} per "
@@ -42,6 +42,7 @@ def add_batch_parser(sub, add_model_args) -> None:
     b.add_argument("--concurrency", type=int, default=None,
                    help="lines in flight at once (default: twice --max-num-seqs, so the engine stays full)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_blocked_words_arg(b)
     add_engine_args(b)
     b.set_defaults(fn=cmd_batch)
 
@@ -246,12 +247,13 @@ def cmd_batch(args) -> int:
         ServingContext,
         default_model_names,
     )
-    from glm_serve.api.serve import engine_config  # noqa: PLC0415
+    from glm_serve.api.serve import blocked_words, engine_config  # noqa: PLC0415
     from glm_serve.batch.runner import iter_lines  # noqa: PLC0415
     from glm_serve.engine.async_engine import AsyncEngine  # noqa: PLC0415
     from glm_serve.engine.engine import LLMEngine  # noqa: PLC0415
 
     src, out_path = Path(args.input), Path(args.output)
+    words = blocked_words(args.blocked_words)  # a bad list is refused before the slow model load
     err_path = Path(args.errors) if args.errors else errors_path(out_path)
     if not src.is_file():
         raise ValueError(f"input file {src} " + ("is not a file" if src.exists() else "does not exist"))
@@ -287,7 +289,8 @@ def cmd_batch(args) -> int:
     progress = _Progress(len(lines), len(done_before(lines, done_ids, done_lines)), enabled=not args.no_progress)
     try:
         served = (args.served_model_name or []) or [*default_model_names(args.model, core.model_path), *names]
-        ctx = ServingContext(engine, ServerSettings(served_model_names=list(dict.fromkeys(served))))
+        ctx = ServingContext(engine, ServerSettings(served_model_names=list(dict.fromkeys(served)),
+                                                    blocked_words=words))
         concurrency = args.concurrency or 2 * core.config.max_num_seqs
         answered, failed = asyncio.run(run_file(ctx, lines, done_ids, done_lines, out, err, concurrency, progress))
     except KeyboardInterrupt:
