@@ -298,7 +298,7 @@ def test_admission_limits():
 
 
 def _ctx(**defaults):
-    return SimpleNamespace(defaults=GenerationDefaults(**defaults), max_n=8, max_model_len=1000)
+    return SimpleNamespace(defaults=GenerationDefaults(**defaults), max_n=8, max_model_len=1000, content_filter=None)
 
 
 def _req(**fields):
