@@ -111,13 +111,13 @@ class StopChecker:
     whether to stop; once stopped, `reason` says which kind ended it."""
 
     def __init__(self, stop_strings: Sequence[str], include_stop_str: bool = False, min_tokens: int = 0,
-                 blocked: BlockedStrings | None = None) -> None:
+                 blocked: BlockedStrings | Sequence[str] | None = None) -> None:
         if isinstance(stop_strings, str):
             raise ValueError("stop_strings must be a list of strings, not a single string")
         if any(not isinstance(s, str) or s == "" for s in stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
         self.stop_strings = list(dict.fromkeys(stop_strings))
-        self.blocked = blocked or None
+        self.blocked = BlockedStrings(blocked) if blocked else None  # (a BlockedStrings: as it is)
         self.active = bool(self.stop_strings or self.blocked)  # False: feed passes text through (the hot path)
         self.include_stop_str = include_stop_str  # (never a blocked string: that is not emitted at all)
         # Proper prefixes of every stop string: a text tail in this set might still grow into a match.

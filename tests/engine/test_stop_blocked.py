@@ -125,6 +125,11 @@ def test_sampling_params_field():
     assert pickle.loads(pickle.dumps(shared)) is shared
 
 
+def test_stop_checker_takes_a_plain_list_too():
+    checker = StopChecker([], blocked=["Zz"])
+    assert checker.feed("azZ") == ("a", True) and (checker.reason, checker.matched) == ("content_filter", "Zz")
+
+
 def test_find_in_whole_texts():
     b = BlockedStrings(["Foo", "坏词"])
     assert b.find_in("a FOO b") == "Foo" and b.find_in("这是坏词") == "坏词"
