@@ -74,6 +74,15 @@ def test_concurrent_requests_match_the_in_process_engine(llm, proc):
     assert proc.step_count > 0 and proc.alive
 
 
+def test_blocked_strings_cross_to_the_engine_process(llm, proc):
+    # A BlockedStrings crosses the pipe as its terms and is compiled once there: the same cut, the same finish
+    reqs = [([9, 8, 7, 6], SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=24, ignore_eos=True,
+                                          blocked_strings=["E"]))]
+    want, got = _run_in_thread_engine(llm, reqs), _run_all(proc, reqs)
+    assert _summary(got[0]) == _summary(want[0])
+    assert (merge_final(got[0])[0].finish_reason, merge_final(got[0])[0].stop_reason) == ("content_filter", "E")
+
+
 def _run_in_thread_engine(llm, requests, constraints=None):
     front = AsyncEngine(llm.engine)
     try:
