@@ -44,9 +44,8 @@ CODES: dict[str, tuple[int, str]] = {
 # OpenAI clients switch on these `code` strings; the rest keep the vendor's number.
 # "content_filter": what Azure OpenAI answers a prompt its content filter refuses (OpenAI names no such code).
 _OPENAI_CODES = {"1211": "model_not_found", "1261": "context_length_exceeded", "1301": "content_filter",
-                 "1001": "invalid_api_key",
-                 "1000": "invalid_api_key", "1002": "invalid_api_key", "1003": "invalid_api_key",
-                 "1004": "invalid_api_key"}
+                 "1001": "invalid_api_key", "1000": "invalid_api_key", "1002": "invalid_api_key",
+                 "1003": "invalid_api_key", "1004": "invalid_api_key"}
 
 
 class APIError(Exception):

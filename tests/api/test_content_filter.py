@@ -34,17 +34,20 @@ def _swap_ascii_case(text: str) -> str:
     return "".join(c.swapcase() if c.isascii() else c for c in text)
 
 
-def _term_across_tokens(tokenizer, token_ids, cjk: bool):
+def _term_across_tokens(tokenizer, token_ids, cjk: bool | None, avoid: str = ""):
     """A piece of a greedy answer spanning a token boundary after its 8th token (a stream of some length comes
-    first), first occurring there (and with a CJK character when `cjk`) -> (term, where it starts in the text)."""
+    first), first occurring there, with a CJK character or without (`cjk`; None: either), and not in `avoid` (the
+    request's own text) -> (term, where it starts in the text)."""
     pieces = [tokenizer.decode([t]) for t in token_ids]
     text, at = "".join(pieces), 0
     for k in range(1, len(pieces)):
         at += len(pieces[k - 1])
         a, b = pieces[k - 1], pieces[k]
         term = a[-2:] + b[:2]
-        if (k >= min(8, len(pieces) - 2) and len(a) >= 2 and len(b) >= 2 and "\ufffd" not in term and term.strip() == term
-                and cjk == any("\u4e00" <= c <= "\u9fff" for c in term) and fold(text).find(fold(term)) == at - 2):
+        if (k >= min(8, len(pieces) - 2) and len(a) >= 2 and len(b) >= 2 and "\ufffd" not in term
+                and term.strip() == term
+                and cjk in (None, any("\u4e00" <= c <= "\u9fff" for c in term)) and fold(term) not in fold(avoid)
+                and fold(text).find(fold(term)) == at - 2):
             return term, at - 2
     raise AssertionError(f"no term spanning two tokens in {pieces!r}")
 
@@ -53,8 +56,8 @@ def _term_across_tokens(tokenizer, token_ids, cjk: bool):
 def found(server):
     """The unfiltered greedy answer to POEM, and a term (with Chinese) it writes across two tokens."""
     text, ids, _ = engine_answer(server.engine, POEM, MAX)
-    term, at = _term_across_tokens(server.engine.engine.tokenizer, ids, cjk=True)
-    assert term not in POEM[0]["content"]
+    term, at = _term_across_tokens(server.engine.engine.tokenizer, ids, cjk=True,
+                                   avoid=json.dumps(POEM, ensure_ascii=False))
     return text, term, at
 
 
@@ -113,7 +116,8 @@ def test_input_checks_on_other_routes_and_what_passes(filtered, server):
                                                                      "max_tokens": 2})
         assert (r.status_code, r.json()["error"]["code"]) == (400, "content_filter"), prompt
     # A term split over two messages is in neither; a text without one passes; no list: nothing is refused
-    split = [{"role": "user", "content": "禁"}, {"role": "assistant", "content": "词"}, {"role": "user", "content": "x"}]
+    split = [{"role": "user", "content": "禁"}, {"role": "assistant", "content": "词"},
+             {"role": "user", "content": "x"}]
     assert client.chat.completions.create(model="glm-4-plus", messages=split, max_tokens=2).choices
     plain = ZhipuAiClient(api_key="a.b", base_url=server.vendor_base, max_retries=0)
     assert plain.chat.completions.create(model="glm-4-plus", messages=msgs, max_tokens=2).choices
@@ -193,16 +197,15 @@ def test_user_stop_strings_still_stop_and_a_blocked_one_is_sensitive(filtered, f
 
 
 def test_tool_call_arguments_are_generated_text_too(make_server, server):
-    tok = server.engine.engine.tokenizer
     oa = openai.OpenAI(api_key="x", base_url=server.openai_base, max_retries=0)
     body = dict(model="glm-4-plus", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER],
                 tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=60)
     call = oa.chat.completions.create(**body).choices[0].message.tool_calls[0]
     args = call.function.arguments
-    # a term spanning two tokens inside the arguments' text
-    ids = tok.encode(args)
-    term, at = _term_across_tokens(tok, ids, cjk=False) if len(ids) > 3 else (args[3:7], 3)
-    assert fold(term) not in fold(body["messages"][0]["content"])
+    # three characters of the city the model wrote, in no part of the request (not even the tool's schema)
+    city, avoid = json.loads(args)["city"], fold(json.dumps([body["messages"], WEATHER], ensure_ascii=False))
+    term = next(t for t in (city[i:i + 3] for i in range(len(city) - 2))
+                if "\ufffd" not in t and t.strip() == t and fold(t) not in avoid)
     srv = make_server(blocked_words=[term])
     r = openai.OpenAI(api_key="x", base_url=srv.openai_base, max_retries=0).chat.completions.create(**body)
     choice = r.choices[0]
