@@ -66,6 +66,9 @@ def _usage(prompt: int, completion: int, cached: int) -> dict:
             "total_tokens": prompt + completion}
 
 
+# chat finish reason -> the Responses API's incomplete_details.reason (others complete)
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
 class ResponseShape:
     """One response's identity and the request fields it echoes; builds its output items and Response objects, the
     same for a body and a stream (the stream's events carry the very items its final response holds)."""
@@ -107,11 +110,11 @@ class ResponseShape:
                  "content": [_text_part(content or "", logprobs)]}]
 
     def finished(self, content, calls, finish_reason: str, logprobs, usage: dict) -> dict:
-        """The final Response: "length" (max_output_tokens or the context window) makes it incomplete."""
-        cut = finish_reason == "length"
-        status = "incomplete" if cut else "completed"
-        return self.response(status, self.items(content, calls, status, logprobs), usage,
-                             reason="max_output_tokens" if cut else None)
+        """The final Response: "length" (max_output_tokens or the context window) or the operator's content filter
+        (--blocked-words) makes it incomplete, with OpenAI's reason for each."""
+        reason = _INCOMPLETE.get(finish_reason)
+        status = "completed" if reason is None else "incomplete"
+        return self.response(status, self.items(content, calls, status, logprobs), usage, reason=reason)
 
     async def body(self, ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str) -> dict:
         """A non-streamed Response, from the chat path's own body (a failed generation is its 500)."""

@@ -278,3 +278,21 @@ def test_bad_word_files_stop_the_server_before_loading(tmp_path, capsys, content
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--blocked-words" in err and says in err, err
+
+
+def test_responses_route_refuses_and_cuts_too(filtered, found):
+    # /v1/responses runs the chat path: input with a term is a 400 (content_filter), an answer cut before one is
+    # an incomplete response with OpenAI's reason for it, streamed or not.
+    raw, term, at = found
+    want = _content(raw[:at])
+    oa = openai.OpenAI(api_key="x", base_url=filtered.openai_base, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(model="glm-4-plus", input="say 禁词", max_output_tokens=4)
+    assert e.value.code == "content_filter"
+    kw = dict(model="glm-4-plus", input=POEM, temperature=0, max_output_tokens=MAX)
+    r = oa.responses.create(**kw)
+    assert (r.output_text, r.status, r.incomplete_details.reason) == (want, "incomplete", "content_filter")
+    events = list(oa.responses.create(**kw, stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert "".join(ev.delta for ev in events if ev.type == "response.output_text.delta") == want
+    wait_idle(filtered.engine)
