@@ -134,7 +134,8 @@ class RateLimiter:
         self.capacity = float(requests_per_minute)
         self.per_second = requests_per_minute / 60.0
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, when counted); keys are configured, so few
+        # key id -> (tokens, when counted); keys are configured, so there are few
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, key_id: str) -> float:
         """Spend one request of key_id's budget: 0.0, or, when none is left, the seconds until there is one."""

@@ -98,6 +98,16 @@ async def read_json(request: Request) -> dict:
     return data
 
 
+async def read_request(request: Request, model_cls, route: str):
+    """Every JSON route's preamble: the key check, then the body as `model_cls` (its unknown fields logged under
+    `route`). -> (ctx, the caller's key id or None, the validated request)."""
+    ctx = ctx_of(request)
+    key_id = authenticate(request)
+    req = model_cls.model_validate(await read_json(request))
+    req.log_unknown(route)
+    return ctx, key_id, req
+
+
 class Admitted:
     """A request's admission slot plus its client request_id reservation; `release()` is idempotent."""
 
@@ -134,10 +144,7 @@ async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
 
 async def handle_chat(request: Request, flavor: str, model_cls, route: str):
     """Both chat routes: authenticate, parse, then answer_chat."""
-    ctx = ctx_of(request)
-    key_id = authenticate(request)
-    req = model_cls.model_validate(await read_json(request))
-    req.log_unknown(route)
+    ctx, key_id, req = await read_request(request, model_cls, route)
     return await answer_chat(request, ctx, key_id, req, flavor)
 
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from glm_serve.api.chat_service import until_disconnect
-from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, read_json
+from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, read_request
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
 from glm_serve.api.guided import read_guided
@@ -82,10 +82,7 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
 
 @router.post("/completions")
 async def completions(request: Request):
-    ctx = ctx_of(request)
-    key_id = authenticate(request)
-    req = OpenAICompletionRequest.model_validate(await read_json(request))
-    req.log_unknown("openai completions")
+    ctx, key_id, req = await read_request(request, OpenAICompletionRequest, "openai completions")
     ctx.check_model(req.model)
     if req.suffix:
         raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")

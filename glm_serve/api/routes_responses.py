@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 
 from glm_serve.api.chat_service import Meta, chat_result, run_chat
-from glm_serve.api.common import answer_chat, authenticate, ctx_of, read_json
+from glm_serve.api.common import answer_chat, authenticate, read_request
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, internal_error_message
 from glm_serve.api.params import OPENAI, PreparedChat
@@ -34,10 +34,7 @@ router = APIRouter(prefix="/v1")
 
 @router.post("/responses")
 async def create_response(request: Request):
-    ctx = ctx_of(request)
-    key_id = authenticate(request)
-    req = ResponsesRequest.model_validate(await read_json(request))
-    req.log_unknown("openai responses")
+    ctx, key_id, req = await read_request(request, ResponsesRequest, "openai responses")
     view = read_responses_request(req)
     shape = ResponseShape(req)
     meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model)

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from glm_serve.api.common import authenticate, ctx_of, read_json
+from glm_serve.api.common import read_request
 from glm_serve.api.errors import APIError, invalid_value
 from glm_serve.api.params import chat_prompt_ids, continuation
 from glm_serve.api.schemas import _Request
@@ -36,10 +36,7 @@ class DetokenizeRequest(_Request):
 
 async def _read(request: Request, model_cls, route: str):
     """(ctx, the validated request) after the key check; a model, when named, must be one served."""
-    ctx = ctx_of(request)
-    authenticate(request)
-    req = model_cls.model_validate(await read_json(request))
-    req.log_unknown(route)
+    ctx, _, req = await read_request(request, model_cls, route)
     if req.model is not None:
         ctx.check_model(req.model)
     return ctx, req

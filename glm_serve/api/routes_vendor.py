@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glm_serve.api.chat_service import Meta, chat_result
-from glm_serve.api.common import Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json
+from glm_serve.api.common import (Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json,
+                                  read_request)
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, chat_prompt_ids
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
@@ -62,10 +63,7 @@ async def async_result(task_id: str, request: Request):
 
 @router.post("/tokenizer")
 async def tokenizer(request: Request):
-    ctx = ctx_of(request)
-    authenticate(request)
-    req = TokenizerRequest.model_validate(await read_json(request))
-    req.log_unknown("vendor tokenizer")
+    ctx, _, req = await read_request(request, TokenizerRequest, "vendor tokenizer")
     ctx.check_model(req.model)
     ids = chat_prompt_ids(ctx, req.messages, req.tools)
     rid = ctx.new_id("tok")
