@@ -52,7 +52,7 @@ def add_serve_parser(sub, add_model_args) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, requests in flight get this long to finish; those still running "
                         "then end in the API's format (HTTP 503 with an error body; in a stream an error event and "
-                        "[DONE]). Batch jobs resume at the next start; async task results are lost (default %(default)g)")
+                        "[DONE]). Batch jobs and async tasks resume at the next start (default %(default)g)")
     s.add_argument("--engine-process", action="store_true",
                    help="run the engine (model, scheduler, outputs) in a process of its own instead of a thread of "
                         "the server's: the HTTP work and the engine's launches then no longer share one GIL "
