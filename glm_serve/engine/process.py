@@ -13,8 +13,8 @@ The server process keeps the HTTP work, chat templates and validation (RemoteCor
 tokenizer of its own); the engine process owns the model, the scheduler, detokenization and stop strings.
 Messages are pickled. Outputs cross as plain tuples: pickling 256 RequestOutput dataclasses per step takes about
 1 ms on this VM, the same outputs as tuples about 0.1 ms (making them about 0.1 ms more). Constraints cross as their
-serialized grammar (constrain.GrammarConstraint); a GLM-4V prompt as its prepared MultiModalPrompt (pixels
-included).
+serialized grammar (constraints.GrammarConstraint); a GLM-4V prompt as its prepared MultiModalPrompt (pixels
+included); a content filter's blocked-strings list once, then by reference (engine/shared_lists.py).
 
 The engine process ignores SIGINT and SIGTERM (Ctrl-C reaches the whole process group, and so does a supervisor's
 stop: systemd's default KillMode=control-group): the server decides when it stops (after its graceful shutdown),
@@ -47,6 +47,7 @@ from glm_serve.engine.config import EngineConfig
 from glm_serve.engine.engine import check_prompt
 from glm_serve.engine.multimodal import MultiModalPrompt, prepare_image
 from glm_serve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from glm_serve.engine.shared_lists import ListSender, receive
 from glm_serve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class ProcessEngine(EngineFrontend):
             self._close()
             raise
         self._outbox: queue.Queue = queue.Queue()
+        self._lists = ListSender()  # the sender thread's
         self._sender = threading.Thread(target=self._send_loop, name="glm-engine-send", daemon=True)
         self._receiver = threading.Thread(target=self._receive_loop, name="glm-engine-recv", daemon=True)
         self._sender.start()
@@ -215,6 +217,7 @@ class ProcessEngine(EngineFrontend):
                 return
             try:
                 if isinstance(cmd, AddRequest):
+                    cmd = self._lists.outgoing(cmd, self._cmd_send.send)  # a content filter's list: sent once
                     # Its id first, then the request pickled on its own: one that does not unpickle in the engine
                     # process (a grammar that does not rebuild there, an image's shared memory) is refused there by
                     # id, instead of being dropped with its caller waiting forever.
@@ -341,6 +344,12 @@ def _read_commands(commands: Connection, loop: EngineLoop) -> None:
             cmd = ("stop", None)
         except Exception as e:  # noqa: BLE001 (a command that does not unpickle: nothing to answer it with)
             log.exception("a command from the server could not be read: %s", e)
+            continue
+        if cmd[0] == "blocked":  # a list later requests refer to (engine/shared_lists.py)
+            try:
+                receive(cmd[1], cmd[2])
+            except Exception as e:  # noqa: BLE001 (cannot happen for a list that compiled in the server)
+                log.exception("a blocked-strings list from the server could not be compiled: %s", e)
             continue
         if cmd[0] == "stop":
             loop.stop.set()

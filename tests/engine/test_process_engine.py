@@ -83,6 +83,46 @@ def test_blocked_strings_cross_to_the_engine_process(llm, proc):
     assert (merge_final(got[0])[0].finish_reason, merge_final(got[0])[0].stop_reason) == ("content_filter", "E")
 
 
+class _CountingPipe:
+    """The server's end of the command pipe, counting what goes through it."""
+
+    def __init__(self, conn):
+        self.conn, self.sent, self.sizes = conn, [], []
+
+    def send(self, obj):
+        self.sent.append(obj)
+        self.conn.send(obj)
+
+    def send_bytes(self, data):
+        self.sizes.append(len(data))
+        self.conn.send_bytes(data)
+
+    def close(self):
+        self.conn.close()
+
+
+def test_a_shared_blocked_list_crosses_once(llm, proc, monkeypatch):
+    # A server's content filter: one BlockedStrings on every request. 5,000 terms cross the pipe once; each request
+    # then carries a reference to them (small), and cuts where the in-process engine cuts.
+    from glm_serve.engine.stop import BlockedStrings
+
+    shared = BlockedStrings([f"term{k:04d}-never-said" for k in range(5000)] + ["E"])
+    reqs = [([9, 8, 7, 6], SamplingParams(temperature=0.8, top_k=20, seed=s, max_tokens=24, ignore_eos=True,
+                                          blocked_strings=shared)) for s in (3, 4, 5)]
+    pipe = _CountingPipe(proc._cmd_send)
+    monkeypatch.setattr(proc, "_cmd_send", pipe)
+    want, got = _run_in_thread_engine(llm, reqs), _run_all(proc, reqs)
+    for w, g in zip(want, got):
+        assert _summary(g) == _summary(w)
+    assert any(merge_final(g)[0].finish_reason == "content_filter" for g in got)
+    lists = [m for m in pipe.sent if m[0] == "blocked"]
+    assert len(lists) == 1 and len(lists[0][2]) == 5001
+    assert len(pipe.sizes) == 3 and max(pipe.sizes) < 2000, pipe.sizes  # the terms alone pickle to ~100 KB
+    assert reqs[0][1].blocked_strings is shared  # the caller's params are left as they were
+    _run_all(proc, reqs[:1])
+    assert len([m for m in pipe.sent if m[0] == "blocked"]) == 1  # and stay sent
+
+
 def _run_in_thread_engine(llm, requests, constraints=None):
     front = AsyncEngine(llm.engine)
     try:
