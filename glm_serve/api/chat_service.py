@@ -51,6 +51,7 @@ class Meta:
     request_id: str
     created: int
     model: str  # echoed as the client named it
+    owner: str | None = None  # the api key id it is made for (per-key usage in /metrics); None without keys
 
 
 def api_finish_reason(flavor: str, engine_reason: str, is_call: bool, context_full: bool) -> str:
@@ -66,13 +67,14 @@ def api_finish_reason(flavor: str, engine_reason: str, is_call: bool, context_fu
 
 
 async def run_chat(ctx: ServingContext, prep: PreparedChat, flavor: str, engine_rid: str,
-                   usage: Usage, final_only: bool = False,
-                   interrupt: asyncio.Event | None = None) -> AsyncIterator[list[ChoiceUpdate]]:
+                   usage: Usage, final_only: bool = False, interrupt: asyncio.Event | None = None,
+                   owner: str | None = None) -> AsyncIterator[list[ChoiceUpdate]]:
     """Yield each engine step as parsed choice updates; `usage` is kept current. final_only: the engine sends
-    the first tokens and then the rest at the end (a body, not a stream). interrupt: see AsyncEngine.generate."""
+    the first tokens and then the rest at the end (a body, not a stream). interrupt: see AsyncEngine.generate.
+    owner: the api key id its usage counts for."""
     parsers = [ChoiceParser(prep.tool_names, prep.forced_call, prep.raw) for _ in range(prep.params.n)]
     produced = [0] * prep.params.n
-    timer = RequestTimer(ctx.metrics, prep.params.n)
+    timer = RequestTimer(ctx.metrics, prep.params.n, owner)
     try:
         async for out in ctx.engine.generate(engine_rid, prep.prompt_ids, prep.params, prep.constraints, prep.mm,
                                              final_only=final_only, interrupt=interrupt):
@@ -106,7 +108,7 @@ async def chat_result(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     deltas: list[list[Delta]] = [[] for _ in range(prep.params.n)]
     logprobs: list[list | None] = [None] * prep.params.n
     reasons: list[str | None] = [None] * prep.params.n
-    async for updates in run_chat(ctx, prep, meta.flavor, engine_rid, usage, final_only=True):
+    async for updates in run_chat(ctx, prep, meta.flavor, engine_rid, usage, final_only=True, owner=meta.owner):
         for u in updates:
             if u.error is not None:
                 raise APIError("500", f"generation failed: {u.error}")
@@ -133,7 +135,7 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     done = 0
     # ctx.closing interrupts a stream that has nothing to send when the grace runs out (queued, in a long prefill):
     # the check after each step below cannot see it, and the server would cut the stream off moments later.
-    steps = run_chat(ctx, prep, flavor, engine_rid, usage, interrupt=ctx.closing)
+    steps = run_chat(ctx, prep, flavor, engine_rid, usage, interrupt=ctx.closing, owner=meta.owner)
 
     def chunk(index, delta, reason=None, lps=None):
         return chat_chunk(flavor, meta.response_id, meta.created, meta.model, index, delta, reason,

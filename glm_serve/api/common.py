@@ -119,6 +119,8 @@ class Admitted:
         if rid is not None and rid in ctx.active_request_ids:
             raise APIError("1231", f"request_id {client_request_id!r} is already in flight", "request_id")
         self._slot = ctx.admission.acquire(key_id)
+        if key_id is not None:
+            ctx.metrics.key_requests.labels(key=key_id).inc()
         self._ctx, self._rid = ctx, rid
         if rid is not None:
             ctx.active_request_ids.add(rid)
@@ -130,9 +132,10 @@ class Admitted:
             self._rid = None
 
 
-def new_meta(ctx: ServingContext, flavor: str, model: str, client_request_id: str | None) -> Meta:
+def new_meta(ctx: ServingContext, flavor: str, model: str, client_request_id: str | None,
+             owner: str | None = None) -> Meta:
     rid = ctx.new_id("chatcmpl")
-    return Meta(flavor, rid, client_request_id or rid, int(time.time()), model)
+    return Meta(flavor, rid, client_request_id or rid, int(time.time()), model, owner)
 
 
 async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
@@ -163,7 +166,7 @@ async def answer_chat(request: Request, ctx: ServingContext, key_id: str | None,
     prep = await prepare_off_loop(req, flavor, ctx)
     await attach_image(ctx, prep)
     client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
-    meta = meta or new_meta(ctx, flavor, req.model, client_rid)
+    meta = meta or new_meta(ctx, flavor, req.model, client_rid, owner=key_id)
     admitted = Admitted(ctx, key_id, client_rid)
     engine_rid = meta.response_id
     if prep.stream:

@@ -132,6 +132,14 @@ class Metrics:
         # also in finished_choices as reason content_filter)
         self.content_filtered = Counter("glm_serve_content_filtered", "Requests refused (input) and choices cut "
                                         "(output) by the content filter (--blocked-words)", ["stage"], registry=r)
+        # Per api key (its id, the part before the dot; a raw key's digest): what each caller used. Labels come
+        # from the configured keys only, so their number is bounded. Requests: those admitted (chat, completions,
+        # responses, async tasks); tokens: theirs and their batch lines', counted as each generation ends.
+        self.key_requests = Counter("glm_serve_key_requests", "Requests admitted, per api key", ["key"], registry=r)
+        self.key_prompt_tokens = Counter("glm_serve_key_prompt_tokens", "Prompt tokens processed, per api key",
+                                         ["key"], registry=r)
+        self.key_generation_tokens = Counter("glm_serve_key_generation_tokens", "Tokens generated, per api key",
+                                             ["key"], registry=r)
         self.num_prompt_tokens = 0  # the same, as a plain number (stats_log reads it)
         # Updated for every streamed token, on the event loop only (RequestTimer): plain numbers (_LoopCollector).
         self.num_generation_tokens = 0
@@ -154,10 +162,13 @@ class Metrics:
 
 
 class RequestTimer:
-    """Latency and outcome bookkeeping of one generation request (all its `n` choices)."""
+    """Latency and outcome bookkeeping of one generation request (all its `n` choices). owner: the api key id it
+    is counted for (None: no keys)."""
 
-    def __init__(self, metrics: Metrics, n: int = 1):
+    def __init__(self, metrics: Metrics, n: int = 1, owner: str | None = None):
         self.metrics = metrics
+        self.owner = owner
+        self._generated = 0  # tokens, all choices
         self.start = time.monotonic()
         self._last: float | None = None
         self._finished = False
@@ -192,6 +203,7 @@ class RequestTimer:
             self.metrics.itl.observe((now - self._last) / steps, steps)
         self._last = now
         self.metrics.num_generation_tokens += num_tokens
+        self._generated += num_tokens
 
     def on_finish(self, prompt_tokens: int) -> None:
         if self._finished:
@@ -210,5 +222,10 @@ class RequestTimer:
             self.on_finish(prompt_tokens)
         if not self._over:
             self._over = True
+            if self.owner is not None:
+                m = self.metrics
+                if self._last is not None:  # (its prompt was computed: see above)
+                    m.key_prompt_tokens.labels(key=self.owner).inc(prompt_tokens)
+                m.key_generation_tokens.labels(key=self.owner).inc(self._generated)
             if self._n > len(self._ended):
                 self.metrics.finished.labels(reason="abort").inc(self._n - len(self._ended))

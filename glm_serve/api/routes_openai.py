@@ -108,7 +108,7 @@ async def completions(request: Request):
         constraints = [guided_constraints(ctx, guided, params.n, content=False) for _ in prompts]
         params.stop, params.stop_token_ids = [], []  # the grammar decides where the text ends (see prepare_chat)
     admitted = Admitted(ctx, key_id, None)
-    run = _Completion(ctx, req, params, prompts, constraints)
+    run = _Completion(ctx, req, params, prompts, constraints, owner=key_id)
     if req.stream:
         stream = run.stream(admitted.release)
         weakref.finalize(stream, admitted.release)
@@ -124,8 +124,9 @@ class _Completion:
     """One /v1/completions request: every prompt x n choices, merged into one response or stream."""
 
     def __init__(self, ctx: ServingContext, req: OpenAICompletionRequest, params: SamplingParams,
-                 prompts: list[list[int]], constraints: list[list] | None = None):
+                 prompts: list[list[int]], constraints: list[list] | None = None, owner: str | None = None):
         self.ctx, self.params, self.prompts = ctx, params, prompts
+        self.owner = owner  # the api key id its usage counts for
         self.constraints = constraints  # [prompt][choice] guided decoding's constraints, or None
         self.model, self.id, self.created = req.model, ctx.new_id("cmpl"), int(time.time())
         self.echo = bool(req.echo)
@@ -178,7 +179,7 @@ class _Completion:
 
     async def _generate(self, k: int, ids: list[int], final_only: bool, interrupt) -> AsyncIterator[tuple[int, object]]:
         """Prompt k's engine outputs, (k, RequestOutput), with its usage and latency metrics kept."""
-        timer = RequestTimer(self.ctx.metrics, self.params.n)  # each prompt is a generation of its own, at its own pace
+        timer = RequestTimer(self.ctx.metrics, self.params.n, self.owner)  # each prompt is a generation of its own, at its own pace
         try:
             constraints = self.constraints[k] if self.constraints is not None else None
             async for out in self.ctx.engine.generate(f"{self.id}-{k}", ids, self.params, constraints,

@@ -37,7 +37,7 @@ async def create_response(request: Request):
     ctx, key_id, req = await read_request(request, ResponsesRequest, "openai responses")
     view = read_responses_request(req)
     shape = ResponseShape(req)
-    meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model)
+    meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model, owner=key_id)
     try:
         return await answer_chat(request, ctx, key_id, view.chat, OPENAI, body=shape.body, stream=shape.stream,
                                  meta=meta)
@@ -124,7 +124,7 @@ class ResponseShape:
 
     def stream(self, ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str,
                release: Callable[[], None]) -> AsyncIterator[str]:
-        return _EventStream(self, ctx, prep).run(engine_rid, release)
+        return _EventStream(self, ctx, prep).run(engine_rid, release, meta.owner)
 
 
 def _text_part(text: str, logprobs: list[dict] | None) -> dict:
@@ -206,10 +206,10 @@ class _EventStream:
         output = self.shape.items(parsed.content, parsed.tool_calls, "incomplete", None) if self.opened else []
         return self.event("response.failed", response=self.shape.response("failed", output, error=message))
 
-    async def run(self, engine_rid: str, release: Callable[[], None]) -> AsyncIterator[str]:
+    async def run(self, engine_rid: str, release: Callable[[], None], owner: str | None = None) -> AsyncIterator[str]:
         usage, reason = Usage(), None
         # ctx.closing interrupts a stream still waiting for the engine when the shutdown grace runs out (as chat)
-        steps = run_chat(self.ctx, self.prep, OPENAI, engine_rid, usage, interrupt=self.ctx.closing)
+        steps = run_chat(self.ctx, self.prep, OPENAI, engine_rid, usage, interrupt=self.ctx.closing, owner=owner)
         try:
             yield self.event("response.created", response=self.shape.response("in_progress", []))
             yield self.event("response.in_progress", response=self.shape.response("in_progress", []))

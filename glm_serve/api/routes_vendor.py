@@ -35,7 +35,7 @@ async def async_chat_completions(request: Request):
     prep = await prepare_off_loop(req, VENDOR, ctx)
     await attach_image(ctx, prep)
     prep.stream = False  # a task's result is fetched whole
-    meta = new_meta(ctx, VENDOR, req.model, req.request_id)
+    meta = new_meta(ctx, VENDOR, req.model, req.request_id, owner=key_id)
     admitted = Admitted(ctx, key_id, req.request_id)
     task = Task(meta.response_id, meta.request_id, req.model, owner=key_id)
     request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release, body)
@@ -49,7 +49,7 @@ async def rerun_task(ctx, task: Task, body: dict) -> dict:
     prep = await prepare_off_loop(req, VENDOR, ctx)
     await attach_image(ctx, prep)
     prep.stream = False
-    meta = Meta(VENDOR, task.id, task.request_id, int(time.time()), task.model)
+    meta = Meta(VENDOR, task.id, task.request_id, int(time.time()), task.model, owner=task.owner)
     # A fresh engine request id: an engine that outlived the server (one process, a server built again over it)
     # may not have dropped the first run's request yet.
     return await chat_result(ctx, prep, meta, ctx.new_id("chatcmpl"))

@@ -162,7 +162,7 @@ def check_input(ctx: ServingContext, data: bytes) -> Iterator[BatchLine]:
 
 
 async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict,
-                   url: str = ENDPOINTS[0]) -> tuple[bool, str, int]:
+                   url: str = ENDPOINTS[0], owner: str | None = None) -> tuple[bool, str, int]:
     """Answer one checked line as the chat endpoint its url names would: (ok, the output or error line, completion
     tokens). Cancelling the call aborts the engine request."""
     try:
@@ -171,7 +171,7 @@ async def run_line(ctx: ServingContext, custom_id: str, line: int, body: dict,
         prep = await ctx.off_loop(_prepare, ctx, body, url)
         await attach_image(ctx, prep)  # GLM-4V: decode (or fetch) the line's image, as the endpoint does
         req_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
-        meta = new_meta(ctx, flavor_of(url), body["model"], req_id)
+        meta = new_meta(ctx, flavor_of(url), body["model"], req_id, owner=owner)  # (owner: the batch's key)
         answer = await chat_result(ctx, prep, meta, meta.response_id)
     except APIError as e:
         return False, _refused(custom_id, line, e, url), 0

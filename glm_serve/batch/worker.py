@@ -189,19 +189,19 @@ class BatchWorker:
                     await asyncio.to_thread(self.store.stop_items, [(b.id, line) for line in lines])
                     raise
                 for item, seqs in start:
-                    self._start(item, seqs)
+                    self._start(item, seqs, b.owner)
             if blocked or free <= 0:
                 return
 
-    def _start(self, item: Item, seqs: int = 1) -> None:
+    def _start(self, item: Item, seqs: int = 1, owner: str | None = None) -> None:
         entry = _Running(seqs=seqs)
         self._running[(item.batch_id, item.line)] = entry
-        entry.task = asyncio.ensure_future(self._run_item(item, entry))
+        entry.task = asyncio.ensure_future(self._run_item(item, entry, owner))
         self.peak_in_flight = max(self.peak_in_flight, len(self._running))
 
-    async def _run_item(self, item: Item, entry: _Running) -> None:
+    async def _run_item(self, item: Item, entry: _Running, owner: str | None = None) -> None:
         try:
-            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body, item.url)
+            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body, item.url, owner)
             if not ok and not self.ctx.engine.alive:  # failed because the engine stopped, not for the line itself:
                 # pending, to rerun; its start still counts, as at a crash of the whole server: the engine process's
                 # death (a GPU fault, the OOM killer) may be this line's doing (MAX_LINE_CRASHES)

@@ -3,6 +3,7 @@ every error has the API's body and code, 400s are not retried, the server keeps 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -286,3 +287,67 @@ def test_request_rate_per_key(make_server):
     t0 = time.monotonic()
     out = OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=3).chat.completions.create(**body)
     assert out.choices[0].finish_reason in ("stop", "length") and time.monotonic() - t0 < 10
+
+
+def _key_metrics(srv) -> dict[tuple[str, str], float]:
+    text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY_A}"}).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("glm_serve_key_") and "_total{" in line:
+            name, rest = line.split("{", 1)
+            out[(name.removeprefix("glm_serve_key_").removesuffix("_total"), rest.split('"')[1])] = float(
+                line.split()[-1])
+    return out
+
+
+def test_usage_per_key_in_metrics(make_server, engine):
+    # Every way a key spends the model is counted for it: vendor chat, a /v1 stream, completions over two prompts,
+    # a Responses call, an async task and a batch line; the tokens are the ones their usage reported. Another
+    # key's stay apart.
+    from openai import OpenAI  # noqa: PLC0415
+
+    srv = make_server(api_keys=[KEY_A, KEY_B])
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    oa = OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=0)
+    prompt = completion = 0
+
+    def add(usage_prompt, usage_completion):
+        nonlocal prompt, completion
+        prompt, completion = prompt + usage_prompt, completion + usage_completion
+
+    r = _sdk(srv, KEY_A).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=3)
+    add(r.usage.prompt_tokens, r.usage.completion_tokens)
+    chunks = list(oa.chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=4, stream=True,
+                                             stream_options={"include_usage": True}))
+    add(chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens)
+    r = oa.completions.create(model="glm-4-plus", prompt=["one", "two three"], max_tokens=2)
+    add(r.usage.prompt_tokens, r.usage.completion_tokens)
+    r = oa.responses.create(model="glm-4-plus", input="hi", max_output_tokens=3)
+    add(r.usage.input_tokens, r.usage.output_tokens)
+    task = httpx.post(srv.vendor_base + "async/chat/completions", headers=auth,
+                      json={"model": "glm-4-plus", "messages": USER, "max_tokens": 3}).json()
+    deadline = time.monotonic() + 60
+    while (res := httpx.get(srv.vendor_base + f"async-result/{task['id']}", headers=auth).json())[
+            "task_status"] == "PROCESSING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    add(res["usage"]["prompt_tokens"], res["usage"]["completion_tokens"])
+    line = {"custom_id": "a", "method": "POST", "url": "/v4/chat/completions",
+            "body": {"model": "glm-4-plus", "messages": USER, "max_tokens": 3}}
+    f = httpx.post(srv.vendor_base + "files", headers=auth, data={"purpose": "batch"},
+                   files={"file": ("in.jsonl", (json.dumps(line) + "\n").encode())}).json()
+    b = httpx.post(srv.vendor_base + "batches", headers=auth, json={
+        "input_file_id": f["id"], "endpoint": "/v4/chat/completions", "completion_window": "24h"}).json()
+    while (b := httpx.get(srv.vendor_base + f"batches/{b['id']}", headers=auth).json())["status"] not in (
+            "completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = httpx.get(srv.vendor_base + f"files/{b['output_file_id']}/content", headers=auth).text
+    usage = json.loads(out)["response"]["body"]["usage"]
+    add(usage["prompt_tokens"], usage["completion_tokens"])
+    OpenAI(api_key=KEY_B, base_url=srv.url + "/v1", max_retries=0).chat.completions.create(
+        model="glm-4-plus", messages=USER, max_tokens=2)
+    wait_idle(engine)
+    m = _key_metrics(srv)
+    a, b_id = KEY_A.split(".")[0], KEY_B.split(".")[0]
+    assert m[("requests", a)] == 5 and m[("requests", b_id)] == 1  # admitted requests (batch lines are not)
+    assert (m[("prompt_tokens", a)], m[("generation_tokens", a)]) == (prompt, completion)
+    assert m[("generation_tokens", b_id)] >= 1
