@@ -243,9 +243,38 @@ def _added_from_config(config: dict, where: Path) -> list[AddedToken]:
     return added
 
 
-def load_tokenizer(model_dir: str | Path, backend: str = "auto") -> GlmTokenizer:
+def read_chat_template(path: str | Path) -> str:
+    """A chat template file (`--chat-template`, `LLM(chat_template=...)`): jinja, as a checkpoint's own, checked
+    here (it compiles) so that a mistake is a start-up error rather than every request's 500."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--chat-template: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--chat-template: cannot read {path} ({e})") from None
+    if not text.strip():
+        raise ValueError(f"--chat-template: {path} is empty")
+    from jinja2 import TemplateError  # noqa: PLC0415
+
+    from glm_serve.chat import _compile  # noqa: PLC0415 (chat imports this module)
+
+    try:
+        _compile(text)
+    except TemplateError as e:
+        raise ValueError(f"--chat-template: {path} is not a valid jinja template ({e})") from None
+    return text
+
+
+def load_tokenizer(model_dir: str | Path, backend: str = "auto", chat_template: str | Path | None = None
+                   ) -> GlmTokenizer:
     """Tokenizer of a checkpoint folder. backend: "auto" (tokenizer.json when present, else tokenizer.model),
-    "hf" or "tiktoken"."""
+    "hf" or "tiktoken". chat_template: a template file that replaces the checkpoint's (read_chat_template)."""
+    if chat_template is not None:
+        template = read_chat_template(chat_template)
+        tok = load_tokenizer(model_dir, backend)
+        tok.chat_template = template
+        return tok
     model_dir = Path(model_dir)
     if backend not in ("auto", "hf", "tiktoken"):
         raise ValueError(f"backend must be auto, hf or tiktoken, got {backend!r}")

@@ -99,6 +99,8 @@ def add_engine_args(p) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step at most (default "
                                                                                    "%(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja chat template replacing the checkpoint's (a fine-tune's own; checked at start)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto (the default): triton on CUDA, torch on the CPU")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -152,7 +154,7 @@ def engine_config(args):
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend, seed=args.seed,
         cuda_graphs=args.cuda_graphs, fused_ops=not args.no_fused_ops,
         overlap_scheduling=not args.no_overlap_scheduling,
-        stream_interval=args.stream_interval)
+        stream_interval=args.stream_interval, chat_template=args.chat_template)
 
 
 def cmd_serve(args) -> int:

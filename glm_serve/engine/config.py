@@ -28,6 +28,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the checkpoint's context, capped by the cache
     max_num_seqs: int = 256
     max_batch_tokens: int = 2048
+    chat_template: str | None = None  # a jinja template file replacing the checkpoint's (--chat-template)
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
     seed: int = 0  # default generator (unseeded requests)

@@ -68,7 +68,7 @@ class LLMEngine(OutputEmitter, DeviceStep):
         if config.max_model_len is not None and config.max_model_len > window:
             raise ValueError(f"max_model_len (--max-model-len) {config.max_model_len} is beyond the checkpoint's "
                              f"context window of {window} tokens")
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path, chat_template=config.chat_template)
         backend = make_backend(config.resolved_backend(self.device))
         backend.check_supported(self.device, self.dtype)
         t0 = time.monotonic()

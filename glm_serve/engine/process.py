@@ -91,7 +91,8 @@ class RemoteCore:
         self.vision_config = facts.vision_config
         self.device, self.dtype = facts.device, facts.dtype
         self.load_seconds, self.warm_up_seconds = facts.load_seconds, facts.warm_up_seconds
-        self.tokenizer = load_tokenizer(self.model_path)  # templates and validation stay in the server process
+        # templates and validation stay in the server process
+        self.tokenizer = load_tokenizer(self.model_path, chat_template=self.config.chat_template)
         self.latest_stats: dict = facts.stats  # LLMEngine.stats() as of the engine's last message
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
