@@ -41,7 +41,7 @@ class ChatView:
         if param == err.param:
             return err
         message = param + err.message[len(err.param):] if err.message.startswith(err.param) else err.message
-        return APIError(err.code, message, param, err.status)
+        return APIError(err.code, message, param, err.status, err.headers)
 
     def _field(self, name: str) -> str:
         m = re.fullmatch(r"messages\[(\d+)\](.*)", name)
