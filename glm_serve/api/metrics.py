@@ -174,6 +174,7 @@ class RequestTimer:
         self._finished = False
         self._n = n
         self._ended: set[int] = set()  # indices of the choices whose finish reason was counted
+        self._prompt_counted = False
         self._over = False  # on_end ran
 
     def on_output(self, out) -> None:
@@ -185,6 +186,8 @@ class RequestTimer:
                 self.metrics.finished.labels(reason=o.finish_reason).inc()
                 if o.finish_reason == "content_filter":
                     self.metrics.content_filtered.labels(stage="output").inc()
+        if self._last is None and any(o.token_ids for o in out.outputs):
+            self._count_prompt(out.prompt_tokens)  # its first tokens: the prompt has been computed by now
         self.on_tokens(sum(len(o.token_ids) for o in out.outputs),
                        steps=max((len(o.token_ids) for o in out.outputs), default=0))
 
@@ -205,12 +208,24 @@ class RequestTimer:
         self.metrics.num_generation_tokens += num_tokens
         self._generated += num_tokens
 
+    def _count_prompt(self, prompt_tokens: int) -> None:
+        """Once, when the prompt has been computed (first tokens; or the end, for a request that generates none):
+        throughput figures (the stats line, rates over glm_serve_prompt_tokens_total) see prefill as it happens,
+        not when a long answer ends."""
+        if self._prompt_counted:
+            return
+        self._prompt_counted = True
+        m = self.metrics
+        m.prompt_tokens.inc(prompt_tokens)
+        m.num_prompt_tokens += prompt_tokens
+        if self.owner is not None:
+            m.key_prompt_tokens.labels(key=self.owner).inc(prompt_tokens)
+
     def on_finish(self, prompt_tokens: int) -> None:
         if self._finished:
             return
         self._finished = True
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        self.metrics.num_prompt_tokens += prompt_tokens
+        self._count_prompt(prompt_tokens)
         self.metrics.e2e.observe(time.monotonic() - self.start)
 
     def on_end(self, prompt_tokens: int) -> None:
@@ -223,9 +238,6 @@ class RequestTimer:
         if not self._over:
             self._over = True
             if self.owner is not None:
-                m = self.metrics
-                if self._last is not None:  # (its prompt was computed: see above)
-                    m.key_prompt_tokens.labels(key=self.owner).inc(prompt_tokens)
-                m.key_generation_tokens.labels(key=self.owner).inc(self._generated)
+                self.metrics.key_generation_tokens.labels(key=self.owner).inc(self._generated)
             if self._n > len(self._ended):
                 self.metrics.finished.labels(reason="abort").inc(self._n - len(self._ended))

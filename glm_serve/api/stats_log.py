@@ -4,10 +4,10 @@ rather than scrape /metrics:
     engine: 812.4 prompt tokens/s, 1904.0 generated tokens/s; 37 running, 2 waiting; KV cache 41.3% used;
     prefix cache hits 62.5% of prompt tokens; 0 preemptions
 
-Throughputs are over the interval just ended (a request's prompt tokens count when it ends, as in
-glm_serve_prompt_tokens_total); the hit rate is over the prompt tokens the interval looked up. A line is written
-only for an interval with work in it (tokens made, or requests running or waiting), so an idle server's log
-stays quiet."""
+Throughputs are over the interval just ended (a request's prompt tokens count when its first tokens come, its
+prompt computed, as in glm_serve_prompt_tokens_total); the hit rate is over the prompt tokens the interval looked
+up. A line is written only for an interval with work in it (tokens made, or requests running or waiting), so an
+idle server's log stays quiet."""
 
 from __future__ import annotations
 

@@ -381,7 +381,8 @@ def test_request_timer_spreads_a_merged_arrival_over_its_steps(monkeypatch):
     assert value("glm_serve_generation_tokens_total") == 11
     clock[0] = 102.1  # an engine output with two choices of two tokens each: two steps of 0.3 s
     late.on_output(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[1, 2], finish_reason=None),
-                                            SimpleNamespace(index=1, token_ids=[3, 4], finish_reason=None)]))
+                                            SimpleNamespace(index=1, token_ids=[3, 4], finish_reason=None)],
+                                   prompt_tokens=3))
     assert value("glm_serve_inter_token_latency_seconds_count") == 8
     assert value("glm_serve_inter_token_latency_seconds_sum") == pytest.approx(1.3)
     assert value("glm_serve_generation_tokens_total") == 15
@@ -405,10 +406,33 @@ def test_request_timer_counts_an_ended_request_once_and_only_after_a_first_token
     assert value("glm_serve_num_preemptions_total") == 3  # a running total is a counter
 
 
+def test_request_timer_counts_the_prompt_with_the_first_tokens():
+    # The stats line's prompt tokens/s and rates over glm_serve_prompt_tokens_total see prefill when it is done, not
+    # when a long answer ends (they used to count at the end); and still once, and per key.
+    metrics = Metrics(SimpleNamespace(stats=lambda: {}))
+    value = metrics.registry.get_sample_value
+    t = RequestTimer(metrics, owner="team-a")
+    t.on_output(SimpleNamespace(outputs=[], prompt_tokens=40))  # (prompt logprobs before any token: not yet)
+    assert value("glm_serve_prompt_tokens_total") == 0
+    first = SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[5], finish_reason=None)], prompt_tokens=40)
+    t.on_output(first)
+    assert value("glm_serve_prompt_tokens_total") == 40 and metrics.num_prompt_tokens == 40
+    assert value("glm_serve_key_prompt_tokens_total", {"key": "team-a"}) == 40
+    t.on_output(first)
+    t.on_finish(40)
+    t.on_end(40)
+    assert value("glm_serve_prompt_tokens_total") == 40
+    assert value("glm_serve_key_prompt_tokens_total", {"key": "team-a"}) == 40
+    assert value("glm_serve_key_generation_tokens_total", {"key": "team-a"}) == 2
+    echo = RequestTimer(metrics)  # max_tokens 0 (echo with prompt logprobs): no token, counted at its finish
+    echo.on_finish(9)
+    assert value("glm_serve_prompt_tokens_total") == 49
+
+
 def _out(*choices):
     """A RequestOutput of (index, tokens, finish_reason) choices."""
     return SimpleNamespace(outputs=[SimpleNamespace(index=i, token_ids=[7] * k, finish_reason=r)
-                                    for i, k, r in choices])
+                                    for i, k, r in choices], prompt_tokens=3)
 
 
 def test_request_timer_counts_each_choice_by_how_it_ended():
