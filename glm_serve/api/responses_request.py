@@ -87,9 +87,8 @@ def read_responses_request(req: ResponsesRequest) -> ChatView:
                                           "this server stores none")
     if req.prompt is not None:
         raise invalid_value("prompt", "reusable prompts live in OpenAI's cloud; send their text as instructions")
-    if req.truncation not in (None, "disabled"):
-        raise invalid_value("truncation", f"only 'disabled' is supported (a conversation longer than the context "
-                                          f"window is a 400, never cut), got {req.truncation!r}")
+    if req.truncation not in (None, "disabled", "auto"):
+        raise invalid_value("truncation", f"must be 'disabled' or 'auto', got {req.truncation!r}")
     if req.reasoning is not None:
         log.info("responses: ignoring reasoning %s (GLM-4 has no reasoning mode)", req.reasoning)
     messages, origins, kinds = [], [], []
@@ -238,3 +237,38 @@ def _format(text: dict | None) -> dict | None:
         return {"type": "json_schema",
                 "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"], "strict": fmt.get("strict")}}
     raise invalid_value("text.format.type", f"must be text, json_object or json_schema, got {kind!r}")
+
+
+def fit_input(ctx, req: ResponsesRequest) -> ResponsesRequest:
+    """`truncation: "auto"`: the request with as few of its oldest input items dropped as make the prompt fit the
+    context window (instructions and the last item always stay), as OpenAI drops items rather than failing. The
+    prompt is counted as the chat path renders it; the fewest items to drop is found by bisection (a handful of
+    renders for a long history). A request that fits, or that no dropping can fit, comes back as it was, and the
+    chat path answers it (with its 1261 for the latter)."""
+    from glm_serve.api.params import _developer_as_system, chat_prompt_ids  # noqa: PLC0415
+
+    items = req.input
+    if req.truncation != "auto" or not isinstance(items, list) or len(items) < 2:
+        return req
+
+    def fits(k: int) -> bool:
+        trial = req.model_copy(update={"input": items[k:]})
+        try:
+            chat = read_responses_request(trial).chat
+            ids = chat_prompt_ids(ctx, _developer_as_system(chat.messages), chat.tools)
+        except APIError:  # a bad item: the chat path names it, on the request as sent
+            return True
+        return len(ids) < ctx.max_model_len  # (room for the first generated token, as the chat path asks)
+
+    if fits(0) or not fits(len(items) - 1):
+        return req
+    lo, hi = 1, len(items) - 1  # fits(hi); find the smallest k that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    log.info("responses: truncation auto dropped the %d oldest of %d input items to fit the context window", lo,
+             len(items))
+    return req.model_copy(update={"input": items[lo:]})

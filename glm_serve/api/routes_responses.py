@@ -23,7 +23,7 @@ from glm_serve.api.errors import APIError, internal_error_message
 from glm_serve.api.params import OPENAI, PreparedChat
 from glm_serve.api.parser import Delta, assemble
 from glm_serve.api.responses import Usage, chat_logprobs, one_line
-from glm_serve.api.responses_request import read_responses_request
+from glm_serve.api.responses_request import fit_input, read_responses_request
 from glm_serve.api.schemas import ResponsesRequest
 from glm_serve.engine.async_engine import EngineStoppedError, Interrupted
 
@@ -35,7 +35,10 @@ router = APIRouter(prefix="/v1")
 @router.post("/responses")
 async def create_response(request: Request):
     ctx, key_id, req = await read_request(request, ResponsesRequest, "openai responses")
-    view = read_responses_request(req)
+    view = read_responses_request(req)  # (its 400s first, on the request as sent)
+    if req.truncation == "auto":
+        req = await ctx.off_loop(fit_input, ctx, req)  # renders the conversation a few times: off the event loop
+        view = read_responses_request(req)
     shape = ResponseShape(req)
     meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model, owner=key_id)
     try:

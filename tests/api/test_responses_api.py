@@ -195,7 +195,7 @@ def test_top_logprobs(client):
     (dict(input=[{"role": "robot", "content": "x"}]), "input[0].role", "1214"),
     (dict(input=[]), "input", "1214"),
     (dict(input=5), "input", "1210"),
-    (dict(truncation="auto"), "truncation", "1214"),
+    (dict(truncation="sometimes"), "truncation", "1214"),
     (dict(max_output_tokens=0), "max_output_tokens", "1210"),
     (dict(text={"format": {"type": "xml"}}), "text.format.type", "1214"),
     (dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema", "1214"),
@@ -309,3 +309,29 @@ def test_strict_reaches_the_chat_path(server):
     assert r.json()["error"]["param"].startswith("tools")
     r = httpx.post(server.url + "/v1/responses", json={**body, "tools": [{**tool, "strict": False}]})
     assert r.status_code == 200, r.text
+
+
+def test_truncation_auto_drops_the_oldest_items_to_fit(client, server):
+    # A conversation longer than the context window (2048 here): with truncation auto, the fewest oldest items are
+    # dropped (instructions and the last item stay) and it is answered; disabled (the default), a 400.
+    ctx = server.app.state.ctx
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"turn {k}: " + "数据 中心 推理 " * 90}
+             for k in range(14)]
+    turns.append({"role": "user", "content": "and now?"})
+
+    def prompt_len(items):
+        msgs = [{"role": "system", "content": "Be brief."}] + items
+        return len(httpx.post(server.url + "/tokenize", json={"model": M, "messages": msgs}).json()["tokens"])
+
+    assert prompt_len(turns) > ctx.max_model_len
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=M, input=turns, instructions="Be brief.", max_output_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+    r = client.responses.create(model=M, input=turns, instructions="Be brief.", max_output_tokens=2,
+                                truncation="auto")
+    k = next(k for k in range(len(turns)) if prompt_len(turns[k:]) < ctx.max_model_len)  # the fewest to drop
+    assert k > 0 and r.usage.input_tokens == prompt_len(turns[k:]) and r.status in ("completed", "incomplete")
+    # one that fits is not cut
+    short = client.responses.create(model=M, input=turns[-2:], instructions="Be brief.", max_output_tokens=2,
+                                    truncation="auto")
+    assert short.usage.input_tokens == prompt_len(turns[-2:])
