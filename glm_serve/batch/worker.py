@@ -201,7 +201,7 @@ class BatchWorker:
 
     async def _run_item(self, item: Item, entry: _Running, owner: str | None = None) -> None:
         try:
-            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body, item.url, owner)
+            ok, text, _ = await run_line(self.ctx, item.custom_id, item.line, item.body, item.url, owner=owner)
             if not ok and not self.ctx.engine.alive:  # failed because the engine stopped, not for the line itself:
                 # pending, to rerun; its start still counts, as at a crash of the whole server: the engine process's
                 # death (a GPU fault, the OOM killer) may be this line's doing (MAX_LINE_CRASHES)

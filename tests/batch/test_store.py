@@ -210,7 +210,7 @@ def test_a_line_in_flight_at_repeated_crashes_is_not_run_again(tmp_path, monkeyp
 
     ran = []
 
-    async def hang(ctx, custom_id, line, body, url):  # the line is being answered when the process dies
+    async def hang(ctx, custom_id, line, body, url, owner=None):  # the line is being answered when the process dies
         ran.append(line)
         await asyncio.Event().wait()
 
