@@ -145,6 +145,7 @@ class _EventStream:
         self.seq = 0
         self.deltas: list[Delta] = []  # every delta so far: assemble() makes the final items of them
         self.logprobs: list = []  # every token's TokenLogprob, when asked for (the final output_text's)
+        self.pending_lps: list = []  # logprobs of tokens whose text has not gone out in a delta yet
         self.opened: str | None = None  # None | "message" | "function_call": the output item open
         self.call_item_id = ""  # the function_call item's id, once a call opens
 
@@ -169,16 +170,19 @@ class _EventStream:
 
     def _step(self, deltas: list[Delta], lps) -> list[str]:
         """Events for one engine step's deltas of the answer (content and a call never mix: parser.py). The step's
-        token logprobs ride on its text delta; text the parser holds back for a step leaves its delta without
-        them, but the output_text.done event and the final response carry every token's."""
+        token logprobs ride on its text delta; those of steps whose text the parser held back (undecided between
+        content and a call) wait for the next text delta, so the deltas' logprobs add up to the done event's."""
         out = []
         self.deltas += deltas
+        if lps:
+            self.pending_lps += lps
         text = "".join(d.content for d in deltas if d.content)
         if text:
             if self.opened is None:
                 out += self._open("message")
             out.append(self.event("response.output_text.delta", item_id=self.shape.msg_id, output_index=0,
-                                  content_index=0, delta=text, logprobs=self._lps(lps)))
+                                  content_index=0, delta=text, logprobs=self._lps(self.pending_lps)))
+            self.pending_lps = []
         for d in deltas:
             if d.call_id is not None:
                 out += self._open("function_call", d.call_id, d.name)
