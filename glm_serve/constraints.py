@@ -88,15 +88,21 @@ class CallOrContentConstraint:
     """tool_choice "auto" with `strict` function tools: the model still chooses between content and a call, by
     its first token, and a call it starts is held to its grammar (arguments valid under the function's schema).
     First token: the call grammar's allowed tokens or a "\\n"-led one (disjoint: a function name has no
-    whitespace); then whichever it picked, as GrammarConstraint or ContentConstraint do."""
+    whitespace); then whichever it picked, as GrammarConstraint or ContentConstraint do.
 
-    __slots__ = ("_call", "_first", "_rest", "_mode")
+    on_hold: called once when the model starts a call (the engine's choice sets it: ChoiceState.grammar_holds):
+    from then on the grammar alone ends the text, so a request's stop strings and extra stop ids, which may well
+    occur inside the arguments, must not cut the call. (Where a grammar holds the whole answer, prepare_chat
+    leaves them out of the request instead.)"""
+
+    __slots__ = ("_call", "_first", "_rest", "_mode", "on_hold")
 
     def __init__(self, call: GrammarConstraint, first: torch.Tensor, rest: torch.Tensor):
         self._call = call
         self._first = first  # [ceil(V/32)] int32: regular tokens whose bytes start with "\n"
         self._rest = rest  # [ceil(V/32)] int32: every regular token and the stop ids
         self._mode = None  # None (first token to come) | "content" | "call"
+        self.on_hold = None
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         if self._mode == "content":
@@ -116,6 +122,8 @@ class CallOrContentConstraint:
                 raise ValueError(f"token {token_id} is not allowed after the content separator")
             return
         self._call.accept(t)  # raises ValueError for a token neither branch allows
+        if self._mode is None and self.on_hold is not None:
+            self.on_hold()
         self._mode = "call"
 
     def is_terminated(self) -> bool:

@@ -239,29 +239,35 @@ def _format(text: dict | None) -> dict | None:
     raise invalid_value("text.format.type", f"must be text, json_object or json_schema, got {kind!r}")
 
 
-def fit_input(ctx, req: ResponsesRequest) -> ResponsesRequest:
-    """`truncation: "auto"`: the request with as few of its oldest input items dropped as make the prompt fit the
-    context window (instructions and the last item always stay), as OpenAI drops items rather than failing. The
+def fit_input(ctx, view: ChatView) -> ChatView:
+    """`truncation: "auto"`: the view with as few of its oldest input items' messages dropped as make the prompt fit
+    the context window (instructions and the last item always stay), as OpenAI drops items rather than failing. The
     prompt is counted as the chat path renders it; the fewest items to drop is found by bisection (a handful of
-    renders for a long history). A request that fits, or that no dropping can fit, comes back as it was, and the
-    chat path answers it (with its 1261 for the latter)."""
+    renders for a long history). The messages kept keep their origins, so errors still name the items as sent. A
+    view that fits, or that no dropping can fit, comes back as it was, and the chat path answers it (with its 1261
+    for the latter)."""
     from glm_serve.api.params import _developer_as_system, chat_prompt_ids  # noqa: PLC0415
 
-    items = req.input
-    if req.truncation != "auto" or not isinstance(items, list) or len(items) < 2:
-        return req
+    # input item index of each chat message (None: the instructions, always kept)
+    item_of = [None if o == "instructions" else int(o[len("input["):-1]) if o.startswith("input[") else 0
+               for o in view.origins]
+    items = sorted({i for i in item_of if i is not None})
+    if len(items) < 2:
+        return view
+
+    def keep(k: int) -> list[int]:  # the messages left once items[:k] are dropped
+        return [m for m, i in enumerate(item_of) if i is None or i >= items[k]]
 
     def fits(k: int) -> bool:
-        trial = req.model_copy(update={"input": items[k:]})
+        messages = [view.chat.messages[m] for m in keep(k)]
         try:
-            chat = read_responses_request(trial).chat
-            ids = chat_prompt_ids(ctx, _developer_as_system(chat.messages), chat.tools)
+            ids = chat_prompt_ids(ctx, _developer_as_system(messages), view.chat.tools)
         except APIError:  # a bad item: the chat path names it, on the request as sent
             return True
         return len(ids) < ctx.max_model_len  # (room for the first generated token, as the chat path asks)
 
     if fits(0) or not fits(len(items) - 1):
-        return req
+        return view
     lo, hi = 1, len(items) - 1  # fits(hi); find the smallest k that fits
     while lo < hi:
         mid = (lo + hi) // 2
@@ -271,4 +277,6 @@ def fit_input(ctx, req: ResponsesRequest) -> ResponsesRequest:
             lo = mid + 1
     log.info("responses: truncation auto dropped the %d oldest of %d input items to fit the context window", lo,
              len(items))
-    return req.model_copy(update={"input": items[lo:]})
+    kept = keep(lo)
+    chat = view.chat.model_copy(update={"messages": [view.chat.messages[m] for m in kept]})
+    return ChatView(chat, [view.origins[m] for m in kept], [view.kinds[m] for m in kept])

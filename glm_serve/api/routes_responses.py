@@ -35,10 +35,9 @@ router = APIRouter(prefix="/v1")
 @router.post("/responses")
 async def create_response(request: Request):
     ctx, key_id, req = await read_request(request, ResponsesRequest, "openai responses")
-    view = read_responses_request(req)  # (its 400s first, on the request as sent)
+    view = read_responses_request(req)
     if req.truncation == "auto":
-        req = await ctx.off_loop(fit_input, ctx, req)  # renders the conversation a few times: off the event loop
-        view = read_responses_request(req)
+        view = await ctx.off_loop(fit_input, ctx, view)  # renders the conversation a few times: off the event loop
     shape = ResponseShape(req)
     meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model, owner=key_id)
     try:

@@ -111,6 +111,13 @@ class ChoiceState:
     # held requests (RequestState.holds): what was made since the last output, sent in one piece later
     held: tuple[list[int], list[str], list[TokenLogprob]] | None = None  # (token ids, text pieces, logprobs)
 
+    def grammar_holds(self) -> None:
+        """The constraint's grammar has taken hold of the text (a strict tool call begun): it alone ends it now.
+        Stop strings and stop ids no longer apply (a grammar ends on a checkpoint stop id: LLMEngine._advance);
+        blocked strings still do."""
+        self.stopper.drop_stop_strings()
+        self.stop_ids = frozenset()
+
 
 @dataclass(slots=True)
 class RequestState:
@@ -148,7 +155,7 @@ def make_choice(index: int, seq: Sequence, tokenizer: GlmTokenizer, params: Samp
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids.update(checkpoint_stop_ids)
-    return ChoiceState(
+    choice = ChoiceState(
         index=index,
         seq=seq,
         detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
@@ -157,3 +164,6 @@ def make_choice(index: int, seq: Sequence, tokenizer: GlmTokenizer, params: Samp
         generator=generator,
         constraint=constraint,
     )
+    if constraint is not None and hasattr(constraint, "on_hold"):  # a grammar that may take hold mid-answer
+        constraint.on_hold = choice.grammar_holds
+    return choice

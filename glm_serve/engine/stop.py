@@ -137,6 +137,13 @@ class StopChecker:
         self.matched: str | None = None  # the stop string (or blocked string, as given) that ended generation
         self.reason = "stop"  # once stopped: "stop" (a stop string) or "content_filter" (a blocked string)
 
+    def drop_stop_strings(self) -> None:
+        """From now on only blocked strings apply (a grammar has taken hold of the text: outputs.ChoiceState)."""
+        self.stop_strings, self._prefixes = [], set()
+        self._first_chars = frozenset() if self.blocked is None else self.blocked.first_chars
+        self._max_held = (self.blocked.max_len if self.blocked else 1) - 1
+        self.active = self.blocked is not None or bool(self._held)  # (text held so far goes out with the next feed)
+
     def feed(self, delta: str, token: bool = True) -> tuple[str, bool]:
         """Take the next text delta (one token's text; token=False for text that is no token of its own, such as
         the detokenizer's flush); return (text to emit now, stopped). After a stop, returns ("", True)."""

@@ -311,3 +311,23 @@ def test_completions_hold_their_text_to_response_format(client, server):
         r = client.completions.create(model="glm-4-tiny", prompt="hi", max_tokens=2, extra_body={"response_format": fmt})
         assert r.choices[0].finish_reason == "length"
     wait_idle(server.engine)
+
+
+def test_stop_strings_do_not_cut_a_strict_call_but_still_stop_content(client, server):
+    # Under tool_choice auto with strict tools the request keeps its stop strings (an answer may be content), but
+    # once the model starts a call the grammar alone ends it: a stop string inside the arguments ('"' is in every
+    # one) used to cut the call into arguments that do not parse.
+    get = server.app.state.ctx.tokenizer.encode("get", allow_special=False)[0]
+    tools = [_strict(WEATHER), _strict(TIME)]
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], temperature=0, max_tokens=100,
+              tools=tools)
+    r = client.chat.completions.create(**kw, logit_bias={str(get): 30}, stop=['"', "city"])
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments),
+                        {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"])
+    # content: the same request unbiased answers in text, and a stop string from that text still cuts it
+    free = client.chat.completions.create(**kw).choices[0]
+    assert free.message.tool_calls is None and len(free.message.content) > 4
+    cut = client.chat.completions.create(**kw, stop=[free.message.content[2:4]]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == free.message.content[:2]
