@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import LOG2E, check_paged_cache, fold_key_tile
+from .paged_tile import LOG2E, check_paged_cache, fold_key_tile, scale_args
 
 # A split shorter than this spends more time on its prologue and on the reduce than on reading K/V.
 _MIN_SPLIT_KEYS = 256
@@ -50,6 +50,8 @@ def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KVH, D]
     v_cache_ptr,  # [num_blocks, block_size, KVH, D]
+    k_scale_ptr,  # [num_blocks, block_size, KVH] fp32 (an fp8 cache's row scales; read when QUANT)
+    v_scale_ptr,  # [num_blocks, block_size, KVH] fp32
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, D]                 written only when NUM_SPLITS == 1
@@ -62,6 +64,9 @@ def _decode_split_kernel(
     stride_cb,
     stride_ct,
     stride_ch,
+    stride_sb,  # scale strides: block, offset-in-block, head
+    stride_st,
+    stride_sh,
     stride_tb,
     stride_ob,
     stride_oh,
@@ -72,6 +77,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QUANT: tl.constexpr,  # fp8 cache with per-row scales (paged_tile.py)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -101,15 +107,17 @@ def _decode_split_kernel(
     table_row = block_tables_ptr + b.to(tl.int64) * stride_tb
     k_base = k_cache_ptr + kvh * stride_ch
     v_base = v_cache_ptr + kvh * stride_ch
+    ks_base = k_scale_ptr + kvh * stride_sh
+    vs_base = v_scale_ptr + kvh * stride_sh
     for n in range(start, end_full, BLOCK_N):
         m_i, l_i, acc = fold_key_tile(
-            q, m_i, l_i, acc, k_base, v_base, table_row, n, end, offs_g, stride_cb, stride_ct, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=False, CAUSAL=False,
+            q, m_i, l_i, acc, k_base, v_base, ks_base, vs_base, table_row, n, end, offs_g,
+            stride_cb, stride_ct, stride_sb, stride_st, scale_log2e, QUANT, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=False, CAUSAL=False,
         )  # fmt: skip
     for n in range(end_full, end, BLOCK_N):  # at most one ragged tail tile
         m_i, l_i, acc = fold_key_tile(
-            q, m_i, l_i, acc, k_base, v_base, table_row, n, end, offs_g, stride_cb, stride_ct, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=True, CAUSAL=False,
+            q, m_i, l_i, acc, k_base, v_base, ks_base, vs_base, table_row, n, end, offs_g,
+            stride_cb, stride_ct, stride_sb, stride_st, scale_log2e, QUANT, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=True, CAUSAL=False,
         )  # fmt: skip
 
     mask = g_ok[:, None] & d_ok[None, :]
@@ -191,7 +199,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen_k: int, num_sms:
 
 def paged_decode(
     q: torch.Tensor,  # [B, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D] in q's dtype, or fp8 with k_scale
     v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     seq_lens: torch.Tensor,  # [B] int32
     block_tables: torch.Tensor,  # [B, max_blocks] int32
@@ -202,6 +210,8 @@ def paged_decode(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH] fp32: an fp8 cache's row scales
+    v_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH] fp32
 ) -> torch.Tensor:  # [B, H, D]
     """softmax(q . K^T * scale) V for each sequence's one query over its seq_lens[b] cached keys.
 
@@ -209,7 +219,7 @@ def paged_decode(
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
-    kv_heads = check_paged_cache(q, k_cache, v_cache)
+    kv_heads = check_paged_cache(q, k_cache, v_cache, k_scale, v_scale)
     if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"seq_lens must be [{batch}] and block_tables [{batch}, max_blocks]")
     if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
@@ -236,12 +246,13 @@ def paged_decode(
 
     group = num_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))  # compiled tl.dot needs K >= 16 (head_dim 8: masked)
+    scales = scale_args(k_cache, k_scale, v_scale)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, *scales[:2], block_tables, seq_lens, out, m, l, acc, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scales[2:],
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], QUANT=k_scale is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -11,6 +11,10 @@ The state is (m, l, acc) per query row, in the log2 domain (scores are pre-multi
 that exp2 replaces exp): m = running max score, l = running sum of exp2(score - m), acc = running sum of
 exp2(score - m) * v, all fp32.
 
+An fp8 cache (QUANT) holds each (token, KV head) row divided by its own scale (kv_store.py); the tile's rows
+are multiplied back by their scales in fp32 as they are loaded, then rounded to q's dtype, so the dots and the
+softmax are the same code as for a 16- or 32-bit cache.
+
 Invariant the callers keep: the first tile a program folds has at least one visible key for every row
 (key 0 for prefill, the split's first key for decode), so m is finite from then on and exp2(m_old - m_new)
 never sees -inf - -inf.
@@ -18,6 +22,7 @@ never sees -inf - -inf.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -39,20 +44,39 @@ def _load_rows(ptrs, key_ok, offs_d, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.const
 
 
 @triton.jit
+def _load_tile(ptrs, scale_ptrs, key_ok, offs_d, out_dtype: tl.constexpr, QUANT: tl.constexpr,
+               MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] K or V rows in out_dtype; from an fp8 cache (QUANT) times each row's scale."""
+    rows = _load_rows(ptrs, key_ok, offs_d, MASK_KEYS, HEAD_DIM, BLOCK_D)
+    if QUANT:
+        if MASK_KEYS:
+            scales = tl.load(scale_ptrs, mask=key_ok, other=0.0)  # [BLOCK_N] fp32
+        else:
+            scales = tl.load(scale_ptrs)
+        rows = (rows.to(tl.float32) * scales[:, None]).to(out_dtype)
+    return rows
+
+
+@triton.jit
 def fold_key_tile(
-    q,  # [BLOCK_M, BLOCK_D] query rows (cache dtype)
+    q,  # [BLOCK_M, BLOCK_D] query rows (the cache's dtype, or the compute dtype over an fp8 cache)
     m_i,  # [BLOCK_M] fp32 running max (log2 domain)
     l_i,  # [BLOCK_M] fp32 running sum
     acc,  # [BLOCK_M, BLOCK_D] fp32 running weighted sum of values
     k_cache_ptr,  # [num_blocks, block_size, KVH, D], already offset to this KV head
     v_cache_ptr,  # [num_blocks, block_size, KVH, D], already offset to this KV head
+    k_scale_ptr,  # [num_blocks, block_size, KVH] fp32, already offset to this KV head (read when QUANT)
+    v_scale_ptr,  # [num_blocks, block_size, KVH] fp32, already offset to this KV head (read when QUANT)
     table_row_ptr,  # [max_blocks] int32: this sequence's block table row
     start,  # first key of the tile
     key_end,  # keys >= key_end are out of range (only read when MASK_KEYS)
     row_pos,  # [BLOCK_M] absolute position of each row's token (only read when CAUSAL)
     stride_cb,
     stride_ct,
+    stride_sb,  # scale strides: block, offset-in-block (K and V scales share them)
+    stride_st,
     scale_log2e,
+    QUANT: tl.constexpr,  # fp8 cache with per-row scales
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -69,10 +93,12 @@ def fold_key_tile(
         block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE)
     rows = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct  # [BLOCK_N] int64
     ptrs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    scale_rows = block.to(tl.int64) * stride_sb + (offs_n % BLOCK_SIZE) * stride_st  # [BLOCK_N] (QUANT only)
 
     # Out-of-range keys must load as 0, not merely be masked in the scores: a NaN left in an unwritten cache
     # slot would survive 0 * NaN in the P.V product.
-    k = _load_rows(k_cache_ptr + ptrs, key_ok, offs_d, MASK_KEYS, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+    k = _load_tile(k_cache_ptr + ptrs, k_scale_ptr + scale_rows, key_ok, offs_d, q.dtype, QUANT, MASK_KEYS,
+                   HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
 
     # input_precision only affects fp32 operands: a fp32 cache asks for fp32 accuracy (3xTF32 tensor-core
     # products, not the default TF32's 10-bit mantissa); fp16/bf16 dots are unchanged.
@@ -87,17 +113,20 @@ def fold_key_tile(
     p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, 1)
 
-    v = _load_rows(v_cache_ptr + ptrs, key_ok, offs_d, MASK_KEYS, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_cache_ptr + ptrs, v_scale_ptr + scale_rows, key_ok, offs_d, q.dtype, QUANT, MASK_KEYS,
+                   HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
     return m_new, l_i, acc
 
 
-def check_paged_cache(q, k_cache, v_cache) -> int:
-    """Shared wrapper check: q [..., H, D] against K/V caches [num_blocks, block_size, KVH, D]; -> KVH."""
+def check_paged_cache(q, k_cache, v_cache, k_scale=None, v_scale=None) -> int:
+    """Shared wrapper check: q [..., H, D] against K/V caches [num_blocks, block_size, KVH, D], in q's dtype or
+    fp8 with scales [num_blocks, block_size, KVH] (check_scales); -> KVH."""
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must be [num_blocks, block_size, KVH, D] with equal shapes and strides")
-    if k_cache.shape[3] != head_dim or k_cache.dtype != q.dtype:
+    quant = check_scales(k_cache, v_cache, k_scale, v_scale)
+    if k_cache.shape[3] != head_dim or (k_cache.dtype != q.dtype and not quant):
         raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not match q {tuple(q.shape)} {q.dtype}")
     if k_cache.stride(-1) != 1:
         raise ValueError("the caches must be contiguous along head_dim")
@@ -105,3 +134,29 @@ def check_paged_cache(q, k_cache, v_cache) -> int:
     if num_heads % kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
     return kv_heads
+
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def check_scales(k_cache, v_cache, k_scale, v_scale) -> bool:
+    """An fp8 cache comes with both scale tensors, [num_blocks, block_size, KVH] fp32 with equal strides; any
+    other cache with neither. -> whether the cache is fp8."""
+    quant = k_cache.dtype == FP8_DTYPE
+    if (k_scale is None) != (v_scale is None) or quant != (k_scale is not None):
+        raise ValueError(f"a {FP8_DTYPE} cache needs k_scale and v_scale, and only such a cache takes them")
+    if quant and (k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_scale.shape
+                  or k_scale.stride() != v_scale.stride() or k_scale.dtype != torch.float32
+                  or v_scale.dtype != torch.float32):
+        raise ValueError(f"k_scale and v_scale must be float32 {tuple(k_cache.shape[:3])} with equal strides, got "
+                         f"{tuple(k_scale.shape)} {k_scale.dtype} and {tuple(v_scale.shape)} {v_scale.dtype}")
+    return quant
+
+
+def scale_args(k_cache, k_scale, v_scale) -> tuple:
+    """(k_scale, v_scale, stride_sb, stride_st, stride_sh) for a kernel launch; the cache itself stands in for
+    the scales where there are none (never read then)."""
+    if k_scale is None:
+        return k_cache, k_cache, 0, 0, 0
+    return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)

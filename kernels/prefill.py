@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_tile import LOG2E, check_paged_cache, fold_key_tile
+from .paged_tile import LOG2E, check_paged_cache, fold_key_tile, scale_args
 
 
 # The block-table width follows the step's longest context: not specialised on, or each new kind of width
@@ -42,6 +42,8 @@ def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KVH, D]
     v_cache_ptr,  # [num_blocks, block_size, KVH, D]
+    k_scale_ptr,  # [num_blocks, block_size, KVH] fp32 (an fp8 cache's row scales; read when QUANT)
+    v_scale_ptr,  # [num_blocks, block_size, KVH] fp32
     block_tables_ptr,  # [B, max_blocks] int32
     cu_seqlens_q_ptr,  # [B + 1] int32
     seq_lens_ptr,  # [B] int32
@@ -52,6 +54,9 @@ def _prefill_kernel(
     stride_cb,
     stride_ct,
     stride_ch,
+    stride_sb,  # scale strides: block, offset-in-block, head
+    stride_st,
+    stride_sh,
     stride_tb,
     stride_ot,
     stride_oh,
@@ -63,6 +68,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QUANT: tl.constexpr,  # fp8 cache with per-row scales (paged_tile.py)
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
@@ -91,19 +97,21 @@ def _prefill_kernel(
     table_row = block_tables_ptr + b.to(tl.int64) * stride_tb
     k_base = k_cache_ptr + kvh * stride_ch
     v_base = v_cache_ptr + kvh * stride_ch
+    ks_base = k_scale_ptr + kvh * stride_sh
+    vs_base = v_scale_ptr + kvh * stride_sh
     # Keys 0 ..= ctx + t0 are visible to every row of the tile; keys up to the tile's last position, capped
     # at the sequence's end, need the causal mask.
     key_end = tl.minimum(ctx + t0 + BLOCK_T, seq_len)
     full_end = (ctx + t0 + 1) // BLOCK_N * BLOCK_N
     for n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = fold_key_tile(
-            q, m_i, l_i, acc, k_base, v_base, table_row, n, key_end, row_pos, stride_cb, stride_ct, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=False, CAUSAL=False,
+            q, m_i, l_i, acc, k_base, v_base, ks_base, vs_base, table_row, n, key_end, row_pos,
+            stride_cb, stride_ct, stride_sb, stride_st, scale_log2e, QUANT, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=False, CAUSAL=False,
         )  # fmt: skip
     for n in range(full_end, key_end, BLOCK_N):
         m_i, l_i, acc = fold_key_tile(
-            q, m_i, l_i, acc, k_base, v_base, table_row, n, key_end, row_pos, stride_cb, stride_ct, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=True, CAUSAL=True,
+            q, m_i, l_i, acc, k_base, v_base, ks_base, vs_base, table_row, n, key_end, row_pos,
+            stride_cb, stride_ct, stride_sb, stride_st, scale_log2e, QUANT, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, MASK_KEYS=True, CAUSAL=True,
         )  # fmt: skip
 
     o = acc / l_i[:, None]
@@ -114,7 +122,7 @@ def _prefill_kernel(
 
 def paged_prefill(
     q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D] in q's dtype, or fp8 with k_scale
     v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     cu_seqlens_q: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32
@@ -126,13 +134,15 @@ def paged_prefill(
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH] fp32: an fp8 cache's row scales
+    v_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH] fp32
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of every new token over its sequence's cached keys (prefix + chunk), read through the
     block tables. max_seqlen_q (host int, >= every chunk length) only sizes the grid: no device reads."""
     if q.dim() != 3:
         raise ValueError(f"q must be [T, H, D], got {tuple(q.shape)}")
     num_tokens, num_heads, head_dim = q.shape
-    kv_heads = check_paged_cache(q, k_cache, v_cache)
+    kv_heads = check_paged_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch = seq_lens.shape[0]
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q must be [{batch + 1}] and block_tables [{batch}, max_blocks]")
@@ -161,12 +171,13 @@ def paged_prefill(
         num_stages = 1 if q.element_size() == 4 else 2
     block_d = max(16, triton.next_power_of_2(head_dim))  # compiled tl.dot needs K >= 16 (head_dim 8: masked)
     grid = (triton.cdiv(max_seqlen_q, block_t), batch, kv_heads)
+    scales = scale_args(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, *scales[:2], block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scales[2:],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_M=block_t * block_g, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], QUANT=k_scale is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

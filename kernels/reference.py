@@ -9,20 +9,43 @@ from __future__ import annotations
 import torch
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (x / s as float8_e4m3fn [..., D], s [...] fp32), s = max|x| / 448 per row (1 where the row
+    is all zeros): the fp8 cache's format (kv_store.py)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[..., D] fp8 rows times their [...] scales, in float64."""
+    return x.double() * scale.double()[..., None]
+
+
 def store_kv_ref(
     k: torch.Tensor,  # [T, num_kv_heads, head_dim]
     v: torch.Tensor,  # [T, num_kv_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads] fp32: with an fp8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Reference for kv_store.store_kv: one token at a time."""
     block_size = k_cache.shape[1]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue
-        k_cache[slot // block_size, slot % block_size] = k[t].to(k_cache.dtype)
-        v_cache[slot // block_size, slot % block_size] = v[t].to(v_cache.dtype)
+        at = (slot // block_size, slot % block_size)
+        if k_scale is None:
+            k_cache[at] = k[t].to(k_cache.dtype)
+            v_cache[at] = v[t].to(v_cache.dtype)
+        else:
+            (k_cache[at], k_scale[at]), (v_cache[at], v_scale[at]) = quantize_fp8_ref(k[t]), quantize_fp8_ref(v[t])
 
 
 def gather_keys_ref(
@@ -47,10 +70,14 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [B]
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH]: an fp8 cache's row scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, D] in q's dtype; rows outside every sequence are 0
     """Reference for prefill.paged_prefill (and decode.paged_decode, where every chunk has one token): query t
     of sequence b sits at position seq_len - q_len + t and attends to keys 0 ..= that position. Sequences with
-    no keys give zeros."""
+    no keys give zeros. An fp8 cache is read as its rows times their scales."""
+    if k_scale is not None:
+        k_cache, v_cache = dequantize_fp8_ref(k_cache, k_scale), dequantize_fp8_ref(v_cache, v_scale)
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[2]
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
@@ -79,10 +106,12 @@ def paged_decode_ref(
     seq_lens: torch.Tensor,  # [B]
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH]: an fp8 cache's row scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, H, D]
     """Reference for decode.paged_decode: each sequence's one query sees all its seq_lens[b] keys."""
     cu = torch.arange(q.shape[0] + 1)
-    return paged_attention_ref(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
+    return paged_attention_ref(q, k_cache, v_cache, cu, seq_lens, block_tables, scale, k_scale, v_scale)
 
 
 def add_rms_norm_ref(

@@ -27,13 +27,16 @@ _SCRIPT = textwrap.dedent(
 
     def signature(fn, dtype, constexprs):
         sig = {}
+        quant = constexprs.get("QUANT", False)  # an fp8 cache (--kv-cache-dtype fp8) and its fp32 row scales
         for name in fn.arg_names:
             if name in constexprs:
                 sig[name] = "constexpr"
             elif name in INT_PTRS:
                 sig[name] = INT_PTRS[name]
-            elif name.startswith("part_") or name in ("cos_ptr", "sin_ptr"):
+            elif name.startswith("part_") or name in ("cos_ptr", "sin_ptr") or (quant and "scale_ptr" in name):
                 sig[name] = "*fp32"
+            elif quant and "cache_ptr" in name:
+                sig[name] = "*fp8e4nv"
             elif name.endswith("_ptr"):
                 sig[name] = "*" + dtype
             else:
@@ -41,14 +44,15 @@ _SCRIPT = textwrap.dedent(
         return sig
 
     glm = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16)
+    plain, fp8 = dict(QUANT=False), dict(QUANT=True)
     jobs = [
-        (kv_store._store_kv_kernel, dict(NUM_KV_HEADS=2, BLOCK_T=16, BLOCK_H=2, **glm), 4),
-        (prefill._prefill_kernel, dict(GROUP=16, BLOCK_G=16, BLOCK_T=8, BLOCK_M=128, BLOCK_N=64, **glm), 8),
+        (kv_store._store_kv_kernel, dict(NUM_KV_HEADS=2, BLOCK_T=16, BLOCK_H=2, **glm, **plain), 4),
+        (prefill._prefill_kernel, dict(GROUP=16, BLOCK_G=16, BLOCK_T=8, BLOCK_M=128, BLOCK_N=64, **glm, **plain), 8),
         (prefill._prefill_kernel, dict(GROUP=1, BLOCK_G=1, BLOCK_T=64, BLOCK_M=64, BLOCK_N=32, HEAD_DIM=80,
-                                       BLOCK_D=128, BLOCK_SIZE=1), 4),
-        (decode._decode_split_kernel, dict(NUM_SPLITS=8, GROUP=16, BLOCK_G=16, BLOCK_N=64, **glm), 4),
+                                       BLOCK_D=128, BLOCK_SIZE=1, **plain), 4),
+        (decode._decode_split_kernel, dict(NUM_SPLITS=8, GROUP=16, BLOCK_G=16, BLOCK_N=64, **glm, **plain), 4),
         (decode._decode_split_kernel, dict(NUM_SPLITS=1, GROUP=8, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=80,
-                                           BLOCK_D=128, BLOCK_SIZE=1), 4),
+                                           BLOCK_D=128, BLOCK_SIZE=1, **plain), 4),
         (decode._decode_reduce_kernel, dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128), 4),
         # the fused small ops at GLM-4-9B's sizes, as their launchers set them up
         (fused._add_rms_norm_kernel, dict(N=4096, BLOCK_ROWS=1, BLOCK_N=4096, HAS_RESIDUAL=True), 4),
@@ -56,9 +60,17 @@ _SCRIPT = textwrap.dedent(
         (fused._silu_mul_kernel, dict(F=13696, BLOCK_ROWS=4, BLOCK_F=1024), 4),
         (fused._rope_kernel, dict(Q_HEADS=32, K_HEADS=2, HALF=32, BLOCK_T=4, BLOCK_HQ=32, BLOCK_HK=2, BLOCK_R=32), 4),
     ]
+    # The fp8 cache (e4m3 needs sm_89 or later: the engine refuses it with the triton backend before that)
+    fp8_jobs = [
+        (kv_store._store_kv_kernel, dict(NUM_KV_HEADS=2, BLOCK_T=16, BLOCK_H=2, **glm, **fp8), 4),
+        (prefill._prefill_kernel, dict(GROUP=16, BLOCK_G=16, BLOCK_T=8, BLOCK_M=128, BLOCK_N=64, **glm, **fp8), 8),
+        (decode._decode_split_kernel, dict(NUM_SPLITS=8, GROUP=16, BLOCK_G=16, BLOCK_N=64, **glm, **fp8), 4),
+        (decode._decode_split_kernel, dict(NUM_SPLITS=1, GROUP=8, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=80,
+                                           BLOCK_D=128, BLOCK_SIZE=1, **fp8), 4),
+    ]
     for capability in (80, 90):
         for dtype in ("bf16", "fp16"):  # fp32 (3xTF32 dots) compiles slowly; the GPU tests cover it
-            for fn, constexprs, warps in jobs:
+            for fn, constexprs, warps in jobs + (fp8_jobs if capability >= 89 else []):
                 sig = signature(fn, dtype, constexprs)
                 # As at run time for GLM-4 shapes: pointers 16-byte aligned, strides multiples of 16 (this is
                 # what lets Triton vectorise the loads and pipeline them).
