@@ -133,6 +133,7 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     include_usage = prep.include_usage and flavor != VENDOR
     want_logprobs = prep.params.logprobs is not None
     done = 0
+    held: dict[int, list[Delta]] = {}  # prep.whole_calls: each choice's tool-call deltas, until it finishes
     # ctx.closing interrupts a stream that has nothing to send when the grace runs out (queued, in a long prefill):
     # the check after each step below cannot see it, and the server would cut the stream off moments later.
     steps = run_chat(ctx, prep, flavor, engine_rid, usage, interrupt=ctx.closing, owner=meta.owner)
@@ -151,10 +152,11 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
                 if u.error is not None and flavor != VENDOR:
                     yield sse(stream_error(flavor, f"generation failed: {u.error}"))
                     return
-                if not u.deltas and u.finish_reason is None and not u.logprobs:
+                deltas = _hold_calls(held, u) if prep.whole_calls else u.deltas
+                if not deltas and u.finish_reason is None and not u.logprobs:
                     continue
                 done += u.finish_reason is not None
-                chunks.append(chunk(u.index, delta_dict(flavor, u.deltas, first=False), u.finish_reason,
+                chunks.append(chunk(u.index, delta_dict(flavor, deltas, first=False), u.finish_reason,
                                     u.logprobs))
             if flavor == VENDOR and done == n and chunks:  # usage rides on the request's last chunk
                 chunks[-1]["usage"] = usage.to_dict()
@@ -178,6 +180,17 @@ async def chat_stream(ctx: ServingContext, prep: PreparedChat, meta: Meta, engin
     finally:
         await steps.aclose()  # aborts the engine request if it is still running
         release()
+
+
+def _hold_calls(held: dict[int, list[Delta]], u: ChoiceUpdate) -> list[Delta]:
+    """The deltas of `u` to send now: its content; its tool-call pieces wait in `held` and go out together with
+    the choice's finish reason (one delta_dict merges them into one whole call)."""
+    now = []
+    for d in u.deltas:
+        (now if d.content is not None else held.setdefault(u.index, [])).append(d)
+    if u.finish_reason is not None:
+        now += held.pop(u.index, [])
+    return now
 
 
 async def until_disconnect(request: Request, work: Awaitable):

@@ -31,6 +31,8 @@ class PreparedChat:
     forced_call: bool = False  # tool_choice required or named: the grammar makes every answer a tool call
     raw: bool = False  # the prompt does not open an answer (continue_final_message, add_generation_prompt false):
     # the text is content as generated, no "\n" separator to drop and no tool call to parse
+    whole_calls: bool = False  # vendor stream without tool_stream: a tool call goes out whole, in the choice's last
+    # chunk, as the vendor's cloud sends it (code written for it parses the first tool_calls delta it gets)
 
 
 def _in_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -288,7 +290,8 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),
                         bool(options.get("include_usage")), image_url=image_url,
-                        forced_call=choice in ("required", "named"), raw=raw)
+                        forced_call=choice in ("required", "named"), raw=raw,
+                        whole_calls=flavor == VENDOR and getattr(req, "tool_stream", None) is not True)
 
 
 def chat_prompt_ids(ctx: ServingContext, messages, tools=None, add_generation_prompt: bool = True,

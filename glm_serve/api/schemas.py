@@ -49,7 +49,7 @@ class VendorChatRequest(_Request):
     # accepted and ignored: --blocked-words is the operator's filter, on for every request (DISABLE included)
     sensitive_word_check: dict[str, Any] | None = None
     watermark_enabled: bool | None = None  # accepted and ignored
-    tool_stream: bool | None = None  # accepted: tool calls always stream as deltas
+    tool_stream: bool | None = None  # true: a streamed tool call comes in pieces; else whole, in the last chunk
     n: int | None = None  # not in the vendor spec; honoured when sent
 
 

@@ -211,3 +211,24 @@ def test_stream_text_with_unicode_line_separators(client, server, monkeypatch):
                                                  max_tokens=len(ids) + 5))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_streamed_tool_call_is_whole_unless_tool_stream(client):
+    # The vendor's cloud streams a tool call in one delta (with the finish reason) unless the request asks for
+    # tool_stream; code written for it json.loads the first tool_calls delta it sees.
+    kw = dict(model="glm-4-plus", messages=[{"role": "user", "content": "Paris?"}], tools=[WEATHER, TIME],
+              tool_choice={"type": "function", "function": {"name": "get_weather"}}, do_sample=False,
+              max_tokens=120, stream=True)
+    whole = list(client.chat.completions.create(**kw))
+    with_calls = [c for c in whole if c.choices[0].delta.tool_calls]
+    assert len(with_calls) == 1 and with_calls[0] is whole[-1]
+    (call,) = whole[-1].choices[0].delta.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert whole[-1].choices[0].finish_reason == "tool_calls" and whole[-1].usage is not None
+    assert all(not c.choices[0].delta.content for c in whole)
+    # tool_stream: the arguments come as they are generated, and add up to the same call
+    pieces = list(client.chat.completions.create(**kw, tool_stream=True))
+    calls = [tc for c in pieces for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) > 1 and calls[0].function.name == "get_weather"
+    assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
+    json.loads(call.function.arguments)
