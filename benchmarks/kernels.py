@@ -15,6 +15,8 @@ written) for decode and kv_store, a bf16 8192^3 matmul for prefill. The baseline
 row also records the kernel's largest difference from the baseline's output on the same data (`max_abs_diff`),
 so a figure from a kernel that computes the wrong thing shows.
 
+Each decode point is also timed over an fp8 copy of its cache (`fp8_*`: --kv-cache-dtype fp8, half the bytes).
+
 Decode is timed twice: eager (`triton_*`), and as replays of a CUDA graph holding the same call (`triton_graph_*`),
 the way the engine's decode runs with --cuda-graphs. At batch 1 a layer's decode is a few microseconds of GPU
 work, about what the Python launch of its two kernels costs, so the graph figure is the kernel's own speed; the
@@ -127,6 +129,7 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     row = {"batch": batch, "context": context, "splits": splits, "triton_ms": round(ms, 4),
            "triton_GBps": round(gbs, 1), "triton_frac_of_copy": round(gbs / copy_gbs, 3)}  # fmt: skip
     row.update(_graph_timing(call, moved, copy_gbs))
+    row.update(_fp8_decode(q, k_cache, v_cache, seq_lens, tables, splits, partials, out, copy_gbs))
 
     # SDPA over dense K/V; the group's query heads are folded into query rows (no K/V repeat), like ours.
     k, v = dense_kv(k_cache, v_cache, tables, context)
@@ -137,6 +140,26 @@ def bench_decode(batch: int, context: int, num_sms: int, copy_gbs: float) -> dic
     row.update(sdpa_ms=round(ms, 4), sdpa_GBps=round((kv_bytes + 2 * q.numel() * 2) / ms / 1e6, 1))
     row["max_abs_diff"] = _diff(out, sdpa(qs, k, v, scale=SCALE).view(batch, HEADS, HEAD_DIM))
     return row
+
+
+def _fp8_decode(q, k_cache, v_cache, seq_lens, tables, splits, partials, out_bf16, copy_gbs: float) -> dict:
+    """The same decode over an fp8 copy of the cache (--kv-cache-dtype fp8): half the bytes to read (plus a
+    4-byte scale per token and KV head), so up to twice as fast where decode is bound by memory. fp8_GBps
+    counts the bytes it really reads; fp8_max_abs_diff is its difference from the bf16 cache's output."""
+    from glm_serve.kernels import paged_decode  # noqa: PLC0415
+    from glm_serve.model.attention import quantize_fp8  # noqa: PLC0415
+
+    (k8, ks), (v8, vs) = quantize_fp8(k_cache), quantize_fp8(v_cache)
+    out = torch.empty_like(q)
+    call = lambda: paged_decode(q, k8, v8, seq_lens, tables, SCALE, splits, out=out, partials=partials,  # noqa: E731
+                                k_scale=ks, v_scale=vs)
+    ms = bench(call)
+    moved = k8.numel() + v8.numel() + 4 * (ks.numel() + vs.numel()) + 2 * q.numel() * q.element_size()
+    graph = _graph_timing(call, moved, copy_gbs)
+    return {"fp8_ms": round(ms, 4), "fp8_GBps": round(moved / ms / 1e6, 1),
+            "fp8_frac_of_copy": round(moved / ms / 1e6 / copy_gbs, 3),
+            **{"fp8_" + k.removeprefix("triton_"): v for k, v in graph.items()},
+            "fp8_max_abs_diff": _diff(out, out_bf16)}
 
 
 def _graph_timing(call, moved: int, copy_gbs: float) -> dict:

@@ -54,7 +54,11 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+    def kv_bytes_per_token(self, dtype_bytes: int, fp8: bool = False) -> int:
+        """K and V of one token over all layers; fp8 (--kv-cache-dtype fp8): a byte per value and a 4-byte
+        scale per KV head (model/attention.py LayerCache)."""
+        if fp8:
+            return self.num_layers * 2 * (self.kv_size + 4 * self.num_kv_heads)
         return self.num_layers * 2 * self.kv_size * dtype_bytes
 
     @staticmethod

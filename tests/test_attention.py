@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm_serve.kernels.reference import paged_attention_ref
-from glm_serve.model.attention import AttnMetadata, TorchPagedAttention
+from glm_serve.model.attention import AttnMetadata, LayerCache, TorchPagedAttention
 
 
 def _batch(starts, n_new, *, heads, kv_heads, head_dim=16, block=4, dtype=torch.float32, seed=0, host=True):
@@ -58,7 +58,8 @@ def _run(monkeypatch, key_chunk, q, k, v, k_cache, v_cache, meta, **kw):
         return sdpa(*args, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    out = TorchPagedAttention(key_chunk, **kw).forward(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
+    out = TorchPagedAttention(key_chunk, **kw).forward(q, k, v, LayerCache(k_cache, v_cache), meta,
+                                                     q.shape[-1] ** -0.5)
     return out, len(calls)
 
 
@@ -153,7 +154,7 @@ class _LargestAllocation(TorchDispatchMode):
 def _largest_allocation(key_chunk: int, context: int, n_new: int) -> int:
     q, k, v, kc, vc, meta = _batch([context - n_new, context - 1], [n_new, 1], heads=32, kv_heads=2, seed=1)
     with _LargestAllocation() as mode:
-        TorchPagedAttention(key_chunk).forward(q, k, v, kc, vc, meta, 0.25)
+        TorchPagedAttention(key_chunk).forward(q, k, v, LayerCache(kc, vc), meta, 0.25)
     return mode.largest
 
 
@@ -189,7 +190,7 @@ def test_short_contexts_skip_the_chunks_past_their_end(monkeypatch):
     starts = [3, 9, 199, 0, 5, 12, 7, 1]  # the long one in the middle: the order is put back afterwards
     q, k, v, kc, vc, meta = _batch(starts, [1] * 8, heads=8, kv_heads=2, block=4, seed=11)
     with _ScoreCount() as count:
-        out = TorchPagedAttention(16).forward(q, k, v, kc, vc, meta, 0.25)
+        out = TorchPagedAttention(16).forward(q, k, v, LayerCache(kc, vc), meta, 0.25)
     plan = meta.cache["torch_groups"][0].plans[4, 16384]  # 4 blocks per sequence, 65536 keys in all
     assert [c.active for c in plan.chunks] == [8] + [1] * 12
     assert [c.masked for c in plan.chunks] == [True] + [False] * 11 + [True]

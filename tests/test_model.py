@@ -8,7 +8,7 @@ from transformers import Glm4ForCausalLM as HFGlm4
 from transformers import GlmForCausalLM as HFGlm
 
 from glm_serve.loader import load_model
-from glm_serve.model.attention import AttnMetadata
+from glm_serve.model.attention import AttnMetadata, LayerCache
 from glm_serve.model.simple import allocate_cache, generate_simple, single_seq_meta
 from glm_serve.tokenizer import load_tokenizer
 
@@ -72,7 +72,7 @@ def test_logits_match_reference_flat_batch_with_cached_prefix(tiny_hf):
             tables.append(perm[k:k + n])
             k += n
         shape = (sum(nblocks), block, ours.config.num_kv_heads, ours.config.head_dim)
-        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(ours.config.num_layers)]
+        caches = [LayerCache(torch.zeros(shape), torch.zeros(shape)) for _ in range(ours.config.num_layers)]
         with torch.inference_mode():
             # Step 1: each sequence's prefix (those with start > 0); step 2: the rest, all together.
             pre = [b for b in range(B) if starts[b] > 0]
@@ -174,7 +174,7 @@ def test_torch_backend_groups_decode_and_prefill_rows_exactly():
             meta.host_q_lens = np.array(n_new)
             meta.host_seq_lens = np.array(total)
             meta.host_cu_seqlens_q = np.concatenate([[0], np.cumsum(n_new)])
-        outs.append(TorchPagedAttention().forward(q, kk, vv, kc.clone(), vc.clone(), meta, D**-0.5))
+        outs.append(TorchPagedAttention().forward(q, kk, vv, LayerCache(kc.clone(), vc.clone()), meta, D**-0.5))
         assert len(meta.cache["torch_groups"]) == (2 if host else 1)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
 
@@ -187,11 +187,11 @@ def test_torch_store_kv_padding_rows_never_undo_a_real_store():
     kc = torch.zeros(2, 4, 1, 2)
     vc = torch.zeros_like(kc)
     k = torch.tensor([[[1.0, 2.0]], [[9.0, 9.0]], [[3.0, 4.0]], [[8.0, 8.0]]])
-    store_kv(k, -k, kc, vc, torch.tensor([0, -1, 5, -1]))
+    store_kv(k, -k, LayerCache(kc, vc), torch.tensor([0, -1, 5, -1]))
     assert kc[0, 0, 0].tolist() == [1.0, 2.0] and vc[0, 0, 0].tolist() == [-1.0, -2.0]
     assert kc[1, 1, 0].tolist() == [3.0, 4.0]
     assert (kc != 0).any(-1).flatten().nonzero().flatten().tolist() == [0, 5]  # nothing else written
-    store_kv(k, k, kc, vc, torch.full((4,), -1))  # padding only: the cache is unchanged
+    store_kv(k, k, LayerCache(kc, vc), torch.full((4,), -1))  # padding only: the cache is unchanged
     assert kc[0, 0, 0].tolist() == [1.0, 2.0] and (kc != 0).any(-1).sum().item() == 2
 
 

@@ -24,6 +24,8 @@ class EngineConfig:
     rope_theta: float | None = None  # override the checkpoint's RoPE base
     block_size: int = 16
     kv_cache_tokens: int | None = None  # KV capacity in tokens; None = from memory
+    # auto: the model's dtype | fp8: float8_e4m3fn with a scale per (token, KV head) row, half bf16's bytes
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9  # CUDA: share of total memory the process may use
     max_model_len: int | None = None  # None = the checkpoint's context, capped by the cache
     max_num_seqs: int = 256
@@ -65,6 +67,8 @@ class EngineConfig:
             raise ValueError("max_batch_tokens (--max-batch-tokens) must be >= max_num_seqs (--max-num-seqs) >= 1")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval (--stream-interval) must be >= 1, got {self.stream_interval}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype (--kv-cache-dtype) must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError("attention_backend (--attention-backend) must be auto, torch or triton, "
                              f"got {self.attention_backend!r}")

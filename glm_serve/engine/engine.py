@@ -77,8 +77,10 @@ class LLMEngine(OutputEmitter, DeviceStep):
         self.model_config: ModelConfig = self.model.config
         self.model.use_fused_ops(config.fused_ops and backend.name == "triton")
         self.load_seconds = time.monotonic() - t0
-        kv_dtype = self.dtype
-        bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8)
+        kv_dtype, fp8_cache = self.dtype, config.kv_cache_dtype == "fp8"
+        if fp8_cache:
+            backend.check_fp8_cache(self.device)
+        bytes_per_token = self.model_config.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8, fp8_cache)
         reserve = activation_reserve_bytes(self.model_config, config, torch.finfo(self.dtype).bits // 8)
         num_blocks = kv_cache_blocks(config, bytes_per_token, self.device, reserve)
         if config.max_model_len is not None and config.max_model_len > num_blocks * config.block_size:
@@ -93,7 +95,7 @@ class LLMEngine(OutputEmitter, DeviceStep):
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.sched_config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.max_num_seqs,
-                                  self.max_model_len, self.device, kv_dtype)
+                                  self.max_model_len, self.device, kv_dtype, fp8_cache)
         if config.cuda_graphs:
             self._enable_graphs(config)
         self.sampler = Sampler()

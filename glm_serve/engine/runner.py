@@ -29,7 +29,7 @@ from glm_serve.engine import prompt_logprobs
 from glm_serve.engine.prompt_logprobs import PromptRows
 from glm_serve.engine.scheduler import SchedulerOutput
 from glm_serve.engine.staging import StepUploader
-from glm_serve.model.attention import AttnMetadata
+from glm_serve.model.attention import AttnMetadata, LayerCache
 from glm_serve.model.glm import GlmForCausalLM
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,13 @@ class InflightTokens:
 
 class ModelRunner:
     def __init__(self, model: GlmForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, device: torch.device, kv_dtype: torch.dtype):
+                 max_model_len: int, device: torch.device, kv_dtype: torch.dtype, fp8_cache: bool = False):
         self.model, self.device = model, device
         self.block_size, self.num_blocks = block_size, num_blocks
         cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Per layer K and V: [num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
-                           torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in range(cfg.num_layers)]
+        # Per layer K and V: [num_blocks, block_size, num_kv_heads, head_dim], in kv_dtype or fp8 with scales
+        self.kv_caches = [LayerCache.allocate(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
+                                              device, fp8_cache) for _ in range(cfg.num_layers)]
         self.max_blocks_per_seq = (max_model_len + block_size - 1) // block_size
         # Rows are handed out to sequences while they hold blocks. [max_num_seqs, max_blocks_per_seq] int32
         self.block_table_host = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)

@@ -33,8 +33,8 @@ def warm_up(engine: LLMEngine) -> float:
         while engine.has_unfinished():
             errors += [o.error for out in engine.step() for o in out.outputs if o.error]
     if not errors:  # kernels the short requests above do not reach (the decode's split counts, for one)
-        k_cache, v_cache = engine.runner.kv_caches[0]
-        engine.model.backend.warm_up(k_cache, v_cache, engine.model_config.num_heads, engine.max_model_len)
+        engine.model.backend.warm_up(engine.runner.kv_caches[0], engine.model_config.num_heads,
+                                     engine.max_model_len, engine.dtype)
     bm = engine.block_manager
     bm.reset_prefix_cache()
     bm.num_query_tokens = bm.num_hit_tokens = 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from glm_serve.config import ModelConfig
-from glm_serve.model.attention import AttentionBackend, AttnMetadata, TorchPagedAttention
+from glm_serve.model.attention import AttentionBackend, AttnMetadata, LayerCache, TorchPagedAttention
 
 _kernels = None  # glm_serve.kernels, set by GlmForCausalLM.use_fused_ops(True)
 
@@ -81,19 +81,19 @@ class Attention(nn.Module):
         return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
                 v.view(T, self.num_kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMetadata):
+    def forward(self, x, cos, sin, cache: LayerCache, meta: AttnMetadata):
         T = x.shape[0]
         q, k, v = self._qkv(x)
         q = self.rotary.apply(q, cos, sin)  # [T, H, D]
         k = self.rotary.apply(k, cos, sin)  # [T, KVH, D]
-        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        out = self.backend.forward(q, k, v, cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
-    def forward_fused(self, x, cos, sin, k_cache, v_cache, meta: AttnMetadata):  # cos, sin: [T, rotary_dim / 2]
+    def forward_fused(self, x, cos, sin, cache: LayerCache, meta: AttnMetadata):  # cos, sin: [T, rotary_dim / 2]
         T = x.shape[0]
         q, k, v = self._qkv(x)
         _kernels.rope_(q, k, cos, sin)  # in place, on the projection's views
-        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        out = self.backend.forward(q, k, v, cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -121,8 +121,8 @@ class DecoderLayer(nn.Module):
             self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+    def forward(self, x, cos, sin, cache: LayerCache, meta):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         if self.sandwich:
             h = self.post_self_attn_layernorm(h)
         x = x + h
@@ -131,14 +131,14 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_layernorm(h)
         return x + h
 
-    def forward_fused(self, h, residual, cos, sin, k_cache, v_cache, meta):
+    def forward_fused(self, h, residual, cos, sin, cache: LayerCache, meta):
         """forward with the fused kernels. h: the previous layer's output before its residual add (the embeddings
         for the first layer, residual None); -> (this layer's, the residual stream): the add happens in the next
         norm, as `x + h` rounded to the dtype, the same value the plain path adds."""
         add_rms_norm, silu_mul = _kernels.add_rms_norm, _kernels.silu_mul
         norm = self.input_layernorm
         x, residual = add_rms_norm(h, norm.weight, norm.eps, residual)
-        h = self.self_attn.forward_fused(x, cos, sin, k_cache, v_cache, meta)
+        h = self.self_attn.forward_fused(x, cos, sin, cache, meta)
         if self.sandwich:
             h = add_rms_norm(h, self.post_self_attn_layernorm.weight, self.post_self_attn_layernorm.eps)[0]
         norm = self.post_attention_layernorm
@@ -183,21 +183,21 @@ class GlmForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T] int64, flat over all sequences in the step
         positions: torch.Tensor,  # [T] int64
         meta: AttnMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: K, V [num_blocks, block, KVH, D]
+        kv_caches: list[LayerCache],  # per layer: K, V [num_blocks, block, KVH, D] (+ scales when fp8)
         inputs_embeds: torch.Tensor | None = None,  # [T, hidden]: replaces embed(input_ids) (GLM-4V images)
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary.cos_sin(positions)
         if self.fused_ops:
             return self._forward_fused(x, cos.squeeze(1), sin.squeeze(1), meta, kv_caches)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, cache, meta)
         return self.norm(x)
 
     def _forward_fused(self, h, cos, sin, meta, kv_caches) -> torch.Tensor:  # cos, sin: [T, rotary_dim / 2]
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h, residual = layer.forward_fused(h, residual, cos, sin, k_cache, v_cache, meta)
+        for layer, cache in zip(self.layers, kv_caches):
+            h, residual = layer.forward_fused(h, residual, cos, sin, cache, meta)
         return _kernels.add_rms_norm(h, self.norm.weight, self.norm.eps, residual)[0]  # the last add, the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from glm_serve.model.attention import AttnMetadata
+from glm_serve.model.attention import AttnMetadata, LayerCache
 from glm_serve.model.glm import GlmForCausalLM
 
 
@@ -24,11 +24,11 @@ def single_seq_meta(start: int, n_new: int, block_size: int, num_blocks: int, de
     )
 
 
-def allocate_cache(model: GlmForCausalLM, num_tokens: int, block_size: int, dtype, device):
+def allocate_cache(model: GlmForCausalLM, num_tokens: int, block_size: int, dtype, device, fp8: bool = False):
+    """Per layer, a LayerCache of num_tokens (rounded up to blocks); -> (caches, num_blocks)."""
     cfg = model.config
     num_blocks = (num_tokens + block_size - 1) // block_size
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    return [LayerCache.allocate(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device, fp8)
             for _ in range(cfg.num_layers)], num_blocks
 
 

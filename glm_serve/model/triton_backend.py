@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from glm_serve.kernels import DecodePartials, choose_num_splits, paged_decode, paged_prefill, store_kv
-from glm_serve.model.attention import AttentionBackend, AttnMetadata
+from glm_serve.model.attention import AttentionBackend, AttnMetadata, LayerCache
 
 
 class TritonPagedAttention(AttentionBackend):
@@ -43,31 +43,43 @@ class TritonPagedAttention(AttentionBackend):
             raise ValueError("the Triton interpreter computes bfloat16 wrongly: on the CPU use the triton attention "
                              "backend with float32 or float16, or --attention-backend torch")
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def check_fp8_cache(self, device: torch.device) -> None:
+        """Triton converts to and from e4m3 (its fp8e4nv) only on sm_89 and later (Ada, Hopper)."""
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ValueError(f"--kv-cache-dtype fp8 with the triton attention backend needs an sm_89 or newer GPU "
+                             f"(Ada, Hopper); this one is sm_{major}{minor}: use --attention-backend torch, or leave "
+                             "the cache in the model's dtype")
+
+    def forward(self, q, k, v, cache: LayerCache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
+        store_kv(k, v, cache.k, cache.v, meta.slot_mapping, **scales)
         if meta.max_seqlen_q == 1 and q.shape[0] == meta.num_seqs:
-            num_splits, partials = self._decode_plan(q, k_cache, meta)
+            num_splits, partials = self._decode_plan(q, cache.k, meta)
             return paged_decode(
-                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, num_splits, partials=partials
+                q, cache.k, cache.v, meta.seq_lens, meta.block_tables, scale, num_splits, partials=partials, **scales
             )  # [B, H, D]
         return paged_prefill(
-            q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_seqlen_q, scale
+            q, cache.k, cache.v, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_seqlen_q, scale,
+            **scales,
         )  # [T, H, D]
 
-    def warm_up(self, k_cache, v_cache, num_heads: int, max_seqlen_k: int) -> list[int]:
+    def warm_up(self, cache: LayerCache, num_heads: int, max_seqlen_k: int, dtype: torch.dtype) -> list[int]:
         """Launch the decode kernel once per split count a step can choose here (2, 4, ... up to batch 1 at
         max_seqlen_k), over one empty sequence: NUM_SPLITS is a compile-time constant, so each count compiles its
         own kernel and reduce on first use (seconds), which the first long-context decode would otherwise wait
-        for; the warm-up requests are short and reach 1 only. -> the split counts launched."""
+        for; the warm-up requests are short and reach 1 only. dtype: the queries' (the model's). -> the split counts
+        launched."""
         if self.decode_splits is not None:
             return []  # fixed: the warm-up requests ran it
-        top = choose_num_splits(1, k_cache.shape[2], max_seqlen_k, self._sm_count(k_cache.device))
-        q = k_cache.new_zeros(1, num_heads, k_cache.shape[3])  # [1, H, D]
-        seq_lens = torch.zeros(1, dtype=torch.int32, device=k_cache.device)  # an empty context: writes zeros
-        tables = torch.zeros(1, 1, dtype=torch.int32, device=k_cache.device)
+        k_cache, device = cache.k, cache.k.device
+        top = choose_num_splits(1, k_cache.shape[2], max_seqlen_k, self._sm_count(device))
+        q = torch.zeros(1, num_heads, k_cache.shape[3], dtype=dtype, device=device)  # [1, H, D]
+        seq_lens = torch.zeros(1, dtype=torch.int32, device=device)  # an empty context: writes zeros
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
         splits = [1 << i for i in range(1, top.bit_length())]
         for s in splits:
-            paged_decode(q, k_cache, v_cache, seq_lens, tables, 1.0, s)
+            paged_decode(q, k_cache, cache.v, seq_lens, tables, 1.0, s, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return splits
 
     def _decode_plan(self, q, k_cache, meta: AttnMetadata) -> tuple[int, DecodePartials | None]:

@@ -25,8 +25,9 @@ def test_serve_flags_map_to_configs(monkeypatch):
         "serve", "--model", "/m", "--block-size", "32", "--kv-cache-tokens", "4096", "--max-num-seqs", "8",
         "--max-batch-tokens", "64", "--no-prefix-caching", "--attention-backend", "torch", "--max-model-len", "1024",
         "--quantization", "none", "--rope-theta", "5e6", "--served-model-name", "a", "--served-model-name", "b",
-        "--api-key", "k1", "--max-queue", "3", "--max-concurrency-per-key", "2"])
+        "--api-key", "k1", "--max-queue", "3", "--max-concurrency-per-key", "2", "--kv-cache-dtype", "fp8"])
     cfg = engine_config(args)
+    assert cfg.kv_cache_dtype == "fp8" and engine_config(build_parser().parse_args(["serve"])).kv_cache_dtype == "auto"
     assert (cfg.model, cfg.block_size, cfg.kv_cache_tokens, cfg.max_num_seqs, cfg.max_batch_tokens) == \
         ("/m", 32, 4096, 8, 64)
     assert (cfg.enable_prefix_caching, cfg.attention_backend, cfg.max_model_len, cfg.quantization, cfg.rope_theta) \

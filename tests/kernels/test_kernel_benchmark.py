@@ -27,6 +27,8 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     assert len(figures["decode"]) == 4 and len(figures["prefill"]) == 2 and len(figures["kv_store"]) == 2
     assert any(row["splits"] > 1 for row in figures["decode"])  # the split-K + reduce path ran
     assert all(row["triton_graph_ms"] is None for row in figures["decode"])  # CUDA graphs only on a GPU
+    # the same decode over an fp8 cache: it ran, and is within fp8's rounding of the fp32 cache's output
+    assert all(row["fp8_ms"] > 0 and 0 < row["fp8_max_abs_diff"] < 0.1 for row in figures["decode"])
     assert any(row["prefix"] > 0 for row in figures["prefill"])  # a chunk over a cached prefix ran
     tune = figures.pop("tune")  # the launch-parameter sweep: every config ran and agrees with the default's output
     assert [len(tune["decode"]), len(tune["prefill"])] == [2, 1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE, tolerance
 
-from glm_serve.model.attention import AttnMetadata, TorchPagedAttention, make_backend
+from glm_serve.model.attention import AttnMetadata, LayerCache, TorchPagedAttention, make_backend
 from glm_serve.model.triton_backend import TritonPagedAttention
 
 
@@ -38,8 +38,8 @@ def _run_both(batch, backend, kv_heads, head_dim, seed, layers=2):
         v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype).to(device)
         kc_a, vc_a = batch.k_cache.clone(), batch.v_cache.clone()
         kc_b, vc_b = batch.k_cache.clone(), batch.v_cache.clone()
-        got = backend.forward(q, k, v, kc_a, vc_a, meta_triton, head_dim**-0.5)
-        want = TorchPagedAttention().forward(q, k, v, kc_b, vc_b, meta_torch, head_dim**-0.5)
+        got = backend.forward(q, k, v, LayerCache(kc_a, vc_a), meta_triton, head_dim**-0.5)
+        want = TorchPagedAttention().forward(q, k, v, LayerCache(kc_b, vc_b), meta_torch, head_dim**-0.5)
         results.append((got, want, (kc_a, vc_a), (kc_b, vc_b)))
     return results, meta_triton
 
@@ -139,7 +139,8 @@ def test_warm_up_launches_every_decode_split_count_a_step_can_choose(monkeypatch
     monkeypatch.setattr(triton_backend, "paged_decode", spy)
     k_cache = torch.randn(4, 16, 2, 32, device=DEVICE)
     v_cache, before = torch.randn_like(k_cache), k_cache.clone()
-    assert backend.warm_up(k_cache, v_cache, num_heads=8, max_seqlen_k=max_len) == expected == launched
+    assert backend.warm_up(LayerCache(k_cache, v_cache), num_heads=8, max_seqlen_k=max_len,
+                          dtype=k_cache.dtype) == expected == launched
     reachable = {choose_num_splits(b, 2, ctx, num_sms) for b in range(1, 257) for ctx in range(1, max_len + 1, 97)}
     assert reachable - {1} == set(expected)  # every count a step can pick, and only those
     assert torch.equal(k_cache, before)
