@@ -53,19 +53,20 @@ class OutputEmitter:
                 self._fail(req)
                 touched.setdefault(req.request_id, (req, {}))
                 continue
+            # (with blocked strings, a token's logprob may wait for its text: ChoiceState.pass_logprob)
+            lps = None if req.params.logprobs is None else c.pass_logprob(lp) if lp else []
             if req.started and req.holds:  # held until the request finishes, or for stream_interval tokens
                 held = c.held  # (token ids, text pieces, logprobs) since the last output
                 if held is None:
                     held = c.held = ([], [], [])
                 held[0].append(token)
                 held[1].append(text)
-                if lp is not None:
-                    held[2].append(lp)
+                if lps:
+                    held[2].extend(lps)
                 if ((c.finish_reason is not None and req.finished)
                         or (not req.final_only and len(held[0]) >= self.config.stream_interval)):
                     touched.setdefault(rid, (req, {}))  # _collect sends what every choice holds
                 continue
-            lps = None if req.params.logprobs is None else [lp] if lp else []
             if len(req.choices) == 1 and (not touched or rid not in touched):
                 reason = c.finish_reason
                 seq = c.seq

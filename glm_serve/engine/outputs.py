@@ -110,6 +110,32 @@ class ChoiceState:
     stop_token: bool = False  # finished by a stop token id (which is not text)
     # held requests (RequestState.holds): what was made since the last output, sent in one piece later
     held: tuple[list[int], list[str], list[TokenLogprob]] | None = None  # (token ids, text pieces, logprobs)
+    # with blocked strings: logprobs whose token's text is not all out yet, as (stopper.fed at the token's end, lp)
+    lp_wait: list[tuple[int, TokenLogprob]] | None = None
+
+    def pass_logprob(self, lp: TokenLogprob) -> list[TokenLogprob]:
+        """The logprobs to send now, given the one of the token just fed to the stopper. Without blocked strings:
+        `lp` itself. With them, a logprob waits until all of its token's text has gone out: a token's text and
+        bytes would otherwise spell out part of a term the stopper holds back, and a term it cuts never goes out
+        at all, its tokens' logprobs included. (A stop string's tokens keep theirs, as without a filter.)"""
+        stopper = self.stopper
+        if stopper.blocked is None:
+            return [lp]
+        wait = self.lp_wait
+        if wait is None:
+            wait = self.lp_wait = []
+        if stopper.stopped:
+            cut = stopper.reason == "content_filter"
+            out = [w for end, w in wait if end <= stopper.emitted or not cut] + ([] if cut else [lp])
+            wait.clear()
+            return out
+        wait.append((stopper.fed, lp))
+        k = 0
+        while k < len(wait) and wait[k][0] <= stopper.emitted:
+            k += 1
+        out = [w for _, w in wait[:k]]
+        del wait[:k]
+        return out
 
     def grammar_holds(self) -> None:
         """The constraint's grammar has taken hold of the text (a strict tool call begun): it alone ends it now.

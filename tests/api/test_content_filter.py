@@ -219,6 +219,27 @@ def test_tool_call_arguments_are_generated_text_too(make_server, server):
     assert streamed == cut and chunks[-1].choices[0].finish_reason == "sensitive"
 
 
+def test_logprobs_never_spell_the_term(filtered, found):
+    # A token's logprob carries its text and bytes: the tokens that make the cut term must not go out that way
+    # either (they used to: the body's, the stream's and the Responses API's logprobs all spelled it). What goes
+    # out is the logprobs of tokens whose text went out whole, the same streamed or not.
+    raw, term, at = found
+    oa = openai.OpenAI(api_key="x", base_url=filtered.openai_base, max_retries=0)
+    kw = dict(model="glm-4-plus", messages=POEM, temperature=0, max_tokens=MAX, logprobs=True, top_logprobs=1)
+    body = oa.chat.completions.create(**kw).choices[0]
+    chunks = list(oa.chat.completions.create(**kw, stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    resp = oa.responses.create(model="glm-4-plus", input=POEM, temperature=0, max_output_tokens=MAX, top_logprobs=1)
+    lists = [body.logprobs.content, streamed, resp.output[0].content[0].logprobs]
+    assert body.finish_reason == "content_filter" and resp.incomplete_details.reason == "content_filter"
+    for lps in lists:
+        spelled = b"".join(bytes(lp.bytes) for lp in lps)
+        assert term.encode() not in spelled and fold(term) not in fold(spelled.decode(errors="replace")), term
+        assert len(lps) > 3 and len(spelled) <= len(raw[:at].encode())  # (the random model writes invalid UTF-8)
+    assert [lp.token for lp in lists[1]] == [lp.token for lp in lists[0]] == [lp.token for lp in lists[2]]
+    wait_idle(filtered.engine)
+
+
 # ---- async tasks, batch lines, metrics ---------------------------------------------------------------------------
 
 def test_async_task_and_batch_lines(filtered, found):
