@@ -87,7 +87,8 @@ class ResponseShape:
             "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
             "reasoning": None, "store": False, "temperature": req.temperature, "text": text,
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": list(req.tools or []),
-            "top_logprobs": req.top_logprobs, "top_p": req.top_p, "truncation": "disabled", "user": req.user,
+            "top_logprobs": req.top_logprobs, "top_p": req.top_p, "truncation": req.truncation or "disabled",
+            "user": req.user,
             "background": False,
         }
 

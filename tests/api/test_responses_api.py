@@ -331,6 +331,7 @@ def test_truncation_auto_drops_the_oldest_items_to_fit(client, server):
                                 truncation="auto")
     k = next(k for k in range(len(turns)) if prompt_len(turns[k:]) < ctx.max_model_len)  # the fewest to drop
     assert k > 0 and r.usage.input_tokens == prompt_len(turns[k:]) and r.status in ("completed", "incomplete")
+    assert r.truncation == "auto"  # echoed as sent (it used to read "disabled" whatever was asked)
     # one that fits is not cut
     short = client.responses.create(model=M, input=turns[-2:], instructions="Be brief.", max_output_tokens=2,
                                     truncation="auto")
