@@ -38,9 +38,11 @@ class ChatView:
         if err.param is None:
             return err
         param = self._field(err.param)
-        if param == err.param:
-            return err
         message = param + err.message[len(err.param):] if err.message.startswith(err.param) else err.message
+        # a chat message named inside the text ("content blocked: messages[2] holds ..."): the item it came from
+        message = _CHAT_MESSAGE.sub(lambda m: self._field(m.group()), message)
+        if (param, message) == (err.param, err.message):
+            return err
         return APIError(err.code, message, param, err.status, err.headers)
 
     def _field(self, name: str) -> str:
@@ -63,6 +65,8 @@ class ChatView:
                 return renamed
         return name
 
+
+_CHAT_MESSAGE = re.compile(r"\bmessages\[\d+\](?:\.\w+|\[\d+\])*")  # messages[3], messages[3].content[0].text
 
 # chat field -> Responses field, first match wins
 _RENAMES = (

@@ -310,6 +310,12 @@ def test_responses_route_refuses_and_cuts_too(filtered, found):
     with pytest.raises(openai.BadRequestError) as e:
         oa.responses.create(model="glm-4-plus", input="say 禁词", max_output_tokens=4)
     assert e.value.code == "content_filter"
+    # the item that holds it is named as sent (instructions make it chat's messages[2]: no such name here)
+    items = [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "input_text", "text": "禁词"}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(model="glm-4-plus", instructions="be brief", input=items, max_output_tokens=4)
+    assert e.value.body["param"] == "input" and "input[1] holds" in e.value.body["message"]
+    assert "messages" not in e.value.body["message"]
     kw = dict(model="glm-4-plus", input=POEM, temperature=0, max_output_tokens=MAX)
     r = oa.responses.create(**kw)
     assert (r.output_text, r.status, r.incomplete_details.reason) == (want, "incomplete", "content_filter")
