@@ -9,6 +9,7 @@ What each constraint makes the model write (the text after `<|assistant|>`, glm4
                          function's `parameters`                 + a stop token   (a GLM tool call)
     content_only()       "\\n..." then free text                  until a stop token
     call_or_content(tools)  either of the last two: the model picks (tool_choice auto with `strict` tools)
+    call_or_json(tools, schema)  a tool call or JSON content: the model picks (tool_choice auto beside JSON mode)
     guided(kind, spec)   vLLM's guided decoding: text matching a JSON schema, a regex, or one of a list of
                          strings, + a stop token; as content ("\\n" first) or bare (/v1/completions)
 
@@ -167,14 +168,27 @@ class ConstraintFactory:
         key = "tool_call:" + self._dumps([(fn_name, params) for _, fn_name, params in functions], "tools")
 
         def build():
-            xgr = self._xgr
-            calls = [xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(fn_name + "\n")),
-                                        self._schema_grammar(params, f"tools[{i}].function.parameters"))
-                     for i, fn_name, params in functions]
-            return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+            calls = self._call_grammars(functions)
+            return calls[0] if len(calls) == 1 else self._xgr.Grammar.union(*calls)
 
         compiled = self._compiled(key, build)
         return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "tool call", compiled)
+
+    def call_or_json(self, tools: list[dict], schema: dict | None) -> GrammarConstraint:
+        """tool_choice "auto" beside response_format JSON: the model may still call a function (as call_or_content
+        holds one: a `strict` function's schema, any arguments object for the others), or answer with content that
+        is JSON valid under `schema` (any object when None). Agent frameworks send both: tools, and the typed
+        final answer they parse."""
+        functions = _function_tools(tools, None, strict_only=True)
+        body = {"type": "object"} if schema is None else schema
+        key = "call_or_json:" + self._dumps([[(fn_name, params) for _, fn_name, params in functions], body], "schema")
+
+        def build():
+            content = self._content_grammar(self._schema_grammar(body, "schema"))
+            return self._xgr.Grammar.union(*self._call_grammars(functions), content)
+
+        compiled = self._compiled(key, build)
+        return GrammarConstraint(self._xgr.GrammarMatcher(compiled), "tool call or JSON", compiled)
 
     def guided(self, kind: str, spec: Any, content: bool = True) -> GrammarConstraint:
         """vLLM's guided decoding (api/guided.py reads the request): kind "json" (spec: a JSON schema), "regex" (a
@@ -216,6 +230,13 @@ class ConstraintFactory:
             return json.dumps(value, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: not JSON-serialisable ({e})") from None
+
+    def _call_grammars(self, functions: list[tuple[int, str, dict]]) -> list:
+        """One grammar per function (_function_tools' triples): `name\n` then its arguments."""
+        xgr = self._xgr
+        return [xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(fn_name + "\n")),
+                                   self._schema_grammar(params, f"tools[{i}].function.parameters"))
+                for i, fn_name, params in functions]
 
     def _schema_grammar(self, schema: dict, where: str):
         check_enforceable(schema, where)

@@ -203,7 +203,9 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         # Inside the try: without xgrammar (an optional extra) building the factory raises a ValueError naming the
         # fix, which the client gets as a 400 (a 500 would be retried three times by the SDKs, to no end).
         factory = ctx.constraint_factory()
-        if fmt == "json_object":
+        if fmt != "text" and choice == "auto" and tools:  # JSON content, or a call the model chooses to make
+            make = lambda: factory.call_or_json(tools, schema)  # noqa: E731
+        elif fmt == "json_object":
             make = factory.json_object
         elif fmt == "json_schema":
             make = lambda: factory.json_schema(schema)  # noqa: E731
@@ -216,6 +218,8 @@ def _constraints(ctx: ServingContext, n: int, fmt: str, schema, choice: str, nam
         return [make() for _ in range(n)]
     except ValueError as e:
         where = "response_format" if fmt != "text" else ("tools" if choice != "none" else "tool_choice")
+        if fmt != "text" and str(e).startswith("tools"):  # (call_or_json: a tool's schema, not the format's)
+            where = "tools"
         raise invalid_value(where, str(e)) from None
 
 
@@ -285,7 +289,7 @@ def prepare_chat(req, flavor: str, ctx: ServingContext) -> PreparedChat:
         # string or an extra stop id met inside the JSON would cut it, and a cut call would still be reported
         # as finish_reason "tool_calls" with arguments that do not parse.
         params.stop, params.stop_token_ids = [], []
-    parse = fmt == "text" and guided is None and choice != "none" and not raw
+    parse = guided is None and choice != "none" and not raw  # (JSON mode beside tools: call_or_json)
     names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
     options = (req.stream_options if "stream_options" in type(req).model_fields else None) or {}
     return PreparedChat(ids, params, constraints, names, fmt != "text", bool(req.stream),

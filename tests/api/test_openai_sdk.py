@@ -331,3 +331,31 @@ def test_stop_strings_do_not_cut_a_strict_call_but_still_stop_content(client, se
     assert free.message.tool_calls is None and len(free.message.content) > 4
     cut = client.chat.completions.create(**kw, stop=[free.message.content[2:4]]).choices[0]
     assert cut.finish_reason == "stop" and cut.message.content == free.message.content[:2]
+
+
+def test_json_mode_beside_tools_still_lets_the_model_call(client, server):
+    # tool_choice auto beside response_format JSON (agent frameworks send both: tools, and the typed final answer
+    # they parse): the model may call a function, held to its strict schema, or answer with JSON under the format's
+    # schema. The tools used to be dropped from the grammar and the parser, so no call could ever come back.
+    get = server.app.state.ctx.tokenizer.encode("get", allow_special=False)[0]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+              "required": ["name", "ok"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    kw = dict(model="glm-4-tiny", messages=[{"role": "user", "content": "weather?"}], temperature=0, max_tokens=200,
+              tools=[_strict(WEATHER), _strict(TIME)], response_format=fmt)
+    r = client.chat.completions.create(**kw, logit_bias={str(get): 30}).choices[0]
+    (call,) = r.message.tool_calls
+    assert r.finish_reason == "tool_calls" and r.message.content is None
+    jsonschema.validate(json.loads(call.function.arguments),
+                        {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"])
+    # every token that could start a call (a prefix of a name and its newline) banned: the model answers, in JSON
+    tok = server.app.state.ctx.tokenizer
+    starts = {str(t) for t in range(tok.vocab_size) if t not in tok.special_ids.values()
+              and (b := tok.id_to_token_bytes(t)) and any(n.startswith(b) for n in (b"get_weather\n", b"get_time\n"))}
+    free = client.chat.completions.create(**kw, logit_bias=dict.fromkeys(starts, -100)).choices[0]
+    assert free.message.tool_calls is None and free.finish_reason == "stop"
+    jsonschema.validate(json.loads(free.message.content), schema)
+    # tool_choice none beside JSON mode: JSON only, as before
+    none = client.chat.completions.create(**kw, tool_choice="none", logit_bias={str(get): 30}).choices[0]
+    assert none.message.tool_calls is None and isinstance(json.loads(none.message.content), dict)
+    wait_idle(server.engine)
