@@ -145,6 +145,21 @@ async def prepare_off_loop(req, flavor: str, ctx: ServingContext):
     return await ctx.off_loop(prepare_chat, req, flavor, ctx)
 
 
+async def admit_and_prepare(ctx: ServingContext, key_id: str | None, client_rid: str | None, req,
+                            flavor: str) -> tuple[Admitted, PreparedChat]:
+    """The chat's admission first (the key's limits, the queue, its request_id), so that a refused request costs
+    the server no tokenizing, grammar compile or image fetch; then the request prepared. One that fails to
+    prepare gives its slot back."""
+    admitted = Admitted(ctx, key_id, client_rid)
+    try:
+        prep = await prepare_off_loop(req, flavor, ctx)
+        await attach_image(ctx, prep)
+    except BaseException:
+        admitted.release()
+        raise
+    return admitted, prep
+
+
 async def handle_chat(request: Request, flavor: str, model_cls, route: str):
     """Both chat routes: authenticate, parse, then answer_chat."""
     ctx, key_id, req = await read_request(request, model_cls, route)
@@ -163,11 +178,9 @@ async def answer_chat(request: Request, ctx: ServingContext, key_id: str | None,
     """A parsed chat request (either schema, or one translated into OpenAI's chat schema): validate, admit, then
     answer in JSON or as an SSE stream, aborting the engine request when the client leaves. meta: the response's
     identity when the route names it itself (default: a chatcmpl id)."""
-    prep = await prepare_off_loop(req, flavor, ctx)
-    await attach_image(ctx, prep)
     client_rid = getattr(req, "request_id", None) if flavor == VENDOR else None
+    admitted, prep = await admit_and_prepare(ctx, key_id, client_rid, req, flavor)
     meta = meta or new_meta(ctx, flavor, req.model, client_rid, owner=key_id)
-    admitted = Admitted(ctx, key_id, client_rid)
     engine_rid = meta.response_id
     if prep.stream:
         events = stream(ctx, prep, meta, engine_rid, admitted.release)

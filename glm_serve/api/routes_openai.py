@@ -83,6 +83,29 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
 @router.post("/completions")
 async def completions(request: Request):
     ctx, key_id, req = await read_request(request, OpenAICompletionRequest, "openai completions")
+    # Admission first (as chat's: a refused request costs no tokenizing or grammar compile), then the request
+    # prepared off the event loop (a new schema's grammar takes up to seconds to compile).
+    admitted = Admitted(ctx, key_id, None)
+    try:
+        params, prompts, constraints = await ctx.off_loop(_prepare, ctx, req)
+    except BaseException:
+        admitted.release()
+        raise
+    run = _Completion(ctx, req, params, prompts, constraints, owner=key_id)
+    if req.stream:
+        stream = run.stream(admitted.release)
+        weakref.finalize(stream, admitted.release)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return JSONResponse(await until_disconnect(request, run.body()))
+    finally:
+        admitted.release()
+
+
+def _prepare(ctx: ServingContext, req: OpenAICompletionRequest) -> tuple[SamplingParams, list[list[int]], list | None]:
+    """A completion request's sampling parameters, prompts as token ids and guided-decoding constraints (one list
+    per prompt, or None); errors in the API's format."""
     ctx.check_model(req.model)
     if req.suffix:
         raise invalid_value("suffix", "is not supported (GLM-4 has no fill-in-the-middle format)")
@@ -107,17 +130,7 @@ async def completions(request: Request):
     if guided is not None:  # every choice of every prompt gets its own matcher (they keep state); one compile
         constraints = [guided_constraints(ctx, guided, params.n, content=False) for _ in prompts]
         params.stop, params.stop_token_ids = [], []  # the grammar decides where the text ends (see prepare_chat)
-    admitted = Admitted(ctx, key_id, None)
-    run = _Completion(ctx, req, params, prompts, constraints, owner=key_id)
-    if req.stream:
-        stream = run.stream(admitted.release)
-        weakref.finalize(stream, admitted.release)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        return JSONResponse(await until_disconnect(request, run.body()))
-    finally:
-        admitted.release()
+    return params, prompts, constraints
 
 
 class _Completion:

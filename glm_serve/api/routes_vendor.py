@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glm_serve.api.chat_service import Meta, chat_result
-from glm_serve.api.common import (Admitted, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop, read_json,
-                                  read_request)
+from glm_serve.api.common import (admit_and_prepare, authenticate, ctx_of, handle_chat, new_meta, prepare_off_loop,
+                                  read_json, read_request)
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, chat_prompt_ids
 from glm_serve.api.schemas import TokenizerRequest, VendorChatRequest
@@ -32,11 +32,9 @@ async def async_chat_completions(request: Request):
     body = await read_json(request)
     req = VendorChatRequest.model_validate(body)
     req.log_unknown("vendor async chat")
-    prep = await prepare_off_loop(req, VENDOR, ctx)
-    await attach_image(ctx, prep)
+    admitted, prep = await admit_and_prepare(ctx, key_id, req.request_id, req, VENDOR)
     prep.stream = False  # a task's result is fetched whole
     meta = new_meta(ctx, VENDOR, req.model, req.request_id, owner=key_id)
-    admitted = Admitted(ctx, key_id, req.request_id)
     task = Task(meta.response_id, meta.request_id, req.model, owner=key_id)
     request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release, body)
     return JSONResponse(task.to_dict())

@@ -189,6 +189,42 @@ def test_per_key_concurrency_limit(keyed, engine):
     _sdk(keyed, KEY_A).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
 
 
+def test_a_refused_request_costs_no_preparation(keyed, engine, monkeypatch):
+    """A key over its limit gets its 429 before the server tokenizes the prompt or compiles a grammar (chat on
+    both schemas, async chat, completions); and a request that fails to prepare (a 400) gives its slot back."""
+    from glm_serve.api import common, routes_openai  # noqa: PLC0415
+
+    prepared = []
+    for module, name in ((common, "prepare_chat"), (routes_openai, "_prepare")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: prepared.append(_name) or _real(*a))
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    chat = {"model": "glm-4-plus", "messages": USER, "max_tokens": 1,
+            "response_format": {"type": "json_object"}}  # (a grammar to compile, were it prepared)
+    with frozen_engine(engine):
+        client, cm = _hold_stream(keyed, KEY_A)
+        prepared.clear()
+        try:
+            for path, body in (("/v1/chat/completions", chat), ("/api/paas/v4/chat/completions", chat),
+                               ("/api/paas/v4/async/chat/completions", chat),
+                               ("/v1/completions", {"model": "glm-4-plus", "prompt": "x" * 5000, "max_tokens": 1})):
+                r = httpx.post(keyed.url + path, json=body, headers=auth)
+                assert r.status_code == 429 and r.json()["error"]["code"] in ("1302", "rate_limit_exceeded"), path
+            assert prepared == []
+        finally:
+            cm.__exit__(None, None, None)
+            client.close()
+    wait_idle(engine)
+    deadline = time.monotonic() + 5
+    while keyed.app.state.ctx.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for path, bad in (("/v1/chat/completions", {**chat, "temperature": 7}),
+                      ("/v1/completions", {"model": "glm-4-plus", "prompt": "x", "suffix": "y"})):
+        assert httpx.post(keyed.url + path, json=bad, headers=auth).status_code == 400
+    assert keyed.app.state.ctx.admission.in_flight == 0  # the 400s gave their slots back
+    _sdk(keyed, KEY_A).chat.completions.create(model="glm-4-plus", messages=USER, max_tokens=1)
+
+
 def test_queue_full(tiny_hf):
     small = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_hf), kv_cache_tokens=4096, max_num_seqs=1,
                                                max_batch_tokens=256)))
