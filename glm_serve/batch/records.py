@@ -17,8 +17,8 @@ COMPLETED, EXPIRED, CANCELLING, CANCELLED = "completed", "expired", "cancelling"
 ACTIVE = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)  # the worker still has work on these
 TERMINAL = (FAILED, COMPLETED, EXPIRED, CANCELLED)
 
-# Batch line urls (and batch endpoints) served: the vendor's own and OpenAI's spelling of chat completions.
-# Both run the vendor's v4 chat schema, as on the vendor's cloud.
+# Batch line urls (and batch endpoints) served: the vendor's own and OpenAI's spelling of chat completions. Each
+# runs its route's schema (batch/runner.py): a /v1 line is an OpenAI chat body (do_sample, for one, is not read).
 ENDPOINTS = ("/v4/chat/completions", "/v1/chat/completions")
 
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
