@@ -39,7 +39,8 @@ def run_ours(model: str, prompts, outs, device, dtype, args) -> dict:
     from glm_serve.sampling_params import SamplingParams  # noqa: PLC0415
 
     llm = LLM(model, device=device, dtype=dtype, max_num_seqs=args.max_num_seqs,
-              max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens)
+              max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+              kv_cache_dtype=args.kv_cache_dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     _sync(device)
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="our engine's KV cache (HF's: "
+                                                                                   "the model's dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/offline_<device>_<date>.json)")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@
 # uvloop and httptools: `../shared/tools/gpu-wheels.sh uvloop httptools`, else uvicorn falls back to asyncio's
 # loop and h11, and the event loop's CPU per token is not what a real install gets).
 #
-#   bash scripts/gpu-run.sh [first|tests|kernels|tune|offline|vision|overhead|serve|all]
+#   bash scripts/gpu-run.sh [first|tests|kernels|tune|offline|fp8|vision|overhead|serve|all]
 #
 # first: what one call within a 15-minute device budget can do (run it with timeout_s 600): the GPU tests, the
 #   quick kernel benchmark, the fused-ops benchmark, the 9B-shaped offline benchmark and the engine overhead,
@@ -87,11 +87,13 @@ run_tests() {  # LIMIT_GPU LIMIT_KERNELS
     python3 -m pytest -q tests/kernels
   tail -5 "$results/kernel_tests.log"
 }
-run_offline() {  # LIMIT NUM_PROMPTS
+run_offline() {  # LIMIT NUM_PROMPTS [KV_CACHE_DTYPE]
   checkpoint_9b
-  step "offline benchmark (9B-shaped)" "$1" python3 benchmarks/offline_throughput.py --model "$ckpt" --device cuda \
-    --num-prompts "$2" --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 \
-    --out "$results/offline_cuda_$today.json"
+  local kv=${3:-auto} suffix=""
+  [ "$kv" = auto ] || suffix="_kv_$kv"
+  step "offline benchmark (9B-shaped, KV cache $kv)" "$1" python3 benchmarks/offline_throughput.py --model "$ckpt" \
+    --device cuda --num-prompts "$2" --input-len 128:1024 --output-len 64:512 --hf-batch-size 32 \
+    --kv-cache-dtype "$kv" --out "$results/offline_cuda${suffix}_$today.json"
 }
 
 case "$what" in
@@ -108,6 +110,7 @@ case "$what" in
     step "fused ops benchmark" 60 python3 benchmarks/fused_ops.py --out "$results/fused_ops_cuda_$today.json" ;;
   tune) step "kernel tune sweep" 580 python3 benchmarks/kernels.py --quick --tune --out "$results/kernels_tune_$today.json" ;;
   offline) run_offline 500 256 ;;
+  fp8) run_offline 500 256 fp8 ;;  # the same with --kv-cache-dtype fp8 (its GPU kernel tests run in first/tests)
   overhead) step "engine overhead (host CPU)" 280 python3 benchmarks/engine_overhead.py \
       --out "$results/engine_overhead_overlap_gpuhost_$today.json"
     step "engine overhead, sampled (host CPU)" 280 python3 benchmarks/engine_overhead.py --sampled \

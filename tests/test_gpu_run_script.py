@@ -59,7 +59,7 @@ def test_missing_pytest_and_pillow_are_named_and_the_rest_runs(tmp_path):
     serves = [line for line in calls.splitlines() if line.startswith("glm-serve serve ")]
     assert len(serves) == 2 and "--engine-process" not in serves[0] and serves[1].endswith("--engine-process")
     steps = (out / "steps.log").read_text()
-    assert "offline benchmark (9B-shaped): rc 3" in steps  # failed, said, and the next steps ran
+    assert "offline benchmark (9B-shaped, KV cache auto): rc 3" in steps  # failed, said, and the next steps ran
 
 
 def test_first_cuts_a_step_off_at_its_limit_and_goes_on(tmp_path):
@@ -73,7 +73,8 @@ def test_first_cuts_a_step_off_at_its_limit_and_goes_on(tmp_path):
     steps = (out / "steps.log").read_text().splitlines()
     assert [s.split(":")[1].strip() for s in steps] == [
         "GPU tests (-m gpu)", "kernel tests (tests/kernels on CUDA)", "kernel benchmark (--quick)",
-        "fused ops benchmark", "make-tiny glm-4-9b", "offline benchmark (9B-shaped)", "engine overhead (host CPU)"]
+        "fused ops benchmark", "make-tiny glm-4-9b", "offline benchmark (9B-shaped, KV cache auto)",
+        "engine overhead (host CPU)"]
     assert "kernel benchmark (--quick): cut off at its 2 s limit" in steps[2]
     assert "--num-prompts 128" in calls and "engine_overhead.py --repeats 1" in calls
 
@@ -89,3 +90,9 @@ def test_a_run_ends_within_its_budget_whatever_the_steps_limits(tmp_path):
     assert int(kernels.rsplit(",", 1)[1].split()[0]) <= 25
     assert any("NOT RUN" in s and "budget" in s for s in steps)
     assert "offline_throughput.py" not in calls  # nothing started once the budget was spent
+
+
+def test_fp8_runs_the_offline_benchmark_with_an_fp8_cache(tmp_path):
+    done, calls, out = _run(tmp_path, "fp8")
+    offline = [line for line in calls.splitlines() if "offline_throughput.py" in line]
+    assert len(offline) == 1 and "--kv-cache-dtype fp8" in offline[0] and "offline_cuda_kv_fp8_" in offline[0]
