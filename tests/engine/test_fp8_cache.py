@@ -91,3 +91,25 @@ def test_triton_kernels_serve_the_torch_backends_fp8_tokens(tiny_hf):
 def test_kv_cache_dtype_is_checked():
     with pytest.raises(ValueError, match="kv-cache-dtype"):
         EngineConfig(kv_cache_dtype="int4")
+
+
+def test_fp8_cache_on_the_padded_graph_path_and_in_the_warm_up(tiny_hf, monkeypatch):
+    """--cuda-graphs' padded static-buffer decode (run eagerly on the CPU) over the fp8 cache: padding rows store
+    no values and no scales, so the tokens are the plain fp8 engine's. And the triton backend's warm-up launches
+    every decode split count over an fp8 cache (on a GPU it compiles those variants before the first request)."""
+    pytest.importorskip("triton")
+    prompts = _prompts(5, seed=13, lo=3, hi=40)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 14, 6, 11)]
+    kw = dict(kv_cache_tokens=2048, max_num_seqs=8, max_batch_tokens=64, attention_backend="triton",
+              kv_cache_dtype="fp8")
+    plain = LLM(str(tiny_hf), **kw)
+    graphs = LLM(str(tiny_hf), cuda_graphs=True, **kw)
+    want = [r.token_ids for r in plain.generate(prompts, params, use_tqdm=False)]
+    assert [r.token_ids for r in graphs.generate(prompts, params, use_tqdm=False)] == want
+
+    backend, eng = plain.engine.model.backend, plain.engine
+    monkeypatch.setattr(backend, "_sm_count", lambda device: 132)
+    cache = eng.runner.kv_caches[0]
+    before = cache.k.view(torch.uint8).clone(), cache.k_scale.clone()
+    splits = backend.warm_up(cache, eng.model_config.num_heads, 4096, eng.dtype)
+    assert splits and torch.equal(cache.k.view(torch.uint8), before[0]) and torch.equal(cache.k_scale, before[1])
