@@ -54,7 +54,7 @@ class OutputEmitter:
                 touched.setdefault(req.request_id, (req, {}))
                 continue
             # (with blocked strings, a token's logprob may wait for its text: ChoiceState.pass_logprob)
-            lps = None if req.params.logprobs is None else c.pass_logprob(lp) if lp else []
+            lps = None if req.params.logprobs is None else c.pass_logprob(lp, len(text))
             if req.started and req.holds:  # held until the request finishes, or for stream_interval tokens
                 held = c.held  # (token ids, text pieces, logprobs) since the last output
                 if held is None:

@@ -110,28 +110,33 @@ class ChoiceState:
     stop_token: bool = False  # finished by a stop token id (which is not text)
     # held requests (RequestState.holds): what was made since the last output, sent in one piece later
     held: tuple[list[int], list[str], list[TokenLogprob]] | None = None  # (token ids, text pieces, logprobs)
-    # with blocked strings: logprobs whose token's text is not all out yet, as (stopper.fed at the token's end, lp)
+    # with blocked strings: logprobs whose token's text is not all out yet, as (characters taken by the stopper at
+    # the token's end, lp), and the characters let out so far
     lp_wait: list[tuple[int, TokenLogprob]] | None = None
+    lp_emitted: int = 0
 
-    def pass_logprob(self, lp: TokenLogprob) -> list[TokenLogprob]:
-        """The logprobs to send now, given the one of the token just fed to the stopper. Without blocked strings:
-        `lp` itself. With them, a logprob waits until all of its token's text has gone out: a token's text and
-        bytes would otherwise spell out part of a term the stopper holds back, and a term it cuts never goes out
-        at all, its tokens' logprobs included. (A stop string's tokens keep theirs, as without a filter.)"""
+    def pass_logprob(self, lp: TokenLogprob | None, emitted: int) -> list[TokenLogprob]:
+        """The logprobs to send now, given the one of the token just fed to the stopper, whose text let out
+        `emitted` characters. Without blocked strings: `lp` itself. With them, a logprob waits until all of its
+        token's text has gone out: a token's text and bytes would otherwise spell out part of a term the stopper
+        holds back, and a term it cuts never goes out at all, its tokens' logprobs included. (A stop string's
+        tokens keep theirs, as without a filter.)"""
         stopper = self.stopper
         if stopper.blocked is None:
-            return [lp]
+            return [] if lp is None else [lp]
         wait = self.lp_wait
         if wait is None:
             wait = self.lp_wait = []
+        out_so_far = self.lp_emitted = self.lp_emitted + emitted
         if stopper.stopped:
             cut = stopper.reason == "content_filter"
-            out = [w for end, w in wait if end <= stopper.emitted or not cut] + ([] if cut else [lp])
+            out = [w for end, w in wait if end <= out_so_far or not cut] + ([] if cut or lp is None else [lp])
             wait.clear()
             return out
-        wait.append((stopper.fed, lp))
+        if lp is not None:
+            wait.append((out_so_far + stopper.held_chars, lp))
         k = 0
-        while k < len(wait) and wait[k][0] <= stopper.emitted:
+        while k < len(wait) and wait[k][0] <= out_so_far:
             k += 1
         out = [w for _, w in wait[:k]]
         del wait[:k]

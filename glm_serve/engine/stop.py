@@ -136,7 +136,6 @@ class StopChecker:
         self.stopped = False
         self.matched: str | None = None  # the stop string (or blocked string, as given) that ended generation
         self.reason = "stop"  # once stopped: "stop" (a stop string) or "content_filter" (a blocked string)
-        self.emitted = 0  # characters of text let out so far (outputs.ChoiceState holds logprobs against it)
 
     def drop_stop_strings(self) -> None:
         """From now on only blocked strings apply (a grammar has taken hold of the text: outputs.ChoiceState)."""
@@ -146,18 +145,13 @@ class StopChecker:
         self.active = self.blocked is not None or bool(self._held)  # (text held so far goes out with the next feed)
 
     @property
-    def fed(self) -> int:
-        """Characters taken so far (before a stop): those let out and those held back."""
-        return self.emitted + len(self._held)
+    def held_chars(self) -> int:
+        """Characters taken but held back (a possible start of a match)."""
+        return len(self._held)
 
     def feed(self, delta: str, token: bool = True) -> tuple[str, bool]:
         """Take the next text delta (one token's text; token=False for text that is no token of its own, such as
         the detokenizer's flush); return (text to emit now, stopped). After a stop, returns ("", True)."""
-        text, stopped = self._feed(delta, token)
-        self.emitted += len(text)
-        return text, stopped
-
-    def _feed(self, delta: str, token: bool) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         if not self.active:
@@ -188,10 +182,7 @@ class StopChecker:
     def flush(self) -> str:
         """Generation ended for another reason (stop token, length): release the held-back text."""
         held, self._held = self._held, ""
-        if self.stopped:
-            return ""
-        self.emitted += len(held)
-        return held
+        return "" if self.stopped else held
 
     def _stop(self, text: str, start: int, matched: str, blocked: bool) -> tuple[str, bool]:
         self.stopped, self.matched, self._held = True, matched, ""
