@@ -221,8 +221,9 @@ def cmd_serve(args) -> int:
                  mc.model_type, mc.num_layers, mc.hidden_size, mc.num_kv_heads, core.device,
                  str(core.dtype).removeprefix("torch."), f", {config.quantization}" if config.quantization else "",
                  core.load_seconds, f" (engine process {engine.pid})" if args.engine_process else "")
-        log.info("KV cache: %d tokens (%d-token blocks); context window %d tokens; up to %d sequences per batch",
-                 core.kv_capacity_tokens, config.block_size, core.max_model_len, config.max_num_seqs)
+        log.info("KV cache: %d tokens (%d-token blocks%s); context window %d tokens; up to %d sequences per batch",
+                 core.kv_capacity_tokens, config.block_size, ", fp8" if config.kv_cache_dtype == "fp8" else "",
+                 core.max_model_len, config.max_num_seqs)
         if core.warm_up_seconds:
             log.info("warm-up (kernels compiled, first steps run) in %.1fs", core.warm_up_seconds)
         log.info("model names: %s", ", ".join(ctx.model_names))

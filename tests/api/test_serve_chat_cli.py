@@ -42,6 +42,7 @@ def test_serve_process(tiny_hf, tmp_path):
     env = {**os.environ, "GLM_SERVE_API_KEYS": key}
     proc = subprocess.Popen([sys.executable, "-m", "glm_serve.cli", "serve", "--model", str(tiny_hf), "--port",
                              str(port), "--kv-cache-tokens", "2048", "--served-model-name", "glm-4-flash",
+                             "--kv-cache-dtype", "fp8",
                              "--data-dir", str(tmp_path / "data")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -59,7 +60,7 @@ def test_serve_process(tiny_hf, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-    assert "KV cache: 2048 tokens" in out and f"http://127.0.0.1:{port}" in out and "1 key(s)" in out
+    assert "KV cache: 2048 tokens (16-token blocks, fp8)" in out and f"http://127.0.0.1:{port}" in out and "1 key(s)" in out
     assert key not in out and key.split(".")[1] not in out
     # Ctrl-C is the way to stop it: a clean stop, no traceback (uvicorn re-raises the signal it caught)
     assert "Application shutdown complete" in out and "Traceback" not in out and proc.returncode == 0, out[-2000:]
