@@ -118,7 +118,12 @@ class Admitted:
         rid = None if client_request_id is None else (key_id, client_request_id)
         if rid is not None and rid in ctx.active_request_ids:
             raise APIError("1231", f"request_id {client_request_id!r} is already in flight", "request_id")
-        self._slot = ctx.admission.acquire(key_id)
+        try:
+            self._slot = ctx.admission.acquire(key_id)
+        except APIError as e:  # who is being throttled, for the operator
+            if key_id is not None:
+                ctx.metrics.key_refused.labels(key=key_id, code=e.code).inc()
+            raise
         if key_id is not None:
             ctx.metrics.key_requests.labels(key=key_id).inc()
         self._ctx, self._rid = ctx, rid

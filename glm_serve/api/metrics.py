@@ -136,6 +136,9 @@ class Metrics:
         # from the configured keys only, so their number is bounded. Requests: those admitted (chat, completions,
         # responses, async tasks); tokens: theirs and their batch lines', counted as each generation ends.
         self.key_requests = Counter("glm_serve_key_requests", "Requests admitted, per api key", ["key"], registry=r)
+        self.key_refused = Counter("glm_serve_key_refused_requests", "Requests refused by a limit (429), per api key "
+                                   "and error code (1302 concurrency, 1303 rate, 1305 queue)", ["key", "code"],
+                                   registry=r)
         self.key_prompt_tokens = Counter("glm_serve_key_prompt_tokens", "Prompt tokens processed, per api key",
                                          ["key"], registry=r)
         self.key_generation_tokens = Counter("glm_serve_key_generation_tokens", "Tokens generated, per api key",

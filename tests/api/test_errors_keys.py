@@ -320,6 +320,9 @@ def test_request_rate_per_key(make_server):
     err = e.value.response.json()["error"]
     assert (err["type"], err["code"]) == ("rate_limit_error", "1303") and "retry in" in err["message"]
     OpenAI(api_key=KEY_B, base_url=srv.url + "/v1", max_retries=0).chat.completions.create(**body)
+    metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY_B}"}).text
+    refused = [line for line in metrics.splitlines() if line.startswith("glm_serve_key_refused_requests_total{")]
+    assert refused == [f'glm_serve_key_refused_requests_total{{code="1303",key="{KEY_A.split(".")[0]}"}} 2.0']
     t0 = time.monotonic()
     out = OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=3).chat.completions.create(**body)
     assert out.choices[0].finish_reason in ("stop", "length") and time.monotonic() - t0 < 10
