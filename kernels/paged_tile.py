@@ -137,7 +137,7 @@ def check_paged_cache(q, k_cache, v_cache, k_scale=None, v_scale=None) -> int:
 
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest finite e4m3 value
 
 
 def check_scales(k_cache, v_cache, k_scale, v_scale) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest finite e4m3 value
 
 
 class LayerCache(NamedTuple):
