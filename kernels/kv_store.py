@@ -92,10 +92,11 @@ def _store_kv_kernel(
 @triton.jit
 def _quantize_rows(x, scale_ptrs, row_mask):
     """x [BLOCK_T, BLOCK_H, BLOCK_D] -> x / s in fp32, within +-FP8_MAX, with s = max|x| / FP8_MAX per (token,
-    head) row stored at scale_ptrs [BLOCK_T, BLOCK_H] (1 for an all-zero row)."""
+    head) row stored at scale_ptrs [BLOCK_T, BLOCK_H] (1 for an all-zero row, or one too small to scale)."""
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=2)  # [BLOCK_T, BLOCK_H]
-    scale = tl.where(amax > 0, amax / _FP8_MAX, 1.0)
+    scale = tl.max(tl.abs(x), axis=2) / _FP8_MAX  # [BLOCK_T, BLOCK_H]
+    # (tested after the division: a row of fp32 subnormals below 448 * 2^-149 gets scale 0, and 0 / 0 = NaN)
+    scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptrs, scale, mask=row_mask)
     # The clamp keeps a rounding of the division from passing FP8_MAX (e4m3fn has no infinity to saturate to).
     return _round_to_e4m3(tl.minimum(tl.maximum(x / scale[:, :, None], -_FP8_MAX), _FP8_MAX))

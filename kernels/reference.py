@@ -16,8 +16,8 @@ def quantize_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (x / s as float8_e4m3fn [..., D], s [...] fp32), s = max|x| / 448 per row (1 where the row
     is all zeros): the fp8 cache's format (kv_store.py)."""
     xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = xf.abs().amax(-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (zero rows, and rows of tiny subnormals)
     return (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 

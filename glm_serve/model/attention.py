@@ -59,8 +59,9 @@ class LayerCache(NamedTuple):
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> (x / s as float8_e4m3fn [..., D], s [...] fp32 = max|x| / 448 per row, 1 for a zero row)."""
     xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    # Tested after the division: a row of fp32 subnormals below 448 * 2^-149 would get scale 0 (0 / 0 = NaN).
+    scale = xf.abs().amax(-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, 1.0)
     return (xf / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 

@@ -132,3 +132,24 @@ def test_fp8_arguments_are_checked(paged_batch):
     k = torch.zeros(2, 2, 32, device=DEVICE)
     with pytest.raises(ValueError, match="needs k_scale and v_scale"):
         store_kv(k, k, k8, v8, batch.slot_mapping)
+
+
+def test_rows_too_small_to_scale_store_zeros_not_nan():
+    """A float32 row whose max is below 448 * 2^-149 has max / 448 = 0 in fp32: its scale must still be nonzero
+    (else 0 / 0 = NaN fills the row, and every later attention over the sequence). Both quantizers, the kernel and
+    the torch backend's, store such a row as zeros with scale 1, like an all-zero row."""
+    from glm_serve.model.attention import quantize_fp8  # noqa: PLC0415
+
+    k = torch.randn(3, 2, 16)
+    k[0, 1] = 0
+    k[0, 1, :3] = torch.tensor([1e-44, -3e-45, 0.0])  # fp32 subnormals, below 448 times the smallest one
+    k[1, 0] = -0.0
+    cache = torch.zeros(1, 4, 2, 16, dtype=FP8, device=DEVICE)
+    scales = torch.zeros(1, 4, 2, device=DEVICE)
+    store_kv(k.to(DEVICE), k.to(DEVICE), cache, cache.clone(), torch.arange(3, device=DEVICE), scales,
+             scales.clone())
+    for q, s in ((cache[0, :3].cpu(), scales[0, :3].cpu()), quantize_fp8(k), quantize_fp8_ref(k)):
+        back = dequantize_fp8_ref(q, s)
+        assert not back.isnan().any()
+        assert s[0, 1] == 1 and s[1, 0] == 1 and (back[0, 1] == 0).all() and (back[1, 0] == 0).all()
+        assert ((back - k.double()).abs() <= k.double().abs() / 16 + s.double()[..., None] / 1024).all()
