@@ -29,6 +29,9 @@ def add_chat_parser(sub, add_model_args) -> None:
     c.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's")
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--kv-cache-tokens", type=int, default=None, help="in-process: KV-cache capacity in tokens")
+    c.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="in-process: auto (the model's dtype) or fp8 (e4m3 with a scale per token and KV head, "
+                        "twice bf16's tokens in the same memory; see `glm-serve serve --help`)")
     c.set_defaults(fn=cmd_chat)
 
 
@@ -110,7 +113,7 @@ def local_backend(args) -> Backend:
     engine = LLMEngine(EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, rope_theta=args.rope_theta,
         quantization=None if args.quantization in (None, "none") else args.quantization,
-        kv_cache_tokens=args.kv_cache_tokens))
+        kv_cache_tokens=args.kv_cache_tokens, kv_cache_dtype=args.kv_cache_dtype))
     defaults = GenerationDefaults.from_checkpoint(engine.model_path)  # the server's defaults, here too
     temperature = args.temperature
     if temperature is None:

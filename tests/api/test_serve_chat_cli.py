@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from glm_serve.api.serve import api_keys, engine_config
 from glm_serve.chat_cli import chat_loop, local_backend, server_backend
@@ -98,7 +99,8 @@ def test_chat_loop_against_server_keeps_history(server):
 
 def test_chat_in_process_equals_server(server, tiny_hf):
     args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
-                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024)
+                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024,
+                              kv_cache_dtype="auto")
     out = []
     history = chat_loop(local_backend(args), _scripted(["你好"]), out.append)
     direct = httpx.post(server.openai_base + "/chat/completions", json={
@@ -129,13 +131,29 @@ def test_chat_server_gone_is_an_error_line_not_a_traceback():
 
 def test_chat_in_process_too_long_turn_keeps_the_chat(tiny_hf):
     args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
-                              temperature=0.0, max_tokens=4, kv_cache_tokens=128)
+                              temperature=0.0, max_tokens=4, kv_cache_tokens=128,
+                              kv_cache_dtype="auto")
     read = _scripted(["word " * 300, "hi"])
     out = []
 
     history = chat_loop(local_backend(args), read, out.append)
     assert "[error]" in "".join(out) and "context window" in "".join(out)
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hi"
+
+
+def test_chat_in_process_takes_the_kv_cache_flags(tiny_hf, monkeypatch):
+    """`glm-serve chat --model` builds its own engine: --kv-cache-dtype reaches it like --kv-cache-tokens."""
+    import glm_serve.engine.engine as engine_module  # noqa: PLC0415
+
+    engines, real = [], engine_module.LLMEngine
+    monkeypatch.setattr(engine_module, "LLMEngine", lambda config: engines.append(real(config)) or engines[-1])
+    args = build_parser().parse_args(["chat", "--model", str(tiny_hf), "--device", "cpu", "--kv-cache-tokens",
+                                      "256", "--kv-cache-dtype", "fp8", "--max-tokens", "3", "--temperature", "0"])
+    out = []
+    chat_loop(local_backend(args), _scripted(["hi"]), out.append)
+    assert out and "[error]" not in "".join(out)
+    assert engines[0].runner.kv_caches[0].k.dtype == torch.float8_e4m3fn and engines[0].kv_capacity_tokens == 256
+    assert build_parser().parse_args(["chat"]).kv_cache_dtype == "auto"
 
 
 def test_chat_unknown_command_is_said_not_sent():
@@ -156,7 +174,8 @@ def test_chat_in_process_interrupted_answer_leaves_the_engine(server, tiny_hf):
     """Ctrl-C mid-answer drops the answer's generator: its request must leave the engine (abort), or the next
     turn's step loop also runs it and mixes its text into the new answer."""
     args = argparse.Namespace(model=str(tiny_hf), device="cpu", dtype="auto", quantization=None, rope_theta=None,
-                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024)
+                              temperature=0.0, max_tokens=12, kv_cache_tokens=1024,
+                              kv_cache_dtype="auto")
     send = local_backend(args)
     first = send([{"role": "user", "content": "hello"}])
     next(first)
