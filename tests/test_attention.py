@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from glm_serve.kernels.reference import paged_attention_ref
+from glm_serve.kernels.reference import paged_attention_ref, quantize_fp8_ref, store_kv_ref
 from glm_serve.model.attention import AttnMetadata, LayerCache, TorchPagedAttention
 
 
@@ -199,3 +199,23 @@ def test_short_contexts_skip_the_chunks_past_their_end(monkeypatch):
     assert count.elements == 2 * 4 * ((16 + 16) * (8 + 11) + (8 + 16) * 1)
     want = paged_attention_ref(q, kc, vc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, 0.25)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["grouped", "one_group"])
+@pytest.mark.parametrize("case", ["decode_gqa16", "mixed_gqa8"])
+def test_fp8_cache_chunked_and_one_call_paths(case, host):
+    """Over an fp8 cache (--kv-cache-dtype fp8) both paths store what the reference quantizer stores and read it
+    back as its rows times their scales: the chunked path (float32 per head) and the one-call path (the model's
+    dtype) give the reference's answer."""
+    starts, n_new, heads, kv_heads = CASES[case]
+    q, k, v, kc, vc, meta = _batch(starts, n_new, heads=heads, kv_heads=kv_heads, seed=2, host=host)
+    (k8, ks), (v8, vs) = quantize_fp8_ref(kc), quantize_fp8_ref(vc)
+    want = [t.clone() for t in (k8, v8, ks, vs)]
+    store_kv_ref(k, v, *want[:2], meta.slot_mapping, *want[2:])
+    ref = paged_attention_ref(q, *want[:2], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, 0.25, *want[2:])
+    for key_chunk in (4, 4096):  # one block per chunk; one call
+        cache = LayerCache(*(t.clone() for t in (k8, v8, ks, vs)))
+        meta.cache = None
+        out = TorchPagedAttention(key_chunk).forward(q, k, v, cache, meta, 0.25)
+        assert torch.equal(cache.k.view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(cache.v_scale, want[3])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
