@@ -82,8 +82,8 @@ def _store_kv_kernel(
         scale_dst = scale_dst[:, None] + offs_h[None, :] * stride_sh  # [BLOCK_T, BLOCK_H]
         k_q = _quantize_rows(k, k_scale_ptr + scale_dst, row_mask)
         v_q = _quantize_rows(v, v_scale_ptr + scale_dst, row_mask)
-        tl.store(k_cache_ptr + dst, k_q.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v_q.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst, _to_fp8(k_q, k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, _to_fp8(v_q, v_cache_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -99,7 +99,18 @@ def _quantize_rows(x, scale_ptrs, row_mask):
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptrs, scale, mask=row_mask)
     # The clamp keeps a rounding of the division from passing FP8_MAX (e4m3fn has no infinity to saturate to).
-    return _round_to_e4m3(tl.minimum(tl.maximum(x / scale[:, :, None], -_FP8_MAX), _FP8_MAX))
+    # It passes NaN on (a value the model computed as NaN stays NaN, as in a 16-bit cache and the torch backend):
+    # by default min/max return the other operand, which stored -448 * scale, a finite value, in its place.
+    q = tl.maximum(x / scale[:, :, None], -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return _round_to_e4m3(tl.minimum(q, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
+def _to_fp8(x, dtype: tl.constexpr):
+    """x (fp32 e4m3 values or NaN) -> dtype (e4m3fn); a NaN as e4m3fn's NaN (0x7F), set by its bits: a GPU's
+    conversion keeps NaN, but Triton's interpreter (CPU tests) turns it into 384."""
+    nan = tl.full(x.shape, 0x7F, tl.int8).to(dtype, bitcast=True)
+    return tl.where(x != x, nan, x.to(dtype))
 
 
 @triton.jit

@@ -153,3 +153,20 @@ def test_rows_too_small_to_scale_store_zeros_not_nan():
         assert not back.isnan().any()
         assert s[0, 1] == 1 and s[1, 0] == 1 and (back[0, 1] == 0).all() and (back[1, 0] == 0).all()
         assert ((back - k.double()).abs() <= k.double().abs() / 16 + s.double()[..., None] / 1024).all()
+
+
+def test_nan_values_stay_nan():
+    """A K or V value the model computed as NaN is stored as NaN (as a 16-bit cache and the torch backend store
+    it), not replaced by a finite one that would hide the failure; the row's other values keep a finite scale."""
+    from glm_serve.model.attention import quantize_fp8  # noqa: PLC0415
+
+    k = torch.randn(2, 1, 16) * 3
+    k[0, 0, 3] = float("nan")
+    cache = torch.zeros(1, 2, 1, 16, dtype=FP8, device=DEVICE)
+    scales = torch.zeros(1, 2, 1, device=DEVICE)
+    store_kv(k.to(DEVICE), k.to(DEVICE), cache, cache.clone(), torch.arange(2, device=DEVICE), scales, scales.clone())
+    for q, s in ((cache[0].cpu(), scales[0].cpu()), quantize_fp8(k), quantize_fp8_ref(k)):
+        back = dequantize_fp8_ref(q, s)
+        assert back[0, 0, 3].isnan() and not back[1].isnan().any()
+    back = dequantize_fp8_ref(cache[0].cpu(), scales[0].cpu())
+    assert torch.isfinite(scales).all() and not back[0, 0, torch.arange(16) != 3].isnan().any()
