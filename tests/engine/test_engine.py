@@ -16,6 +16,9 @@ from glm_serve.llm import LLM
 from glm_serve.model.simple import generate_simple
 from glm_serve.sampling_params import SamplingParams
 
+from .workloads import random_prompts as _prompts
+from .workloads import sharing_workload
+
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
@@ -26,11 +29,6 @@ def llm(tiny_hf):
 
 def _solo(llm, ids, n):
     return generate_simple(llm.engine.model, ids, n)
-
-
-def _prompts(k, seed, lo=1, hi=90):
-    rng = random.Random(seed)
-    return [[rng.randrange(0, 2000) for _ in range(rng.randrange(lo, hi))] for _ in range(k)]
 
 
 def _all_blocks_free(engine):
@@ -327,11 +325,7 @@ def test_triton_backend_under_preemption_and_sharing(tiny_hf):
     n = 2 siblings sharing their prompt's blocks and prompts sharing a prefix: every choice gets the tokens the
     torch backend gives on a roomy cache."""
     pytest.importorskip("triton")
-    rng = random.Random(0)
-    base = [rng.randrange(100, 1000) for _ in range(60)]
-    prompts = [base[:rng.randrange(16, 60)] + _prompts(1, seed=i, lo=1, hi=20)[0] if i % 3 == 0
-               else _prompts(1, seed=100 + i, lo=1, hi=90)[0] for i in range(8)]
-    params = [SamplingParams(max_tokens=rng.randrange(1, 40), n=1 + i % 2, **GREEDY) for i in range(8)]
+    prompts, params = sharing_workload(0, other_seed=100, other_lens=(1, 90), max_tokens=(1, 40), **GREEDY)
     want = LLM(str(tiny_hf), kv_cache_tokens=4096, max_num_seqs=8, max_batch_tokens=48, attention_backend="torch")
     got = LLM(str(tiny_hf), kv_cache_tokens=256, block_size=4, max_num_seqs=8, max_batch_tokens=48,
               attention_backend="triton")

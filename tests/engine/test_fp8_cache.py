@@ -5,8 +5,6 @@ kernels as from the torch backend."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -14,12 +12,9 @@ from glm_serve.engine.config import EngineConfig
 from glm_serve.llm import LLM
 from glm_serve.sampling_params import SamplingParams
 
+from .workloads import random_prompts, sharing_workload
+
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def _prompts(k, seed, lo=1, hi=90):
-    rng = random.Random(seed)
-    return [[rng.randrange(0, 2000) for _ in range(rng.randrange(lo, hi))] for _ in range(k)]
 
 
 def test_fp8_cache_layout_and_capacity(tiny_hf):
@@ -39,7 +34,7 @@ def test_fp8_cache_layout_and_capacity(tiny_hf):
 
 def test_fp8_cache_stays_close_to_the_full_precision_one(tiny_hf):
     """Prompt logprobs of the same prompts from both caches: different (the cache really is fp8), and close."""
-    prompts = _prompts(3, seed=4, lo=40, hi=80)
+    prompts = random_prompts(3, seed=4, lo=40, hi=80)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, **GREEDY)
     got = {}
     for dtype in ("auto", "fp8"):
@@ -55,11 +50,7 @@ def test_fp8_cache_batch_invariance_preemption_and_sharing(tiny_hf):
     """A cache so small that requests are preempted and recomputed, n = 2 siblings and shared prefixes: each
     choice gets the tokens its prompt gets alone on a roomy fp8 cache (quantization is per token row, so what a
     token's K/V is does not depend on its batch)."""
-    rng = random.Random(1)
-    base = [rng.randrange(100, 1000) for _ in range(60)]
-    prompts = [base[:rng.randrange(16, 60)] + _prompts(1, seed=i, lo=1, hi=20)[0] if i % 3 == 0
-               else _prompts(1, seed=50 + i, lo=20, hi=60)[0] for i in range(8)]
-    params = [SamplingParams(max_tokens=rng.randrange(20, 50), n=1 + i % 2, **GREEDY) for i in range(8)]
+    prompts, params = sharing_workload(1, other_seed=50, other_lens=(20, 60), max_tokens=(20, 50), **GREEDY)
     small = LLM(str(tiny_hf), kv_cache_tokens=256, max_batch_tokens=96, max_num_seqs=8, kv_cache_dtype="fp8")
     roomy = LLM(str(tiny_hf), kv_cache_tokens=4096, kv_cache_dtype="fp8")
     got = small.generate(prompts, params, use_tqdm=False)
@@ -75,7 +66,7 @@ def test_triton_kernels_serve_the_torch_backends_fp8_tokens(tiny_hf):
     """Chunked prefill, decode and a prefix hit through the engine with the Triton kernels (interpreted on the
     CPU) over the fp8 cache: the torch backend's tokens, and logprobs within float32 noise."""
     pytest.importorskip("triton")
-    prompts = _prompts(4, seed=12, lo=20, hi=70)
+    prompts = random_prompts(4, seed=12, lo=20, hi=70)
     prompts.append(prompts[0][:40] + [5, 6, 7])  # shares full blocks with prompts[0]
     params = SamplingParams(max_tokens=10, logprobs=0, **GREEDY)
     runs = {}
@@ -98,7 +89,7 @@ def test_fp8_cache_on_the_padded_graph_path_and_in_the_warm_up(tiny_hf, monkeypa
     no values and no scales, so the tokens are the plain fp8 engine's. And the triton backend's warm-up launches
     every decode split count over an fp8 cache (on a GPU it compiles those variants before the first request)."""
     pytest.importorskip("triton")
-    prompts = _prompts(5, seed=13, lo=3, hi=40)
+    prompts = random_prompts(5, seed=13, lo=3, hi=40)
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 14, 6, 11)]
     kw = dict(kv_cache_tokens=2048, max_num_seqs=8, max_batch_tokens=64, attention_backend="triton",
               kv_cache_dtype="fp8")
