@@ -68,6 +68,7 @@ def _usage(prompt: int, completion: int, cached: int) -> dict:
 # chat finish reason -> the Responses API's incomplete_details.reason (others complete)
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
+
 class ResponseShape:
     """One response's identity and the request fields it echoes; builds its output items and Response objects, the
     same for a body and a stream (the stream's events carry the very items its final response holds)."""

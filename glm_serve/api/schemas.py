@@ -174,5 +174,5 @@ class ResponsesRequest(_Request):
     tools: list[Any] | None = None  # flat function tools: {"type": "function", "name", "description", ...}
     top_logprobs: int | None = None  # [0, 20]
     top_p: float | None = None
-    truncation: str | None = None  # "disabled" only
+    truncation: str | None = None  # "disabled" (a 400 when the input does not fit) | "auto" (oldest items dropped)
     user: str | None = None
