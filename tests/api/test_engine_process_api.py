@@ -60,7 +60,7 @@ def _openai_stream(srv):
         for ch in c.choices:
             text += ch.delta.content or ""
             if ch.logprobs and ch.logprobs.content:
-                lps += [(t.token, round(t.logprob, 4)) for t in ch.logprobs.content]
+                lps += [(t.token, t.logprob) for t in ch.logprobs.content]
     return text, lps, usage
 
 
@@ -77,7 +77,7 @@ def _echo_logprobs(srv):
     client = openai.OpenAI(api_key="unused", base_url=srv.openai_base, max_retries=0)
     r = client.completions.create(model=MODEL, prompt=[[40, 41, 42], [5, 77, 1203, 9]], echo=True, logprobs=1,
                                   max_tokens=3, temperature=0)
-    return [(c.text, c.logprobs.tokens, [None if v is None else round(v, 4) for v in c.logprobs.token_logprobs])
+    return [(c.text, c.logprobs.tokens, c.logprobs.token_logprobs)
             for c in r.choices]
 
 
@@ -108,7 +108,26 @@ def test_answers_match_the_thread_engine(server, proc_server, call):
     if call in (_forced_tool_call, _guided_and_biased):
         pytest.importorskip("xgrammar")
     want, got = _both(server, proc_server, call)
-    assert got == want
+    # Logprobs may differ in their last bits where the two engines batch rows differently (the two echoed prompts
+    # can arrive in one step or two); everything else must be identical
+    assert _without_floats(got) == _without_floats(want)
+    assert _floats(got) == pytest.approx(_floats(want), abs=1e-4)
+
+
+def _without_floats(x):
+    if isinstance(x, (list, tuple)):
+        return [_without_floats(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _without_floats(v) for k, v in x.items()}
+    return "<float>" if isinstance(x, float) else x
+
+
+def _floats(x) -> list[float]:
+    if isinstance(x, (list, tuple)):
+        return [f for v in x for f in _floats(v)]
+    if isinstance(x, dict):
+        return [f for v in x.values() for f in _floats(v)]
+    return [x] if isinstance(x, float) else []
 
 
 def test_forced_tool_call_arguments_parse(proc_server):
