@@ -130,8 +130,8 @@ def paged_prefill(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]
-    block_m: int = 128,
-    block_n: int = 64,
+    block_m: int | None = None,  # query rows per program; default 128 (fp32: 64)
+    block_n: int | None = None,  # keys per inner step; default 64 (fp32: 32)
     num_warps: int | None = None,
     num_stages: int | None = None,
     k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, KVH] fp32: an fp8 cache's row scales
@@ -150,6 +150,12 @@ def paged_prefill(
         raise ValueError("q and block_tables must be contiguous along their last dim")
     if max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    fp32 = q.element_size() == 4
+    # fp32 tiles (3xTF32 dots) take twice the shared memory of 16-bit ones: at 128 x 64 x head_dim 128 one stage
+    # needs 160 KiB, over the 99 KiB of an sm_86/sm_89 GPU (A10, L40S, RTX 4090), where it fails at launch.
+    # 64 x 32 needs 72 KiB. fp32 is for checking accuracy, not speed, so one choice serves every GPU.
+    block_m = block_m if block_m is not None else (64 if fp32 else 128)
+    block_n = block_n if block_n is not None else (32 if fp32 else 64)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
@@ -166,9 +172,7 @@ def paged_prefill(
     if num_warps is None:
         num_warps = 8 if block_t * block_g * head_dim >= 128 * 128 else 4
     if num_stages is None:
-        # fp32 tiles (3xTF32 dots) take twice the shared memory of 16-bit ones: at 128 x 64 x head_dim 128 two
-        # stages need 256 KiB on sm_90 (the limit is 227 KiB; sm_80: 192 of 163 KiB) and fail at launch.
-        num_stages = 1 if q.element_size() == 4 else 2
+        num_stages = 1 if fp32 else 2  # (fp32: a second stage of K/V tiles would not fit an sm_86/sm_89 either)
     block_d = max(16, triton.next_power_of_2(head_dim))  # compiled tl.dot needs K >= 16 (head_dim 8: masked)
     grid = (triton.cdiv(max_seqlen_q, block_t), batch, kv_heads)
     scales = scale_args(k_cache, k_scale, v_scale)
