@@ -7,9 +7,10 @@ OUTPUT and the line numbers already in the error file, after cutting a torn last
 Output lines therefore come in finishing order, not input order; match them by custom_id.
 
 A rerun resumes only the job it belongs to: OUTPUT.source.json records the input's path and SHA-256 and the
-model when the job starts, and a run whose input differs (another file with the same custom_ids, or the input
-edited since) is refused instead of skipping lines that were never answered for it, as is a run with another
-model (or quantization), whose answers would be mixed with the first model's in one output.
+model and its numerics (dtype, KV-cache dtype) when the job starts, and a run whose input differs (another file
+with the same custom_ids, or the input edited since) is refused instead of skipping lines that were never answered
+for it, as is a run with another model (or quantization) or other numerics, whose answers would be mixed with the
+first run's in one output.
 """
 
 from __future__ import annotations
@@ -68,7 +69,19 @@ def model_identity(model: str, quantization: str | None) -> str:
     return name if quantization in (None, "none") else f"{name} ({quantization})"
 
 
-def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path, model: str | None = None) -> None:
+def run_numerics(dtype: str, kv_cache_dtype: str, device: str | None) -> str:
+    """The numerics a job's answers come from, as recorded in OUTPUT.source.json: `--dtype auto` resolved for the
+    device (float32 on the CPU, bfloat16 on a GPU: the same job resumed on the other gives other tokens) and the
+    KV cache's dtype. ValueError for a device or dtype this machine lacks (before the model load)."""
+    from glm_serve.engine.config import resolve_device  # noqa: PLC0415 (torch)
+    from glm_serve.loader import parse_dtype  # noqa: PLC0415
+
+    name = str(parse_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+    return f"{name}, {'fp8 (e4m3)' if kv_cache_dtype == 'fp8' else name} KV cache"
+
+
+def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path, model: str | None = None,
+                 numerics: str | None = None) -> None:
     """Tie OUTPUT to this input and model (see the module docstring): record the input's fingerprint and the
     model when the job starts, or check them when resuming. ValueError when OUTPUT belongs to another input, or
     was answered by another model (a resumed job would mix the answers of two models)."""
@@ -88,13 +101,19 @@ def claim_output(src: Path, data: bytes, out_path: Path, err_path: Path, model: 
         if started and model is not None and was is not None and was != model:
             raise ValueError(f"{out_path} holds answers from model {was}; this run loads {model}, and resuming "
                              "would mix the answers of two models: rerun with that model, or choose another output")
+        was = record.get("numerics")  # absent in records written before numerics were recorded
+        if started and numerics is not None and was is not None and was != numerics:
+            raise ValueError(f"{out_path} holds answers computed in {was}; this run computes in {numerics}, and "
+                             "resuming would mix answers of both: rerun with the --dtype and --kv-cache-dtype (and "
+                             "device) of the first run, or choose another output")
         if started:
             return
     elif started:  # written before source records existed: resumed as it was
         log.warning("%s has no source record: resuming by custom_id without checking the input", out_path)
         return
     tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps({"input": str(src.resolve()), "sha256": digest, "model": model}) + "\n")
+    record = {"input": str(src.resolve()), "sha256": digest, "model": model, "numerics": numerics}
+    tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, side)  # before any answer is written: a crash leaves a record and no answers
 
 
@@ -271,7 +290,8 @@ def cmd_batch(args) -> int:
     try:  # the output's folder is made and its files opened now, not after a model load of minutes
         done_ids, done_lines = read_done(out_path, "custom_id", OUTPUT_KEYS), read_done(err_path, "line")
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        claim_output(src, data, out_path, err_path, model_identity(args.model, args.quantization))
+        claim_output(src, data, out_path, err_path, model_identity(args.model, args.quantization),
+                     run_numerics(args.dtype, args.kv_cache_dtype, args.device))
         out, err = _Appender(out_path), _Appender(err_path)
     except OSError as e:  # a folder under a file, a read-only mount, an output that is a folder
         raise ValueError(f"cannot write {e.filename or out_path} ({e.strerror or e}): choose another output "

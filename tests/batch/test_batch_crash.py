@@ -175,6 +175,13 @@ def test_cli_output_belongs_to_its_input(tiny_hf, tmp_path, capsys):
     for model_flags in (["--model", str(other)], ["--model", str(tiny_hf), "--quantization", "int8"]):
         assert cli_main(["batch", str(job_a), "-o", str(out), "--no-progress", *model_flags, *ENGINE_FLAGS]) == 2
         assert f"holds answers from model {tiny_hf.resolve()}; this run loads" in capsys.readouterr().err
+    # The same model in other numerics (answered in float32 on this CPU): the tokens would differ, refused too
+    for numerics_flags, now in ((["--dtype", "bfloat16"], "bfloat16, bfloat16 KV cache"),
+                                (["--kv-cache-dtype", "fp8"], "float32, fp8 (e4m3) KV cache")):
+        assert cli_main(["batch", str(job_a), "-o", str(out), *flags, *numerics_flags]) == 2
+        assert (f"holds answers computed in float32, float32 KV cache; this run computes in {now}"
+                in capsys.readouterr().err)
+    assert cli_main(["batch", str(job_a), "-o", str(out), *flags, "--dtype", "float32"]) == 0  # what auto was
     assert out.read_text() == answers
     # Another job's input file as the output: its lines carry custom_ids but are no answers.
     assert cli_main(["batch", str(job_b), "-o", str(job_a), *flags]) == 2
