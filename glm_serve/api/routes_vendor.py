@@ -36,7 +36,7 @@ async def async_chat_completions(request: Request):
     prep.stream = False  # a task's result is fetched whole
     meta = new_meta(ctx, VENDOR, req.model, req.request_id, owner=key_id)
     task = Task(meta.response_id, meta.request_id, req.model, owner=key_id)
-    request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release, body)
+    await request.app.state.tasks.submit(task, chat_result(ctx, prep, meta, meta.response_id), admitted.release, body)
     return JSONResponse(task.to_dict())
 
 

@@ -4,17 +4,23 @@ back to the client, its result when it ends. At the next start the store reads t
 to live, and runs again the tasks that were still running when the server stopped or died (api/tasks.py:
 TaskStore.recover).
 
-Calls come from the event loop (one at a time); the connection is opened where the app is built, so it is
-shared across threads under a lock."""
+Every write is committed with an fsync (synchronous=FULL), so a recorded task survives a power loss too, and
+runs on one writer thread, in order, so the event loop never waits on the disk: `add` is awaited (the record is
+on disk before the client has the task's id), `finish` and `delete` are queued behind it. `load` runs at start,
+before any write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -40,42 +46,49 @@ class TaskLog:
     def __init__(self, path: str | Path):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # These writes run on the event loop: NORMAL (in WAL mode) does not fsync each commit, which would stall every
-        # stream for milliseconds per task. A killed process loses nothing committed; a power loss may lose the
-        # last tasks (the batch store, written off the loop, syncs each commit).
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # each commit fsynced: a power loss loses no recorded task
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        # One thread: the writes reach the file in the order they were made (a finish after its add)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-log")
 
-    def add(self, task, body: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO tasks (id, request_id, model, owner, body, status) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (task.id, task.request_id, task.model, task.owner,
-                                                           json.dumps(body, ensure_ascii=False), task.status))
+    async def add(self, task, body: dict) -> None:
+        """Record a new task with its request; returns once the record is on disk."""
+        row = (task.id, task.request_id, task.model, task.owner, json.dumps(body, ensure_ascii=False), task.status)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, _ADD, [row])
 
     def finish(self, task) -> None:
-        """The task's outcome; its request body is no longer needed."""
-        with self._lock:
-            self._db.execute("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, body = NULL "
-                             "WHERE id = ?", (task.status, _dumps(task.result), _dumps(task.error), time.time(),
-                                              task.id))
+        """Queue the task's outcome; its request body is no longer needed. (Lost in a crash before it is written,
+        the task runs again at the next start: once too often, never lost.)"""
+        row = (task.status, _dumps(task.result), _dumps(task.error), time.time(), task.id)
+        self._writer.submit(self._write, _FINISH, [row])
 
     def delete(self, ids: list[str]) -> None:
         if ids:
-            with self._lock:
-                self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+            self._writer.submit(self._write, _DELETE, [(i,) for i in ids])
+
+    def _write(self, sql: str, rows: list[tuple]) -> None:
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.Error:
+            log.exception("task log: a write failed (%s)", sql.split(" (")[0])
+            raise
 
     def load(self) -> list[TaskRow]:
-        """Every task on record, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT id, request_id, model, owner, body, status, result, error, finished_at "
-                                    "FROM tasks ORDER BY seq").fetchall()
+        """Every task on record, oldest first (at start, before any write)."""
+        rows = self._db.execute("SELECT id, request_id, model, owner, body, status, result, error, finished_at "
+                                "FROM tasks ORDER BY seq").fetchall()
         return [TaskRow(tid, rid, model, owner, _loads(body), status, _loads(result), _loads(error), finished_at)
                 for tid, rid, model, owner, body, status, result, error, finished_at in rows]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """After the queued writes are on disk."""
+        self._writer.shutdown(wait=True)
+        self._db.close()
+
+
+_ADD = "INSERT OR REPLACE INTO tasks (id, request_id, model, owner, body, status) VALUES (?, ?, ?, ?, ?, ?)"
+_FINISH = "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, body = NULL WHERE id = ?"
+_DELETE = "DELETE FROM tasks WHERE id = ?"
 
 
 def _dumps(value) -> str | None:

@@ -43,6 +43,13 @@ class Task:
         return out
 
 
+def _drop(work: Awaitable[dict], release: Callable[[], None]) -> None:
+    """A task that will not run: its admission released, its coroutine closed (not left "never awaited")."""
+    release()
+    if asyncio.iscoroutine(work):
+        work.close()
+
+
 class TaskStore:
     def __init__(self, ttl_s: float, max_tasks: int, log_: TaskLog | None = None):
         if ttl_s <= 0 or max_tasks < 1:
@@ -51,19 +58,23 @@ class TaskStore:
         self._tasks: dict[str, Task] = {}  # insertion order = age
         self._log = log_
 
-    def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None], body: dict | None = None
-               ) -> Task:
+    async def submit(self, task: Task, work: Awaitable[dict], release: Callable[[], None],
+                     body: dict | None = None) -> Task:
         """Run `work` for `task`; `body` (the request) is recorded with it, to run it again after a restart."""
         self._purge()
         self._make_room()
         if len(self._tasks) >= self.max_tasks:
-            release()
-            if asyncio.iscoroutine(work):
-                work.close()  # never run: close it rather than leave a "never awaited" warning
+            _drop(work, release)
             raise APIError("1305", f"too many async tasks held ({self.max_tasks}); fetch or wait for results")
+        self._tasks[task.id] = task  # holds its place (max_tasks) while the record is written
         if self._log is not None and body is not None:
-            self._log.add(task, body)  # on disk before the client has the id
-        self._tasks[task.id] = task
+            try:
+                await self._log.add(task, body)  # on disk before the client has the id
+            except BaseException:  # a disk error, or the client gone (cancelled): no task, and none on record
+                self._tasks.pop(task.id, None)
+                self._log.delete([task.id])  # (queued after the add, should that still be written)
+                _drop(work, release)
+                raise
         task.handle = asyncio.ensure_future(self._run(task, work, release))
         return task
 
