@@ -18,7 +18,7 @@ from transformers import GlmForCausalLM as HFGlm
 
 from glm_serve.chat import encode_chat
 from glm_serve.engine.multimodal import ImageNotSupportedError
-from glm_serve.image import load_pixels
+from glm_serve.image import decode_image, preprocess
 from glm_serve.llm import LLM
 from glm_serve.sampling_params import SamplingParams
 from glm_serve.tiny_vision import make_tiny_vision
@@ -90,7 +90,7 @@ def test_image_chat_matches_naive_reference(tiny_v, vlm):
     vcfg = VisionConfig.from_dict(vlm.engine.model_config.vision)
     sp = tok.special_ids
     exp = expand_image_tokens(ids, sp["<|begin_of_image|>"], sp["<|end_of_image|>"], vcfg.num_image_vectors)
-    pixels = load_pixels(png, vcfg.image_size)
+    pixels = preprocess(decode_image(png), vcfg.image_size)  # normalized floats: the reference takes them
     image_vecs = _reference(_vision_state(tiny_v), vcfg, pixels).float()  # [n + 2, hidden]
 
     hf = _reference_model(vlm)
@@ -125,6 +125,28 @@ def test_chunked_prefill_splits_the_image(tiny_v, vlm):
     # A 4-token budget cuts the 6 image slots across several steps.
     chunky = LLM(str(tiny_v), kv_cache_tokens=1024, max_batch_tokens=4, max_num_seqs=4, enable_prefix_caching=False)
     assert chunky.generate([msgs], SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)[0].token_ids == whole
+
+
+def test_the_engine_holds_images_as_bytes_of_rgb(vlm):
+    # A decoded image waits in the queue (and crosses the engine-process pipe) as uint8 RGB, a quarter of float32's
+    # bytes (3.8 MB at GLM-4V-9B's 1120 x 1120); the tower normalizes it on its device. The same image given as
+    # normalized floats answers alike.
+    png = _png(5)
+    msgs = _messages("Describe it.", png)
+    ids = encode_chat(vlm.tokenizer, msgs, allow_images=True)
+    size = vlm.engine.vision_config.image_size
+    mm = vlm.engine.prepare_image(ids, png)
+    assert mm.pixels.dtype == torch.uint8 and tuple(mm.pixels.shape) == (3, size, size)
+    floats = preprocess(decode_image(png), size)
+    assert torch.equal(vlm.engine.model.vision(mm.pixels[None]), vlm.engine.model.vision(floats[None]))
+    p = SamplingParams(max_tokens=10, **GREEDY)
+    want = vlm.generate([msgs], p, use_tqdm=False)[0].token_ids
+    eng = vlm.engine
+    eng.add_request("as-floats", ids, p, image=floats)
+    got = []
+    while eng.has_unfinished():
+        got += [t for o in eng.step() for c in o.outputs for t in c.token_ids]
+    assert got == want
 
 
 def test_prefix_cache_keys_include_the_image(vlm):

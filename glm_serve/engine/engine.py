@@ -154,8 +154,9 @@ class LLMEngine(OutputEmitter, DeviceStep):
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     constraints: list[TokenConstraint | None] | None = None,
                     image: bytes | torch.Tensor | MultiModalPrompt | None = None, final_only: bool = False) -> None:
-        """Queue a request. `image` (GLM-4V): encoded image bytes or [3, S, S] pixels, with the prompt holding
-        the `<|begin_of_image|><|endoftext|><|end_of_image|>` placeholder; or an already prepared prompt.
+        """Queue a request. `image` (GLM-4V): encoded image bytes or [3, S, S] pixels (uint8 RGB, or normalized
+        floats), the prompt holding the `<|begin_of_image|><|endoftext|><|end_of_image|>` placeholder; or an
+        already prepared prompt.
         final_only: after the output with the first tokens, one output when the request finishes, with all
         since (merged, the outputs are the same as a stream's): for callers that want the result only."""
         if request_id in self.requests:

@@ -17,7 +17,7 @@ class MultiModalPrompt:
     """A prompt after GLM-4V expansion: token ids with one slot per image embedding, and the image."""
 
     ids: list[int]  # [num_slots] token ids; image slots hold the placeholder id
-    pixels: torch.Tensor | None = None  # [3, S, S] float32, preprocessed
+    pixels: torch.Tensor | None = None  # [3, S, S] uint8 RGB (from bytes; normalized by the tower) or normalized
     hash: int | None = None  # content hash mixed into prefix-cache keys
     span: tuple[int, int] | None = None  # [start, end) slots of boi, the image vectors and eoi
     embeds: torch.Tensor | None = None  # [end - start, hidden] the tower's output, computed once

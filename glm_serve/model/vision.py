@@ -115,10 +115,15 @@ class VisionTower(nn.Module):
         return self.config.num_embeddings
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] -> [B, (G/2)^2 + 2, Hlm]
+        """pixels: normalized (image.preprocess), or uint8 RGB (image.resize_rgb)."""
         c = self.config
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"pixels must be [batch, {c.in_channels}, {c.image_size}, {c.image_size}], "
                              f"got {list(pixels.shape)}")
+        if pixels.dtype == torch.uint8:  # RGB as the engine holds it: normalized here, on the tower's device
+            from glm_serve.image import normalize  # noqa: PLC0415 (PIL)
+
+            pixels = normalize(pixels.to(self.boi.device))
         x = self.patch_embed(pixels.to(device=self.boi.device, dtype=self.boi.dtype))
         for layer in self.layers:
             x = layer(x)
