@@ -300,6 +300,19 @@ def test_an_async_result_is_fetched_with_its_own_key(keyed):
     assert r.status_code == 200 and r.json()["task_status"] == "SUCCESS"
 
 
+class _PausedClock:
+    """time.monotonic() that stands still until resume(), then runs on from where it stood."""
+
+    def __init__(self):
+        self._at, self._since = time.monotonic(), None
+
+    def resume(self):
+        self._since = time.monotonic()
+
+    def __call__(self) -> float:
+        return self._at if self._since is None else self._at + time.monotonic() - self._since
+
+
 def test_request_rate_per_key(make_server):
     # --max-requests-per-minute-per-key 60: a burst of 60, then one a second. The 61st gets 429 / 1303 with
     # Retry-After in both schemas; another key is not limited by it; the openai SDK's retry waits for Retry-After
@@ -307,6 +320,11 @@ def test_request_rate_per_key(make_server):
     from openai import OpenAI, RateLimitError  # noqa: PLC0415
 
     srv = make_server(api_keys=[KEY_A, KEY_B], max_requests_per_minute_per_key=60)
+    # The bucket refills one request a second: on a loaded machine the 60 requests of the burst took over a
+    # second, the 61st found a request earned back and passed (CI-style load failed this every time). The
+    # limiter's clock stands still through the burst and the refusals, then runs again for the SDK's retry.
+    clock = _PausedClock()
+    srv.app.state.ctx.admission._rates._clock = clock
     body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 1}
     auth = {"Authorization": f"Bearer {KEY_A}"}
     with httpx.Client(timeout=30) as http:
@@ -323,6 +341,7 @@ def test_request_rate_per_key(make_server):
     metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY_B}"}).text
     refused = [line for line in metrics.splitlines() if line.startswith("glm_serve_key_refused_requests_total{")]
     assert refused == [f'glm_serve_key_refused_requests_total{{code="1303",key="{KEY_A.split(".")[0]}"}} 2.0']
+    clock.resume()  # from here a request is earned back every second, in real time
     t0 = time.monotonic()
     out = OpenAI(api_key=KEY_A, base_url=srv.url + "/v1", max_retries=3).chat.completions.create(**body)
     assert out.choices[0].finish_reason in ("stop", "length") and time.monotonic() - t0 < 10
