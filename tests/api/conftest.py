@@ -95,20 +95,46 @@ def server(make_server) -> Server:
     return make_server()
 
 
-def slow_grammar_compiles(ctx, monkeypatch, seconds: float) -> list[str]:
-    """Make every JSON-mode grammar compile take `seconds` (blocking whichever thread compiles, as a real compile
-    of a new schema does for up to seconds, with the GIL released). -> the names of the threads that compiled."""
-    real = ctx.constraint_factory()
-    threads: list[str] = []
+class held_grammar_compiles:
+    """Make every JSON-mode grammar compile wait in whichever thread compiles it (as a real compile of a new schema
+    does for up to seconds, with the GIL released) until the test lets it go: `next_compile()` waits for a compile
+    to begin and returns the Event that ends it. While it is held the test can show that the server answers others
+    (a compile on the event loop would hold every request until it ends: the test's request would time out). No
+    wall-clock bound on how fast the server answers, so a loaded machine cannot fail it.
+    .threads: the names of the threads that compiled."""
 
-    class Slow:
-        def json_object(self):
-            threads.append(threading.current_thread().name)
-            time.sleep(seconds)
-            return real.json_object()
+    HOLD_S = 60.0  # a compile nobody lets go of ends by itself (a failed test must not hang the server for good)
 
-    monkeypatch.setattr(ctx, "constraint_factory", lambda: Slow())
-    return threads
+    def __init__(self, ctx, monkeypatch):
+        import queue
+
+        real = ctx.constraint_factory()
+        self.threads: list[str] = []
+        self._waiting: queue.Queue = queue.Queue()
+        threads, waiting, hold = self.threads, self._waiting, self.HOLD_S
+
+        class Held:
+            def json_object(self):
+                threads.append(threading.current_thread().name)
+                go = threading.Event()
+                waiting.put(go)
+                go.wait(timeout=hold)
+                return real.json_object()
+
+        monkeypatch.setattr(ctx, "constraint_factory", lambda: Held())
+
+    def next_compile(self, timeout: float = 60.0) -> threading.Event:
+        """Wait for a compile to begin; -> the Event that lets it finish (set it)."""
+        return self._waiting.get(timeout=timeout)
+
+    def poll(self) -> threading.Event | None:
+        """A compile that has begun and is held, if any."""
+        import queue
+
+        try:
+            return self._waiting.get_nowait()
+        except queue.Empty:
+            return None
 
 
 def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from glm_serve.chat import encode_chat
 
-from .conftest import frozen_engine, slow_grammar_compiles, wait_idle
+from .conftest import frozen_engine, held_grammar_compiles, wait_idle
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -160,21 +160,26 @@ def test_generation_failure_mid_stream_and_before(server, monkeypatch):
 
 def test_a_slow_grammar_compile_does_not_stall_other_requests(server, monkeypatch):
     # A new schema's grammar compiles in the request (a string with maxLength 2000 takes ~1 s); on the event loop
-    # that froze every other request and stream for as long. Here a compile that takes 1.5 s, and /health.
-    threads = slow_grammar_compiles(server.app.state.ctx, monkeypatch, 1.5)
+    # that froze every other request and stream for as long. Here each compile is held until /health has answered:
+    # on the event loop, /health could not answer before the compile ended (a ReadTimeout). (It used to time
+    # /health against 0.8 s while a 1.5 s compile ran: a bound a loaded machine could miss on its own.)
+    compiles = held_grammar_compiles(server.app.state.ctx, monkeypatch)
     body = {"model": "glm-4-plus", "messages": USER, "max_tokens": 3, "response_format": {"type": "json_object"}}
     answers = []
     for url in (server.vendor_base + "chat/completions", server.openai_base + "/chat/completions",
                 server.vendor_base + "async/chat/completions"):
-        slow = threading.Thread(target=lambda u=url: answers.append(httpx.post(u, json=body, timeout=30)))
+        slow = threading.Thread(target=lambda u=url: answers.append(httpx.post(u, json=body, timeout=60)))
         slow.start()
-        time.sleep(0.3)  # the slow request is compiling now
-        t0 = time.monotonic()
-        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
-        assert time.monotonic() - t0 < 0.8, url
+        go = compiles.next_compile()  # the slow request is compiling now, and stays so
+        try:
+            assert httpx.get(server.url + "/health", timeout=20).status_code == 200, url
+            assert not go.is_set()  # answered while the compile was still running
+        finally:
+            go.set()
         slow.join()
     assert [r.status_code for r in answers] == [200, 200, 200]
     # in the preparation pool of its own, not asyncio's default one (file reads, image decoding)
+    threads = compiles.threads
     assert threads and all(name.startswith("glm-prepare") for name in threads), threads
     wait_idle(server.engine)
 
