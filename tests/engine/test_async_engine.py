@@ -141,9 +141,18 @@ def test_an_interrupt_wakes_a_caller_that_no_output_would_wake_and_aborts_its_re
         try:
             stop = asyncio.Event()
             stream = aeng.generate("waits", [2, 7, 1, 8, 2, 8], params, interrupt=stop)
-            asyncio.get_running_loop().call_later(0.2, stop.set)
+
+            async def interrupt_once_in_the_engine():
+                # (not after a fixed 0.2 s: a loaded machine's engine thread may not have taken the request yet)
+                deadline = time.monotonic() + 30
+                while "waits" not in core.requests and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                stop.set()
+
+            interrupter = asyncio.ensure_future(interrupt_once_in_the_engine())
             with pytest.raises(Interrupted):
-                await asyncio.wait_for(stream.__anext__(), 10)  # without the interrupt: a timeout here
+                await asyncio.wait_for(stream.__anext__(), 40)  # without the interrupt: a timeout here
+            await interrupter
             assert "waits" in core.requests  # still in flight: the engine made no step
         finally:
             del core.step
