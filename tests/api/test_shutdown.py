@@ -40,6 +40,19 @@ def _wait_up(proc: subprocess.Popen, port: int) -> None:
             time.sleep(0.2)
 
 
+def _wait_in_engine(base: str, n: int, timeout: float = 60.0) -> None:
+    """Until the server's engine holds at least n sequences (running or waiting), as its /metrics say."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = {line.split()[0]: float(line.split()[-1])
+                   for line in httpx.get(base + "/metrics", timeout=30).text.splitlines()
+                   if line.startswith(("glm_serve_num_requests_running ", "glm_serve_num_requests_waiting "))}
+        if sum(samples.values()) >= n:
+            return
+        assert time.monotonic() < deadline, f"the engine holds {samples}, not {n} sequences"
+        time.sleep(0.05)
+
+
 def _children(pid: int) -> set[int]:
     """The processes whose parent is `pid` (Linux /proc)."""
     found = set()
@@ -107,7 +120,7 @@ def test_sigterm_ends_long_answers_in_the_api_format_after_the_shutdown_timeout(
                    threading.Thread(target=whole)]
         for r in readers:
             r.start()
-        time.sleep(2)  # the answers run
+        _wait_in_engine(base, len(readers))  # the answers run (not a fixed 2 s: a loaded machine may take longer)
         assert all(r.is_alive() for r in readers), f"an answer ended before the signal: {got}"
         children = _children(proc.pid)
         assert children or not engine_process
@@ -192,9 +205,13 @@ def test_a_stream_still_waiting_for_its_first_token_when_the_grace_runs_out_gets
         with frozen_engine(engine):
             for r in readers:
                 r.start()
-            deadline = time.monotonic() + 10
-            while len(engine.engine.requests) < len(readers) and time.monotonic() < deadline:
-                time.sleep(0.02)  # all of them are in the engine, which makes no step
+            # All of them wait for output from the engine, which makes no step. (Counted in the caller's sinks: the
+            # held engine takes in one request and then waits in its step, the others' stay queued for it; counting
+            # engine.engine.requests never reached 4, and the loop always ran out its 10 s and went on regardless.)
+            deadline = time.monotonic() + 60
+            while len(engine._sinks) < len(readers):
+                assert time.monotonic() < deadline, f"{len(engine._sinks)} of {len(readers)} streams reached the engine"
+                time.sleep(0.02)
             loop.call_soon_threadsafe(srv.app.state.ctx.begin_shutdown, 0.1)
             for r in readers:
                 r.join(timeout=15)
