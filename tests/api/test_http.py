@@ -124,7 +124,7 @@ def test_duplicate_request_id_in_flight(server):
         t = threading.Thread(target=lambda: results.append(httpx.post(server.vendor_base + "chat/completions",
                                                                       json=body, timeout=30)))
         t.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while (None, "same-id") not in server.app.state.ctx.active_request_ids and time.monotonic() < deadline:
             time.sleep(0.01)
         r = httpx.post(server.vendor_base + "chat/completions", json=body)
