@@ -85,7 +85,11 @@ def test_echo_then_generated_tokens_and_stream(client, server, ref):
     P = len(ids)
     assert body.choices[0].text == server.engine.engine.tokenizer.decode(ids) + plain.choices[0].text
     assert lps.tokens[P:] == gen.tokens and lps.token_logprobs[P:] == pytest.approx(gen.token_logprobs)
-    assert lps.top_logprobs[P:] == gen.top_logprobs
+    # the same alternatives; their values from another computation (the echoed request's prefill computes every
+    # position's logits, a matmul of another shape than the plain one's last row alone) may differ in the last bits
+    assert [top.keys() for top in lps.top_logprobs[P:]] == [top.keys() for top in gen.top_logprobs]
+    for top, want in zip(lps.top_logprobs[P:], gen.top_logprobs):
+        assert [top[t] for t in want] == pytest.approx([want[t] for t in want], abs=1e-4)
     prompt_text = len(body.choices[0].text) - len(plain.choices[0].text)
     assert lps.text_offset[P:] == [prompt_text + o for o in gen.text_offset]
     assert sum(lps.token_logprobs[1:P]) == pytest.approx(_loglikelihood(ref, ids, 1)[0], abs=1e-4)
