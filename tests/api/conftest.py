@@ -49,10 +49,15 @@ def _free_port() -> int:
 def start_server(engine: AsyncEngine, settings: ServerSettings, **uvicorn_options):
     """uvicorn_options: more uvicorn.Config arguments (ssl_certfile and ssl_keyfile: the URL is https)."""
     app = create_app(engine, settings)
-    port = _free_port()
+    # The listening socket is bound here and handed to uvicorn: a port picked free and bound later by uvicorn
+    # could be taken in between (by any socket of this busy process, or another one's).
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
