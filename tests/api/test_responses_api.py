@@ -249,7 +249,12 @@ def test_client_disconnect_aborts_and_frees(client, server):
                 assert next(r.iter_lines()) == "event: response.created"
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.openai_base + "/responses", json=kw, timeout=0.5)
-        time.sleep(0.2)  # the server notices both while the engine is held
+        # The server notices both while the engine is held: the body's 499 is counted, and both slots are given
+        # back, after their aborts went to the engine. (A fixed 0.2 s let a loaded machine release the engine first.)
+        deadline = time.monotonic() + 30
+        while _requests(server, "499") < left + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _wait_admission_empty(server)
     wait_idle(server.engine)
     _wait_admission_empty(server)
     assert _metric(server, "glm_serve_generation_tokens_total") - before < 50  # aborted, not run to 300 each
