@@ -192,7 +192,7 @@ def test_worker_concurrency_stays_below_interactive_traffic(make_server, tmp_pat
         wait_for(lambda: worker.in_flight == 8, what="the batch to fill its busy share")
         wait_for(lambda: _get(srv, b["id"])["status"] == "in_progress", what="in_progress")
         slot.release()  # interactive traffic gone: the next poll fills the whole share
-        wait_for(lambda: worker.in_flight == 32, timeout=10, what="the batch to fill its idle share")
+        wait_for(lambda: worker.in_flight == 32, what="the batch to fill its idle share")
     assert wait_batch(base, b["id"])["request_counts"]["completed"] == 50
     assert worker.peak_in_flight == 32
     srv.stop()
