@@ -52,7 +52,7 @@ class APIError(Exception):
     """A request the API refuses, with its vendor code. `param` names the offending field when there is one."""
 
     def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, openai_code: str | None = None):
         super().__init__(message)
         if code not in CODES:
             raise ValueError(f"unknown API error code {code!r}")
@@ -61,6 +61,8 @@ class APIError(Exception):
         self.param = param
         self.status = status or CODES[code][0]
         self.headers = headers or {}  # extra response headers (Retry-After on 1303)
+        # OpenAI's own `code` where it names one the vendor table has no row for (previous_response_not_found)
+        self.openai_code = openai_code
 
     @property
     def should_retry(self) -> bool:
@@ -91,7 +93,7 @@ def is_openai_path(path: str) -> bool:
 def error_body(err: APIError, openai: bool) -> dict:
     if openai:
         return {"error": {"message": err.message, "type": CODES[err.code][1], "param": err.param,
-                          "code": _OPENAI_CODES.get(err.code, err.code)}}
+                          "code": err.openai_code or _OPENAI_CODES.get(err.code, err.code)}}
     return {"error": {"code": err.code, "message": err.message}}
 
 
