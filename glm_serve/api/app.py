@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from glm_serve.api.common import authenticate, ctx_of
 from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
+from glm_serve.api.response_store import ResponseStore
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_responses import router as responses_router
 from glm_serve.api.routes_tokenize import router as tokenize_router
@@ -70,6 +71,8 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
     # Async tasks are on record in the same data dir as the batches (its lock covers both).
     task_log = TaskLog(batches.data_dir / "tasks.sqlite3")
     tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks, task_log)
+    # Stored responses of /v1/responses too (expired ones are purged as the store opens)
+    responses = ResponseStore(batches.data_dir / "responses.sqlite3")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,6 +87,7 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
             stats.cancel()
         await tasks.stop()  # their engine requests abort (the engine itself belongs to the caller); on record as
         # running, they run again at the next start
+        responses.close()  # (before the batch store, which may remove a temporary data dir)
         await batches.stop()  # lines in flight stay pending for the next start (it may remove a temporary data dir)
 
     # No /docs, /redoc or /openapi.json: FastAPI serves them without our key check (with keys, every route but
@@ -92,6 +96,7 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     app.state.tasks = tasks
+    app.state.responses = responses
     install_handlers(app)
     app.include_router(vendor_router)
     app.include_router(openai_router)

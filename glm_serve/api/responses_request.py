@@ -1,8 +1,9 @@
-"""Owns reading an OpenAI Responses request (POST /v1/responses, stateless) as the chat request it amounts to:
-input items -> chat messages, flat function tools -> chat tools, `text.format` -> `response_format`,
-`max_output_tokens` -> `max_completion_tokens`; and naming, in an error the chat path raises, the Responses field
-the bad value came from. What needs state kept on the server (previous_response_id, conversation, background,
-prompt) is refused here with a 400 that says so.
+"""Owns reading an OpenAI Responses request (POST /v1/responses) as the chat request it amounts to: a stored
+conversation it continues (`previous_response_id`, looked up by the route) then its input items -> chat messages,
+flat function tools -> chat tools, `text.format` -> `response_format`, `max_output_tokens` ->
+`max_completion_tokens`; its input as OpenAI lists input items (ids given); and naming, in an error the chat path
+raises, the Responses field the bad value came from. What needs state this server does not keep (`conversation`,
+`background`, `prompt`, `item_reference`) is refused here with a 400 that says so.
 
 Spec: https://platform.openai.com/docs/api-reference/responses/create ; the chat side is params.prepare_chat.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 
 from glm_serve.api.errors import APIError, bad_param, invalid_value
@@ -20,8 +22,10 @@ log = logging.getLogger(__name__)
 
 ROLES = ("user", "system", "developer", "assistant")  # developer: a system turn (as on /v1/chat/completions)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-_STATELESS = "this server is stateless (it stores no responses or conversations): send the whole conversation " \
-             "in `input`, with earlier outputs as items (message, function_call, function_call_output)"
+PREVIOUS = "previous_response_id"  # the origin of the chat messages a stored conversation brings
+# Stored responses are served (response_store.py); OpenAI's Conversations API and stored prompts are not.
+_NO_CONVERSATIONS = "conversations (OpenAI's Conversations API) are not served here: continue a conversation " \
+                    "with previous_response_id, or send it whole in `input`"
 
 
 @dataclass
@@ -29,8 +33,16 @@ class ChatView:
     """A Responses request read as a chat request, and where each chat message came from (for error names)."""
 
     chat: OpenAIChatRequest  # what prepare_chat validates and runs
-    origins: list[str]  # [chat message index] -> "instructions" or "input[i]" (or "input" for a string input)
-    kinds: list[str]  # [chat message index] -> "instructions" | "message" | "function_call" | "function_call_output"
+    # [chat message index] -> "instructions", "previous_response_id" (the stored conversation continued), or
+    # "input[i]" (or "input" for a string input)
+    origins: list[str]
+    # [chat message index] -> "instructions" | "previous" | "message" | "function_call" | "function_call_output"
+    kinds: list[str]
+
+    def conversation(self) -> list[dict]:
+        """The chat messages a follow-up continues from, this response's output aside: the stored conversation and
+        this input, without the instructions (OpenAI applies them to one response only)."""
+        return [m for m, kind in zip(self.chat.messages, self.kinds) if kind != "instructions"]
 
     def rename(self, err: APIError) -> APIError:
         """The same error with a chat field name (messages[3].content, response_format, ...) replaced by the
@@ -43,7 +55,7 @@ class ChatView:
         message = _CHAT_MESSAGE.sub(lambda m: self._field(m.group()), message)
         if (param, message) == (err.param, err.message):
             return err
-        return APIError(err.code, message, param, err.status, err.headers)
+        return APIError(err.code, message, param, err.status, err.headers, err.openai_code)
 
     def _field(self, name: str) -> str:
         m = re.fullmatch(r"messages\[(\d+)\](.*)", name)
@@ -52,7 +64,7 @@ class ChatView:
             if k >= len(self.origins):
                 return "input"
             kind = self.kinds[k]
-            if kind == "instructions":
+            if kind in ("instructions", "previous"):  # (a stored message is named by the id it came with)
                 tail = ""
             elif kind == "function_call":
                 tail = re.sub(r"^\.tool_calls\[0\]\.function", "", tail)
@@ -80,26 +92,35 @@ _RENAMES = (
 )
 
 
-def read_responses_request(req: ResponsesRequest) -> ChatView:
-    """Check what only the Responses schema has and build the chat request; 400s name the Responses field."""
-    if req.previous_response_id is not None:
-        raise invalid_value("previous_response_id", _STATELESS)
+def check_request(req: ResponsesRequest) -> None:
+    """Refuse what only the Responses schema has and this server does not serve (before any stored conversation is
+    looked up: `conversation` beside `previous_response_id` is refused for itself, as OpenAI refuses the pair)."""
     if req.conversation is not None:
-        raise invalid_value("conversation", _STATELESS)
+        raise invalid_value("conversation", _NO_CONVERSATIONS)
     if req.background:
-        raise invalid_value("background", "is not supported: a background response is fetched later by its id, and "
-                                          "this server stores none")
+        raise invalid_value("background", "is not supported: every response is answered within its request (a "
+                                          "stored one can be fetched again by its id)")
     if req.prompt is not None:
         raise invalid_value("prompt", "reusable prompts live in OpenAI's cloud; send their text as instructions")
     if req.truncation not in (None, "disabled", "auto"):
         raise invalid_value("truncation", f"must be 'disabled' or 'auto', got {req.truncation!r}")
     if req.reasoning is not None:
         log.info("responses: ignoring reasoning %s (GLM-4 has no reasoning mode)", req.reasoning)
+
+
+def read_responses_request(req: ResponsesRequest, previous: list[dict] | None = None) -> ChatView:
+    """Build the chat request (after check_request); 400s name the Responses field. previous: the chat messages of
+    the stored conversation this request continues (previous_response_id), which go after the instructions (this
+    request's own: the previous response's are not carried over) and before the input."""
     messages, origins, kinds = [], [], []
     if req.instructions is not None:
         messages.append({"role": "system", "content": req.instructions})
         origins.append("instructions")
         kinds.append("instructions")
+    for message in previous or ():
+        messages.append(message)
+        origins.append(PREVIOUS)
+        kinds.append("previous")
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
         origins.append("input")
@@ -163,9 +184,48 @@ def _item(item, where: str) -> tuple[str, dict] | None:
         log.info("responses: dropping a reasoning input item")
         return None
     if kind == "item_reference":
-        raise invalid_value(f"{where}.type", f"item_reference needs a stored item: {_STATELESS}")
+        raise invalid_value(f"{where}.type", "item_reference is not served: send the item itself, or continue the "
+                                             "stored conversation it belongs to with previous_response_id")
     raise invalid_value(f"{where}.type", f"must be message, function_call or function_call_output (other items "
                                          f"belong to OpenAI's built-in tools), got {kind!r}")
+
+
+def output_messages(output: list[dict]) -> list[dict]:
+    """A response's output items as the chat messages a follow-up continues with: exactly what sending them back as
+    input items renders as (so a chained request and the same conversation sent whole are one prompt)."""
+    return [converted[1] for item in output if (converted := _item(item, "output")) is not None]
+
+
+# id prefixes of listed input items by type (OpenAI's: msg_ for messages, fc_ for function calls)
+_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def listed_items(req: ResponsesRequest, taken: set[str]) -> list[dict]:
+    """This request's input (read_responses_request checked it) as OpenAI's input_items lists it: every item with an
+    id (the one it was sent with, unless that is in `taken` or repeated: ids page the list), a message's content as
+    typed parts (a string is one input_text part, output_text for an assistant), and a status."""
+    sent = [{"type": "message", "role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    out = []
+    for item in sent:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item["content"]
+            if isinstance(content, str):
+                content = [{"type": "output_text", "text": content, "annotations": []} if item["role"] == "assistant"
+                           else {"type": "input_text", "text": content}]
+            listed = {"type": "message", "role": item["role"], "content": content, "status": "completed"}
+        elif kind == "function_call":
+            listed = {"type": kind, **{k: item[k] for k in ("call_id", "name", "arguments")}, "status": "completed"}
+        elif kind == "function_call_output":
+            listed = {"type": kind, "call_id": item["call_id"], "output": item["output"], "status": "completed"}
+        else:  # a reasoning item (dropped from the prompt): listed as it was sent
+            listed = dict(item)
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not item_id or item_id in taken:
+            item_id = f"{_ID_PREFIX.get(kind, 'item')}_{uuid.uuid4().hex}"
+        taken.add(item_id)
+        out.append({"id": item_id, **listed})
+    return out
 
 
 def _message(item: dict, where: str) -> dict:
@@ -244,23 +304,26 @@ def _format(text: dict | None) -> dict | None:
 
 
 def fit_input(ctx, view: ChatView) -> ChatView:
-    """`truncation: "auto"`: the view with as few of its oldest input items' messages dropped as make the prompt fit
-    the context window (instructions and the last item always stay), as OpenAI drops items rather than failing. The
-    prompt is counted as the chat path renders it; the fewest items to drop is found by bisection (a handful of
-    renders for a long history). The messages kept keep their origins, so errors still name the items as sent. A
-    view that fits, or that no dropping can fit, comes back as it was, and the chat path answers it (with its 1261
-    for the latter)."""
+    """`truncation: "auto"`: the view with as few of its oldest units dropped as make the prompt fit the context
+    window (instructions and the last unit always stay), as OpenAI drops items rather than failing. A unit is an
+    input item (its messages) or one message of the stored conversation a previous_response_id brought, which is
+    older than every input item: truncation applies to the whole chained conversation. The prompt is counted as the
+    chat path renders it; the fewest units to drop is found by bisection (a handful of renders for a long history).
+    The messages kept keep their origins, so errors still name the items as sent. A view that fits, or that no
+    dropping can fit, comes back as it was, and the chat path answers it (with its 1261 for the latter)."""
     from glm_serve.api.params import _developer_as_system, chat_prompt_ids  # noqa: PLC0415
 
-    # input item index of each chat message (None: the instructions, always kept)
-    item_of = [None if o == "instructions" else int(o[len("input["):-1]) if o.startswith("input[") else 0
-               for o in view.origins]
-    items = sorted({i for i in item_of if i is not None})
-    if len(items) < 2:
+    # each chat message's unit, numbered oldest first (None: the instructions, always kept); an input item's
+    # messages share its origin, a stored message is a unit of its own
+    keys = [None if o == "instructions" else (o, m) if o == PREVIOUS else o for m, o in enumerate(view.origins)]
+    number = {key: n for n, key in enumerate(dict.fromkeys(k for k in keys if k is not None))}
+    unit_of = [None if k is None else number[k] for k in keys]
+    units = len(number)
+    if units < 2:
         return view
 
-    def keep(k: int) -> list[int]:  # the messages left once items[:k] are dropped
-        return [m for m, i in enumerate(item_of) if i is None or i >= items[k]]
+    def keep(k: int) -> list[int]:  # the messages left once the k oldest units are dropped
+        return [m for m, u in enumerate(unit_of) if u is None or u >= k]
 
     def fits(k: int) -> bool:
         messages = [view.chat.messages[m] for m in keep(k)]
@@ -270,17 +333,17 @@ def fit_input(ctx, view: ChatView) -> ChatView:
             return True
         return len(ids) < ctx.max_model_len  # (room for the first generated token, as the chat path asks)
 
-    if fits(0) or not fits(len(items) - 1):
+    if fits(0) or not fits(units - 1):
         return view
-    lo, hi = 1, len(items) - 1  # fits(hi); find the smallest k that fits
+    lo, hi = 1, units - 1  # fits(hi); find the smallest k that fits
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(mid):
             hi = mid
         else:
             lo = mid + 1
-    log.info("responses: truncation auto dropped the %d oldest of %d input items to fit the context window", lo,
-             len(items))
+    log.info("responses: truncation auto dropped the %d oldest of %d input units to fit the context window", lo,
+             units)
     kept = keep(lo)
     chat = view.chat.model_copy(update={"messages": [view.chat.messages[m] for m in kept]})
     return ChatView(chat, [view.origins[m] for m in kept], [view.kinds[m] for m in kept])

@@ -1,13 +1,15 @@
-"""OpenAI's Responses API, stateless: POST /v1/responses. The request is read as a chat (responses_request.py) and
+"""OpenAI's Responses API: POST /v1/responses, and the stored responses' routes (GET and DELETE
+/v1/responses/{id}, GET /v1/responses/{id}/input_items). The request is read as a chat (responses_request.py) and
 runs on the chat path (prepare_chat, run_chat: sampling, constraints, GLM-4 tool-call parsing, admission, abort on
-disconnect); this module renders that run as a Response object, or as the Responses stream events.
+disconnect); this module renders that run as a Response object, or as the Responses stream events, and keeps the
+finished response in the server's data dir (response_store.py) unless the request says `store: false`.
 
-Spec: https://platform.openai.com/docs/api-reference/responses/object and .../responses-streaming . Nothing is
-stored: no retrieve, delete or input_items routes, and previous_response_id is a 400.
+Spec: https://platform.openai.com/docs/api-reference/responses/object and .../responses-streaming.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,11 +21,13 @@ from fastapi import APIRouter, Request
 from glm_serve.api.chat_service import Meta, chat_result, run_chat
 from glm_serve.api.common import answer_chat, authenticate, read_request
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError, internal_error_message
+from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
 from glm_serve.api.params import OPENAI, PreparedChat
 from glm_serve.api.parser import Delta, assemble
+from glm_serve.api.response_store import ResponseStore, StoredResponse
 from glm_serve.api.responses import Usage, chat_logprobs, one_line
-from glm_serve.api.responses_request import fit_input, read_responses_request
+from glm_serve.api.responses_request import (ChatView, check_request, fit_input, listed_items, output_messages,
+                                             read_responses_request)
 from glm_serve.api.schemas import ResponsesRequest
 from glm_serve.engine.async_engine import EngineStoppedError, Interrupted
 
@@ -35,10 +39,22 @@ router = APIRouter(prefix="/v1")
 @router.post("/responses")
 async def create_response(request: Request):
     ctx, key_id, req = await read_request(request, ResponsesRequest, "openai responses")
-    view = read_responses_request(req)
+    check_request(req)
+    store: ResponseStore = request.app.state.responses
+    previous, before = None, []
+    if req.previous_response_id is not None:  # the stored conversation this request continues
+        found = await asyncio.to_thread(store.continuation, req.previous_response_id, key_id)
+        if found is None:  # unknown, expired, deleted, stored with store: false, or another key's: OpenAI's 404
+            raise APIError("1214", f"Previous response with id '{req.previous_response_id}' not found.",
+                           "previous_response_id", status=404, openai_code="previous_response_not_found")
+        previous, before = found
+    view = read_responses_request(req, previous)
+    # What is stored is the whole conversation: truncation only shortens what this response's prompt holds.
+    keep = _Keep(store, key_id, view, before + listed_items(req, {i["id"] for i in before})) \
+        if req.store is not False else None
     if req.truncation == "auto":
         view = await ctx.off_loop(fit_input, ctx, view)  # renders the conversation a few times: off the event loop
-    shape = ResponseShape(req)
+    shape = ResponseShape(req, keep)
     meta = Meta(OPENAI, shape.id, shape.id, shape.created_at, req.model, owner=key_id)
     try:
         return await answer_chat(request, ctx, key_id, view.chat, OPENAI, body=shape.body, stream=shape.stream,
@@ -47,15 +63,87 @@ async def create_response(request: Request):
         raise view.rename(e) from None
 
 
-# The stored-response routes (the SDK's retrieve, delete, cancel, input_items.list): a 404 that says why, rather
-# than the router's bare "Not Found".
-@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+def _not_found(response_id: str) -> APIError:
+    return APIError("1214", f"Response with id '{response_id}' not found.", "response_id", status=404)
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_response(request: Request, response_id: str):
+    caller = authenticate(request)
+    if request.query_params.get("stream", "false").lower() != "false":
+        raise invalid_value("stream", "replaying a stored response as events is not served: retrieve it whole")
+    found = await asyncio.to_thread(request.app.state.responses.response, response_id, caller)
+    if found is None:
+        raise _not_found(response_id)
+    return found
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(request: Request, response_id: str):
+    caller = authenticate(request)
+    if not await asyncio.to_thread(request.app.state.responses.delete, response_id, caller):
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
 @router.post("/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str):
+    caller = authenticate(request)
+    if await asyncio.to_thread(request.app.state.responses.response, response_id, caller) is None:
+        raise _not_found(response_id)
+    raise invalid_value("response_id", "only background responses can be cancelled, and this server runs none: "
+                                       "every response ends within its request")
+
+
 @router.get("/responses/{response_id}/input_items")
-async def stored_response(request: Request, response_id: str):
-    authenticate(request)
-    raise APIError("1214", f"response_id: {response_id!r} is not stored: this server is stateless (POST /v1/responses "
-                           "answers in full, or streams, and keeps nothing)", "response_id", status=404)
+async def list_input_items(request: Request, response_id: str):
+    """A cursor page of the items before the response's output, newest first unless order=asc; `after` is an item
+    id (the SDK's iterator sends the last one it got). `include` is accepted: the items are stored whole."""
+    caller = authenticate(request)
+    q = request.query_params
+    limit = q.get("limit") or "20"
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise bad_param("limit", f"must be an integer in [1, 100], got {limit!r}")
+    order = q.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise invalid_value("order", f"must be 'asc' or 'desc', got {order!r}")
+    items = await asyncio.to_thread(request.app.state.responses.input_items, response_id, caller)
+    if items is None:
+        raise _not_found(response_id)
+    if order == "desc":
+        items.reverse()
+    after = q.get("after")
+    if after:
+        at = next((n for n, item in enumerate(items) if item.get("id") == after), None)
+        if at is None:
+            raise invalid_value("after", f"no input item with id {after!r} in response {response_id!r}")
+        items = items[at + 1:]
+    page = items[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
+
+
+class _Keep:
+    """What a stored response is made of, gathered before it runs; `save` writes the finished response."""
+
+    def __init__(self, store: ResponseStore, owner: str | None, view: ChatView, items: list[dict]):
+        self.store, self.owner = store, owner
+        self.conversation = view.conversation()  # untruncated: the stored conversation, then this input
+        self.items = items  # the stored conversation's items, then this input's (ids given)
+
+    async def save(self, response: dict) -> None:
+        """Store a response that reached its final status before the client hears of it, so that a follow-up sent
+        the moment it arrives finds it. A failed one (a generation error, the shutdown grace running out) is stored
+        failed, as OpenAI keeps failed responses; its conversation ends before its partial output. A response whose
+        client left before it ended is never stored: its generation was aborted (as OpenAI stops one whose stream
+        is closed) and it has no final status. A write that fails costs the client its stored copy, not its
+        answer."""
+        output = [] if response["status"] == "failed" else output_messages(response["output"])
+        rec = StoredResponse(response["id"], self.owner, response, self.items, self.conversation + output)
+        try:
+            await asyncio.to_thread(self.store.put, rec)
+        except Exception:  # noqa: BLE001 (sqlite: a full disk, a broken file)
+            log.exception("response %s could not be stored", response["id"])
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict:
@@ -73,8 +161,9 @@ class ResponseShape:
     """One response's identity and the request fields it echoes; builds its output items and Response objects, the
     same for a body and a stream (the stream's events carry the very items its final response holds)."""
 
-    def __init__(self, req: ResponsesRequest):
+    def __init__(self, req: ResponsesRequest, keep: _Keep | None = None):
         self.id = "resp_" + uuid.uuid4().hex
+        self.keep = keep  # None: `store: false`, nothing is kept
         self.msg_id = "msg_" + uuid.uuid4().hex
         self.created_at = int(time.time())
         self.model = req.model
@@ -85,8 +174,9 @@ class ResponseShape:
         self.echo = {
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {},
-            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
-            "reasoning": None, "store": False, "temperature": req.temperature, "text": text,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id, "reasoning": None, "store": req.store is not False,
+            "temperature": req.temperature, "text": text,
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": list(req.tools or []),
             "top_logprobs": req.top_logprobs, "top_p": req.top_p, "truncation": req.truncation or "disabled",
             "user": req.user,
@@ -123,8 +213,14 @@ class ResponseShape:
         (choice,) = chat["choices"]  # the Responses API has no n
         message, u = choice["message"], chat["usage"]
         usage = _usage(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
-        return self.finished(message["content"], message.get("tool_calls") or [], choice["finish_reason"],
-                             (choice["logprobs"] or {}).get("content"), usage)
+        final = self.finished(message["content"], message.get("tool_calls") or [], choice["finish_reason"],
+                              (choice["logprobs"] or {}).get("content"), usage)
+        await self.save(final)
+        return final
+
+    async def save(self, final: dict) -> None:
+        if self.keep is not None:
+            await self.keep.save(final)
 
     def stream(self, ctx: ServingContext, prep: PreparedChat, meta: Meta, engine_rid: str,
                release: Callable[[], None]) -> AsyncIterator[str]:
@@ -209,10 +305,12 @@ class _EventStream:
                            part=part),
                 self.event("response.output_item.done", output_index=0, item=item)]
 
-    def _failed(self, message: str) -> str:
+    async def _failed(self, message: str) -> str:
         parsed = assemble(self.deltas)
         output = self.shape.items(parsed.content, parsed.tool_calls, "incomplete", None) if self.opened else []
-        return self.event("response.failed", response=self.shape.response("failed", output, error=message))
+        failed = self.shape.response("failed", output, error=message)
+        await self.shape.save(failed)
+        return self.event("response.failed", response=failed)
 
     async def run(self, engine_rid: str, release: Callable[[], None], owner: str | None = None) -> AsyncIterator[str]:
         usage, reason = Usage(), None
@@ -224,7 +322,7 @@ class _EventStream:
             async for updates in steps:
                 for u in updates:  # one choice: the Responses API has no n
                     if u.error is not None:
-                        yield self._failed(f"generation failed: {u.error}")
+                        yield await self._failed(f"generation failed: {u.error}")
                         return
                     if u.logprobs:
                         self.logprobs += u.logprobs
@@ -232,7 +330,7 @@ class _EventStream:
                         yield e
                     reason = u.finish_reason or reason
                 if self.ctx.closing.is_set() and reason is None:  # the shutdown grace runs out
-                    yield self._failed(self.ctx.shutting_down_error().message)
+                    yield await self._failed(self.ctx.shutting_down_error().message)
                     return
             parsed = assemble(self.deltas)
             final = self.shape.finished(parsed.content, parsed.tool_calls, reason or "stop",
@@ -240,13 +338,14 @@ class _EventStream:
                                         _usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens))
             for e in self._close(final):
                 yield e
+            await self.shape.save(final)  # (stored before the client hears it ended: response_store.py)
             yield self.event(f"response.{final['status']}", response=final)
         except Interrupted:  # the shutdown grace ran out while the stream waited for the engine
-            yield self._failed(self.ctx.shutting_down_error().message)
+            yield await self._failed(self.ctx.shutting_down_error().message)
         except Exception as e:  # noqa: BLE001 (headers are sent: report in-band and end the stream)
             if not isinstance(e, EngineStoppedError):
                 log.exception("responses stream of %s failed", engine_rid)
-            yield self._failed(internal_error_message(e))
+            yield await self._failed(internal_error_message(e))
         finally:
             await steps.aclose()  # aborts the engine request if it is still running (client gone)
             release()

@@ -146,11 +146,11 @@ class TokenizerRequest(_Request):
 
 
 class ResponsesRequest(_Request):
-    """POST /v1/responses, stateless (https://platform.openai.com/docs/api-reference/responses/create). Read as the
-    chat request it amounts to by glm_serve.api.responses_request, which checks items, tools and formats."""
+    """POST /v1/responses (https://platform.openai.com/docs/api-reference/responses/create). Read as the chat request
+    it amounts to by glm_serve.api.responses_request, which checks items, tools and formats."""
 
-    background: bool | None = None  # true is refused: a background response is fetched later, and none is kept
-    conversation: Any = None  # refused when set: conversations are server-side state
+    background: bool | None = None  # true is refused: every response is answered within its request
+    conversation: Any = None  # refused when set: OpenAI's Conversations API is not served
     include: list[Any] | None = None  # "message.output_text.logprobs" honoured; the rest accepted and ignored
     input: str | list[Any]  # a string (one user message) or a list of items
     instructions: str | None = None  # a system message before the input
@@ -159,13 +159,13 @@ class ResponsesRequest(_Request):
     metadata: dict[str, Any] | None = None  # echoed
     model: str
     parallel_tool_calls: bool | None = None  # accepted and echoed: GLM-4 makes one call per turn
-    previous_response_id: str | None = None  # refused when set: this server stores no responses
+    previous_response_id: str | None = None  # a stored response whose conversation this request continues
     prompt: Any = None  # refused when set: prompt templates are server-side state
     prompt_cache_key: str | None = None  # accepted and ignored (the prefix cache needs no key)
     reasoning: dict[str, Any] | None = None  # accepted and ignored: GLM-4 has no reasoning mode
     safety_identifier: str | None = None  # accepted and ignored
     service_tier: str | None = None  # accepted and ignored
-    store: bool | None = None  # accepted; nothing is stored either way
+    store: bool | None = None  # default true: the finished response is kept 30 days (api/response_store.py)
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None  # accepted and ignored (include_obfuscation)
     temperature: float | None = None  # [0, 2]; 0 = greedy
