@@ -211,8 +211,10 @@ def listed_items(req: ResponsesRequest, taken: set[str]) -> list[dict]:
         if kind == "message":
             content = item["content"]
             if isinstance(content, str):
-                content = [{"type": "output_text", "text": content, "annotations": []} if item["role"] == "assistant"
-                           else {"type": "input_text", "text": content}]
+                content = [{"type": "output_text" if item["role"] == "assistant" else "input_text", "text": content}]
+            # with the fields OpenAI fills in when a part leaves them out (the SDK's item models require them)
+            content = [{"annotations": [], **p} if p["type"] == "output_text" else
+                       {"detail": "auto", **p} if p["type"] == "input_image" else p for p in content]
             listed = {"type": "message", "role": item["role"], "content": content, "status": "completed"}
         elif kind == "function_call":
             listed = {"type": kind, **{k: item[k] for k in ("call_id", "name", "arguments")}, "status": "completed"}

@@ -138,11 +138,11 @@ class _Keep:
         client left before it ended is never stored: its generation was aborted (as OpenAI stops one whose stream
         is closed) and it has no final status. A write that fails costs the client its stored copy, not its
         answer."""
-        output = [] if response["status"] == "failed" else output_messages(response["output"])
-        rec = StoredResponse(response["id"], self.owner, response, self.items, self.conversation + output)
         try:
+            output = [] if response["status"] == "failed" else output_messages(response["output"])
+            rec = StoredResponse(response["id"], self.owner, response, self.items, self.conversation + output)
             await asyncio.to_thread(self.store.put, rec)
-        except Exception:  # noqa: BLE001 (sqlite: a full disk, a broken file)
+        except Exception:  # noqa: BLE001 (sqlite: a full disk, a broken file; never the answer's failure)
             log.exception("response %s could not be stored", response["id"])
 
 

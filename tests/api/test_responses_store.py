@@ -10,6 +10,7 @@ import sqlite3
 import httpx
 import openai
 import pytest
+from openai.types.responses import ResponseItemList
 
 from glm_serve.api import ServerSettings, common
 from glm_serve.api.params import prepare_chat
@@ -88,6 +89,10 @@ def test_retrieve_input_items_and_delete(client, server):
     assert [i.id for i in client.responses.input_items.list(rid)] == [i.id for i in reversed(items)]  # desc default
     # The SDK's iterator pages with `after`: one item a page gives every item once
     assert [i.id for i in client.responses.input_items.list(rid, limit=1, order="asc")] == [i.id for i in items]
+    # as sent, the page is OpenAI's list of items (the SDK's models, validated strictly)
+    listed = ResponseItemList.model_validate(httpx.get(f"{base}/responses/{rid}/input_items?order=asc").json())
+    assert [type(i).__name__ for i in listed.data] == ["ResponseInputMessageItem", "ResponseOutputMessage",
+                                                       "ResponseInputMessageItem"]
     page = httpx.get(f"{base}/responses/{rid}/input_items", params={"limit": 2}).json()
     assert (page["object"], page["has_more"], page["first_id"], page["last_id"]) == (
         "list", True, items[2].id, items[1].id)
