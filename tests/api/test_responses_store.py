@@ -17,6 +17,7 @@ from glm_serve.api.params import prepare_chat
 from glm_serve.api.response_store import TTL_S, ResponseStore, StoredResponse
 
 from .conftest import ALIASES, KEY_A, KEY_B, start_server, wait_idle
+from .test_http import _FailingFactory
 from .test_responses_api import TOOLS
 
 M = "glm-4-tiny"
@@ -153,6 +154,24 @@ def test_bad_queries_and_combinations_are_400s(client, server):
     with pytest.raises(openai.BadRequestError) as e:  # conversations are not served, previous_response_id or not
         client.responses.create(model=M, input="x", previous_response_id=rid, extra_body={"conversation": "conv_1"})
     assert e.value.response.json()["error"]["param"] == "conversation"
+
+
+def test_a_failed_stream_is_stored_failed(client, server, monkeypatch):
+    """As OpenAI keeps a failed response: retrievable with its status and error; a follow-up continues from its
+    input (its partial output is not carried on). A non-streamed failure (a 500) has no Response to keep."""
+    monkeypatch.setattr(server.app.state.ctx, "constraint_factory", lambda: _FailingFactory())
+    kw = dict(model=M, input="hi", max_output_tokens=20, text={"format": {"type": "json_object"}})
+    events = list(client.responses.create(**kw, stream=True))
+    monkeypatch.undo()
+    failed = events[-1].response
+    assert events[-1].type == "response.failed" and failed.status == "failed"
+    got = client.responses.retrieve(failed.id)
+    assert got.status == "failed" and got.error.message == failed.error.message and got.output == failed.output
+    follow = client.responses.create(model=M, previous_response_id=failed.id, input="again", max_output_tokens=2)
+    items = list(client.responses.input_items.list(follow.id, order="asc"))
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [("message", "user", "hi"),
+                                                                    ("message", "user", "again")]
+    wait_idle(server.engine)
 
 
 def test_a_function_call_output_continues_the_call(client, prompts):
