@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from glm_serve.batch.records import visible
+
 log = logging.getLogger(__name__)
 
 TTL_S = 30 * 86400  # OpenAI keeps a stored response 30 days
@@ -49,21 +51,15 @@ class StoredResponse:
     conversation: list[dict]
 
 
-def visible(owner: str | None, caller: str | None) -> bool:
-    """The batch store's rule: each key sees its own; a server with no keys (caller None) shows everything; what was
-    made while the server had no keys (owner None) was everyone's then and stays so."""
-    return caller is None or owner is None or owner == caller
-
-
 class ResponseStore:
     def __init__(self, path: str | Path, ttl_s: float = TTL_S, clock: Callable[[], float] = time.time):
         self.ttl_s, self._clock = ttl_s, clock
         self._db: sqlite3.Connection | None = sqlite3.connect(str(path), check_same_thread=False,
                                                                isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # As the task log: NORMAL (in WAL mode) does not fsync each commit. A killed process loses nothing
-        # committed; a power loss may lose the last responses, which a client can ask again.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # Each commit fsynced (the routes write from a worker thread): a power loss loses no stored response whose
+        # answer went out, which a follow-up's previous_response_id may name
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._purged_at = 0.0

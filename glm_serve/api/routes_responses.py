@@ -44,9 +44,10 @@ async def create_response(request: Request):
     previous, before = None, []
     if req.previous_response_id is not None:  # the stored conversation this request continues
         found = await asyncio.to_thread(store.continuation, req.previous_response_id, key_id)
-        if found is None:  # unknown, expired, deleted, stored with store: false, or another key's: OpenAI's 404
+        if found is None:  # unknown, expired, deleted, stored with store: false, or another key's. OpenAI answers
+            # 400 here (clients such as Codex CLI key their recovery on the code), 404 on the retrieve routes
             raise APIError("1214", f"Previous response with id '{req.previous_response_id}' not found.",
-                           "previous_response_id", status=404, openai_code="previous_response_not_found")
+                           "previous_response_id", status=400, openai_code="previous_response_not_found")
         previous, before = found
     view = read_responses_request(req, previous)
     # What is stored is the whole conversation: truncation only shortens what this response's prompt holds.

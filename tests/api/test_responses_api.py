@@ -212,7 +212,7 @@ def test_errors_name_the_field(client, kwargs, param, code):
     kwargs = {"model": M, "input": USER, "max_output_tokens": 2, **kwargs}
     with pytest.raises(openai.APIStatusError) as e:
         client.responses.create(**kwargs)
-    assert e.value.status_code == (404 if param == "previous_response_id" else 400)
+    assert e.value.status_code == 400
     err = e.value.response.json()["error"]
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
     assert "messages" not in err["message"] and "response_format" not in err["message"]  # no chat field names

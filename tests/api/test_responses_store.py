@@ -110,7 +110,7 @@ def test_retrieve_input_items_and_delete(client, server):
         with pytest.raises(openai.NotFoundError) as e:
             call()
         assert e.value.response.json()["error"]["param"] == "response_id"
-    with pytest.raises(openai.NotFoundError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # OpenAI's status for this one: 400, not 404
         client.responses.create(model=M, previous_response_id=rid, input="again", max_output_tokens=2)
     assert e.value.code == "previous_response_not_found"
     assert client.responses.retrieve(r2.id).id == r2.id  # the follow-up is its own record, still there
@@ -121,7 +121,7 @@ def test_store_false_keeps_nothing(client):
     assert r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
-    with pytest.raises(openai.NotFoundError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=M, previous_response_id=r.id, input="and?", max_output_tokens=2)
     err = e.value.response.json()["error"]
     assert err == {"message": f"Previous response with id '{r.id}' not found.", "type": "invalid_request_error",
@@ -222,10 +222,12 @@ def test_a_response_is_its_keys_own(make_server):
     b = openai.OpenAI(api_key=KEY_B, base_url=srv.openai_base, max_retries=0)
     r = a.responses.create(model=M, input="hi", max_output_tokens=2)
     for call in (lambda: b.responses.retrieve(r.id), lambda: b.responses.delete(r.id),
-                 lambda: list(b.responses.input_items.list(r.id)),
-                 lambda: b.responses.create(model=M, input="x", max_output_tokens=2, previous_response_id=r.id)):
+                 lambda: list(b.responses.input_items.list(r.id))):
         with pytest.raises(openai.NotFoundError):
             call()
+    with pytest.raises(openai.BadRequestError) as e:
+        b.responses.create(model=M, input="x", max_output_tokens=2, previous_response_id=r.id)
+    assert e.value.code == "previous_response_not_found"
     assert a.responses.retrieve(r.id).id == r.id  # b's delete did nothing
     assert a.responses.create(model=M, input="x", max_output_tokens=2, previous_response_id=r.id).id
     with pytest.raises(openai.AuthenticationError):
