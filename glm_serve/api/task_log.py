@@ -60,11 +60,17 @@ class TaskLog:
         """Queue the task's outcome; its request body is no longer needed. (Lost in a crash before it is written,
         the task runs again at the next start: once too often, never lost.)"""
         row = (task.status, _dumps(task.result), _dumps(task.error), time.time(), task.id)
-        self._writer.submit(self._write, _FINISH, [row])
+        self._submit(_FINISH, [row])
 
     def delete(self, ids: list[str]) -> None:
         if ids:
-            self._writer.submit(self._write, _DELETE, [(i,) for i in ids])
+            self._submit(_DELETE, [(i,) for i in ids])
+
+    def _submit(self, sql: str, rows: list[tuple]) -> None:
+        try:
+            self._writer.submit(self._write, sql, rows)
+        except RuntimeError:  # closed: the server has stopped (what was recorded stays as it was)
+            log.warning("task log: closed, not written (%s)", sql.split(" (")[0])
 
     def _write(self, sql: str, rows: list[tuple]) -> None:
         try:

@@ -72,8 +72,8 @@ class TaskStore:
                 await self._log.add(task, body)  # on disk before the client has the id
             except BaseException:  # a disk error, or the client gone (cancelled): no task, and none on record
                 self._tasks.pop(task.id, None)
-                self._log.delete([task.id])  # (queued after the add, should that still be written)
                 _drop(work, release)
+                self._log.delete([task.id])  # (queued after the add, should that still be written)
                 raise
         task.handle = asyncio.ensure_future(self._run(task, work, release))
         return task
