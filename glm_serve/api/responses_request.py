@@ -220,8 +220,8 @@ def listed_items(req: ResponsesRequest, taken: set[str]) -> list[dict]:
             listed = {"type": kind, **{k: item[k] for k in ("call_id", "name", "arguments")}, "status": "completed"}
         elif kind == "function_call_output":
             listed = {"type": kind, "call_id": item["call_id"], "output": item["output"], "status": "completed"}
-        else:  # a reasoning item (dropped from the prompt): listed as it was sent
-            listed = dict(item)
+        else:  # a reasoning item (dropped from the prompt): listed as it was sent, but for its id (given below)
+            listed = {k: v for k, v in item.items() if k != "id"}
         item_id = item.get("id")
         if not isinstance(item_id, str) or not item_id or item_id in taken:
             item_id = f"{_ID_PREFIX.get(kind, 'item')}_{uuid.uuid4().hex}"

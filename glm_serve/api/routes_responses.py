@@ -51,7 +51,9 @@ async def create_response(request: Request):
         previous, before = found
     view = read_responses_request(req, previous)
     # What is stored is the whole conversation: truncation only shortens what this response's prompt holds.
-    keep = _Keep(store, key_id, view, before + listed_items(req, {i["id"] for i in before})) \
+    # (ids of a stored item are strings; a record from before that rule may hold another value: not an id to avoid)
+    taken = {i["id"] for i in before if isinstance(i.get("id"), str)}
+    keep = _Keep(store, key_id, view, before + listed_items(req, taken)) \
         if req.store is not False else None
     if req.truncation == "auto":
         view = await ctx.off_loop(fit_input, ctx, view)  # renders the conversation a few times: off the event loop

@@ -294,3 +294,34 @@ def test_the_store_expires_purges_and_hides(tmp_path):
     store.close()
     store.put(rec)  # a stream that ends after shutdown closed the store: logged, not raised
     assert store.response("resp_1", None) is None
+
+
+def test_a_reasoning_item_gets_a_listed_id_of_its_own(client, server):
+    """A reasoning item sent back (another provider's output) is listed with an id like every item: its own when
+    that is a fresh string, else a new one. Listed with the id it was sent with, a repeated one broke paging (the
+    SDK's iterator, asking `after` it, went round forever) and one that is no string broke every follow-up (500)."""
+    base = server.openai_base
+    body = {"model": M, "max_output_tokens": 2, "input": [
+        {"role": "user", "content": "a", "id": "msg_same"},
+        {"type": "reasoning", "id": "msg_same", "summary": []},
+        {"type": "reasoning", "id": {"not": "an id"}, "summary": []},
+        {"type": "reasoning", "id": "rs_mine", "summary": []},
+        {"role": "user", "content": "b"}]}
+    created = httpx.post(base + "/responses", json=body, timeout=60)
+    assert created.status_code == 200, created.text
+    rid = created.json()["id"]
+    items = httpx.get(f"{base}/responses/{rid}/input_items", params={"order": "asc"}).json()["data"]
+    ids = [i["id"] for i in items]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == len(ids) == 5, ids
+    assert ids[0] == "msg_same" and ids[3] == "rs_mine" and [i["type"] for i in items][1:4] == ["reasoning"] * 3
+    assert [i.id for i in client.responses.input_items.list(rid, limit=1, order="asc")] == ids  # pages end
+    follow = client.responses.create(model=M, previous_response_id=rid, input="c", max_output_tokens=2)
+    assert len(list(client.responses.input_items.list(follow.id, limit=100))) == 7
+    # a record stored before this rule (an item id that is no string) is still continued, not a 500
+    store = server.app.state.responses
+    old = store.response(rid, None)
+    store.put(StoredResponse("resp_legacy", None, {**old, "id": "resp_legacy"},
+                             [{"id": {"not": "an id"}, "type": "reasoning", "summary": []}],
+                             [{"role": "user", "content": "a"}]))
+    follow = client.responses.create(model=M, previous_response_id="resp_legacy", input="c", max_output_tokens=2)
+    assert follow.previous_response_id == "resp_legacy"
