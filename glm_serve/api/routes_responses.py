@@ -105,7 +105,8 @@ async def list_input_items(request: Request, response_id: str):
     caller = authenticate(request)
     q = request.query_params
     limit = q.get("limit") or "20"
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    # ASCII digits only: str.isdigit() passes "²" and "①", which int() refuses (that was a 500)
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 100:
         raise bad_param("limit", f"must be an integer in [1, 100], got {limit!r}")
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):

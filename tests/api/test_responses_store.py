@@ -146,6 +146,7 @@ def test_bad_queries_and_combinations_are_400s(client, server):
     rid = client.responses.create(model=M, input="hi", max_output_tokens=2).id
     base = f"{server.openai_base}/responses/{rid}"
     for params, param in (({"limit": 0}, "limit"), ({"limit": "x"}, "limit"), ({"limit": 101}, "limit"),
+                          ({"limit": "²"}, "limit"), ({"limit": "①"}, "limit"),  # digits to isdigit, not to int
                           ({"order": "up"}, "order"), ({"after": "msg_unknown"}, "after")):
         r = httpx.get(base + "/input_items", params=params)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
