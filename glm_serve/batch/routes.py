@@ -124,7 +124,8 @@ def _limit(request: Request, default: int, most: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None or raw == "":
         return default
-    if not raw.lstrip("-").isdigit() or not 1 <= int(raw) <= most:
+    digits = raw.removeprefix("-")  # ASCII only: str.isdigit() passes "²" and "①", which int() refuses
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(raw) <= most:
         raise bad_param("limit", f"must be an integer in [1, {most}], got {raw!r}")
     return int(raw)
 
