@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from glm_serve.api.chat_service import Meta, chat_result, chat_stream, until_disconnect
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError
+from glm_serve.api.errors import APIError, bad_param
 from glm_serve.api.images import attach_image
 from glm_serve.api.params import VENDOR, PreparedChat, prepare_chat
 from glm_serve.engine.async_engine import EngineStoppedError
@@ -197,3 +197,15 @@ async def answer_chat(request: Request, ctx: ServingContext, key_id: str | None,
     finally:
         admitted.release()
     return JSONResponse(answer)
+
+
+def query_limit(request: Request, default: int, most: int) -> int:
+    """A list route's `limit` query parameter: an integer in [1, most], `default` when absent; else a 400 naming
+    it. ASCII digits only: str.isdigit() also passes "²" and "①", which int() refuses (that was a 500)."""
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return default
+    digits = raw.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(raw) <= most:
+        raise bad_param("limit", f"must be an integer in [1, {most}], got {raw!r}")
+    return int(raw)

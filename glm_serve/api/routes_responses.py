@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 
 from glm_serve.api.chat_service import Meta, chat_result, run_chat
-from glm_serve.api.common import answer_chat, authenticate, read_request
+from glm_serve.api.common import answer_chat, authenticate, query_limit, read_request
 from glm_serve.api.context import ServingContext
-from glm_serve.api.errors import APIError, bad_param, internal_error_message, invalid_value
+from glm_serve.api.errors import APIError, internal_error_message, invalid_value
 from glm_serve.api.params import OPENAI, PreparedChat
 from glm_serve.api.parser import Delta, assemble
 from glm_serve.api.response_store import ResponseStore, StoredResponse
@@ -104,10 +104,7 @@ async def list_input_items(request: Request, response_id: str):
     id (the SDK's iterator sends the last one it got). `include` is accepted: the items are stored whole."""
     caller = authenticate(request)
     q = request.query_params
-    limit = q.get("limit") or "20"
-    # ASCII digits only: str.isdigit() passes "²" and "①", which int() refuses (that was a 500)
-    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 100:
-        raise bad_param("limit", f"must be an integer in [1, 100], got {limit!r}")
+    limit = query_limit(request, 20, 100)
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise invalid_value("order", f"must be 'asc' or 'desc', got {order!r}")
@@ -122,7 +119,7 @@ async def list_input_items(request: Request, response_id: str):
         if at is None:
             raise invalid_value("after", f"no input item with id {after!r} in response {response_id!r}")
         items = items[at + 1:]
-    page = items[:int(limit)]
+    page = items[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
 

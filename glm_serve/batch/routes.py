@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from glm_serve.api.common import authenticate, read_json
+from glm_serve.api.common import authenticate, query_limit, read_json
 from glm_serve.api.context import ServingContext
 from glm_serve.api.errors import APIError, bad_param, invalid_value
 from glm_serve.batch.records import (
@@ -120,16 +120,6 @@ def _not_found(kind: str, obj_id: str) -> APIError:
     return APIError("1214", f"no {kind} with id {obj_id!r}", "id", status=404)
 
 
-def _limit(request: Request, default: int, most: int) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return default
-    digits = raw.removeprefix("-")  # ASCII only: str.isdigit() passes "²" and "①", which int() refuses
-    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(raw) <= most:
-        raise bad_param("limit", f"must be an integer in [1, {most}], got {raw!r}")
-    return int(raw)
-
-
 def _page(data: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
@@ -181,7 +171,7 @@ async def list_files(request: Request):
         raise invalid_value("order", f"must be asc or desc, got {order!r}")
     try:
         recs, more = await asyncio.to_thread(svc.store.list_files, q.get("after") or None,
-                                             _limit(request, 10000, 10000), order, q.get("purpose") or None,
+                                             query_limit(request, 10000, 10000), order, q.get("purpose") or None,
                                              caller)
     except KeyError:
         raise invalid_value("after", f"no file with id {q.get('after')!r}") from None
@@ -295,7 +285,7 @@ async def list_batches(request: Request):
     svc, caller = _service(request)
     after = request.query_params.get("after") or None
     try:
-        recs, more = await asyncio.to_thread(svc.store.list_batches, after, _limit(request, 20, 100), caller)
+        recs, more = await asyncio.to_thread(svc.store.list_batches, after, query_limit(request, 20, 100), caller)
     except KeyError:
         raise invalid_value("after", f"no batch with id {after!r}") from None
     return JSONResponse(_page([r.to_dict() for r in recs], more))
