@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glm_serve.batch.records import visible
+from glm_serve.batch.store import open_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,9 @@ class StoredResponse:
 class ResponseStore:
     def __init__(self, path: str | Path, ttl_s: float = TTL_S, clock: Callable[[], float] = time.time):
         self.ttl_s, self._clock = ttl_s, clock
-        self._db: sqlite3.Connection | None = sqlite3.connect(str(path), check_same_thread=False,
-                                                               isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # Each commit fsynced (the routes write from a worker thread): a power loss loses no stored response whose
         # answer went out, which a follow-up's previous_response_id may name
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db: sqlite3.Connection | None = open_sqlite(Path(path), _SCHEMA)
         self._lock = threading.Lock()
         self._purged_at = 0.0
         dropped = self.purge()

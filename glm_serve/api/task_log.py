@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from glm_serve.batch.store import open_sqlite
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -44,10 +46,7 @@ class TaskRow:
 
 class TaskLog:
     def __init__(self, path: str | Path):
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # each commit fsynced: a power loss loses no recorded task
-        self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(Path(path), _SCHEMA)  # each commit fsynced: a power loss loses no recorded task
         # One thread: the writes reach the file in the order they were made (a finish after its add)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-log")
 

@@ -111,15 +111,31 @@ def check_data_dir_free(data_dir: str | Path) -> None:
     os.close(_lock_data_dir(Path(data_dir).expanduser()))  # closing the descriptor releases the flock
 
 
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """One of the data dir's sqlite files, in WAL mode with every commit fsynced (a power loss loses nothing
+    committed), its tables made if new. A file that is not a database (truncated by hand, another program's) is a
+    ValueError naming it, not a traceback at start."""
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{path} cannot be used ({e}): move it away (a new one is made) or choose another "
+                         "--data-dir") from None
+    return db
+
+
 class Store:
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir).expanduser()
         self.files_dir = self.data_dir / "files"
         self._lock_fd = _lock_data_dir(self.data_dir)
-        self._db = sqlite3.connect(self.data_dir / "batch.db", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = open_sqlite(self.data_dir / "batch.db", _SCHEMA)
+        except ValueError:
+            os.close(self._lock_fd)
+            raise
         for table, column, definition in _ADDED_COLUMNS:  # older data dirs
             if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")

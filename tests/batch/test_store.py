@@ -341,3 +341,20 @@ def test_result_lines_stay_one_line_for_splitlines():
     for line in (out, err):
         assert line.splitlines() == [line] and "中文" in line
     assert json.loads(out)["response"]["body"]["content"] == text and json.loads(err)["error"]["message"] == text
+
+
+@pytest.mark.parametrize("name", ["batch.db", "tasks.sqlite3", "responses.sqlite3"])
+def test_a_data_dir_file_that_is_no_database_is_named_not_a_traceback(tmp_path, name):
+    # A file cut short by hand or written by another program: the start says which file and what to do (it was
+    # sqlite3's bare "file is not a database" traceback), and the data dir's lock is not left held.
+    from glm_serve.api.response_store import ResponseStore  # noqa: PLC0415
+    from glm_serve.api.task_log import TaskLog  # noqa: PLC0415
+
+    (tmp_path / name).write_bytes(b"not a database, but long enough to have a header" * 4)
+    opener = {"batch.db": lambda: Store(tmp_path), "tasks.sqlite3": lambda: TaskLog(tmp_path / name),
+              "responses.sqlite3": lambda: ResponseStore(tmp_path / name)}[name]
+    with pytest.raises(ValueError, match=f"{name} cannot be used .*move it away"):
+        opener()
+    (tmp_path / name).unlink()
+    store = opener()  # a new one is made; for batch.db, the lock was given back
+    store.close()
