@@ -1,13 +1,13 @@
 """Owns the on-disk record of async chat tasks (tasks.sqlite3 in the server's data dir), so that an accepted task
 is not lost when the server stops or is killed: a task is written (its request body with it) before its id goes
-back to the client, its result when it ends. At the next start the store reads the results still within their time
+back to the client, its result when it ends (before a poll can see it: a task whose result a client has seen never
+runs again, which unseeded sampling would answer differently). At the next start the store reads the results still within their time
 to live, and runs again the tasks that were still running when the server stopped or died (api/tasks.py:
 TaskStore.recover).
 
 Every write is committed with an fsync (synchronous=FULL), so a recorded task survives a power loss too, and
-runs on one writer thread, in order, so the event loop never waits on the disk: `add` is awaited (the record is
-on disk before the client has the task's id), `finish` and `delete` are queued behind it. `load` runs at start,
-before any write."""
+runs on one writer thread, in order, so the event loop never waits on the disk: `add` and `finish` are awaited,
+`delete` is queued behind them. `load` runs at start, before any write."""
 
 from __future__ import annotations
 
@@ -55,11 +55,16 @@ class TaskLog:
         row = (task.id, task.request_id, task.model, task.owner, json.dumps(body, ensure_ascii=False), task.status)
         await asyncio.get_running_loop().run_in_executor(self._writer, self._write, _ADD, [row])
 
-    def finish(self, task) -> None:
-        """Queue the task's outcome; its request body is no longer needed. (Lost in a crash before it is written,
-        the task runs again at the next start: once too often, never lost.)"""
-        row = (task.status, _dumps(task.result), _dumps(task.error), time.time(), task.id)
-        self._submit(_FINISH, [row])
+    async def finish(self, task_id: str, status: str, result: dict | None, error: dict | None) -> None:
+        """Record a task's outcome (its request body is no longer needed); returns once it is on disk. After the
+        log closed (the server stopped), nothing is written: the task runs again at the next start."""
+        row = (status, _dumps(result), _dumps(error), time.time(), task_id)
+        try:
+            written = asyncio.get_running_loop().run_in_executor(self._writer, self._write, _FINISH, [row])
+        except RuntimeError:  # closed
+            log.warning("task log: closed, the outcome of task %s not written", task_id)
+            return
+        await written
 
     def delete(self, ids: list[str]) -> None:
         if ids:

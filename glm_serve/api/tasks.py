@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -111,20 +112,26 @@ class TaskStore:
         return task
 
     async def _run(self, task: Task, work: Awaitable[dict], release: Callable[[], None]) -> None:
+        result, error = None, None
         try:
-            task.result, task.status = await work, SUCCESS
+            result, status = await work, SUCCESS
         except asyncio.CancelledError:  # the server is stopping: on record as running, to run again at the start
             release()
             raise
         except APIError as e:
-            task.status, task.error = FAIL, {"code": e.code, "message": e.message}
+            status, error = FAIL, {"code": e.code, "message": e.message}
         except Exception as e:  # noqa: BLE001 (a failed task is a FAIL result, not a dead server)
             log.exception("async task %s failed", task.id)
-            task.status, task.error = FAIL, {"code": "500", "message": internal_error_message(e)}
-        task.finished_at = time.monotonic()
+            status, error = FAIL, {"code": "500", "message": internal_error_message(e)}
         release()
         if self._log is not None:
-            self._log.finish(task)
+            # On disk before a poll can see it: after a crash, a task a client saw finished must not run again
+            try:
+                await self._log.finish(task.id, status, result, error)
+            except sqlite3.Error:  # (logged by the log) served from memory; after a restart it runs again
+                pass
+        task.result, task.error, task.status = result, error, status
+        task.finished_at = time.monotonic()
 
     def _purge(self) -> None:
         """Drop the results older than the ttl."""
