@@ -1,8 +1,15 @@
 """Owns the stored responses of the Responses API (responses.sqlite3 in the server's data dir, beside tasks.sqlite3):
 each finished response kept with `store` (OpenAI's default), so that GET /v1/responses/{id} returns it, its
 input_items list what made it, and a later request continues its conversation with `previous_response_id`. Records
-outlive a restart; each is kept 30 days (OpenAI's retention for stored responses), then purged: at start, and at
-most once an hour as responses are written.
+outlive a restart.
+
+A record holds only what its own request added (its input items and messages, its output) and the id of the
+response it continued: a conversation is read by following those links back. So a chain of n turns takes space
+in n, not n^2 (an agent's hundred-turn loop would otherwise store its early turns a hundred times), and a record
+must outlive the later ones that continue it: each response is visible for 30 days (OpenAI's retention) or until
+deleted, and kept on disk as long as a visible response continues it (`keep_until`, never below a descendant's).
+Records past that are purged at start and at most once an hour as responses are written; a deleted one goes at
+once unless a later response continues it.
 
 A record is visible only to the API key that made it (with keys configured); a server without keys shows
 everything, as the batch store does (batch/records.visible). Methods block (sqlite): the routes call them in a
@@ -16,7 +23,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,26 +38,30 @@ PURGE_EVERY_S = 3600.0  # expired records are dropped at most this often while w
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
-    id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL, expires_at REAL NOT NULL,
-    response TEXT NOT NULL, input_items TEXT NOT NULL, conversation TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at);
+    id TEXT PRIMARY KEY, owner TEXT, parent TEXT, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+    keep_until REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+    response TEXT NOT NULL, items TEXT NOT NULL, messages TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_keep ON responses (keep_until);
+CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent);
 """
 
 
 @dataclass
 class StoredResponse:
-    """One stored response, as routes_responses.py builds it."""
+    """One stored response: what its own request added to the conversation (routes_responses.py builds it)."""
 
     id: str  # "resp_<hex>"
     owner: str | None  # the creating API key's id (auth.KeyStore); None on a server without keys
     response: dict  # the Response object as returned (its final status: completed, incomplete or failed)
-    # Every item of the conversation before this response's output, oldest first, each with its "id": the previous
-    # response's input items and output, then this request's input (`instructions` are no item). What
-    # GET .../input_items lists.
-    input_items: list[dict]
-    # The chat messages a follow-up continues from (previous_response_id): the whole conversation so far, this
-    # response's output included, without any `instructions` (they apply to one response only).
-    conversation: list[dict]
+    parent: str | None  # the previous_response_id it continued (stored), None for a first turn
+    # This request's input items as input_items lists them (each with its "id"; `instructions` are no item)
+    items: list[dict]
+    # The chat messages this turn adds to the conversation a follow-up continues: its input's (no `instructions`:
+    # they apply to one response only), then its output's (none for a failed response)
+    messages: list[dict]
+    # The continued conversation as read when this request began (its messages, its items before this input):
+    # stored with the record only if `parent` was deleted meanwhile, which then is no longer there to read it from
+    inherited: tuple[list[dict], list[dict]] = ([], [])
 
 
 class ResponseStore:
@@ -65,49 +77,80 @@ class ResponseStore:
             log.info("dropped %d stored response(s) older than %d days", dropped, round(ttl_s / 86400))
 
     def put(self, rec: StoredResponse) -> None:
+        """Store a response; its ancestors are kept at least as long (a chain is read through them)."""
         now = self._clock()
-        row = (rec.id, rec.owner, now, now + self.ttl_s, _dumps(rec.response), _dumps(rec.input_items),
-               _dumps(rec.conversation))
+        until = now + self.ttl_s
         with self._lock:
             if self._db is None:  # a stream that ended after the server closed its stores (shutdown)
                 log.warning("response %s not stored: the server is shutting down", rec.id)
                 return
-            self._db.execute("INSERT OR REPLACE INTO responses (id, owner, created_at, expires_at, response, "
-                             "input_items, conversation) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            with _transaction(self._db):  # the record and its ancestors' extension, together
+                parent, messages, items = rec.parent, rec.messages, rec.items
+                if parent is not None and self._db.execute("SELECT 1 FROM responses WHERE id = ?",
+                                                           (parent,)).fetchone() is None:
+                    # deleted (and gone) while this response ran: the conversation is stored whole with it
+                    parent, messages, items = None, rec.inherited[0] + messages, rec.inherited[1] + items
+                self._db.execute("INSERT OR REPLACE INTO responses (id, owner, parent, created_at, expires_at, "
+                                 "keep_until, response, items, messages) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (rec.id, rec.owner, parent, now, until, until, _dumps(rec.response),
+                                  _dumps(items), _dumps(messages)))
+                while parent is not None:  # (stops at the first one kept long enough: so are its ancestors)
+                    up = self._db.execute("SELECT parent, keep_until FROM responses WHERE id = ?",
+                                          (parent,)).fetchone()
+                    if up is None or up[1] >= until:
+                        break
+                    self._db.execute("UPDATE responses SET keep_until = ? WHERE id = ?", (until, parent))
+                    parent = up[0]
         if now - self._purged_at >= PURGE_EVERY_S:
             self.purge()
 
     def response(self, response_id: str, caller: str | None) -> dict | None:
-        """The Response object, or None when there is none for this caller (unknown, expired, another key's)."""
-        return self._field(response_id, caller, "response")
+        """The Response object, or None when there is none for this caller (unknown, expired, deleted, another
+        key's)."""
+        chain = self._chain(response_id, caller, whole=False)
+        return None if chain is None else chain[-1][0]
 
     def input_items(self, response_id: str, caller: str | None) -> list[dict] | None:
-        return self._field(response_id, caller, "input_items")
+        """Every item before the response's output, oldest first: the earlier turns' items and outputs, then its
+        own input."""
+        chain = self._chain(response_id, caller)
+        if chain is None:
+            return None
+        return [item for response, items, _ in chain[:-1] for item in items + _kept_output(response)] + chain[-1][1]
 
     def continuation(self, response_id: str, caller: str | None) -> tuple[list[dict], list[dict]] | None:
-        """What a follow-up needs: (conversation, the items before it: input items + the response's output)."""
-        with self._lock:
-            row = self._row(response_id, caller, "response, input_items, conversation")
-        if row is None:
+        """What a follow-up needs: (the conversation's chat messages, every item before the follow-up's input)."""
+        chain = self._chain(response_id, caller)
+        if chain is None:
             return None
-        response, items, conversation = (json.loads(v) for v in row)
-        return conversation, items + _kept_output(response)
+        return ([m for _, _, messages in chain for m in messages],
+                [item for response, items, _ in chain for item in items + _kept_output(response)])
 
     def delete(self, response_id: str, caller: str | None) -> bool:
+        """Hide it at once for good; its record goes as soon as no stored response continues it."""
         with self._lock:
-            if self._row(response_id, caller, "id") is None:
+            if self._visible(response_id, caller) is None:
                 return False
-            self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            with _transaction(self._db):
+                self._db.execute("UPDATE responses SET deleted = 1 WHERE id = ?", (response_id,))
+                node = response_id
+                while node is not None:  # drop it, then each deleted ancestor left without a continuation
+                    row = self._db.execute("SELECT parent, deleted FROM responses WHERE id = ?", (node,)).fetchone()
+                    if row is None or not row[1] or self._db.execute(
+                            "SELECT 1 FROM responses WHERE parent = ? LIMIT 1", (node,)).fetchone():
+                        break
+                    self._db.execute("DELETE FROM responses WHERE id = ?", (node,))
+                    node = row[0]
         return True
 
     def purge(self) -> int:
-        """Drop the records past their time; -> how many."""
+        """Drop the records no longer kept (nor continued by a kept one); -> how many."""
         now = self._clock()
         with self._lock:
             if self._db is None:
                 return 0
             self._purged_at = now
-            return self._db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,)).rowcount
+            return self._db.execute("DELETE FROM responses WHERE keep_until <= ?", (now,)).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -115,21 +158,46 @@ class ResponseStore:
                 self._db.close()
                 self._db = None
 
-    def _field(self, response_id: str, caller: str | None, column: str):
-        with self._lock:
-            row = self._row(response_id, caller, column)
-        return None if row is None else json.loads(row[0])
-
-    def _row(self, response_id: str, caller: str | None, columns: str) -> tuple | None:
-        """The columns of a live record the caller may see (under the lock); None otherwise. An expired record not
-        purged yet is gone already for the caller."""
+    def _visible(self, response_id: str, caller: str | None) -> tuple | None:
+        """(parent, response, items, messages) of a record the caller may see (under the lock), else None. One
+        past its 30 days is gone for the caller before any purge."""
         if self._db is None:
             return None
-        row = self._db.execute(f"SELECT owner, {columns} FROM responses WHERE id = ? AND expires_at > ?",
-                               (response_id, self._clock())).fetchone()
-        if row is None or not visible(row[0], caller):
-            return None
-        return row[1:]
+        row = self._db.execute("SELECT owner, parent, response, items, messages FROM responses WHERE id = ? AND "
+                               "deleted = 0 AND expires_at > ?", (response_id, self._clock())).fetchone()
+        return None if row is None or not visible(row[0], caller) else row[1:]
+
+    def _chain(self, response_id: str, caller: str | None, whole: bool = True) -> list[tuple] | None:
+        """[(response, items, messages)] from the first turn to this response (only it when not `whole`), which
+        the caller must be able to see; its ancestors need only be kept (deleted or past their own days, they
+        still carry the conversation). None when it is not visible, or (a damaged file) its chain is broken."""
+        with self._lock:
+            row = self._visible(response_id, caller)
+            if row is None:
+                return None
+            chain, parent = [row[1:]], row[0]
+            while whole and parent is not None:
+                up = self._db.execute("SELECT parent, response, items, messages FROM responses WHERE id = ?",
+                                      (parent,)).fetchone()
+                if up is None:
+                    log.warning("stored response %s: its conversation lost response %s", response_id, parent)
+                    return None
+                chain.append(up[1:])
+                parent = up[0]
+        chain.reverse()
+        return [(json.loads(r), json.loads(i), json.loads(m)) for r, i, m in chain]
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """All of it or none (the connection autocommits each statement otherwise)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _kept_output(response: dict) -> list[dict]:

@@ -39,10 +39,10 @@ class ChatView:
     # [chat message index] -> "instructions" | "previous" | "message" | "function_call" | "function_call_output"
     kinds: list[str]
 
-    def conversation(self) -> list[dict]:
-        """The chat messages a follow-up continues from, this response's output aside: the stored conversation and
-        this input, without the instructions (OpenAI applies them to one response only)."""
-        return [m for m, kind in zip(self.chat.messages, self.kinds) if kind != "instructions"]
+    def input_messages(self) -> list[dict]:
+        """The chat messages this request's input adds to the conversation a follow-up continues: neither the
+        instructions (OpenAI applies them to one response only) nor the stored conversation it continues."""
+        return [m for m, kind in zip(self.chat.messages, self.kinds) if kind not in ("instructions", "previous")]
 
     def rename(self, err: APIError) -> APIError:
         """The same error with a chat field name (messages[3].content, response_format, ...) replaced by the

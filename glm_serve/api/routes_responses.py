@@ -50,11 +50,8 @@ async def create_response(request: Request):
                            "previous_response_id", status=400, openai_code="previous_response_not_found")
         previous, before = found
     view = read_responses_request(req, previous)
-    # What is stored is the whole conversation: truncation only shortens what this response's prompt holds.
-    # (ids of a stored item are strings; a record from before that rule may hold another value: not an id to avoid)
-    taken = {i["id"] for i in before if isinstance(i.get("id"), str)}
-    keep = _Keep(store, key_id, view, before + listed_items(req, taken)) \
-        if req.store is not False else None
+    keep = _Keep(store, key_id, req.previous_response_id, view, listed_items(req, {i["id"] for i in before}),
+                 (previous or [], before)) if req.store is not False else None
     if req.truncation == "auto":
         view = await ctx.off_loop(fit_input, ctx, view)  # renders the conversation a few times: off the event loop
     shape = ResponseShape(req, keep)
@@ -127,10 +124,11 @@ async def list_input_items(request: Request, response_id: str):
 class _Keep:
     """What a stored response is made of, gathered before it runs; `save` writes the finished response."""
 
-    def __init__(self, store: ResponseStore, owner: str | None, view: ChatView, items: list[dict]):
-        self.store, self.owner = store, owner
-        self.conversation = view.conversation()  # untruncated: the stored conversation, then this input
-        self.items = items  # the stored conversation's items, then this input's (ids given)
+    def __init__(self, store: ResponseStore, owner: str | None, parent: str | None, view: ChatView,
+                 items: list[dict], inherited: tuple[list[dict], list[dict]]):
+        self.store, self.owner, self.parent, self.inherited = store, owner, parent, inherited
+        self.messages = view.input_messages()  # untruncated: truncation only shortens this response's prompt
+        self.items = items  # this input's items, ids given
 
     async def save(self, response: dict) -> None:
         """Store a response that reached its final status before the client hears of it, so that a follow-up sent
@@ -141,7 +139,8 @@ class _Keep:
         answer."""
         try:
             output = [] if response["status"] == "failed" else output_messages(response["output"])
-            rec = StoredResponse(response["id"], self.owner, response, self.items, self.conversation + output)
+            rec = StoredResponse(response["id"], self.owner, response, self.parent, self.items,
+                                 self.messages + output, self.inherited)
             await asyncio.to_thread(self.store.put, rec)
         except Exception:  # noqa: BLE001 (sqlite: a full disk, a broken file; never the answer's failure)
             log.exception("response %s could not be stored", response["id"])
