@@ -190,14 +190,17 @@ class ResponseStore:
 
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """All of it or none (the connection autocommits each statement otherwise)."""
+    """All of it or none (the connection autocommits each statement otherwise). A failed statement or COMMIT
+    leaves no transaction open (the next BEGIN would fail), and its own error is the one raised (sqlite rolls back
+    by itself on some errors, a full disk among them: a ROLLBACK then would fail and hide it)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _kept_output(response: dict) -> list[dict]:

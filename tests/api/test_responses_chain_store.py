@@ -123,3 +123,41 @@ def test_deleting_a_middle_turn_through_the_sdk(server):
     assert [i.id for i in client.responses.input_items.list(r3.id, order="asc")] == items
     r4 = client.responses.create(model=M, input="four", previous_response_id=r3.id, max_output_tokens=2)
     assert len(list(client.responses.input_items.list(r4.id))) == len(items) + 2  # r3's output, r4's input
+
+
+def test_a_failed_write_leaves_no_transaction_open_and_names_its_error(store, monkeypatch):
+    # A full disk: sqlite has rolled back by itself, so the error raised is the disk's, not a failed ROLLBACK's;
+    # the next write works
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.put(StoredResponse("resp_big", None, {"id": "resp_big"}, None, [{"x": "y" * 100_000}], []))
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.put(_turn(0, None))
+    assert store.continuation("resp_0", None) == _want(0) and store.response("resp_big", None) is None
+
+
+def test_a_failed_commit_is_rolled_back(tmp_path):
+    from glm_serve.api import response_store
+
+    class FailingCommit:  # a connection whose COMMIT fails (sqlite: busy, a full disk as the WAL is written)
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.db.execute(sql, *args)
+
+        in_transaction = property(lambda self: self.db.in_transaction)
+
+    db = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
+    db.execute("CREATE TABLE t (x)")
+    with pytest.raises(sqlite3.OperationalError):
+        with response_store._transaction(FailingCommit(db)):
+            db.execute("INSERT INTO t VALUES (1)")
+    assert not db.in_transaction and db.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    with response_store._transaction(db):  # the next one begins
+        db.execute("INSERT INTO t VALUES (2)")
+    assert db.execute("SELECT x FROM t").fetchall() == [(2,)]
+    db.close()
