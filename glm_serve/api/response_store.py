@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS responses (
 CREATE INDEX IF NOT EXISTS responses_keep ON responses (keep_until);
 CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent);
 """
+# The first layout (each record the whole conversation: input_items, conversation), renamed by _SCHEMA_UPGRADE and
+# copied into the new one as first turns: what a whole record stored is what the new one keeps of a first turn
+_FIRST_LAYOUT = "conversation"
+_SCHEMA_UPGRADE = "ALTER TABLE responses RENAME TO responses_v1; DROP INDEX IF EXISTS responses_expiry;"
 
 
 @dataclass
@@ -69,7 +73,8 @@ class ResponseStore:
         self.ttl_s, self._clock = ttl_s, clock
         # Each commit fsynced (the routes write from a worker thread): a power loss loses no stored response whose
         # answer went out, which a follow-up's previous_response_id may name
-        self._db: sqlite3.Connection | None = open_sqlite(Path(path), _SCHEMA)
+        self._db: sqlite3.Connection | None = open_sqlite(Path(path), _schema_for(Path(path)))
+        self._upgrade()
         self._lock = threading.Lock()
         self._purged_at = 0.0
         dropped = self.purge()
@@ -186,6 +191,35 @@ class ResponseStore:
                 parent = up[0]
         chain.reverse()
         return [(json.loads(r), json.loads(i), json.loads(m)) for r, i, m in chain]
+
+    def _upgrade(self) -> None:
+        """Records of the first layout (responses_v1, each holding its whole conversation) become first turns."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses_v1'").fetchone():
+            return
+        with _transaction(self._db):
+            rows = self._db.execute("SELECT id, owner, created_at, expires_at, response, input_items, conversation "
+                                    "FROM responses_v1").fetchall()
+            self._db.executemany(
+                "INSERT OR IGNORE INTO responses (id, owner, parent, created_at, expires_at, keep_until, response, "
+                "items, messages) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                [(rid, owner, created, expires, expires, response, items, conversation)
+                 for rid, owner, created, expires, response, items, conversation in rows])
+            self._db.execute("DROP TABLE responses_v1")
+        log.info("stored responses: %d record(s) of the earlier layout kept as first turns", len(rows))
+
+
+
+def _schema_for(path: Path) -> str:
+    """_SCHEMA, after renaming a table of the first layout out of the way (then copied over: _upgrade)."""
+    try:
+        db = sqlite3.connect(str(path))
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:  # not a database: open_sqlite says so
+        return _SCHEMA
+    return _SCHEMA_UPGRADE + _SCHEMA if _FIRST_LAYOUT in columns else _SCHEMA
 
 
 @contextmanager
