@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from glm_serve.api.common import authenticate, ctx_of
 from glm_serve.api.context import ServerSettings, ServingContext
 from glm_serve.api.errors import install_handlers
-from glm_serve.api.response_store import ResponseStore
+from glm_serve.api.response_store import KEEP_STEP_S, ResponseStore
 from glm_serve.api.routes_openai import router as openai_router
 from glm_serve.api.routes_responses import router as responses_router
 from glm_serve.api.routes_tokenize import router as tokenize_router
@@ -72,7 +72,7 @@ def create_app(engine: EngineFrontend, settings: ServerSettings | None = None) -
     task_log = TaskLog(batches.data_dir / "tasks.sqlite3")
     tasks = TaskStore(ctx.settings.task_ttl_s, ctx.settings.max_tasks, task_log)
     # Stored responses of /v1/responses too (expired ones are purged as the store opens)
-    responses = ResponseStore(batches.data_dir / "responses.sqlite3")
+    responses = ResponseStore(batches.data_dir / "responses.sqlite3", keep_step_s=KEEP_STEP_S)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,9 +7,10 @@ A record holds only what its own request added (its input items and messages, it
 response it continued: a conversation is read by following those links back. So a chain of n turns takes space
 in n, not n^2 (an agent's hundred-turn loop would otherwise store its early turns a hundred times), and a record
 must outlive the later ones that continue it: each response is visible for 30 days (OpenAI's retention) or until
-deleted, and kept on disk as long as a visible response continues it (`keep_until`, never below a descendant's).
-Records past that are purged at start and at most once an hour as responses are written; a deleted one goes at
-once unless a later response continues it.
+deleted, and kept on disk as long as a visible response continues it (`keep_until`: the latest end of its own
+days, unless deleted, and its children's keep_until; so never below a descendant's). Records past that are purged
+at start, at most once an hour as responses are written, and as one is deleted (with it go the earlier turns only
+it kept).
 
 A record is visible only to the API key that made it (with keys configured); a server without keys shows
 everything, as the batch store does (batch/records.visible). Methods block (sqlite): the routes call them in a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 TTL_S = 30 * 86400  # OpenAI keeps a stored response 30 days
 PURGE_EVERY_S = 3600.0  # expired records are dropped at most this often while writing (and at every start)
+# The server rounds keep_until up to a multiple of this (ResponseStore's keep_step_s): a put then extends its
+# ancestors (a walk up the whole chain) once an hour per chain, not on every turn, and a record nothing needs any
+# more outlives that by at most this long
+KEEP_STEP_S = 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -69,8 +75,10 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, path: str | Path, ttl_s: float = TTL_S, clock: Callable[[], float] = time.time):
-        self.ttl_s, self._clock = ttl_s, clock
+    def __init__(self, path: str | Path, ttl_s: float = TTL_S, clock: Callable[[], float] = time.time,
+                 keep_step_s: float = 0.0):
+        """keep_step_s: keep_until's rounding (KEEP_STEP_S: the server's; 0, exact, suits a short ttl_s)."""
+        self.ttl_s, self._clock, self._step = ttl_s, clock, keep_step_s
         # Each commit fsynced (the routes write from a worker thread): a power loss loses no stored response whose
         # answer went out, which a follow-up's previous_response_id may name
         self._db: sqlite3.Connection | None = open_sqlite(Path(path), _schema_for(Path(path)))
@@ -82,31 +90,37 @@ class ResponseStore:
             log.info("dropped %d stored response(s) older than %d days", dropped, round(ttl_s / 86400))
 
     def put(self, rec: StoredResponse) -> None:
-        """Store a response; its ancestors are kept at least as long (a chain is read through them)."""
+        """Store a response; its ancestors are kept at least as long (a chain is read through them). An id stored
+        already is a ValueError (ids are made unique: replacing a record would change the conversation of the ones
+        continuing it)."""
         now = self._clock()
         until = now + self.ttl_s
+        keep = self._round(until)
         with self._lock:
             if self._db is None:  # a stream that ended after the server closed its stores (shutdown)
                 log.warning("response %s not stored: the server is shutting down", rec.id)
                 return
             with _transaction(self._db):  # the record and its ancestors' extension, together
+                if self._db.execute("SELECT 1 FROM responses WHERE id = ?", (rec.id,)).fetchone():
+                    raise ValueError(f"response {rec.id} is stored already")
                 parent, messages, items = rec.parent, rec.messages, rec.items
                 if parent is not None and self._db.execute("SELECT 1 FROM responses WHERE id = ?",
                                                            (parent,)).fetchone() is None:
                     # deleted (and gone) while this response ran: the conversation is stored whole with it
                     parent, messages, items = None, rec.inherited[0] + messages, rec.inherited[1] + items
-                self._db.execute("INSERT OR REPLACE INTO responses (id, owner, parent, created_at, expires_at, "
-                                 "keep_until, response, items, messages) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (rec.id, rec.owner, parent, now, until, until, _dumps(rec.response),
+                self._db.execute("INSERT INTO responses (id, owner, parent, created_at, expires_at, keep_until, "
+                                 "response, items, messages) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (rec.id, rec.owner, parent, now, until, keep, _dumps(rec.response),
                                   _dumps(items), _dumps(messages)))
-                while parent is not None:  # (stops at the first one kept long enough: so are its ancestors)
-                    up = self._db.execute("SELECT parent, keep_until FROM responses WHERE id = ?",
-                                          (parent,)).fetchone()
-                    if up is None or up[1] >= until:
-                        break
-                    self._db.execute("UPDATE responses SET keep_until = ? WHERE id = ?", (until, parent))
-                    parent = up[0]
-        if now - self._purged_at >= PURGE_EVERY_S:
+                # Each ancestor kept as long, in one statement: up to the first one kept long enough (so are its
+                # ancestors), which with keep_until rounded up is the parent itself for all but a chain's first
+                # turn of the hour. (UNION: a damaged file's loop of parents ends.)
+                self._db.execute(
+                    "WITH RECURSIVE up(id) AS (SELECT ? UNION SELECT r.parent FROM responses r JOIN up "
+                    "ON r.id = up.id WHERE r.keep_until < ? AND r.parent IS NOT NULL) "
+                    "UPDATE responses SET keep_until = ? WHERE id IN (SELECT id FROM up) AND keep_until < ?",
+                    (parent, keep, keep, keep))
+        if now - self._purged_at >= PURGE_EVERY_S or now < self._purged_at:  # (a clock set back: purge anew)
             self.purge()
 
     def response(self, response_id: str, caller: str | None) -> dict | None:
@@ -132,20 +146,33 @@ class ResponseStore:
                 [item for response, items, _ in chain for item in items + _kept_output(response)])
 
     def delete(self, response_id: str, caller: str | None) -> bool:
-        """Hide it at once for good; its record goes as soon as no stored response continues it."""
+        """Hide it at once for good; its record goes as soon as no visible response continues it, and so do the
+        earlier turns that only it kept."""
         with self._lock:
             if self._visible(response_id, caller) is None:
                 return False
+            now = self._clock()
             with _transaction(self._db):
                 self._db.execute("UPDATE responses SET deleted = 1 WHERE id = ?", (response_id,))
                 node = response_id
-                while node is not None:  # drop it, then each deleted ancestor left without a continuation
-                    row = self._db.execute("SELECT parent, deleted FROM responses WHERE id = ?", (node,)).fetchone()
-                    if row is None or not row[1] or self._db.execute(
-                            "SELECT 1 FROM responses WHERE parent = ? LIMIT 1", (node,)).fetchone():
+                while node is not None:  # keep_until anew up the chain: its own days unless deleted, its children's
+                    row = self._db.execute("SELECT parent, deleted, expires_at, keep_until FROM responses WHERE "
+                                           "id = ?", (node,)).fetchone()
+                    if row is None:
                         break
-                    self._db.execute("DELETE FROM responses WHERE id = ?", (node,))
+                    below = self._db.execute("SELECT max(keep_until) FROM responses WHERE parent = ?",
+                                             (node,)).fetchone()[0]
+                    keep = max(v for v in (below, None if row[1] else self._round(row[2]), float("-inf"))
+                               if v is not None)
+                    if keep == row[3]:  # (so are its ancestors')
+                        break
+                    if keep == float("-inf"):  # deleted, nothing continues it
+                        self._db.execute("DELETE FROM responses WHERE id = ?", (node,))
+                    else:
+                        self._db.execute("UPDATE responses SET keep_until = ? WHERE id = ?", (keep, node))
                     node = row[0]
+                # what only it kept, past its own days: gone now (ancestors are kept as long as what they carry)
+                self._db.execute("DELETE FROM responses WHERE keep_until <= ?", (now,))
         return True
 
     def purge(self) -> int:
@@ -180,17 +207,22 @@ class ResponseStore:
             row = self._visible(response_id, caller)
             if row is None:
                 return None
-            chain, parent = [row[1:]], row[0]
+            chain, parent, seen = [row[1:]], row[0], {response_id}
             while whole and parent is not None:
                 up = self._db.execute("SELECT parent, response, items, messages FROM responses WHERE id = ?",
                                       (parent,)).fetchone()
-                if up is None:
+                if up is None or parent in seen:
                     log.warning("stored response %s: its conversation lost response %s", response_id, parent)
                     return None
+                seen.add(parent)
                 chain.append(up[1:])
                 parent = up[0]
         chain.reverse()
         return [(json.loads(r), json.loads(i), json.loads(m)) for r, i, m in chain]
+
+    def _round(self, t: float) -> float:
+        """keep_until for a record visible until t: t rounded up to the step (module head)."""
+        return math.ceil(t / self._step) * self._step if self._step > 0 else t
 
     def _upgrade(self) -> None:
         """Records of the first layout (responses_v1, each holding its whole conversation) become first turns."""
@@ -202,11 +234,10 @@ class ResponseStore:
             self._db.executemany(
                 "INSERT OR IGNORE INTO responses (id, owner, parent, created_at, expires_at, keep_until, response, "
                 "items, messages) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                [(rid, owner, created, expires, expires, response, items, conversation)
+                [(rid, owner, created, expires, self._round(expires), response, items, conversation)
                  for rid, owner, created, expires, response, items, conversation in rows])
             self._db.execute("DROP TABLE responses_v1")
         log.info("stored responses: %d record(s) of the earlier layout kept as first turns", len(rows))
-
 
 
 def _schema_for(path: Path) -> str:
