@@ -228,16 +228,14 @@ class ResponseStore:
         """Records of the first layout (responses_v1, each holding its whole conversation) become first turns."""
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses_v1'").fetchone():
             return
-        with _transaction(self._db):
-            rows = self._db.execute("SELECT id, owner, created_at, expires_at, response, input_items, conversation "
-                                    "FROM responses_v1").fetchall()
-            self._db.executemany(
+        with _transaction(self._db):  # (in sqlite: that layout's records are large, up to a whole conversation)
+            self._db.create_function("keep_until", 1, self._round, deterministic=True)
+            copied = self._db.execute(
                 "INSERT OR IGNORE INTO responses (id, owner, parent, created_at, expires_at, keep_until, response, "
-                "items, messages) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                [(rid, owner, created, expires, self._round(expires), response, items, conversation)
-                 for rid, owner, created, expires, response, items, conversation in rows])
+                "items, messages) SELECT id, owner, NULL, created_at, expires_at, keep_until(expires_at), response, "
+                "input_items, conversation FROM responses_v1").rowcount
             self._db.execute("DROP TABLE responses_v1")
-        log.info("stored responses: %d record(s) of the earlier layout kept as first turns", len(rows))
+        log.info("stored responses: %d record(s) of the earlier layout kept as first turns", copied)
 
 
 def _schema_for(path: Path) -> str:
