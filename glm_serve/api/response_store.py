@@ -50,10 +50,6 @@ CREATE TABLE IF NOT EXISTS responses (
 CREATE INDEX IF NOT EXISTS responses_keep ON responses (keep_until);
 CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent);
 """
-# The first layout (each record the whole conversation: input_items, conversation), renamed by _SCHEMA_UPGRADE and
-# copied into the new one as first turns: what a whole record stored is what the new one keeps of a first turn
-_FIRST_LAYOUT = "conversation"
-_SCHEMA_UPGRADE = "ALTER TABLE responses RENAME TO responses_v1; DROP INDEX IF EXISTS responses_expiry;"
 
 
 @dataclass
@@ -81,8 +77,7 @@ class ResponseStore:
         self.ttl_s, self._clock, self._step = ttl_s, clock, keep_step_s
         # Each commit fsynced (the routes write from a worker thread): a power loss loses no stored response whose
         # answer went out, which a follow-up's previous_response_id may name
-        self._db: sqlite3.Connection | None = open_sqlite(Path(path), _schema_for(Path(path)))
-        self._upgrade()
+        self._db: sqlite3.Connection | None = open_sqlite(Path(path), _SCHEMA)
         self._lock = threading.Lock()
         self._purged_at = 0.0
         dropped = self.purge()
@@ -223,32 +218,6 @@ class ResponseStore:
     def _round(self, t: float) -> float:
         """keep_until for a record visible until t: t rounded up to the step (module head)."""
         return math.ceil(t / self._step) * self._step if self._step > 0 else t
-
-    def _upgrade(self) -> None:
-        """Records of the first layout (responses_v1, each holding its whole conversation) become first turns."""
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses_v1'").fetchone():
-            return
-        with _transaction(self._db):  # (in sqlite: that layout's records are large, up to a whole conversation)
-            self._db.create_function("keep_until", 1, self._round, deterministic=True)
-            copied = self._db.execute(
-                "INSERT OR IGNORE INTO responses (id, owner, parent, created_at, expires_at, keep_until, response, "
-                "items, messages) SELECT id, owner, NULL, created_at, expires_at, keep_until(expires_at), response, "
-                "input_items, conversation FROM responses_v1").rowcount
-            self._db.execute("DROP TABLE responses_v1")
-        log.info("stored responses: %d record(s) of the earlier layout kept as first turns", copied)
-
-
-def _schema_for(path: Path) -> str:
-    """_SCHEMA, after renaming a table of the first layout out of the way (then copied over: _upgrade)."""
-    try:
-        db = sqlite3.connect(str(path))
-        try:
-            columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
-        finally:
-            db.close()
-    except sqlite3.DatabaseError:  # not a database: open_sqlite says so
-        return _SCHEMA
-    return _SCHEMA_UPGRADE + _SCHEMA if _FIRST_LAYOUT in columns else _SCHEMA
 
 
 @contextmanager

@@ -50,9 +50,7 @@ async def create_response(request: Request):
                            "previous_response_id", status=400, openai_code="previous_response_not_found")
         previous, before = found
     view = read_responses_request(req, previous)
-    # (ids of a stored item are strings; a record of the first layout may hold another value: not an id to avoid)
-    taken = {i["id"] for i in before if isinstance(i.get("id"), str)}
-    keep = _Keep(store, key_id, req.previous_response_id, view, listed_items(req, taken),
+    keep = _Keep(store, key_id, req.previous_response_id, view, listed_items(req, {i["id"] for i in before}),
                  (previous or [], before)) if req.store is not False else None
     if req.truncation == "auto":
         view = await ctx.off_loop(fit_input, ctx, view)  # renders the conversation a few times: off the event loop

@@ -125,45 +125,6 @@ def test_deleting_a_middle_turn_through_the_sdk(server):
     assert len(list(client.responses.input_items.list(r4.id))) == len(items) + 2  # r3's output, r4's input
 
 
-def test_records_of_the_first_layout_are_read_as_first_turns(tmp_path, clock):
-    # A data dir written before records were linked (each one its whole conversation): the server starts, and each
-    # record reads as it did, a first turn, continued as before (its item ids may be no strings: not a 500)
-    path = tmp_path / "r.sqlite3"
-    db = sqlite3.connect(path)
-    db.executescript("""CREATE TABLE responses (id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL,
-        expires_at REAL NOT NULL, response TEXT NOT NULL, input_items TEXT NOT NULL, conversation TEXT NOT NULL);
-        CREATE INDEX responses_expiry ON responses (expires_at);""")
-    db.execute("INSERT INTO responses VALUES ('resp_old', 'a', 990, 1090, ?, ?, ?)",
-               ('{"id":"resp_old","status":"completed","output":[{"id":"out_old"}]}',
-                '[{"id":"in_0"},{"id":{"not":"an id"}}]', '[{"role":"user","content":"hi"}]'))
-    db.execute("INSERT INTO responses VALUES ('resp_gone', NULL, 800, 900, '{}', '[]', '[]')")
-    db.commit()
-    db.close()
-    store = ResponseStore(path, ttl_s=100, clock=lambda: clock[0])
-    try:
-        assert store.response("resp_old", "a")["id"] == "resp_old" and store.response("resp_old", "b") is None
-        assert store.input_items("resp_old", "a") == [{"id": "in_0"}, {"id": {"not": "an id"}}]
-        store.put(_turn(1, "resp_old"))
-        assert store.continuation("resp_1", None) == (
-            [{"role": "user", "content": "hi"}] + _turn(1, None).messages,
-            [{"id": "in_0"}, {"id": {"not": "an id"}}, {"id": "out_old"}] + _want(1, 1)[1])
-        assert set(_rows(path)) == {"resp_old", "resp_1"}  # the one past its days purged
-    finally:
-        store.close()
-
-
-def test_a_legacy_record_with_an_item_id_that_is_no_string_is_continued(server):
-    # (the route's guard: ids of the continued conversation that are no strings are no ids to avoid)
-    client = openai.OpenAI(api_key="unused", base_url=server.openai_base, max_retries=0)
-    rid = client.responses.create(model=M, input="a", max_output_tokens=2).id
-    store = server.app.state.responses
-    store.put(StoredResponse("resp_legacy", None, {**store.response(rid, None), "id": "resp_legacy"}, None,
-                             [{"id": {"not": "an id"}, "type": "reasoning", "summary": []}],
-                             [{"role": "user", "content": "a"}]))
-    follow = client.responses.create(model=M, previous_response_id="resp_legacy", input="c", max_output_tokens=2)
-    assert follow.previous_response_id == "resp_legacy"
-
-
 def test_an_id_stored_already_is_refused_and_changes_nothing(store):
     # Replacing a record would change the conversation of the ones continuing it (or loop the chain)
     store.put(_turn(0, None))
