@@ -5,7 +5,6 @@ frees everything an aborted request held, and fails loudly, not silently, when i
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import textwrap
 import time
 
 import pytest
+from close_enough import assert_same  # tests/ is on sys.path
 
 from glm_serve.chat import encode_chat
 from glm_serve.engine.async_engine import AsyncEngine, EngineStoppedError, merge_final
@@ -67,33 +67,11 @@ def _summary(outputs: list[RequestOutput]):
             last.finished, last.prompt_tokens, last.completion_tokens, plp)
 
 
-def _assert_same(got, want, where="summary"):
-    """Equal, except that float logprobs may differ in their last bits: the two engines see the same requests arrive
-    in different steps, and a prompt prefilled beside other rows goes through matmuls of another shape (CI once saw
-    -5.1181240 against -5.1181235). Token ids, text and finish reasons must still be identical."""
-    if isinstance(want, float):
-        assert got == pytest.approx(want, abs=1e-4), where
-    elif dataclasses.is_dataclass(want):
-        assert type(got) is type(want), where
-        for f in dataclasses.fields(want):
-            _assert_same(getattr(got, f.name), getattr(want, f.name), f"{where}.{f.name}")
-    elif isinstance(want, (list, tuple)):
-        assert type(got) is type(want) and len(got) == len(want), (where, got, want)
-        for i, (g, w) in enumerate(zip(got, want)):
-            _assert_same(g, w, f"{where}[{i}]")
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for k in want:
-            _assert_same(got[k], want[k], f"{where}[{k!r}]")
-    else:
-        assert got == want, (where, got, want)
-
-
 def test_concurrent_requests_match_the_in_process_engine(llm, proc):
     want = _run_in_thread_engine(llm, REQUESTS)
     got = _run_all(proc, REQUESTS)
     for w, g in zip(want, got):
-        _assert_same(_summary(g), _summary(w))
+        assert_same(_summary(g), _summary(w))
     assert proc.step_count > 0 and proc.alive
 
 
@@ -102,7 +80,7 @@ def test_blocked_strings_cross_to_the_engine_process(llm, proc):
     reqs = [([9, 8, 7, 6], SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=24, ignore_eos=True,
                                           blocked_strings=["E"]))]
     want, got = _run_in_thread_engine(llm, reqs), _run_all(proc, reqs)
-    _assert_same(_summary(got[0]), _summary(want[0]))
+    assert_same(_summary(got[0]), _summary(want[0]))
     assert (merge_final(got[0])[0].finish_reason, merge_final(got[0])[0].stop_reason) == ("content_filter", "E")
 
 
@@ -136,7 +114,7 @@ def test_a_shared_blocked_list_crosses_once(llm, proc, monkeypatch):
     monkeypatch.setattr(proc, "_cmd_send", pipe)
     want, got = _run_in_thread_engine(llm, reqs), _run_all(proc, reqs)
     for w, g in zip(want, got):
-        _assert_same(_summary(g), _summary(w))
+        assert_same(_summary(g), _summary(w))
     assert any(merge_final(g)[0].finish_reason == "content_filter" for g in got)
     lists = [m for m in pipe.sent if m[0] == "blocked"]
     assert len(lists) == 1 and len(lists[0][2]) == 5001
@@ -242,7 +220,7 @@ def test_constraints_cross_the_process(llm, proc):
     want = _run_in_thread_engine(llm, requests, constraints())
     got = _run_all(proc, requests, constraints())
     for w, g in zip(want, got):
-        _assert_same(_summary(g), _summary(w))
+        assert_same(_summary(g), _summary(w))
     finished = [merge_final(g)[0] for g in got]
     assert any(c.finish_reason == "stop" for c in finished)
     for c in finished:
@@ -384,7 +362,7 @@ def test_a_glm4v_image_prompt_crosses_the_process(tmp_path):
         got = run(proc)
     finally:
         proc.shutdown()
-    _assert_same(_summary(got), _summary(want))
+    assert_same(_summary(got), _summary(want))
     assert got[-1].prompt_tokens > len(ids)  # the image's slots were expanded and computed
 
 
